@@ -1,0 +1,190 @@
+"""Every setting the worker reads from the environment, in one typed place.
+
+Each concern has one frozen dataclass built by ``from_env(env=None)``; ``env`` defaults to
+``os.environ`` and tests pass a plain dict. Every variable is declared once with ``_var`` below
+(name, default, meaning); the README's configuration table lists exactly these and a test keeps
+the two equal. An invalid value raises ``SettingsError`` naming the variable and its legal
+values; nothing silently falls back to a default. Secrets are never part of a ``repr``.
+
+This module never imports torch, runpod or boto3.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from errors import SettingsError
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Var:
+    """One environment variable: its name, default (as the text a user would write), meaning."""
+
+    name: str
+    default: str | None
+    meaning: str
+    group: str
+    secret: bool = False
+
+
+VARS: dict[str, Var] = {}
+
+
+def _var(group: str, name: str, default: str | None, meaning: str, secret: bool = False) -> Var:
+    v = Var(name, default, meaning, group, secret)
+    VARS[name] = v
+    return v
+
+
+class _Reader:
+    """Typed reads of declared variables; each error names the variable and the legal values."""
+
+    def __init__(self, env: Mapping[str, str] | None) -> None:
+        self.env = os.environ if env is None else env
+
+    def text(self, v: Var) -> str | None:
+        raw = self.env.get(v.name)
+        if raw is None or raw.strip() == "":
+            return v.default
+        return raw.strip()
+
+    def required_text(self, v: Var) -> str:
+        value = self.text(v)
+        if value is None:
+            raise SettingsError(f"{v.name} must be set: {v.meaning}")
+        return value
+
+    def integer(self, v: Var, lo: int, hi: int) -> int:
+        raw = self.required_text(v)
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(f"{v.name}={raw!r} is not an integer; use {lo}..{hi}") from None
+        if not lo <= value <= hi:
+            raise SettingsError(f"{v.name}={value} is out of range; use {lo}..{hi}")
+        return value
+
+    def number(self, v: Var, lo: float, hi: float) -> float:
+        raw = self.required_text(v)
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(f"{v.name}={raw!r} is not a number; use {lo}..{hi}") from None
+        if not lo <= value <= hi:
+            raise SettingsError(f"{v.name}={value} is out of range; use {lo}..{hi}")
+        return value
+
+    def flag(self, v: Var) -> bool:
+        raw = self.required_text(v).lower()
+        if raw in ("1", "true", "yes", "on"):
+            return True
+        if raw in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{v.name}={raw!r} is not a boolean; use true or false")
+
+    def choice(self, v: Var, choices: tuple[str, ...]) -> str:
+        raw = self.required_text(v).lower()
+        if raw not in choices:
+            raise SettingsError(f"{v.name}={raw!r} is not allowed; use one of {', '.join(choices)}")
+        return raw
+
+
+# --------------------------------------------------------------------------------------------
+# Model: which weights, where they come from, on which device (model_loader.py)
+# --------------------------------------------------------------------------------------------
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+MODEL_PATH = _var("model", "MODEL_PATH", None,
+                  "A model directory to serve; when set, nothing else is searched")
+MODEL_NAME = _var("model", "MODEL_NAME", DEFAULT_MODEL_ID,
+                  "Hugging Face id of the model: looked up in the HF caches, baked by builder/")
+MODEL_REVISION = _var("model", "MODEL_REVISION", None,
+                      "Hub revision (branch, tag or commit) of MODEL_NAME; default: main")
+MODEL_BAKED_DIR = _var("model", "MODEL_BAKED_DIR", "models/default",
+                       "Directory the builder writes the model to (relative to the project)")
+RUNPOD_HF_CACHE = _var("model", "RUNPOD_HF_CACHE", "/runpod-volume/huggingface-cache/hub",
+                       "RunPod cached-models directory (Hugging Face cache layout)")
+HF_HOME_CACHE = _var("model", "HF_HUB_CACHE", None,
+                     "A Hugging Face cache to search, e.g. on a network volume; "
+                     "default: $HF_HOME/hub or ~/.cache/huggingface/hub")
+MODEL_ALLOW_DOWNLOAD = _var("model", "MODEL_ALLOW_DOWNLOAD", "false",
+                            "Download MODEL_NAME from the Hub at startup when found nowhere")
+HF_TOKEN = _var("model", "HF_TOKEN", None,
+                "Hub token for gated models (build or download only; never printed)", secret=True)
+MODEL_DEVICE = _var("model", "MODEL_DEVICE", "auto",
+                    "auto (CUDA if present, else CPU), cpu, cuda, or cuda:N")
+MODEL_DTYPE = _var("model", "MODEL_DTYPE", "auto",
+                   "auto (bf16 on CUDA where supported, else fp16; fp32 on CPU), "
+                   "bfloat16, float16 or float32")
+MODEL_SERVED_NAME = _var("model", "MODEL_SERVED_NAME", None,
+                         "Name the worker answers as in 'model'; default: MODEL_NAME")
+MODEL_WARMUP = _var("model", "MODEL_WARMUP", "true",
+                    "Run one short generation at startup, before taking jobs")
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Where the model comes from and how it is placed. Resolution order: see model_loader."""
+
+    model_path: Path | None                  # explicit directory; skips every other place
+    model_name: str                          # Hub id; also the cache folder name we look for
+    model_revision: str | None               # None: "main"
+    baked_dir: Path                          # where builder/ leaves the converted model
+    runpod_cache: Path                       # RunPod cached models (HF cache layout)
+    hf_cache: Path                           # a user/network-volume HF cache
+    allow_download: bool                     # hub download at startup (off: offline by default)
+    device: str                              # auto | cpu | cuda | cuda:N
+    dtype: str                               # auto | bfloat16 | float16 | float32
+    served_name: str                         # the name answers carry in "model"
+    warmup: bool                             # one generation before the first job
+    hf_token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ModelSettings:
+        r = _Reader(env)
+        device = r.required_text(MODEL_DEVICE).lower()
+        if device not in DEVICES and not (device.startswith("cuda:") and device[5:].isdigit()):
+            raise SettingsError(f"MODEL_DEVICE={device!r} is not allowed; "
+                                "use auto, cpu, cuda or cuda:N")
+        model_path = r.text(MODEL_PATH)
+        baked = Path(r.required_text(MODEL_BAKED_DIR))
+        hf_cache = r.text(HF_HOME_CACHE)
+        if hf_cache is None:
+            hf_home = r.env.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")
+            hf_cache = str(Path(hf_home) / "hub")
+        name = r.required_text(MODEL_NAME)
+        return cls(
+            model_path=Path(model_path) if model_path else None,
+            model_name=name,
+            model_revision=r.text(MODEL_REVISION),
+            baked_dir=baked if baked.is_absolute() else PROJECT_ROOT / baked,
+            runpod_cache=Path(r.required_text(RUNPOD_HF_CACHE)),
+            hf_cache=Path(hf_cache),
+            allow_download=r.flag(MODEL_ALLOW_DOWNLOAD),
+            device=device,
+            dtype=r.choice(MODEL_DTYPE, DTYPES),
+            served_name=r.text(MODEL_SERVED_NAME) or name,
+            warmup=r.flag(MODEL_WARMUP),
+            hf_token=r.text(HF_TOKEN),
+        )
+
+
+def settings_table() -> str:
+    """The README's configuration table, generated from the declarations above."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    group = None
+    for v in VARS.values():
+        if v.group != group:
+            group = v.group
+            lines.append(f"| **{group}** | | |")
+        default = "(unset)" if v.default is None else f"`{v.default}`"
+        lines.append(f"| `{v.name}` | {default} | {v.meaning} |")
+    return "\n".join(lines)
