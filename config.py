@@ -177,6 +177,64 @@ class ModelSettings:
         )
 
 
+# --------------------------------------------------------------------------------------------
+# Worker: jobs in flight, batching, and the limits on what a caller controls (handler.py)
+# --------------------------------------------------------------------------------------------
+WORKER_CONCURRENCY = _var("worker", "WORKER_CONCURRENCY", "8",
+                          "Jobs one worker takes at once (RunPod concurrency_modifier); 1..256")
+WORKER_MAX_BATCH_SIZE = _var("worker", "WORKER_MAX_BATCH_SIZE", "8",
+                             "Most sequences decoded together in one forward pass; 1..256")
+WORKER_BATCH_WAIT_MS = _var("worker", "WORKER_BATCH_WAIT_MS", "10",
+                            "How long a batch waits for more jobs to join, ms; 0..1000")
+WORKER_MAX_NEW_TOKENS = _var("worker", "WORKER_MAX_NEW_TOKENS", "1024",
+                             "Upper limit a job may ask for in max_new_tokens; 1..131072")
+WORKER_DEFAULT_MAX_NEW_TOKENS = _var("worker", "WORKER_DEFAULT_MAX_NEW_TOKENS", "256",
+                                     "max_new_tokens when a job does not say")
+WORKER_MAX_PROMPT_TOKENS = _var("worker", "WORKER_MAX_PROMPT_TOKENS", "4096",
+                                "Longest prompt in tokens, after the chat template; 1..1048576")
+WORKER_MAX_MESSAGES = _var("worker", "WORKER_MAX_MESSAGES", "256",
+                           "Most chat messages in one job; 1..100000")
+WORKER_MAX_STOP = _var("worker", "WORKER_MAX_STOP", "8",
+                       "Most stop strings in one job (each at most 256 characters); 0..64")
+WORKER_MAX_INPUT_BYTES = _var("worker", "WORKER_MAX_INPUT_BYTES", "10485760",
+                              "Largest job input as JSON, bytes (RunPod's /run limit is 10 MB)")
+WORKER_JOB_TIMEOUT_S = _var("worker", "WORKER_JOB_TIMEOUT_S", "600",
+                            "A job still running after this many seconds fails; 1..86400")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How many jobs run at once, how they are batched, and what one job may ask for."""
+
+    concurrency: int              # jobs in flight per worker
+    max_batch_size: int           # sequences per forward pass
+    batch_wait_ms: int            # wait for batch-mates, ms
+    max_new_tokens: int           # limit on the job's max_new_tokens
+    default_max_new_tokens: int   # when the job does not say
+    max_prompt_tokens: int        # prompt length limit, tokens
+    max_messages: int             # chat length limit, messages
+    max_stop: int                 # stop strings per job
+    max_input_bytes: int          # whole job input, JSON bytes
+    job_timeout_s: float          # per-job time limit, seconds
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
+        r = _Reader(env)
+        max_new = r.integer(WORKER_MAX_NEW_TOKENS, 1, 131072)
+        return cls(
+            concurrency=r.integer(WORKER_CONCURRENCY, 1, 256),
+            max_batch_size=r.integer(WORKER_MAX_BATCH_SIZE, 1, 256),
+            batch_wait_ms=r.integer(WORKER_BATCH_WAIT_MS, 0, 1000),
+            max_new_tokens=max_new,
+            default_max_new_tokens=r.integer(WORKER_DEFAULT_MAX_NEW_TOKENS, 1, max_new),
+            max_prompt_tokens=r.integer(WORKER_MAX_PROMPT_TOKENS, 1, 1048576),
+            max_messages=r.integer(WORKER_MAX_MESSAGES, 1, 100000),
+            max_stop=r.integer(WORKER_MAX_STOP, 0, 64),
+            max_input_bytes=r.integer(WORKER_MAX_INPUT_BYTES, 1024, 100 * 1024 * 1024),
+            job_timeout_s=r.number(WORKER_JOB_TIMEOUT_S, 1, 86400),
+        )
+
+
 def settings_table() -> str:
     """The README's configuration table, generated from the declarations above."""
     lines = ["| variable | default | meaning |", "|---|---|---|"]

@@ -1,0 +1,113 @@
+"""RunPod entry point: load the model once, then hand RunPod's jobs to the worker.
+
+The model is loaded at import, before ``runpod.serverless.start``, in the main process only:
+the SDK's heartbeat runs in a ``multiprocessing`` child, and under the spawn and forkserver start
+methods that child imports this file again; it must not load a second copy of the model.
+
+Run it:
+    python handler.py                                  the RunPod worker loop (production), or
+                                                       ./test_input.json when run locally
+    python handler.py --test_input '{"input": {...}}'  one job, printed; exit 1 if it failed
+    python local_endpoint.py -- python handler.py      a local endpoint that behaves like RunPod
+
+A startup failure (bad setting, no model) prints one line saying what and how to fix it and
+exits 1 before any job is taken. Never imports boto3; job handling lives in ``worker.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import multiprocessing
+import os
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import runpod
+
+from errors import WorkerError
+from worker import Worker, build_worker, configure_logging
+
+log = logging.getLogger("worker")
+
+
+def _load_in_main_process() -> Worker | None:
+    if multiprocessing.parent_process() is not None:
+        return None          # the SDK's heartbeat child: it never needs the model
+    configure_logging()
+    try:
+        return build_worker()
+    except WorkerError as exc:
+        log.error("startup failed: %s", exc)
+        sys.exit(1)
+
+
+WORKER = _load_in_main_process()
+
+
+async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """RunPod's handler: an async generator, so ``"stream": true`` jobs can stream."""
+    assert WORKER is not None, "handler called outside the main process"
+    async for item in WORKER.handle(job):
+        yield item
+
+
+def concurrency_modifier(current: int) -> int:
+    assert WORKER is not None
+    return WORKER.concurrency(current)
+
+
+START_CONFIG: dict[str, Any] = {
+    "handler": handler,
+    "concurrency_modifier": concurrency_modifier,
+    # A generator handler's final output is [] unless this is set; with it, it is the list of
+    # everything yielded: [answer] for a whole answer, the chunks for a stream.
+    "return_aggregate_stream": True,
+}
+
+
+def _local_test_job(argv: list[str]) -> dict[str, Any] | None:
+    """The job of the SDK's local test mode (--test_input or ./test_input.json), if any."""
+    if os.environ.get("RUNPOD_WEBHOOK_GET_JOB") or "--rp_serve_api" in argv:
+        return None
+    if "--test_input" in argv:
+        raw = argv[argv.index("--test_input") + 1]
+    elif os.path.exists("test_input.json"):
+        with open("test_input.json", encoding="utf-8") as f:
+            raw = f.read()
+    else:
+        return None
+    job = json.loads(raw)
+    job.setdefault("id", "local_test")
+    return job
+
+
+async def run_test_job(job: dict[str, Any]) -> int:
+    """Run one job as the SDK's test mode should: iterate the stream, print the result.
+
+    The SDK's own test mode never iterates a generator handler and exits 0 whatever happened;
+    this prints ``{"output": [...]}`` or ``{"error": ...}`` as the platform would deliver it and
+    returns the exit code: 1 if the job failed.
+    """
+    assert WORKER is not None
+    outputs: list[dict[str, Any]] = []
+    async for item in WORKER.handle(job):
+        if item.get("error"):
+            print(json.dumps({"error": item["error"]}, ensure_ascii=False), flush=True)
+            return 1
+        outputs.append(item)
+    print(json.dumps({"output": outputs}, ensure_ascii=False), flush=True)
+    return 0
+
+
+def main() -> None:
+    job = _local_test_job(sys.argv[1:])
+    if job is not None:
+        sys.exit(asyncio.run(run_test_job(job)))
+    runpod.serverless.start(START_CONFIG)
+
+
+if __name__ == "__main__":
+    main()

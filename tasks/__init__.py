@@ -1,0 +1,15 @@
+"""The tasks a worker can serve, one module each, and the one place they are registered.
+
+A task is a class with ``name``, ``parse(job_input) -> request`` (raises InputError),
+``async answer(request) -> dict`` and ``stream(request) -> async iterator of dicts``; a request
+has a ``stream`` flag. To add a task: write ``tasks/<name>.py`` with such a class and add one
+line to ``TASKS`` below.
+"""
+
+from __future__ import annotations
+
+from tasks.generate import GenerateTask
+
+TASKS = {
+    "generate": GenerateTask,
+}

@@ -1,0 +1,80 @@
+"""Untrusted job input → typed request, with errors that name the field and the fix.
+
+Owns the checks every job passes before any task sees it (an object, not empty, not absurdly
+large) and the conversion of pydantic's errors into one ``InputError`` message. Task modules
+declare their own pydantic models; they call ``parse_input`` and never format errors themselves.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from errors import InputError, PayloadTooLarge
+
+Model = TypeVar("Model", bound=BaseModel)
+
+# Keys RunPod and our own wiring may put beside the task's fields; tasks never see them.
+ROUTING_KEYS = ("openai_route", "openai_input")
+
+
+class StrictInput(BaseModel):
+    """Base of every task input model: unknown fields are refused by name, never ignored."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def check_job_input(job: Any, max_bytes: int) -> dict[str, Any]:
+    """The job's ``input`` if it is a non-empty object within ``max_bytes`` as JSON."""
+    if not isinstance(job, dict) or "input" not in job:
+        raise InputError("the job has no 'input'; send {\"input\": {...}}")
+    job_input = job["input"]
+    if not isinstance(job_input, dict):
+        kind = type(job_input).__name__ if job_input is not None else "null"
+        raise InputError(f"must be a JSON object, got {kind}; send {{\"input\": {{...}}}}",
+                         field="input")
+    if not job_input:
+        raise InputError("is empty; see the README for the fields a job takes", field="input")
+    try:
+        size = len(json.dumps(job_input, ensure_ascii=False).encode())
+    except (TypeError, ValueError):
+        raise InputError("is not valid JSON", field="input") from None
+    if size > max_bytes:
+        raise PayloadTooLarge(
+            f"is {size} bytes, over the limit of {max_bytes} (WORKER_MAX_INPUT_BYTES); "
+            "send large inputs by URL instead", field="input")
+    return job_input
+
+
+def parse_input(model: type[Model], data: dict[str, Any], context: dict[str, Any],
+                prefix: str = "input") -> Model:
+    """Validate ``data`` with ``model``; every problem is reported with its field path."""
+    try:
+        return model.model_validate(data, context=context)
+    except ValidationError as exc:
+        raise InputError("; ".join(_describe(err, prefix, model) for err in exc.errors(
+            include_url=False))) from None
+
+
+def _describe(err: Any, prefix: str, model: type[BaseModel]) -> str:
+    path = ".".join([prefix, *(str(part) for part in err["loc"])])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = ", ".join(sorted(model.model_fields)) if len(err["loc"]) == 1 else None
+        hint = f"; allowed fields: {allowed}" if allowed else ""
+        return f"{path}: unknown field{hint}"
+    if kind == "missing":
+        return f"{path}: is required"
+    message = err["msg"].removeprefix("Value error, ")
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        message += f", got {_json_type(err.get('input'))}"
+    return f"{path}: {message[0].lower()}{message[1:]}"
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a value's type, for messages a caller understands."""
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             list: "an array", dict: "an object", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
