@@ -40,8 +40,9 @@ class Batcher:
         self._arrival: asyncio.Event | None = None
         self._runner: asyncio.Task[None] | None = None
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        self.batches_run = 0            # counters for tests and the startup/health line
+        self.batches_run = 0            # counters for tests and benchmarks
         self.largest_batch = 0
+        self.running = 0                # sequences on the device right now
 
     async def generate(self, seq: Sequence) -> None:
         """Decode ``seq`` with whatever else is in flight; returns when it has finished.
@@ -49,7 +50,7 @@ class Batcher:
         Cancelling the awaiting task (RunPod's cancel) stops the sequence at its next token.
         """
         loop = asyncio.get_running_loop()
-        if self._runner is None or self._runner.done():
+        if self._runner is None or self._runner.done() or self._runner.get_loop() is not loop:
             self._arrival = asyncio.Event()
             self._runner = loop.create_task(self._run_forever(), name="batcher")
         entry = _Entry(seq, loop.create_future(), time.monotonic())
@@ -90,6 +91,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         self.batches_run += 1
         self.largest_batch = max(self.largest_batch, len(batch))
+        self.running = len(batch)
         try:
             await loop.run_in_executor(self._device, self.engine.run, [e.seq for e in batch])
         except Exception as exc:  # noqa: BLE001 - every job's future must be completed
@@ -102,6 +104,8 @@ class Batcher:
                 if not e.done.done():
                     e.done.set_exception(exc)
             return
+        finally:
+            self.running = 0
         for e in batch:
             if not e.done.done():
                 e.done.set_result(None)

@@ -1,0 +1,55 @@
+"""A worker on the real default model, loaded once per test session, and a loop to drive it.
+
+The worker's jobs run on one long-lived event loop in a background thread, as under the SDK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from worker import Worker, build_worker
+
+
+class LoopThread:
+    """An asyncio loop running in a daemon thread; ``run`` waits for a coroutine's result."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 120) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="session")
+def loop() -> Iterator[LoopThread]:
+    runner = LoopThread()
+    yield runner
+    runner.close()
+
+
+@pytest.fixture(scope="session")
+def worker(default_model_dir: Path) -> Worker:
+    """The real default model behind the real job wiring (MODEL_PATH points at the build)."""
+    return build_worker({"MODEL_PATH": str(default_model_dir), "WORKER_BATCH_WAIT_MS": "20"})
+
+
+async def collect(worker: Worker, job_input: Any, job_id: str = "test") -> list[dict[str, Any]]:
+    """Everything the worker yields for one job."""
+    return [item async for item in worker.handle({"id": job_id, "input": job_input})]
+
+
+def chat(question: str, **fields: Any) -> dict[str, Any]:
+    """A generation job input with one user message."""
+    return {"messages": [{"role": "user", "content": question}], **fields}

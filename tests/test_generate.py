@@ -1,0 +1,123 @@
+"""Generation through the job wiring on the real default model (in-process, no SDK loop)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from tests.support.worker import LoopThread, chat, collect
+from worker import Worker
+
+pytestmark = pytest.mark.slow
+
+CAPITAL = "What is the capital of France?"
+
+
+def answer(loop: LoopThread, worker: Worker, job_input: dict) -> dict:
+    items = loop.run(collect(worker, job_input))
+    assert len(items) == 1, items
+    return items[0]
+
+
+class TestAnswers:
+    def test_chat_question_is_answered_with_paris(self, loop, worker):
+        out = answer(loop, worker, chat(CAPITAL, max_new_tokens=20))
+        assert "Paris" in out["text"]
+        assert out["finish_reason"] == "stop"
+        assert out["model"] == worker.loaded.served_name
+        assert out["usage"]["prompt_tokens"] > 5
+        assert 1 <= out["usage"]["completion_tokens"] <= 20
+
+    def test_greedy_text_equals_model_generate_on_the_same_weights(self, loop, worker):
+        tok, model = worker.loaded.tokenizer, worker.loaded.model
+        ids = tok.apply_chat_template([{"role": "user", "content": "Name three fruits."}],
+                                      add_generation_prompt=True, return_tensors="pt",
+                                      return_dict=True)
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=24, do_sample=False)
+        expected = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        got = answer(loop, worker, chat("Name three fruits.", max_new_tokens=24, temperature=0))
+        assert got["text"] == expected
+
+    def test_raw_prompt_runs_to_the_token_limit(self, loop, worker):
+        out = answer(loop, worker, {"prompt": "Once upon a time", "max_new_tokens": 7})
+        assert out["finish_reason"] == "length"
+        assert out["usage"]["completion_tokens"] == 7
+        assert out["text"]
+
+    def test_stop_string_is_cut_from_the_text(self, loop, worker):
+        out = answer(loop, worker, chat(CAPITAL, max_new_tokens=20, stop=["Paris"]))
+        assert out["finish_reason"] == "stop"
+        assert "Paris" not in out["text"]
+        assert out["text"].startswith("The capital of France")
+
+
+class TestSampling:
+    def test_same_seed_gives_the_same_text(self, loop, worker):
+        job = chat("Write a line about the sea.", max_new_tokens=16, temperature=1.0, seed=42)
+        assert answer(loop, worker, job)["text"] == answer(loop, worker, job)["text"]
+
+    def test_different_seeds_give_different_texts(self, loop, worker):
+        texts = {answer(loop, worker, chat("Write a line about the sea.", max_new_tokens=16,
+                                            temperature=1.2, seed=s))["text"] for s in range(4)}
+        assert len(texts) > 1
+
+
+class TestStreaming:
+    def test_chunks_join_to_the_greedy_answer(self, loop, worker):
+        whole = answer(loop, worker, chat("Name three colors.", max_new_tokens=24))
+        chunks = loop.run(collect(worker, chat("Name three colors.", max_new_tokens=24,
+                                               stream=True)))
+        assert len(chunks) > 2
+        assert "".join(c["text"] for c in chunks) == whole["text"]
+        assert chunks[-1]["finish_reason"] == whole["finish_reason"]
+        assert chunks[-1]["usage"] == whole["usage"]
+        assert all(set(c) == {"text"} for c in chunks[:-1])
+
+    def test_stop_string_never_reaches_the_stream(self, loop, worker):
+        chunks = loop.run(collect(worker, chat(CAPITAL, max_new_tokens=20, stop=["Paris"],
+                                               stream=True)))
+        assert "Paris" not in "".join(c["text"] for c in chunks)
+
+
+class TestBatching:
+    def test_concurrent_greedy_jobs_match_the_same_jobs_run_alone(self, loop, worker):
+        questions = ["Name three colors.", CAPITAL, "What is 2 plus 2?", "Say hello."]
+        alone = [answer(loop, worker, chat(q, max_new_tokens=16))["text"] for q in questions]
+        before = worker.task.batcher.largest_batch
+
+        async def together():
+            return await asyncio.gather(*(collect(worker, chat(q, max_new_tokens=16))
+                                          for q in questions))
+
+        batched = [items[0]["text"] for items in loop.run(together())]
+        assert batched == alone
+        assert worker.task.batcher.largest_batch >= max(before, 2)
+
+
+class TestLimits:
+    def test_prompt_over_the_token_limit_names_the_setting(self, loop, worker):
+        out = answer(loop, worker, {"prompt": "word " * 5000})
+        assert out["error"].startswith("input.prompt: is ")
+        assert "WORKER_MAX_PROMPT_TOKENS" in out["error"]
+
+    def test_cancelled_job_stops_and_the_next_job_still_runs(self, loop, worker):
+        async def cancel_midway():
+            task = asyncio.ensure_future(collect(worker, {"prompt": "Count:", "max_new_tokens":
+                                                          1000, "temperature": 0}))
+            await asyncio.sleep(1.0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            # 1000 tokens take tens of seconds here; a cancelled job leaves the device at once.
+            for _ in range(50):
+                if not worker.task.batcher.running:
+                    return True
+                await asyncio.sleep(0.1)
+            return False
+
+        assert loop.run(cancel_midway()), "the cancelled job kept the device busy"
+
+        assert "Paris" in answer(loop, worker, chat(CAPITAL, max_new_tokens=20))["text"]
