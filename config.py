@@ -116,6 +116,8 @@ MODEL_ALLOW_DOWNLOAD = _var("model", "MODEL_ALLOW_DOWNLOAD", "false",
                             "Download MODEL_NAME from the Hub at startup when found nowhere")
 HF_TOKEN = _var("model", "HF_TOKEN", None,
                 "Hub token for gated models (build or download only; never printed)", secret=True)
+HF_ENDPOINT = _var("model", "HF_ENDPOINT", None,
+                   "Hub address for downloads (a mirror or proxy); default: https://huggingface.co")
 MODEL_DEVICE = _var("model", "MODEL_DEVICE", "auto",
                     "auto (CUDA if present, else CPU), cpu, cuda, or cuda:N")
 MODEL_DTYPE = _var("model", "MODEL_DTYPE", "auto",
@@ -146,6 +148,7 @@ class ModelSettings:
     served_name: str                         # the name answers carry in "model"
     warmup: bool                             # one generation before the first job
     hf_token: str | None = field(default=None, repr=False)
+    hub_endpoint: str | None = None          # None: huggingface_hub's default (huggingface.co)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ModelSettings:
@@ -174,6 +177,7 @@ class ModelSettings:
             served_name=r.text(MODEL_SERVED_NAME) or name,
             warmup=r.flag(MODEL_WARMUP),
             hf_token=r.text(HF_TOKEN),
+            hub_endpoint=r.text(HF_ENDPOINT),
         )
 
 

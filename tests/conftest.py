@@ -6,7 +6,11 @@ import os
 
 import pytest
 
-pytest_plugins: list[str] = ["tests.support.worker"]
+pytest_plugins: list[str] = [
+    "tests.support.model_dir",
+    "tests.support.fake_hub",
+    "tests.support.worker",
+]
 
 # A developer's shell must not change results: these prefixes are stripped for every test.
 _ENV_PREFIXES = ("BUCKET_", "AWS_", "HF_", "MODEL_", "RUNPOD_", "WORKER_")
