@@ -102,11 +102,13 @@ def _baked_mismatch(directory: Path, settings: ModelSettings) -> str | None:
     if not manifest.is_file():
         return None
     try:
-        baked_name = json.loads(manifest.read_text()).get("model_name")
+        request = json.loads(manifest.read_text()).get("request", {})
     except (OSError, ValueError):
-        return "has an unreadable builder.json; rebuild it with builder/fetch_model.py --force"
-    if baked_name and baked_name != settings.model_name:
-        return f"holds {baked_name}, not MODEL_NAME={settings.model_name}"
+        return "has an unreadable builder.json; rebuild it with `make model`"
+    # A model built from a local directory has no Hub id: any MODEL_NAME may serve it.
+    baked = request.get("model")
+    if request.get("source") in ("hub", "gguf-wheel") and baked != settings.model_name:
+        return f"holds {request.get('model')}, not MODEL_NAME={settings.model_name}"
     return None
 
 

@@ -1,0 +1,86 @@
+"""Job input checks and the generation fields: every error names the field and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from config import WorkerSettings
+from errors import InputError, PayloadTooLarge
+from tasks.generate import GenerateInput
+from validation import check_job_input, parse_input
+
+LIMITS = WorkerSettings.from_env({})
+
+
+def parse(data: dict) -> GenerateInput:
+    return parse_input(GenerateInput, data, {"limits": LIMITS})
+
+
+def error_of(data: dict) -> str:
+    with pytest.raises(InputError) as err:
+        parse(data)
+    return str(err.value)
+
+
+class TestJobShape:
+    @pytest.mark.parametrize("value, kind", [(None, "null"), ([1], "list"), ("hi", "str"),
+                                             (3, "int")])
+    def test_input_that_is_not_an_object_is_refused(self, value, kind):
+        with pytest.raises(InputError, match=f"^input: must be a JSON object, got {kind}"):
+            check_job_input({"id": "j", "input": value}, 1000)
+
+    def test_empty_input_is_refused(self):
+        with pytest.raises(InputError, match="^input: is empty"):
+            check_job_input({"id": "j", "input": {}}, 1000)
+
+    def test_job_without_input_is_refused(self):
+        with pytest.raises(InputError, match="no 'input'"):
+            check_job_input({"id": "j"}, 1000)
+
+    def test_oversized_input_names_the_limit_and_setting(self):
+        with pytest.raises(PayloadTooLarge, match="over the limit of 1024.*WORKER_MAX_INPUT_BYTES"):
+            check_job_input({"id": "j", "input": {"prompt": "x" * 2000}}, 1024)
+
+
+class TestGenerateFields:
+    def test_a_chat_is_accepted(self):
+        data = parse({"messages": [{"role": "user", "content": "hi"}], "temperature": 0})
+        assert data.messages[0].content == "hi"
+
+    def test_unknown_field_is_refused_by_name_with_the_allowed_ones(self):
+        message = error_of({"prompt": "x", "temprature": 1})
+        assert message.startswith("input.temprature: unknown field; allowed fields:")
+        assert "temperature" in message
+
+    def test_both_or_neither_of_messages_and_prompt_is_refused(self):
+        assert "exactly one of 'messages'" in error_of({"prompt": "x", "messages": [
+            {"role": "user", "content": "y"}]})
+        assert "exactly one of 'messages'" in error_of({"max_new_tokens": 3})
+
+    def test_wrong_role_names_the_message_index(self):
+        assert error_of({"messages": [{"role": "bot", "content": "x"}]}).startswith(
+            "input.messages.0.role: input should be 'system', 'user' or 'assistant'")
+
+    def test_wrong_type_says_what_was_sent(self):
+        assert error_of({"prompt": "x", "temperature": "hot"}) == (
+            "input.temperature: input should be a valid number, got a string")
+
+    def test_out_of_range_values_are_refused(self):
+        assert error_of({"prompt": "x", "temperature": 3}).startswith("input.temperature:")
+        assert error_of({"prompt": "x", "top_p": 0}).startswith("input.top_p:")
+        assert error_of({"prompt": "x", "max_new_tokens": 0}).startswith("input.max_new_tokens:")
+
+    def test_limits_from_settings_name_the_setting(self):
+        assert "WORKER_MAX_NEW_TOKENS" in error_of({"prompt": "x", "max_new_tokens": 10**6})
+        assert "WORKER_MAX_STOP" in error_of({"prompt": "x", "stop": ["a"] * 100})
+        small = WorkerSettings.from_env({"WORKER_MAX_MESSAGES": "1"})
+        with pytest.raises(InputError, match="WORKER_MAX_MESSAGES"):
+            parse_input(GenerateInput, {"messages": [{"role": "user", "content": "a"}] * 2},
+                        {"limits": small})
+
+    def test_every_problem_is_reported_at_once(self):
+        message = error_of({"prompt": 1, "seed": -1})
+        assert "input.prompt:" in message and "input.seed:" in message
+
+    def test_a_single_stop_string_is_accepted(self):
+        assert parse({"prompt": "x", "stop": "\n"}).stop == ["\n"]
