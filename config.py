@@ -109,7 +109,7 @@ MODEL_BAKED_DIR = _var("model", "MODEL_BAKED_DIR", "models/default",
                        "Directory the builder writes the model to (relative to the project)")
 RUNPOD_HF_CACHE = _var("model", "RUNPOD_HF_CACHE", "/runpod-volume/huggingface-cache/hub",
                        "RunPod cached-models directory (Hugging Face cache layout)")
-HF_HOME_CACHE = _var("model", "HF_HUB_CACHE", None,
+HF_HUB_CACHE = _var("model", "HF_HUB_CACHE", None,
                      "A Hugging Face cache to search, e.g. on a network volume; "
                      "default: $HF_HOME/hub or ~/.cache/huggingface/hub")
 MODEL_ALLOW_DOWNLOAD = _var("model", "MODEL_ALLOW_DOWNLOAD", "false",
@@ -159,7 +159,7 @@ class ModelSettings:
                                 "use auto, cpu, cuda or cuda:N")
         model_path = r.text(MODEL_PATH)
         baked = Path(r.required_text(MODEL_BAKED_DIR))
-        hf_cache = r.text(HF_HOME_CACHE)
+        hf_cache = r.text(HF_HUB_CACHE)
         if hf_cache is None:
             hf_home = r.env.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")
             hf_cache = str(Path(hf_home) / "hub")
@@ -250,3 +250,7 @@ def settings_table() -> str:
         default = "(unset)" if v.default is None else f"`{v.default}`"
         lines.append(f"| `{v.name}` | {default} | {v.meaning} |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(settings_table())   # paste between the settings markers in README.md
