@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-pytest_plugins: list[str] = []
+pytest_plugins: list[str] = ["tests.support.endpoint"]
 
 # A developer's shell must not change results: these prefixes are stripped for every test.
 _ENV_PREFIXES = ("BUCKET_", "AWS_", "HF_", "MODEL_", "RUNPOD_", "WORKER_")
