@@ -10,6 +10,7 @@ pytest_plugins: list[str] = [
     "tests.support.model_dir",
     "tests.support.fake_hub",
     "tests.support.worker",
+    "tests.support.endpoint",
 ]
 
 # A developer's shell must not change results: these prefixes are stripped for every test.
