@@ -33,8 +33,17 @@ from worker import Worker, build_worker, configure_logging
 log = logging.getLogger("worker")
 
 
+def _in_child_process() -> bool:
+    """True in a multiprocessing child, including while spawn re-runs this file in it.
+
+    Spawn and forkserver run the parent's main file again as ``__mp_main__`` before the child
+    is bootstrapped, when ``parent_process()`` is still None: both checks are needed.
+    """
+    return __name__ == "__mp_main__" or multiprocessing.parent_process() is not None
+
+
 def _load_in_main_process() -> Worker | None:
-    if multiprocessing.parent_process() is not None:
+    if _in_child_process():
         return None          # the SDK's heartbeat child: it never needs the model
     configure_logging()
     try:

@@ -153,6 +153,7 @@ class LocalEndpoint:
         self.host = host
         self.port = port
         self.endpoint_id = endpoint_id
+        self.pings = 0                       # heartbeats received (the SDK pings from a child)
         self.api_key = api_key
         self.run_limit_bytes = run_limit_bytes
         self.runsync_limit_bytes = runsync_limit_bytes
@@ -650,6 +651,7 @@ class LocalEndpoint:
 
     async def _ping(self, request: web.Request) -> web.Response:
         self._worker(request)
+        self.pings += 1
         return web.json_response({})
 
 

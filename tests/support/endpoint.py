@@ -86,16 +86,25 @@ def _new_endpoint() -> LocalEndpoint:
 
 
 def start_service(mode: str, log: Path, worker_id: str = "test-worker") -> Service:
+    """The echo worker in ``mode`` behind a new endpoint."""
+    return start_worker_service([sys.executable, str(ECHO_WORKER)], log, worker_id,
+                                extra_env={"ECHO_WORKER_MODE": mode})
+
+
+def start_worker_service(command: list[str], log: Path, worker_id: str = "test-worker",
+                         extra_env: dict[str, str] | None = None,
+                         ready_timeout_s: float = 120) -> Service:
+    """A worker ``command`` behind a new endpoint, its output in ``log``; waits until it polls."""
     endpoint = _new_endpoint()
     out = log.open("wb")
-    worker = WorkerProcess(endpoint, [sys.executable, str(ECHO_WORKER)], worker_id,
+    worker = WorkerProcess(endpoint, command, worker_id,
                            base_env=_clean_env(), output=out, cwd=str(PROJECT_ROOT),
-                           extra_env={"ECHO_WORKER_MODE": mode, "RUNPOD_LOG_LEVEL": "INFO"})
+                           extra_env={"RUNPOD_LOG_LEVEL": "INFO", **(extra_env or {})})
     worker.start()
     out.close()  # the child holds its own copy
     service = Service(endpoint, worker, sdk_client(endpoint), log)
     try:
-        worker.wait_ready(timeout_s=60)
+        worker.wait_ready(timeout_s=ready_timeout_s)
     except RuntimeError as err:
         stop_service(service)
         raise RuntimeError(f"{err}\n--- worker log ---\n{service.log_tail()}") from None

@@ -1,0 +1,128 @@
+"""The real handler, the real runpod worker loop and the SDK's own client, over real HTTP.
+
+One worker process (``python handler.py`` on the default model) serves the whole module
+through the local endpoint, as on RunPod: every job goes job-take → handler → job-done.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.endpoint import (
+    RUN_LIMIT,
+    Service,
+    call,
+    start_worker_service,
+    stop_service,
+)
+
+pytestmark = pytest.mark.slow
+
+CAPITAL = {"messages": [{"role": "user", "content": "What is the capital of France?"}],
+           "max_new_tokens": 24}
+
+
+@pytest.fixture(scope="module")
+def model_service(default_model_dir: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    log = tmp_path_factory.mktemp("model-worker") / "worker.log"
+    service = start_worker_service(
+        [sys.executable, "handler.py"], log, "model-worker",
+        extra_env={"MODEL_PATH": str(default_model_dir), "WORKER_CONCURRENCY": "4"})
+    yield service
+    stop_service(service)
+
+
+def wait_final(service: Service, job_id: str, timeout_s: float = 120) -> dict:
+    return service.endpoint.wait_for_status(job_id, timeout_s=timeout_s)
+
+
+class TestAnswers:
+    def test_run_sync_answers_paris(self, model_service):
+        output = model_service.client.run_sync({"input": CAPITAL}, timeout=120)
+        assert isinstance(output, list) and len(output) == 1, output
+        assert "Paris" in output[0]["text"]
+        assert output[0]["finish_reason"] == "stop"
+
+    def test_run_then_status_then_output(self, model_service):
+        job = model_service.client.run({"input": CAPITAL})
+        assert job.status() in ("IN_QUEUE", "IN_PROGRESS", "COMPLETED")
+        output = job.output(timeout=120)
+        assert job.status() == "COMPLETED"
+        assert "Paris" in output[0]["text"]
+
+    def test_stream_chunks_join_to_the_whole_greedy_answer(self, model_service):
+        job_input = {"messages": [{"role": "user", "content": "Name three colors."}],
+                     "max_new_tokens": 40}
+        whole = model_service.client.run_sync({"input": job_input}, timeout=120)[0]
+        job = model_service.client.run({"input": {**job_input, "stream": True}})
+        chunks = list(job.stream())
+        assert len(chunks) >= 2, chunks
+        assert "".join(c["text"] for c in chunks) == whole["text"]
+        assert chunks[-1]["finish_reason"] == whole["finish_reason"]
+        # With return_aggregate_stream the final output is the chunks as well.
+        assert job.output(timeout=30) == chunks
+
+
+class TestFailures:
+    def test_bad_input_fails_naming_the_field_and_the_worker_serves_on(self, model_service):
+        status, body = call(model_service.endpoint, "POST", "runsync",
+                            {"input": {"prompt": "hi", "temprature": 0.5}})
+        assert status == 200
+        assert body["status"] == "FAILED"
+        assert body["error"].startswith("input.temprature: unknown field")
+        assert "Traceback" not in body["error"]
+        assert "Paris" in model_service.client.run_sync({"input": CAPITAL}, timeout=120)[0]["text"]
+
+    def test_input_that_is_not_an_object_fails_cleanly(self, model_service):
+        status, body = call(model_service.endpoint, "POST", "runsync", {"input": [1, 2, 3]})
+        assert body["status"] == "FAILED"
+        assert body["error"] == "input: must be a JSON object, got list; send {\"input\": {...}}"
+
+    def test_request_over_the_payload_limit_is_refused(self, model_service):
+        status, body = call(model_service.endpoint, "POST", "run",
+                            {"input": {"prompt": "x" * (RUN_LIMIT + 1)}})
+        assert status == 413
+        assert "larger than /run accepts (65536 bytes)" in body["error"]
+
+    def test_cancel_stops_a_long_job_and_the_next_job_runs(self, model_service):
+        job = model_service.client.run({"input": {"prompt": "Count to a thousand:",
+                                                  "max_new_tokens": 1000}})
+        deadline = time.monotonic() + 60
+        while job.status() != "IN_PROGRESS" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        job.cancel()
+        assert wait_final(model_service, job.job_id)["status"] == "CANCELLED"
+        started = time.monotonic()
+        output = model_service.client.run_sync({"input": CAPITAL}, timeout=120)
+        assert "Paris" in output[0]["text"]
+        # 1000 tokens take far longer than this on CPU: the cancelled job left the device.
+        assert time.monotonic() - started < 20
+
+
+class TestLoadedOnce:
+    def test_model_loads_once_although_the_heartbeat_child_imports_handler_again(
+            self, default_model_dir, tmp_path):
+        """Under spawn the SDK's heartbeat process re-runs handler.py's top level (CONTEXT.md)."""
+        spawn_main = ("import multiprocessing, runpy; multiprocessing.set_start_method('spawn'); "
+                      "runpy.run_path('handler.py', run_name='__main__')")
+        log = tmp_path / "worker.log"
+        service = start_worker_service(
+            [sys.executable, "-c", spawn_main], log, "spawn-worker",
+            extra_env={"MODEL_PATH": str(default_model_dir), "RUNPOD_PING_INTERVAL": "1000"})
+        try:
+            assert "Paris" in service.client.run_sync({"input": CAPITAL}, timeout=120)[0]["text"]
+            # The child pings only after importing handler.py (and loading a model, if it would).
+            deadline = time.monotonic() + 60
+            while service.endpoint.pings == 0 and time.monotonic() < deadline:
+                time.sleep(0.5)
+        finally:
+            stop_service(service)
+        text = log.read_text()
+        assert text.count("model ready:") == 1, text[-3000:]
+        assert service.endpoint.pings > 0, "the heartbeat child never ran"
