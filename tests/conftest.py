@@ -6,10 +6,11 @@ import os
 
 import pytest
 
-pytest_plugins: list[str] = []
+pytest_plugins: list[str] = ["tests.support.s3", "tests.support.http_server"]
 
 # A developer's shell must not change results: these prefixes are stripped for every test.
-_ENV_PREFIXES = ("BUCKET_", "AWS_", "HF_", "MODEL_", "RUNPOD_", "WORKER_")
+_ENV_PREFIXES = ("BUCKET_", "AWS_", "HF_", "MODEL_", "RUNPOD_", "WORKER_", "OUTPUT_",
+                 "DOWNLOAD_", "BATCH_")
 
 
 @pytest.fixture(autouse=True)
