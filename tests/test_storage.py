@@ -81,6 +81,7 @@ class TestS3Links:
         link = store_output(s3_storage(s3_settings_env), "job-5", b"secret data", "text/plain")
         with pytest.raises(urllib.error.HTTPError) as err:
             fetch(link["url"].replace("job-5", "job-6"))
+        err.value.close()
         assert err.value.code == 403
 
     def test_an_expired_link_is_refused(self, s3_server, s3_bucket) -> None:
@@ -89,6 +90,7 @@ class TestS3Links:
         time.sleep(2.2)
         with pytest.raises(urllib.error.HTTPError) as err:
             fetch(link["url"])
+        err.value.close()
         assert err.value.code in (400, 403)
 
     def test_link_re_signs_an_existing_object_and_refuses_a_missing_one(
