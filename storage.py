@@ -50,7 +50,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, TypedDict, TypeVar
+from typing import Any, BinaryIO, NoReturn, Protocol, TypedDict, TypeVar
 from urllib.parse import urlsplit
 
 import boto3
@@ -366,7 +366,7 @@ class S3Storage:
                             content_type=head.get("ContentType") or "application/octet-stream",
                             expires_at=expires)
 
-    def _raise_classified(self, err: BaseException) -> None:
+    def _raise_classified(self, err: BaseException) -> NoReturn:
         """Re-raise a boto error as _Transient (retry) or StorageError (permanent), sanitised."""
         # boto3's upload_file wraps ClientError in S3UploadFailedError (implicit context).
         inner = err
