@@ -15,6 +15,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from errors import SettingsError
 
@@ -236,6 +237,187 @@ class WorkerSettings:
             max_stop=r.integer(WORKER_MAX_STOP, 0, 64),
             max_input_bytes=r.integer(WORKER_MAX_INPUT_BYTES, 1024, 100 * 1024 * 1024),
             job_timeout_s=r.number(WORKER_JOB_TIMEOUT_S, 1, 86400),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Storage: where answers and files go when they are too large to return inline (storage.py,
+# delivery.py). Names follow RunPod's BUCKET_* convention; all four of endpoint, key id, secret
+# and bucket, or none of them.
+# --------------------------------------------------------------------------------------------
+BUCKET_ENDPOINT_URL = _var("storage", "BUCKET_ENDPOINT_URL", None,
+                           "S3 API endpoint, e.g. https://s3.us-east-1.amazonaws.com, "
+                           "https://<account>.r2.cloudflarestorage.com, http://minio:9000")
+BUCKET_ACCESS_KEY_ID = _var("storage", "BUCKET_ACCESS_KEY_ID", None,
+                            "Access key id for BUCKET_ENDPOINT_URL")
+BUCKET_SECRET_ACCESS_KEY = _var("storage", "BUCKET_SECRET_ACCESS_KEY", None,
+                                "Secret access key for BUCKET_ENDPOINT_URL (never printed)",
+                                secret=True)
+BUCKET_NAME = _var("storage", "BUCKET_NAME", None,
+                   "Bucket that answers and files are written to (must exist)")
+BUCKET_REGION = _var("storage", "BUCKET_REGION", "us-east-1",
+                     "Signing region: the bucket's AWS region; auto for Cloudflare R2; "
+                     "us-east-1 suits MinIO and most S3-compatible servers")
+BUCKET_ADDRESSING_STYLE = _var("storage", "BUCKET_ADDRESSING_STYLE", "path",
+                               "path (endpoint/bucket/key: MinIO, R2, Backblaze, RunPod) "
+                               "or virtual (bucket.endpoint/key)")
+BUCKET_PREFIX = _var("storage", "BUCKET_PREFIX", "outputs",
+                     "Key prefix inside the bucket; objects go to <prefix>/<job id>/<file>")
+BUCKET_LINK_EXPIRY_SECONDS = _var("storage", "BUCKET_LINK_EXPIRY_SECONDS", "86400",
+                                  "Lifetime of presigned download links, 1..604800 s (7 days, "
+                                  "the SigV4 maximum)")
+BUCKET_PART_SIZE_MB = _var("storage", "BUCKET_PART_SIZE_MB", "16",
+                           "Multipart part size (MiB, 5..512); objects larger than one part "
+                           "upload in parts")
+BUCKET_UPLOAD_CONCURRENCY = _var("storage", "BUCKET_UPLOAD_CONCURRENCY", "8",
+                                 "Parts uploaded in parallel, 1..64")
+BUCKET_TIMEOUT_SECONDS = _var("storage", "BUCKET_TIMEOUT_SECONDS", "60",
+                              "Connect and read timeout of each storage request (s)")
+BUCKET_RETRY_ATTEMPTS = _var("storage", "BUCKET_RETRY_ATTEMPTS", "4",
+                             "Tries per upload before a transient failure becomes an error, 1..10")
+BUCKET_RETRY_DELAY_SECONDS = _var("storage", "BUCKET_RETRY_DELAY_SECONDS", "1",
+                                  "Delay before the first retry (s); doubles each retry, "
+                                  "with jitter")
+OUTPUT_LOCAL_DIR = _var("storage", "OUTPUT_LOCAL_DIR", None,
+                        "Local runs only: write outputs to this directory and answer file:// "
+                        "links; exclusive with BUCKET_*")
+OUTPUT_INLINE_LIMIT_BYTES = _var("storage", "OUTPUT_INLINE_LIMIT_BYTES", "1000000",
+                                 "Largest answer (JSON bytes) returned inline; larger ones are "
+                                 "uploaded and answered with a link. RunPod limits: /run 10 MB, "
+                                 "/runsync 20 MB, 2 MB in older docs")
+
+ADDRESSING_STYLES = ("path", "virtual")
+_S3_VARS = (BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY, BUCKET_NAME)
+_BUCKET_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
+
+
+def _check_endpoint_url(name: str, url: str) -> str:
+    """An http(s) URL with a host and nothing that would leak or confuse signing."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingsError(f"{name} must be an http:// or https:// URL with a host, "
+                            "e.g. https://s3.us-east-1.amazonaws.com")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise SettingsError(f"{name} must not carry credentials, a query or a fragment; "
+                            "put keys in BUCKET_ACCESS_KEY_ID and BUCKET_SECRET_ACCESS_KEY")
+    try:
+        parts.port  # noqa: B018  (raises on a malformed port)
+    except ValueError:
+        raise SettingsError(f"{name} has an invalid port") from None
+    return url.rstrip("/")
+
+
+def _check_bucket_name(name: str, bucket: str) -> str:
+    if not 3 <= len(bucket) <= 255 or not set(bucket) <= _BUCKET_NAME_CHARS:
+        raise SettingsError(f"{name}={bucket!r} is not a bucket name; use 3..255 letters, "
+                            "digits, '.', '-' or '_'")
+    return bucket
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """Where outputs go: an S3 bucket, a local directory (local runs), or nowhere.
+
+    ``backend`` is "s3" when all four BUCKET_* connection variables are set, "local" when only
+    OUTPUT_LOCAL_DIR is, and None when neither is (answers over the inline limit then fail with
+    PayloadTooLarge, unless the job brings its own ``s3Config``).
+    """
+
+    backend: str | None                      # "s3" | "local" | None
+    endpoint_url: str | None                 # S3 API endpoint, no trailing slash
+    access_key_id: str | None = field(repr=False)
+    bucket: str | None
+    region: str                              # SigV4 signing region
+    addressing_style: str                    # path | virtual
+    prefix: str                              # no leading/trailing "/"; may be empty
+    link_expiry_s: int                       # presigned GET lifetime
+    part_size_bytes: int                     # multipart part size (and threshold)
+    upload_concurrency: int                  # parallel parts
+    timeout_s: float                         # per request, connect and read
+    retry_attempts: int                      # tries per upload, first included
+    retry_delay_s: float                     # first backoff; doubles
+    local_dir: Path | None                   # OUTPUT_LOCAL_DIR
+    inline_limit_bytes: int                  # answers above this go by link
+    secret_access_key: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> StorageSettings:
+        r = _Reader(env)
+        given = [v.name for v in _S3_VARS if r.text(v) is not None]
+        missing = [v.name for v in _S3_VARS if r.text(v) is None]
+        local_dir = r.text(OUTPUT_LOCAL_DIR)
+        backend: str | None = None
+        if given and missing:
+            raise SettingsError(
+                f"storage is partly configured: {', '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} missing ({', '.join(given)} "
+                f"{'is' if len(given) == 1 else 'are'} set); set all of "
+                f"{', '.join(v.name for v in _S3_VARS)}, or none of them")
+        if given:
+            backend = "s3"
+            if local_dir is not None:
+                raise SettingsError("OUTPUT_LOCAL_DIR and BUCKET_* are both set; "
+                                    "unset OUTPUT_LOCAL_DIR to upload to the bucket, or the "
+                                    "BUCKET_* variables to write local files")
+        elif local_dir is not None:
+            backend = "local"
+        endpoint = r.text(BUCKET_ENDPOINT_URL)
+        bucket = r.text(BUCKET_NAME)
+        region = r.required_text(BUCKET_REGION)
+        if not region.replace("-", "").isalnum():
+            raise SettingsError(f"BUCKET_REGION={region!r} is not a region name; "
+                                "e.g. us-east-1, or auto for Cloudflare R2")
+        return cls(
+            backend=backend,
+            endpoint_url=_check_endpoint_url("BUCKET_ENDPOINT_URL", endpoint) if endpoint else None,
+            access_key_id=r.text(BUCKET_ACCESS_KEY_ID),
+            bucket=_check_bucket_name("BUCKET_NAME", bucket) if bucket else None,
+            region=region,
+            addressing_style=r.choice(BUCKET_ADDRESSING_STYLE, ADDRESSING_STYLES),
+            prefix=(r.text(BUCKET_PREFIX) or "").strip("/"),
+            link_expiry_s=r.integer(BUCKET_LINK_EXPIRY_SECONDS, 1, 604800),
+            part_size_bytes=r.integer(BUCKET_PART_SIZE_MB, 5, 512) * 1024 * 1024,
+            upload_concurrency=r.integer(BUCKET_UPLOAD_CONCURRENCY, 1, 64),
+            timeout_s=r.number(BUCKET_TIMEOUT_SECONDS, 1, 3600),
+            retry_attempts=r.integer(BUCKET_RETRY_ATTEMPTS, 1, 10),
+            retry_delay_s=r.number(BUCKET_RETRY_DELAY_SECONDS, 0, 60),
+            local_dir=Path(local_dir).expanduser().resolve() if local_dir else None,
+            inline_limit_bytes=r.integer(OUTPUT_INLINE_LIMIT_BYTES, 0, 20_000_000),
+            secret_access_key=r.text(BUCKET_SECRET_ACCESS_KEY),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Downloads: inputs fetched by URL, e.g. a batch_url pointing at a JSONL file (downloads.py)
+# --------------------------------------------------------------------------------------------
+DOWNLOAD_ALLOW_PRIVATE = _var("download", "DOWNLOAD_ALLOW_PRIVATE", "false",
+                              "Allow URLs that resolve to private, loopback or link-local "
+                              "addresses (local tests, same-VPC servers); off in production")
+DOWNLOAD_MAX_BYTES = _var("download", "DOWNLOAD_MAX_BYTES", "1000000000",
+                          "Largest download accepted (bytes)")
+DOWNLOAD_TIMEOUT_SECONDS = _var("download", "DOWNLOAD_TIMEOUT_SECONDS", "300",
+                                "Time limit for one whole download, redirects included (s)")
+BATCH_MAX_ITEMS = _var("download", "BATCH_MAX_ITEMS", "10000",
+                       "Most items read from one JSONL batch file")
+
+
+@dataclass(frozen=True)
+class DownloadSettings:
+    """Limits for fetching inputs by URL."""
+
+    allow_private: bool                      # lifts the public-address-only rule
+    max_bytes: int                           # per download
+    timeout_s: float                         # per download, total
+    max_items: int                           # per JSONL file
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> DownloadSettings:
+        r = _Reader(env)
+        return cls(
+            allow_private=r.flag(DOWNLOAD_ALLOW_PRIVATE),
+            max_bytes=r.integer(DOWNLOAD_MAX_BYTES, 1, 1 << 40),
+            timeout_s=r.number(DOWNLOAD_TIMEOUT_SECONDS, 0.1, 86400),
+            max_items=r.integer(BATCH_MAX_ITEMS, 1, 10_000_000),
         )
 
 

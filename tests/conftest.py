@@ -11,10 +11,13 @@ pytest_plugins: list[str] = [
     "tests.support.fake_hub",
     "tests.support.worker",
     "tests.support.endpoint",
+    "tests.support.s3",
+    "tests.support.http_server",
 ]
 
 # A developer's shell must not change results: these prefixes are stripped for every test.
-_ENV_PREFIXES = ("BUCKET_", "AWS_", "HF_", "MODEL_", "RUNPOD_", "WORKER_")
+_ENV_PREFIXES = ("BUCKET_", "AWS_", "HF_", "MODEL_", "RUNPOD_", "WORKER_", "OUTPUT_",
+                 "DOWNLOAD_", "BATCH_")
 
 
 @pytest.fixture(autouse=True)

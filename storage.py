@@ -1,0 +1,515 @@
+"""Where bytes go: an S3-compatible bucket, or a local directory for local runs.
+
+This module owns uploads, object keys and download links. It never imports torch or runpod, and
+it never decides *whether* an answer is stored (delivery.py does).
+
+For forkers, one call stores any file and gives back the link object clients receive::
+
+    from storage import store_output
+    link = store_output(storage, job["id"], png_bytes, "image/png", filename="cat.png")
+    # {"url": "https://...", "key": "outputs/<job id>/cat.png", "bytes": 51234,
+    #  "sha256": "9f86...", "content_type": "image/png", "expires_at": "2026-11-29T15:04:05Z"}
+
+``data`` may be ``bytes`` or a ``pathlib.Path`` (large files stream from disk). Get ``storage``
+from ``storage_for_job(job, settings)``: the job's own ``s3Config`` wins over the worker's
+``BUCKET_*`` settings. Calls block (network, disk): from async code run them in a thread.
+
+Guarantees:
+
+- Keys are ``<BUCKET_PREFIX>/<job id>/<filename>``: a retried job overwrites, never duplicates.
+  Give each file of one job its own filename (``image-0.png``, ``image-1.png``).
+- A link is only made after the object is checked: its size (HEAD) and the sha256 computed here
+  and stored as object metadata ``sha256``. A failed check is retried like a network error.
+- Transient failures (connection, timeout, 5xx, 429, a failed check) are retried with
+  exponential backoff (``BUCKET_RETRY_ATTEMPTS``, ``BUCKET_RETRY_DELAY_SECONDS``); then, or at
+  once for a permanent failure (credentials, missing bucket), ``StorageError`` says why.
+- No secret appears in an error, a log line or a ``repr``: messages are composed here from the
+  error code and the endpoint's scheme://host:port, never from botocore's text (which may hold
+  signed URLs).
+- ``LocalStorage`` links are ``file://`` URLs, valid only on the machine that ran the job, and
+  carry ``expires_at: null``. Use it for local runs, never in production.
+
+Provider notes: botocore >= 1.36 adds checksums by default that R2 and GCS reject; both
+``request_checksum_calculation`` and ``response_checksum_validation`` are "when_required" here.
+The region is explicit (``BUCKET_REGION``; ``auto`` for R2), never guessed from the URL, and
+path-style addressing is the default because every S3-compatible server accepts it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import logging
+import mimetypes
+import os
+import random
+import re
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, NoReturn, Protocol, TypedDict, TypeVar
+from urllib.parse import urlsplit
+
+import boto3
+import botocore.config
+import botocore.exceptions
+from boto3.s3.transfer import TransferConfig
+
+from config import StorageSettings
+from errors import InputError, StorageError
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 8 * 1024 * 1024                     # read size for hashing and copying files
+_MAX_BACKOFF_S = 30.0                        # cap on one retry delay
+_SHA256_META = "sha256"                      # x-amz-meta-sha256
+_SAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+# Error codes that no retry can fix: wrong credentials, missing bucket, no permission.
+_PERMANENT_CODES = {
+    "AccessDenied": "the storage refused access: check the credentials and bucket permissions",
+    "InvalidAccessKeyId": "the storage does not know this access key id: check the credentials",
+    "SignatureDoesNotMatch": "the storage refused the signature: check the secret access key "
+                             "(and BUCKET_REGION)",
+    "AuthorizationHeaderMalformed": "the storage refused the request signature: check "
+                                    "BUCKET_REGION (auto for Cloudflare R2)",
+    "NoSuchBucket": "the bucket does not exist at this endpoint",
+    "InvalidBucketName": "the bucket name is not valid for this storage",
+    "PermanentRedirect": "the bucket is in another region or needs another endpoint",
+}
+
+
+class Link(TypedDict):
+    """The link object clients receive for a stored file or answer."""
+
+    url: str                 # presigned GET (s3) or file:// (local)
+    key: str                 # object key inside the bucket / path under the local directory
+    bytes: int               # object size
+    sha256: str              # hex digest of the object's bytes
+    content_type: str
+    expires_at: str | None   # ISO 8601 UTC ("...Z"); None for file:// links
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """A verified object and a link to it."""
+
+    url: str
+    key: str
+    size: int
+    sha256: str
+    content_type: str
+    expires_at: dt.datetime | None
+
+    def to_link(self) -> Link:
+        """The JSON-ready link object (see ``Link``)."""
+        expires = None
+        if self.expires_at is not None:
+            expires = self.expires_at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return {"url": self.url, "key": self.key, "bytes": self.size, "sha256": self.sha256,
+                "content_type": self.content_type, "expires_at": expires}
+
+
+class Storage(Protocol):
+    """Somewhere to put bytes and link to them. Every method blocks."""
+
+    kind: str                                # "s3" | "local"
+
+    def key_for(self, job_id: str, filename: str) -> str:
+        """The object key of ``filename`` for job ``job_id``: same inputs, same key."""
+        ...
+
+    def put(self, key: str, data: bytes | Path, content_type: str) -> StoredObject:
+        """Store ``data`` under ``key`` (overwriting), verify it, and return a link."""
+        ...
+
+    def link(self, key: str) -> StoredObject:
+        """A fresh link to an existing, verified object; StorageError if it is missing."""
+        ...
+
+
+def store_output(storage: Storage, job_id: str, data: bytes | Path, content_type: str,
+                 filename: str | None = None) -> Link:
+    """Store one file of a job's output and return the link object for the answer.
+
+    ``filename`` keeps the original name (sanitised to letters, digits, ``.``, ``-``, ``_``);
+    without it the name is ``output`` plus an extension guessed from ``content_type``.
+    """
+    if filename is None:
+        filename = "output" + (mimetypes.guess_extension(content_type) or ".bin")
+    key = storage.key_for(job_id, filename)
+    return storage.put(key, data, content_type).to_link()
+
+
+def safe_filename(name: str) -> str:
+    """The last path component of ``name`` with unsafe characters replaced; never empty."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    base = _SAFE_CHARS.sub("_", base).strip("._") or "output"
+    if len(base) > 120:  # keep the extension, cut the stem
+        stem, dot, ext = base.rpartition(".")
+        base = (stem[: 120 - len(ext) - 1] + dot + ext) if dot and len(ext) <= 16 else base[:120]
+    return base
+
+
+def object_key(prefix: str, job_id: str, filename: str) -> str:
+    """``<prefix>/<job id>/<filename>``, each part made safe for keys and paths."""
+    job = _SAFE_CHARS.sub("_", job_id).strip("._")
+    if not job:
+        raise StorageError("the job has no usable id to name its outputs")
+    parts = [p for p in (prefix.strip("/"), job[:200], safe_filename(filename)) if p]
+    return "/".join(parts)
+
+
+def _check_key(key: str) -> str:
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in key.split("/")):
+        raise StorageError(f"invalid object key {key!r}")
+    return key
+
+
+def _digest(data: bytes | Path) -> tuple[int, str]:
+    """Size and sha256 of ``data``; a file is read once, in chunks."""
+    if isinstance(data, bytes | bytearray | memoryview):
+        return len(data), hashlib.sha256(data).hexdigest()
+    h = hashlib.sha256()
+    size = 0
+    with open(data, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def _expiry(seconds: int) -> dt.datetime:
+    # Taken before signing, so the stated expiry is never later than the link's own.
+    return dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=seconds)
+
+
+def endpoint_label(url: str) -> str:
+    """scheme://host[:port] of an endpoint: what messages may show of it."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+
+
+class _Transient(Exception):
+    """An attempt failed in a way the next attempt may not (network, 5xx, failed check)."""
+
+
+T = TypeVar("T")
+
+
+def _with_retries(what: str, attempts: int, delay_s: float, fn: Callable[[], T]) -> T:
+    """Run ``fn``; retry on _Transient with jittered exponential backoff; then StorageError."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except _Transient as err:
+            if attempt == attempts:
+                raise StorageError(f"{what} failed after {attempts} attempt"
+                                   f"{'s' if attempts > 1 else ''}: {err}") from None
+            pause = min(_MAX_BACKOFF_S, delay_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            log.warning("%s failed (%s); retry %d/%d in %.2f s",
+                        what, err, attempt, attempts - 1, pause)
+            time.sleep(pause)
+    raise AssertionError("unreachable")
+
+
+class S3Storage:
+    """An S3-compatible bucket (AWS S3, Cloudflare R2, MinIO, Backblaze B2, RunPod S3 API)."""
+
+    kind = "s3"
+
+    def __init__(self, *, endpoint_url: str, access_key_id: str, secret_access_key: str,
+                 bucket: str, settings: StorageSettings) -> None:
+        self.endpoint_url = endpoint_url
+        self.bucket = bucket
+        self.prefix = settings.prefix
+        self.link_expiry_s = settings.link_expiry_s
+        self.retry_attempts = settings.retry_attempts
+        self.retry_delay_s = settings.retry_delay_s
+        self._endpoint = endpoint_label(endpoint_url)
+        self._transfer = TransferConfig(
+            multipart_threshold=settings.part_size_bytes,
+            multipart_chunksize=settings.part_size_bytes,
+            max_concurrency=settings.upload_concurrency,
+            use_threads=True,
+        )
+        config = botocore.config.Config(
+            region_name=settings.region,
+            signature_version="s3v4",  # presigned links default to SigV2 on path-style otherwise
+            s3={"addressing_style": settings.addressing_style},
+            # R2/GCS reject botocore's default CRC checksums (SignatureDoesNotMatch).
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            # Our own retry loop (configurable delays, clean messages) replaces botocore's.
+            retries={"mode": "standard", "total_max_attempts": 1},
+            connect_timeout=settings.timeout_s,
+            read_timeout=settings.timeout_s,
+            max_pool_connections=max(10, settings.upload_concurrency + 2),
+        )
+        # A private session: no ~/.aws, AWS_* variables or profiles change what we sign with.
+        session = boto3.session.Session(aws_access_key_id=access_key_id,
+                                        aws_secret_access_key=secret_access_key,
+                                        region_name=settings.region)
+        self._client = session.client("s3", endpoint_url=endpoint_url, config=config)
+
+    def __repr__(self) -> str:
+        return f"S3Storage(endpoint={self._endpoint!r}, bucket={self.bucket!r})"
+
+    @classmethod
+    def from_settings(cls, settings: StorageSettings) -> S3Storage:
+        """The worker's own bucket, from ``BUCKET_*``."""
+        if settings.backend != "s3":
+            raise StorageError("no S3 storage is configured: set BUCKET_ENDPOINT_URL, "
+                               "BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY and BUCKET_NAME")
+        assert settings.endpoint_url and settings.access_key_id and settings.bucket
+        assert settings.secret_access_key
+        return cls(endpoint_url=settings.endpoint_url, access_key_id=settings.access_key_id,
+                   secret_access_key=settings.secret_access_key, bucket=settings.bucket,
+                   settings=settings)
+
+    def key_for(self, job_id: str, filename: str) -> str:
+        return object_key(self.prefix, job_id, filename)
+
+    def put(self, key: str, data: bytes | Path, content_type: str) -> StoredObject:
+        _check_key(key)
+        size, sha256 = _digest(data)
+        extra = {"ContentType": content_type, "Metadata": {_SHA256_META: sha256}}
+
+        def attempt() -> StoredObject:
+            try:
+                if isinstance(data, Path):
+                    self._client.upload_file(str(data), self.bucket, key, ExtraArgs=extra,
+                                             Config=self._transfer)
+                else:
+                    self._client.upload_fileobj(io.BytesIO(data), self.bucket, key,
+                                                ExtraArgs=extra, Config=self._transfer)
+            except Exception as err:  # noqa: BLE001  (classified, never shown raw)
+                self._raise_classified(err)
+            return self._verified(key, size, sha256)
+
+        return _with_retries(f"upload of {key!r} to bucket {self.bucket!r} at {self._endpoint}",
+                             self.retry_attempts, self.retry_delay_s, attempt)
+
+    def link(self, key: str) -> StoredObject:
+        _check_key(key)
+
+        def attempt() -> StoredObject:
+            return self._verified(key, None, None)
+
+        return _with_retries(f"link to {key!r} in bucket {self.bucket!r} at {self._endpoint}",
+                             self.retry_attempts, self.retry_delay_s, attempt)
+
+    def read_to(self, key: str, out: BinaryIO, max_bytes: int,
+                deadline: float | None = None) -> int:
+        """Copy object ``key`` into ``out``; StorageError if larger than ``max_bytes``.
+
+        ``deadline`` is a ``time.monotonic()`` value after which reading stops. Returns the size.
+        Used by downloads.py for ``s3://`` inputs in this bucket.
+        """
+        _check_key(key)
+        try:
+            obj = self._client.get_object(Bucket=self.bucket, Key=key)
+        except Exception as err:  # noqa: BLE001
+            try:
+                self._raise_classified(err)
+            except _Transient as transient:
+                raise StorageError(f"reading {key!r} failed: {transient}") from None
+        body = obj["Body"]
+        try:
+            if obj.get("ContentLength", 0) > max_bytes:
+                raise StorageError(f"object is {obj['ContentLength']} bytes, over the "
+                                   f"limit of {max_bytes}")
+            total = 0
+            for chunk in body.iter_chunks(1024 * 1024):
+                total += len(chunk)
+                if total > max_bytes:
+                    raise StorageError(f"object is over the limit of {max_bytes} bytes")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise StorageError("reading the object took too long")
+                out.write(chunk)
+            return total
+        except (botocore.exceptions.BotoCoreError, OSError):
+            raise StorageError(f"reading {key!r} was interrupted") from None
+        finally:
+            body.close()
+
+    def _verified(self, key: str, size: int | None, sha256: str | None) -> StoredObject:
+        """HEAD the object, compare size and sha256 metadata, and presign a GET."""
+        try:
+            head = self._client.head_object(Bucket=self.bucket, Key=key)
+        except Exception as err:  # noqa: BLE001
+            if _error_code(err) in ("404", "NoSuchKey", "NotFound"):
+                if size is None:
+                    raise StorageError(f"no object {key!r} in bucket {self.bucket!r}") from None
+                raise _Transient("the object was not found after upload") from None
+            self._raise_classified(err)
+        stored_size = int(head.get("ContentLength", -1))
+        meta = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
+        stored_sha = meta.get(_SHA256_META, "")
+        if size is not None and stored_size != size:
+            raise _Transient(f"stored size {stored_size} differs from uploaded size {size}")
+        if sha256 is not None and stored_sha != sha256:
+            raise _Transient("stored sha256 metadata differs from the uploaded bytes")
+        if size is None and not stored_sha:
+            raise StorageError(f"object {key!r} has no sha256 metadata; it was not written "
+                               "by this worker")
+        expires = _expiry(self.link_expiry_s)
+        url = self._client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": key},
+            ExpiresIn=self.link_expiry_s)
+        return StoredObject(url=url, key=key, size=stored_size, sha256=stored_sha,
+                            content_type=head.get("ContentType") or "application/octet-stream",
+                            expires_at=expires)
+
+    def _raise_classified(self, err: BaseException) -> NoReturn:
+        """Re-raise a boto error as _Transient (retry) or StorageError (permanent), sanitised."""
+        # boto3's upload_file wraps ClientError in S3UploadFailedError (implicit context).
+        inner = err
+        while not isinstance(inner, botocore.exceptions.ClientError) and (
+                inner.__cause__ or inner.__context__):
+            inner = inner.__cause__ or inner.__context__  # type: ignore[assignment]
+        if isinstance(inner, botocore.exceptions.ClientError):
+            code = _error_code(inner)
+            status = inner.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if code in _PERMANENT_CODES:
+                raise StorageError(f"{_PERMANENT_CODES[code]} ({code} from {self._endpoint}, "
+                                   f"bucket {self.bucket!r})") from None
+            if status >= 500 or status in (408, 429) or code in ("SlowDown", "RequestTimeout"):
+                raise _Transient(f"the storage answered {code or status}") from None
+            raise StorageError(f"the storage at {self._endpoint} answered {code or status} "
+                               f"for bucket {self.bucket!r}") from None
+        if isinstance(err, botocore.exceptions.ConnectTimeoutError | botocore.exceptions.
+                      ReadTimeoutError):
+            raise _Transient(f"no answer from {self._endpoint} in time") from None
+        if isinstance(err, botocore.exceptions.EndpointConnectionError | botocore.exceptions.
+                      ConnectionClosedError | botocore.exceptions.HTTPClientError):
+            raise _Transient(f"could not connect to {self._endpoint}") from None
+        if isinstance(err, botocore.exceptions.NoCredentialsError):
+            raise StorageError("no credentials for the storage") from None
+        if isinstance(err, OSError):
+            raise _Transient(f"{type(err).__name__} talking to {self._endpoint}") from None
+        log.error("unexpected storage failure at %s: %s", self._endpoint, type(err).__name__)
+        raise StorageError(f"unexpected storage failure ({type(err).__name__}) at "
+                           f"{self._endpoint}") from None
+
+
+def _error_code(err: BaseException) -> str:
+    if isinstance(err, botocore.exceptions.ClientError):
+        return str(err.response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+class LocalStorage:
+    """A directory on this machine; links are ``file://`` URLs valid only here (local runs)."""
+
+    kind = "local"
+
+    def __init__(self, root: Path, prefix: str = "") -> None:
+        self.root = root.resolve()
+        self.prefix = prefix
+
+    def __repr__(self) -> str:
+        return f"LocalStorage(root={str(self.root)!r})"
+
+    @classmethod
+    def from_settings(cls, settings: StorageSettings) -> LocalStorage:
+        if settings.local_dir is None:
+            raise StorageError("no local output directory is configured: set OUTPUT_LOCAL_DIR")
+        return cls(settings.local_dir, settings.prefix)
+
+    def key_for(self, job_id: str, filename: str) -> str:
+        return object_key(self.prefix, job_id, filename)
+
+    def put(self, key: str, data: bytes | Path, content_type: str) -> StoredObject:
+        target = self.root / _check_key(key)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            h = hashlib.sha256()
+            size = 0
+            # Write beside the target and rename: a reader never sees a partial file.
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    if isinstance(data, Path):
+                        with open(data, "rb") as src:
+                            while chunk := src.read(_CHUNK):
+                                h.update(chunk)
+                                size += len(chunk)
+                                out.write(chunk)
+                    else:
+                        h.update(data)
+                        size = len(data)
+                        out.write(data)
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            (target.parent / f".{target.name}.meta").write_text(f"{content_type}\n{h.hexdigest()}")
+        except OSError as err:
+            raise StorageError(f"writing {key!r} under OUTPUT_LOCAL_DIR failed: "
+                               f"{err.strerror or type(err).__name__}") from None
+        if target.stat().st_size != size:
+            raise StorageError(f"stored size of {key!r} differs from the bytes written")
+        return StoredObject(url=target.as_uri(), key=key, size=size, sha256=h.hexdigest(),
+                            content_type=content_type, expires_at=None)
+
+    def link(self, key: str) -> StoredObject:
+        target = self.root / _check_key(key)
+        meta = target.parent / f".{target.name}.meta"
+        try:
+            content_type, sha256 = meta.read_text().split("\n", 1)
+            size, actual = _digest(target)
+        except (OSError, ValueError):
+            raise StorageError(f"no stored object {key!r}") from None
+        if actual != sha256:
+            raise StorageError(f"stored object {key!r} changed since it was written")
+        return StoredObject(url=target.as_uri(), key=key, size=size, sha256=sha256,
+                            content_type=content_type, expires_at=None)
+
+
+def storage_from_settings(settings: StorageSettings) -> Storage | None:
+    """The worker's default storage, or None when none is configured. Build once at startup."""
+    if settings.backend == "s3":
+        return S3Storage.from_settings(settings)
+    if settings.backend == "local":
+        return LocalStorage.from_settings(settings)
+    return None
+
+
+_S3CONFIG_FIELDS = ("accessId", "accessSecret", "bucketName", "endpointUrl")
+
+
+def storage_for_job(job: Mapping[str, Any], settings: StorageSettings,
+                    default: Storage | None = None) -> Storage | None:
+    """The storage for one job: its own ``s3Config`` if it sent one, else ``default``.
+
+    ``default`` is the worker's storage built once at startup; when omitted it is built from
+    ``settings`` (a new client per call). An ``s3Config`` that is not an object with the four
+    string fields ``accessId``, ``accessSecret``, ``bucketName`` and ``endpointUrl`` is an
+    InputError naming the field; values are never echoed. Region, prefix, link lifetime,
+    part size and retries come from ``settings``.
+    """
+    cfg = job.get("s3Config")
+    if cfg is None:
+        return default if default is not None else storage_from_settings(settings)
+    if not isinstance(cfg, Mapping):
+        raise InputError("must be an object with accessId, accessSecret, bucketName and "
+                         "endpointUrl", field="s3Config")
+    for name in _S3CONFIG_FIELDS:
+        value = cfg.get(name)
+        if not isinstance(value, str) or not value.strip():
+            raise InputError("is missing or not a non-empty string", field=f"s3Config.{name}")
+    endpoint = cfg["endpointUrl"].strip().rstrip("/")
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username \
+            or parts.password or parts.query:
+        raise InputError("must be an http(s) URL with a host and no credentials or query",
+                         field="s3Config.endpointUrl")
+    return S3Storage(endpoint_url=endpoint, access_key_id=cfg["accessId"].strip(),
+                     secret_access_key=cfg["accessSecret"].strip(),
+                     bucket=cfg["bucketName"].strip(), settings=settings)

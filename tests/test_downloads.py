@@ -1,0 +1,155 @@
+"""downloads.py: only public http(s) and our own bucket, capped in size and time; JSONL items."""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+
+import pytest
+
+from config import DownloadSettings, StorageSettings
+from downloads import (
+    download_bytes,
+    download_to,
+    is_public_address,
+    load_jsonl_url,
+    read_jsonl,
+)
+from errors import DownloadError, InputError, PayloadTooLarge
+from storage import storage_from_settings
+from tests.support.http_server import pattern
+
+
+def settings(**env: str) -> DownloadSettings:
+    return DownloadSettings.from_env({"DOWNLOAD_ALLOW_PRIVATE": "true", **env})
+
+
+def only_127_0_0_1(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Treat the test server's address as public and every other non-public one as private."""
+    return str(address) == "127.0.0.1" or is_public_address(address)
+
+
+class TestAddresses:
+    def test_loopback_is_refused_by_default(self, http_server) -> None:
+        with pytest.raises(DownloadError, match="private or reserved address.*"
+                                                "DOWNLOAD_ALLOW_PRIVATE"):
+            download_bytes(http_server.url("/data/10"), DownloadSettings.from_env({}))
+
+    def test_a_name_resolving_to_loopback_is_refused_by_default(self, http_server) -> None:
+        with pytest.raises(DownloadError, match=r"127\.0\.0\.1"):
+            download_bytes(http_server.url("/data/10", host="localhost"),
+                           DownloadSettings.from_env({}))
+
+    @pytest.mark.parametrize("url", ["http://169.254.169.254/latest/meta-data/",
+                                     "http://10.1.2.3/", "http://[::ffff:192.168.0.1]/",
+                                     "http://100.64.0.1/", "http://0.0.0.0/", "http://[::1]/"])
+    def test_metadata_private_and_mapped_addresses_are_refused(self, url: str) -> None:
+        with pytest.raises(DownloadError, match="private or reserved"):
+            download_bytes(url, DownloadSettings.from_env({}))
+
+    def test_loopback_is_allowed_when_allowed_and_the_host_name_is_kept(
+            self, http_server) -> None:
+        assert download_bytes(http_server.url("/data/1000", host="localhost"),
+                              settings()) == pattern(1000)
+        assert http_server.hosts[-1] == f"localhost:{http_server.port}"
+
+    def test_a_redirect_to_a_private_address_is_refused(self, http_server) -> None:
+        for target in ("http://10.0.0.1/x", f"http://127.0.0.2:{http_server.port}/data/1"):
+            with pytest.raises(DownloadError, match="private or reserved"):
+                download_bytes(http_server.url(f"/redirect?to={target}"),
+                               DownloadSettings.from_env({}), allow_address=only_127_0_0_1)
+
+    def test_a_redirect_to_an_allowed_address_is_followed(self, http_server) -> None:
+        url = http_server.url(f"/redirect?to={http_server.url('/data/300')}")
+        assert download_bytes(url, DownloadSettings.from_env({}),
+                              allow_address=only_127_0_0_1) == pattern(300)
+
+    def test_a_redirect_loop_stops(self, http_server) -> None:
+        with pytest.raises(DownloadError, match="redirected more than 5 times"):
+            download_bytes(http_server.url("/loop"), settings())
+
+
+class TestRules:
+    @pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.com/x",
+                                     "gopher://x/", "http:///nohost"])
+    def test_other_schemes_are_refused(self, url: str) -> None:
+        with pytest.raises(DownloadError):
+            download_bytes(url, settings())
+
+    def test_credentials_in_the_url_are_refused_and_not_echoed(self, http_server) -> None:
+        url = http_server.url("/data/1").replace("127.0.0.1", "me:pa55word@127.0.0.1")
+        with pytest.raises(DownloadError, match="credentials") as err:
+            download_bytes(url, settings())
+        assert "pa55word" not in str(err.value)
+
+    def test_a_declared_size_over_the_cap_is_refused_before_reading(self, http_server) -> None:
+        with pytest.raises(DownloadError, match="1,000 bytes.*DOWNLOAD_MAX_BYTES"):
+            download_bytes(http_server.url("/data/5000"), settings(DOWNLOAD_MAX_BYTES="1000"))
+
+    def test_an_undeclared_size_is_capped_while_reading(self, http_server) -> None:
+        with pytest.raises(DownloadError, match="over the download limit"):
+            download_bytes(http_server.url("/stream/300000"),
+                           settings(DOWNLOAD_MAX_BYTES="100000"))
+
+    def test_a_server_sending_more_than_it_declared_gives_only_what_it_declared(
+            self, http_server) -> None:
+        assert download_bytes(http_server.url("/lie/300000"),
+                              settings(DOWNLOAD_MAX_BYTES="100000")) == pattern(10)
+
+    def test_the_whole_download_has_a_time_limit(self, http_server) -> None:
+        with pytest.raises(DownloadError, match="DOWNLOAD_TIMEOUT_SECONDS"):
+            download_bytes(http_server.url("/slow"), settings(DOWNLOAD_TIMEOUT_SECONDS="0.7"))
+
+    def test_an_error_status_is_reported_without_the_query(self, http_server) -> None:
+        with pytest.raises(DownloadError, match="HTTP 404") as err:
+            download_bytes(http_server.url("/status/404?X-Amz-Signature=abc123"), settings())
+        assert "abc123" not in str(err.value)
+
+    def test_a_refused_connection_is_a_download_error(self) -> None:
+        from tests.support.s3 import free_port
+        with pytest.raises(DownloadError, match="could not connect"):
+            download_bytes(f"http://127.0.0.1:{free_port()}/x", settings())
+
+
+class TestS3Urls:
+    def test_an_object_in_our_bucket_is_read(self, s3_settings_env) -> None:
+        storage = storage_from_settings(StorageSettings.from_env(s3_settings_env))
+        stored = storage.put("inputs/batch.jsonl", b'{"a": 1}\n{"a": 2}\n', "application/jsonl")
+        url = f"s3://{storage.bucket}/{stored.key}"
+        assert load_jsonl_url(url, settings(), storage=storage) == [{"a": 1}, {"a": 2}]
+
+    def test_another_bucket_is_refused(self, s3_settings_env) -> None:
+        storage = storage_from_settings(StorageSettings.from_env(s3_settings_env))
+        with pytest.raises(DownloadError, match="only name the worker's own bucket"):
+            download_bytes("s3://someone-elses/secret.txt", settings(), storage=storage)
+
+    def test_s3_urls_need_s3_storage(self) -> None:
+        with pytest.raises(DownloadError, match="need S3 storage"):
+            download_bytes("s3://bucket/key", settings(), storage=None)
+
+    def test_an_object_over_the_cap_is_refused(self, s3_settings_env) -> None:
+        storage = storage_from_settings(StorageSettings.from_env(s3_settings_env))
+        storage.put("inputs/big.bin", b"x" * 5000, "application/octet-stream")
+        with pytest.raises(DownloadError, match="over the limit of 1000"):
+            download_to(f"s3://{storage.bucket}/inputs/big.bin", io.BytesIO(),
+                        settings(DOWNLOAD_MAX_BYTES="1000"), storage=storage)
+
+
+class TestJsonLines:
+    def test_items_are_parsed_and_blank_lines_and_bom_skipped(self, http_server) -> None:
+        http_server.files["ok"] = b'\xef\xbb\xbf{"prompt": "a"}\n\n  \n{"prompt": "b"}'
+        assert load_jsonl_url(http_server.url("/jsonl/ok"), settings()) == [
+            {"prompt": "a"}, {"prompt": "b"}]
+
+    def test_a_bad_line_is_named_by_number(self) -> None:
+        with pytest.raises(InputError, match=r"batch_url: line 3 is not valid JSON") as err:
+            list(read_jsonl([b"{}\n", b"\n", b'{"a": \n'], max_items=10))
+        assert err.value.field == "batch_url"
+        with pytest.raises(InputError, match="line 1 is not UTF-8"):
+            list(read_jsonl([b"\xff\xfe"], max_items=10))
+
+    def test_more_items_than_the_limit_is_refused(self) -> None:
+        lines = [b"1\n"] * 4
+        assert list(read_jsonl(lines[:3], max_items=3)) == [1, 1, 1]
+        with pytest.raises(PayloadTooLarge, match="more than 3 items.*BATCH_MAX_ITEMS"):
+            list(read_jsonl(lines, max_items=3))
