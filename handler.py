@@ -59,7 +59,7 @@ WORKER = _load_in_main_process()
 async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     """RunPod's handler: an async generator, so ``"stream": true`` jobs can stream."""
     assert WORKER is not None, "handler called outside the main process"
-    async for item in WORKER.handle(job):
+    async for item in WORKER.handle(job, progress=runpod.serverless.progress_update):
         yield item
 
 

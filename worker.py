@@ -1,31 +1,47 @@
 """Job → task → answer: the wiring between RunPod's job and the model, without the SDK loop.
 
-Owns what happens to one job: the input checks every job passes, the choice of streamed or whole
-answer, and the conversion of every failure into an ``{"error": ...}`` answer (through
-``errors.error_response``, the one place that builds one). Never imports boto3 or runpod, so it
-is tested in-process; ``handler.py`` builds one ``Worker`` at import and hands it RunPod's jobs.
+Owns what happens to one job: the input checks every job passes, the choice of streamed, whole or
+batch answer, size-aware delivery (inline, or a link through storage), and the conversion of
+every failure into an ``{"error": ...}`` answer (through ``errors.error_response``, the one
+place that builds one). Never imports boto3 or runpod, so it is tested in-process;
+``handler.py`` builds one ``Worker`` at import and hands it RunPod's jobs.
 
 Every job is answered by an async generator (RunPod streams only from generator handlers): a
 streamed job yields its chunks, any other job yields exactly one item, its answer. With
 ``return_aggregate_stream`` the job's final output is the list of what was yielded.
+
+Fields every job may carry beside the task's own::
+
+    output_mode   "auto" (default): inline up to OUTPUT_INLINE_LIMIT_BYTES, else a link;
+                  "inline": never a link (fails when too large); "link": always a link
+    batch         a list of task inputs, answered in order in "results"
+    batch_url     https:// or s3:// URL of a JSON Lines file of task inputs (for large batches)
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from config import ModelSettings, WorkerSettings
-from errors import error_response
+from config import DownloadSettings, ModelSettings, StorageSettings, WorkerSettings
+from delivery import check_output_mode, deliver_output, measure_answer
+from downloads import load_jsonl_url
+from errors import InputError, WorkerError, error_response
 from model_loader import LoadedModel, load_model
+from storage import Storage, storage_for_job, storage_from_settings
 from tasks import TASKS
 from tasks.generate import GenerateTask
 from validation import check_job_input
 
 log = logging.getLogger("worker")
+
+ProgressFn = Callable[[dict[str, Any], Any], None]   # (job, progress) -> None; RunPod's shape
+PROGRESS_INTERVAL_S = 1.0                            # at most one progress update a second
 
 
 def configure_logging(level: int = logging.INFO) -> None:
@@ -44,20 +60,33 @@ class Worker:
     """A loaded model and its task, ready to answer jobs."""
 
     settings: WorkerSettings
+    storage_settings: StorageSettings
+    download_settings: DownloadSettings
+    storage: Storage | None          # the worker's own storage; a job's s3Config overrides it
     loaded: LoadedModel
     task: GenerateTask
 
-    async def handle(self, job: Any) -> AsyncIterator[dict[str, Any]]:
+    async def handle(self, job: Any, progress: ProgressFn | None = None
+                     ) -> AsyncIterator[dict[str, Any]]:
         """Answer one RunPod job: yields stream chunks, or one answer, or one error answer."""
-        job_id = job.get("id", "?") if isinstance(job, dict) else "?"
+        job_id = str(job.get("id", "job")) if isinstance(job, dict) else "job"
         try:
-            job_input = check_job_input(job, self.settings.max_input_bytes)
+            job_input = dict(check_job_input(job, self.settings.max_input_bytes))
+            mode = check_output_mode(job_input.pop("output_mode", None))
+            if "batch" in job_input or "batch_url" in job_input:
+                answer = await self._batch(job, job_input, mode, progress)
+                yield await asyncio.to_thread(self._deliver_batch, answer, job, mode)
+                return
             request = self.task.parse(job_input)
             if request.stream:
+                if mode == "link":
+                    raise InputError("'link' cannot be used with stream; streamed chunks are "
+                                     "always small and sent inline", field="input.output_mode")
                 async for chunk in self.task.stream(request):
                     yield chunk
-            else:
-                yield dict(await self.task.answer(request))
+                return
+            answer = dict(await self.task.answer(request))
+            yield await asyncio.to_thread(self._deliver, answer, job, mode)
         except Exception as exc:  # noqa: BLE001 - the job boundary: every failure is answered
             answer = error_response(exc)
             if answer["error_code"] == "internal":
@@ -70,10 +99,110 @@ class Worker:
         """RunPod's concurrency_modifier: a constant (a change stops intake until jobs drain)."""
         return self.settings.concurrency
 
+    # ------------------------------------------------------------------------------------------
+    # Delivery: blocking (uploads), so called in a thread
+    # ------------------------------------------------------------------------------------------
+    def _storage_for(self, job: Mapping[str, Any]) -> Storage | None:
+        return storage_for_job(job, self.storage_settings, self.storage)
+
+    def _deliver(self, answer: Any, job: Mapping[str, Any], mode: str) -> Any:
+        limit = self.storage_settings.inline_limit_bytes
+        if mode == "auto" and measure_answer(answer) <= limit:
+            return answer           # no storage needed: skip building a per-job client
+        return deliver_output(answer, job_id=str(job["id"]), storage=self._storage_for(job),
+                              inline_limit_bytes=limit, mode=mode)
+
+    def _deliver_batch(self, answer: dict[str, Any], job: Mapping[str, Any], mode: str) -> Any:
+        """A batch answer too large to send inline goes out with its results as JSON Lines."""
+        limit = self.storage_settings.inline_limit_bytes
+        if mode == "inline" or (mode == "auto" and measure_answer(answer) <= limit):
+            return self._deliver(answer, job, mode)
+        link = deliver_output(answer["results"], job_id=str(job["id"]),
+                              storage=self._storage_for(job), inline_limit_bytes=limit,
+                              mode="link")
+        return {**link, "count": len(answer["results"]), "usage": answer["usage"],
+                "model": answer["model"]}
+
+    # ------------------------------------------------------------------------------------------
+    # Batch jobs: many task inputs, answered in order, per-item errors
+    # ------------------------------------------------------------------------------------------
+    async def _batch(self, job: Mapping[str, Any], job_input: dict[str, Any], mode: str,
+                     progress: ProgressFn | None) -> dict[str, Any]:
+        items = await self._batch_items(job, job_input)
+        total, done = len(items), 0
+        last_report = time.monotonic()
+        # Bounded in flight, so one large batch job leaves room for other jobs' sequences.
+        gate = asyncio.Semaphore(max(1, self.settings.max_batch_size))
+
+        async def run_item(index: int, item: Any) -> dict[str, Any]:
+            nonlocal done, last_report
+            async with gate:
+                try:
+                    if not isinstance(item, dict):
+                        raise InputError("must be a JSON object", field=f"input.batch.{index}")
+                    request = self.task.parse(item, where=f"input.batch.{index}")
+                    if request.stream:
+                        raise InputError("stream is not available for batch items",
+                                         field=f"input.batch.{index}.stream")
+                    result: dict[str, Any] = dict(await self.task.answer(request))
+                except Exception as exc:  # noqa: BLE001 - one item's failure is its own answer
+                    if not isinstance(exc, WorkerError):
+                        log.exception("batch item %d of job %s failed", index, job.get("id"))
+                    result = {**error_response(exc), "index": index}
+            done += 1
+            if progress is not None and done < total and \
+                    time.monotonic() - last_report >= PROGRESS_INTERVAL_S:
+                last_report = time.monotonic()
+                try:
+                    progress(dict(job), {"done": done, "total": total})
+                except Exception:  # noqa: BLE001 - a lost progress update never fails a job
+                    log.warning("progress update for job %s failed", job.get("id"),
+                                exc_info=True)
+            return result
+
+        results = await asyncio.gather(*(run_item(i, item) for i, item in enumerate(items)))
+        usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        for r in results:
+            for key in usage:
+                usage[key] += r.get("usage", {}).get(key, 0)
+        failed = sum(1 for r in results if "error" in r)
+        return {"results": list(results), "failed": failed, "usage": usage,
+                "model": self.loaded.served_name}
+
+    async def _batch_items(self, job: Mapping[str, Any], job_input: dict[str, Any]) -> list[Any]:
+        extra = sorted(set(job_input) - {"batch", "batch_url"})
+        if extra:
+            raise InputError(f"unknown field beside a batch: {', '.join(extra)}; put task fields "
+                             "in each batch item", field=f"input.{extra[0]}")
+        if "batch" in job_input and "batch_url" in job_input:
+            raise InputError("send exactly one of 'batch' and 'batch_url'", field="input")
+        limit = self.download_settings.max_items
+        if "batch" in job_input:
+            items = job_input["batch"]
+            if not isinstance(items, list) or not items:
+                raise InputError("must be a non-empty list of task inputs", field="input.batch")
+        else:
+            url = job_input["batch_url"]
+            if not isinstance(url, str):
+                raise InputError("must be an https:// or s3:// URL", field="input.batch_url")
+            storage = await asyncio.to_thread(self._storage_for, job)
+            items = await asyncio.to_thread(load_jsonl_url, url, self.download_settings,
+                                            storage=storage, field="input.batch_url")
+            if not items:
+                raise InputError("holds no items", field="input.batch_url")
+        if len(items) > limit:
+            raise InputError(f"has {len(items)} items, over the limit of {limit} "
+                             "(BATCH_MAX_ITEMS)", field="input.batch")
+        return items
+
 
 def build_worker(env: Mapping[str, str] | None = None) -> Worker:
     """Read settings, load and warm up the model, and pick its task. Raises WorkerError."""
     settings = WorkerSettings.from_env(env)
+    storage_settings = StorageSettings.from_env(env)
+    download_settings = DownloadSettings.from_env(env)
+    storage = storage_from_settings(storage_settings)   # builds a client; no network
     loaded = load_model(ModelSettings.from_env(env))
     task = TASKS["generate"](loaded, settings)
-    return Worker(settings=settings, loaded=loaded, task=task)
+    return Worker(settings=settings, storage_settings=storage_settings,
+                  download_settings=download_settings, storage=storage, loaded=loaded, task=task)

@@ -146,20 +146,20 @@ class GenerateTask:
         }
 
     # ------------------------------------------------------------------------------------------
-    def parse(self, job_input: dict[str, Any]) -> GenerateRequest:
-        """Validate and tokenize; raises InputError naming the field."""
-        data = parse_input(GenerateInput, job_input, {"limits": self.settings})
+    def parse(self, job_input: dict[str, Any], where: str = "input") -> GenerateRequest:
+        """Validate and tokenize; raises InputError naming the field (under ``where``)."""
+        data = parse_input(GenerateInput, job_input, {"limits": self.settings}, prefix=where)
         if data.messages is not None:
             if not self.tokenizer.chat_template:
                 raise InputError("this model has no chat template; send 'prompt' instead",
-                                 field="input.messages")
+                                 field=f"{where}.messages")
             ids = self.tokenizer.apply_chat_template(
                 [m.model_dump() for m in data.messages], add_generation_prompt=True,
                 tokenize=True, return_dict=True)["input_ids"]
-            field = "input.messages"
+            field = f"{where}.messages"
         else:
             ids = self.tokenizer(data.prompt)["input_ids"]
-            field = "input.prompt"
+            field = f"{where}.prompt"
         if not ids:
             raise InputError("is empty after tokenization", field=field)
         if len(ids) > self.settings.max_prompt_tokens:
