@@ -6,8 +6,10 @@ through the local endpoint, as on RunPod: every job goes job-take â†’ handler â†
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,3 +128,54 @@ class TestLoadedOnce:
         text = log.read_text()
         assert text.count("model ready:") == 1, text[-3000:]
         assert service.endpoint.pings > 0, "the heartbeat child never ran"
+
+
+@pytest.fixture(scope="module")
+def linked_service(default_model_dir: Path, s3_server, tmp_path_factory: pytest.TempPathFactory
+                   ) -> Iterator[Service]:
+    """A worker whose answers over 300 bytes go to the rclone S3 server as links."""
+    bucket = s3_server.make_bucket()
+    log = tmp_path_factory.mktemp("linked-worker") / "worker.log"
+    service = start_worker_service(
+        [sys.executable, "handler.py"], log, "linked-worker",
+        extra_env={"MODEL_PATH": str(default_model_dir),
+                   **s3_server.env(bucket, OUTPUT_INLINE_LIMIT_BYTES="300")})
+    yield service
+    stop_service(service)
+
+
+class TestLargeAnswersThroughTheWorkerLoop:
+    """The bug this project exists to prevent: a large answer COMPLETED with no output."""
+
+    BIG = {"batch": [{"prompt": f"Item {i}:", "max_new_tokens": 8} for i in range(8)]}
+
+    def test_large_answer_under_runsync_is_a_link_to_the_whole_answer(self, linked_service):
+        output = linked_service.client.run_sync({"input": self.BIG}, timeout=120)
+        link = output[0]["output_link"]
+        with urllib.request.urlopen(link["url"], timeout=10) as response:
+            body = response.read()
+        assert hashlib.sha256(body).hexdigest() == link["sha256"]
+        assert len(body.decode().splitlines()) == 8
+
+    def test_large_answer_under_run_is_a_link_and_small_ones_stay_inline(self, linked_service):
+        job = linked_service.client.run({"input": self.BIG})
+        assert "output_link" in job.output(timeout=120)[0]
+        small = linked_service.client.run_sync(
+            {"input": {"prompt": "Hi", "max_new_tokens": 2}}, timeout=120)
+        assert "text" in small[0]
+
+    def test_progress_of_a_long_batch_shows_in_status(self, linked_service):
+        job = linked_service.client.run({"input": {"batch": [
+            {"prompt": f"Story {i}:", "max_new_tokens": 40} for i in range(16)]}})
+        seen = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            _, body = call(linked_service.endpoint, "GET", f"status/{job.job_id}")
+            if body["status"] == "IN_PROGRESS" and body.get("output"):
+                seen.append(body["output"])
+            if body["status"] in ("COMPLETED", "FAILED"):
+                break
+            time.sleep(0.3)
+        assert body["status"] == "COMPLETED"
+        assert seen, "no progress was visible while the batch ran"
+        assert seen[-1]["total"] == 16 and 0 < seen[-1]["done"] < 16
