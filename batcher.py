@@ -1,17 +1,21 @@
 """Micro-batching: sequences from many concurrent jobs decoded together in one forward pass.
 
-Owns the queue between the asyncio side (jobs) and the engine thread (the device). The first
-sequence to arrive waits up to ``wait_ms`` for others; up to ``max_batch_size`` run together. One
-batch runs at a time on one dedicated thread, so the event loop stays free for job intake,
-cancel signals and the heartbeat. Every job's future is completed; a failing batch fails only its
-own jobs, and out of memory splits the batch and retries the halves.
+Owns the queue between the asyncio side (jobs) and the engine thread (the device). When the
+device is idle, the first sequence to arrive waits up to ``wait_ms`` for others; while a batch
+decodes, new arrivals join it between steps (continuous batching), up to ``max_batch_size``
+rows. One dedicated thread runs the device, so the event loop stays free for job intake, cancel
+signals and the heartbeat. Each job is answered as soon as its own sequence finishes. A failing
+batch fails only its own jobs; out of memory halves the batch and retries the sequences that
+have not streamed anything yet.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -36,13 +40,22 @@ class Batcher:
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.wait_s = wait_ms / 1000
-        self._pending: list[_Entry] = []
+        self._capacity = max_batch_size         # lowered after out of memory, until a success
+        self._lock = threading.Lock()           # guards _queue and _in_flight (two threads)
+        self._queue: deque[_Entry] = deque()
+        self._in_flight: list[_Entry] = []
         self._arrival: asyncio.Event | None = None
         self._runner: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.batches_run = 0            # counters for tests and benchmarks
         self.largest_batch = 0
-        self.running = 0                # sequences on the device right now
+
+    @property
+    def running(self) -> int:
+        """Sequences on the device right now."""
+        with self._lock:
+            return len(self._in_flight)
 
     async def generate(self, seq: Sequence) -> None:
         """Decode ``seq`` with whatever else is in flight; returns when it has finished.
@@ -51,10 +64,12 @@ class Batcher:
         """
         loop = asyncio.get_running_loop()
         if self._runner is None or self._runner.done() or self._runner.get_loop() is not loop:
-            self._arrival = asyncio.Event()
+            self._loop, self._arrival = loop, asyncio.Event()
             self._runner = loop.create_task(self._run_forever(), name="batcher")
         entry = _Entry(seq, loop.create_future(), time.monotonic())
-        self._pending.append(entry)
+        seq.on_done = lambda: loop.call_soon_threadsafe(self._resolve, entry, None)
+        with self._lock:
+            self._queue.append(entry)
         assert self._arrival is not None
         self._arrival.set()
         try:
@@ -63,16 +78,39 @@ class Batcher:
             seq.cancelled.set()
             raise
 
+    def _resolve(self, entry: _Entry, error: BaseException | None) -> None:
+        """Complete a job's future (on the event loop) and forget the entry."""
+        with self._lock:
+            if entry in self._in_flight:
+                self._in_flight.remove(entry)
+        if entry.done.done():
+            return
+        if error is None:
+            entry.done.set_result(None)
+        else:
+            entry.done.set_exception(error)
+
+    def _take(self, n: int) -> list[_Entry]:
+        with self._lock:
+            taken = [self._queue.popleft() for _ in range(min(n, len(self._queue)))]
+            self._in_flight.extend(taken)
+            self.largest_batch = max(self.largest_batch, len(self._in_flight))
+        return taken
+
+    def _admit(self, free: int) -> list[Sequence]:
+        """Called by the engine between steps (engine thread): arrivals that may join."""
+        return [e.seq for e in self._take(min(free, self._capacity))]
+
     async def _run_forever(self) -> None:
         assert self._arrival is not None
         while True:
             await self._arrival.wait()
             self._arrival.clear()
-            if not self._pending:
+            if not self._queue:
                 continue
-            # Wait for batch-mates: until the batch is full or the first one waited wait_s.
-            deadline = self._pending[0].arrived + self.wait_s
-            while len(self._pending) < self.max_batch_size:
+            # The device is idle: give batch-mates until the batch is full or wait_s passed.
+            deadline = self._queue[0].arrived + self.wait_s
+            while len(self._queue) < self._capacity:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -81,51 +119,46 @@ class Batcher:
                     self._arrival.clear()
                 except TimeoutError:
                     break
-            batch = self._pending[: self.max_batch_size]
-            del self._pending[: len(batch)]
-            if self._pending:
-                self._arrival.set()
-            await self._run_batch(batch)
+            await self._run_batch(self._take(self._capacity))
 
-    async def _run_batch(self, batch: list[_Entry]) -> None:
+    async def _run_batch(self, first: list[_Entry]) -> None:
         loop = asyncio.get_running_loop()
         self.batches_run += 1
-        self.largest_batch = max(self.largest_batch, len(batch))
-        self.running = len(batch)
         try:
-            await loop.run_in_executor(self._device, self.engine.run, [e.seq for e in batch])
+            await loop.run_in_executor(self._device, self.engine.run, [e.seq for e in first],
+                                       self._admit, self._capacity)
         except Exception as exc:  # noqa: BLE001 - every job's future must be completed
+            with self._lock:
+                failed, self._in_flight = list(self._in_flight), []
             if is_out_of_memory(exc):
                 await loop.run_in_executor(self._device, release_memory)
-                await self._after_oom(batch)
-                return
-            log.exception("batch of %d failed", len(batch))
-            for e in batch:
-                if not e.done.done():
-                    e.done.set_exception(exc)
-            return
-        finally:
-            self.running = 0
-        for e in batch:
-            if not e.done.done():
-                e.done.set_result(None)
+                self._after_oom(failed)
+            else:
+                log.exception("batch of %d failed", len(failed))
+                for e in failed:
+                    self._resolve(e, exc)
+        else:
+            self._capacity = self.max_batch_size
+        if self._queue:
+            assert self._arrival is not None
+            self._arrival.set()
 
-    async def _after_oom(self, batch: list[_Entry]) -> None:
-        """Retry in halves; a sequence that already streamed text, or runs alone, fails."""
+    def _after_oom(self, batch: list[_Entry]) -> None:
+        """Retry with half the rows; a sequence that streamed text, or ran alone, fails."""
         retry = []
         for e in batch:
+            if e.done.done():
+                continue
             if len(batch) == 1 or e.seq.emitted > 0:
-                e.done.set_exception(OutOfMemory(
+                self._resolve(e, OutOfMemory(
                     "the device ran out of memory for this job; send a shorter prompt or "
                     "fewer max_new_tokens (memory was released; the worker keeps serving)"))
             else:
                 e.seq.generated.clear()
                 e.seq.text, e.seq.finish_reason = "", None
                 retry.append(e)
-        if retry:
-            log.warning("out of memory on a batch of %d; retrying as %d and %d", len(batch),
-                        len(retry) // 2 + len(retry) % 2, len(retry) // 2)
-        half = (len(retry) + 1) // 2
-        for part in (retry[:half], retry[half:]):
-            if part:
-                await self._run_batch(part)
+        self._capacity = max(1, len(batch) // 2)
+        log.warning("out of memory on a batch of %d; retrying %d at most %d at a time",
+                    len(batch), len(retry), self._capacity)
+        with self._lock:
+            self._queue.extendleft(reversed(retry))

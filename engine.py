@@ -3,8 +3,10 @@
 Owns turning prompts into tokens step by step on the device. A batch is left-padded with an
 attention mask; every sequence keeps its own sampling parameters, seed, stop strings, token limit,
 stream callback and cancel flag. A sequence that finishes leaves the batch at once (its rows are
-dropped from the KV cache), so the rest run on a smaller batch. Never imports runpod or boto3;
-knows nothing about jobs. ``batcher.py`` feeds it from many jobs at once.
+dropped from the KV cache) and its job is answered while the rest decode on. New sequences join
+a running batch between steps (their KV cache left-padded to the batch's), so a job never waits
+for a whole batch to finish. ``batcher.py`` feeds it from many jobs at once. Never imports
+runpod or boto3; knows nothing about jobs.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from model_loader import LoadedModel
 
@@ -44,6 +47,7 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     on_text: Callable[[str], None] | None = None     # streamed text deltas
+    on_done: Callable[[], None] | None = None        # called once, when it has finished
     deadline: float | None = None                    # time.monotonic() after which it stops
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: list[int] = field(default_factory=list)
@@ -57,8 +61,19 @@ class Sequence:
         return self.finish_reason is not None
 
 
+@dataclass
+class _Running:
+    """The sequences decoding together and their device state, one row each."""
+
+    seqs: list[Sequence]
+    cache: DynamicCache
+    mask: torch.Tensor          # (rows, cached tokens) 1 where a row has a real token
+    positions: torch.Tensor     # (rows, 1) position of each row's last token
+    next_ids: torch.Tensor      # (rows,) the token each row feeds next
+
+
 class Engine:
-    """Runs batches of sequences on a loaded model. One batch at a time (see batcher.py)."""
+    """Decodes sequences on a loaded model, admitting new ones between steps (see batcher.py)."""
 
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
@@ -76,80 +91,154 @@ class Engine:
         accepted = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in accepted else "past_key_values"
         self._extra = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+        self.steps = 0                  # forward passes, for benchmarks
+        self.joins = 0                  # sequences admitted into a running batch
 
     # ------------------------------------------------------------------------------------------
-    def run(self, sequences: list[Sequence]) -> None:
-        """Decode every sequence to its end. Results are written into the sequences."""
-        active = [s for s in sequences if not self._check_before_start(s)]
-        if not active:
-            return
-        for s in active:
-            if s.params.temperature > 0:
-                seed = s.params.seed if s.params.seed is not None else int.from_bytes(
-                    os.urandom(8), "little") >> 1
-                s.generator = torch.Generator(device=self.device).manual_seed(seed)
-        with torch.inference_mode():
-            self._decode(active)
+    def run(self, sequences: list[Sequence],
+            admit: Callable[[int], list[Sequence]] | None = None,
+            max_rows: int | None = None) -> None:
+        """Decode ``sequences`` to their ends; results are written into the sequences.
 
-    def _check_before_start(self, s: Sequence) -> bool:
+        Between steps ``admit(free_rows)`` may hand over newly arrived sequences, which are
+        prefilled and joined to the running batch (continuous batching); ``run`` returns when
+        no sequence is left and ``admit`` has none. ``on_done`` of each sequence is called as it
+        finishes, so its job can answer while the others decode on.
+        """
+        limit = max_rows or max(len(sequences), 1)
+        running: _Running | None = None
+        waiting = list(sequences)
+        with torch.inference_mode():
+            while True:
+                free = limit - (len(running.seqs) if running else 0) - len(waiting)
+                if admit is not None and free > 0 and (running is None or self._joinable(running)):
+                    waiting += admit(free)
+                ready = [s for s in waiting if not self._finished_before_start(s)]
+                waiting = []
+                if ready:
+                    fresh = self._prefill(ready)
+                    if running is None or not running.seqs:
+                        running = fresh
+                    elif fresh.seqs:
+                        running = self._merge(running, fresh)
+                        self.joins += len(fresh.seqs)
+                if running is None or not running.seqs:
+                    if admit is None:
+                        return
+                    waiting = admit(limit)
+                    if not waiting:
+                        return
+                    running = None
+                    continue
+                self._step(running)
+
+    def _finished_before_start(self, s: Sequence) -> bool:
         if s.cancelled.is_set():
             s.finish_reason = "cancelled"
         elif s.deadline is not None and time.monotonic() > s.deadline:
             s.finish_reason = "timeout"
+        if s.done:
+            self._finish(s)
         return s.done
 
-    def _decode(self, active: list[Sequence]) -> None:
-        width = max(len(s.prompt_ids) for s in active)
-        ids = torch.full((len(active), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(active), width), dtype=torch.long)
-        for row, s in enumerate(active):
+    def _finish(self, s: Sequence) -> None:
+        if s.on_done is not None:
+            s.on_done()
+
+    # ------------------------------------------------------------------------------------------
+    def _prefill(self, seqs: list[Sequence]) -> _Running:
+        """Run the prompts (left-padded) and pick each one's first token."""
+        for s in seqs:
+            if s.params.temperature > 0:
+                seed = s.params.seed if s.params.seed is not None else int.from_bytes(
+                    os.urandom(8), "little") >> 1
+                s.generator = torch.Generator(device=self.device).manual_seed(seed)
+        width = max(len(s.prompt_ids) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, s in enumerate(seqs):
             n = len(s.prompt_ids)
             ids[row, width - n:] = torch.tensor(s.prompt_ids, dtype=torch.long)
             mask[row, width - n:] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        history = ids  # prompt + generated ids, for the repetition penalty
+        logits = self._forward(ids, mask, positions, cache)
+        running = _Running(seqs, cache, mask, positions[:, -1:], ids.new_zeros(len(seqs)))
+        self._advance_all(running, logits)
+        return running
 
-        while active:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                             use_cache=True, **{self._cache_kw: cache}, **self._extra)
-            logits = out.logits[:, -1, :].float()
-            next_ids = self._pick(logits, active, history)
-            tokens = next_ids.tolist()
+    def _step(self, r: _Running) -> None:
+        """Feed every row its next token; pick the token after it."""
+        r.mask = torch.cat([r.mask, r.mask.new_ones((len(r.seqs), 1))], dim=-1)
+        r.positions = r.positions + 1
+        logits = self._forward(r.next_ids.unsqueeze(-1), r.mask, r.positions, r.cache)
+        self._advance_all(r, logits)
 
-            keep: list[int] = []
-            for row, (s, token) in enumerate(zip(active, tokens, strict=True)):
-                self._advance(s, token)
-                if not s.done:
-                    keep.append(row)
-            if len(keep) < len(active):
-                if not keep:
-                    break
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                next_ids, mask, positions, history = (
-                    next_ids[index], mask[index], positions[index], history[index])
-                active = [active[row] for row in keep]
-            ids = next_ids.unsqueeze(-1)
-            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=-1)
-            positions = positions[:, -1:] + 1
-            history = torch.cat([history, ids], dim=-1)
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 cache: DynamicCache) -> torch.Tensor:
+        self.steps += 1
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         use_cache=True, **{self._cache_kw: cache}, **self._extra)
+        return out.logits[:, -1, :].float()
+
+    def _advance_all(self, r: _Running, logits: torch.Tensor) -> None:
+        next_ids = self._pick(logits, r.seqs)
+        keep: list[int] = []
+        for row, (s, token) in enumerate(zip(r.seqs, next_ids.tolist(), strict=True)):
+            self._advance(s, token)
+            if s.done:
+                self._finish(s)
+            else:
+                keep.append(row)
+        r.next_ids = next_ids
+        if len(keep) < len(r.seqs):
+            # Finished rows leave at once: the rest decode on a smaller batch.
+            index = torch.tensor(keep, device=self.device, dtype=torch.long)
+            if keep:
+                r.cache.batch_select_indices(index)
+            r.seqs = [r.seqs[row] for row in keep]
+            r.mask, r.positions, r.next_ids = r.mask[index], r.positions[index], next_ids[index]
 
     # ------------------------------------------------------------------------------------------
-    def _pick(self, logits: torch.Tensor, active: list[Sequence],
-              history: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _joinable(r: _Running) -> bool:
+        """New rows can join only a cache of plain growing layers (not sliding or static)."""
+        return all(type(layer) is DynamicLayer for layer in getattr(r.cache, "layers", [None]))
+
+    @staticmethod
+    def _merge(a: _Running, b: _Running) -> _Running:
+        """One batch of both: the shorter history is left-padded (masked out) to the longer."""
+        width = max(a.mask.shape[1], b.mask.shape[1])
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = width - t.shape[dim]
+            if missing == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for la, lb in zip(a.cache.layers, b.cache.layers, strict=True):
+            la.keys = torch.cat([pad(la.keys, 2), pad(lb.keys, 2)], dim=0)
+            la.values = torch.cat([pad(la.values, 2), pad(lb.values, 2)], dim=0)
+        return _Running(a.seqs + b.seqs, a.cache,
+                        torch.cat([pad(a.mask, 1), pad(b.mask, 1)], dim=0),
+                        torch.cat([a.positions, b.positions], dim=0),
+                        torch.cat([a.next_ids, b.next_ids], dim=0))
+
+    # ------------------------------------------------------------------------------------------
+    def _pick(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Next token per row: greedy rows in one argmax, sampled rows each with their seed."""
-        penalties = [s.params.repetition_penalty for s in active]
-        if any(p != 1.0 for p in penalties):
-            for row, p in enumerate(penalties):
-                if p != 1.0:
-                    seen = history[row]
-                    scores = logits[row].gather(0, seen)
-                    scores = torch.where(scores < 0, scores * p, scores / p)
-                    logits[row].scatter_(0, seen, scores)
+        for row, s in enumerate(seqs):
+            p = s.params.repetition_penalty
+            if p != 1.0:
+                seen = torch.tensor(s.prompt_ids + s.generated, device=logits.device)
+                scores = logits[row].gather(0, seen)
+                scores = torch.where(scores < 0, scores * p, scores / p)
+                logits[row].scatter_(0, seen, scores)
         next_ids = logits.argmax(dim=-1)
-        for row, s in enumerate(active):
+        for row, s in enumerate(seqs):
             if s.params.temperature > 0:
                 next_ids[row] = _sample(logits[row], s.params, s.generator)
         return next_ids

@@ -121,3 +121,77 @@ class TestLimits:
         assert loop.run(cancel_midway()), "the cancelled job kept the device busy"
 
         assert "Paris" in answer(loop, worker, chat(CAPITAL, max_new_tokens=20))["text"]
+
+
+class TestContinuousBatching:
+    def test_a_job_arriving_mid_batch_joins_it_and_answers_before_the_long_job(
+            self, loop, worker):
+        short = chat("Say hello.", max_new_tokens=8)
+        alone = answer(loop, worker, short)["text"]
+        engine = worker.task.batcher.engine
+        joins_before = engine.joins
+
+        async def long_then_short():
+            finished = []
+
+            async def run(name, job_input):
+                items = await collect(worker, job_input)
+                finished.append(name)
+                return items[0]
+
+            long_job = asyncio.ensure_future(run("long", {"prompt": "List numbers:",
+                                                          "max_new_tokens": 120}))
+            await asyncio.sleep(0.5)            # the long job is decoding by now
+            short_answer = await run("short", short)
+            await long_job
+            return finished, short_answer
+
+        finished, short_answer = loop.run(long_then_short())
+        assert finished == ["short", "long"]
+        assert engine.joins > joins_before
+        assert short_answer["text"] == alone
+
+    def test_repetition_penalty_in_a_batch_matches_the_job_alone(self, loop, worker):
+        jobs = [chat(q, max_new_tokens=16, repetition_penalty=1.3)
+                for q in ("Name three colors.", "Say hello.")]
+        alone = [answer(loop, worker, j)["text"] for j in jobs]
+
+        async def together():
+            return await asyncio.gather(*(collect(worker, j) for j in jobs))
+
+        assert [items[0]["text"] for items in loop.run(together())] == alone
+
+
+class TestOutOfMemory:
+    """Out of memory is injected at the device edge: a hook on the real model's forward."""
+
+    @staticmethod
+    def oom_when(worker, too_many_rows):
+        def hook(module, args, kwargs):
+            if too_many_rows(kwargs["input_ids"].shape[0]):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return worker.loaded.model.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def test_a_batch_too_large_for_memory_is_split_and_every_job_answers(self, loop, worker):
+        questions = ["Name three colors.", "Say hello.", "What is 2 plus 2?",
+                     "What is the capital of France?"]
+        alone = [answer(loop, worker, chat(q, max_new_tokens=10))["text"] for q in questions]
+        handle = self.oom_when(worker, lambda rows: rows > 2)
+        try:
+            async def together():
+                return await asyncio.gather(*(collect(worker, chat(q, max_new_tokens=10))
+                                              for q in questions))
+            results = loop.run(together())
+        finally:
+            handle.remove()
+        assert [items[0].get("text") for items in results] == alone
+
+    def test_a_job_that_cannot_fit_fails_alone_and_the_worker_serves_on(self, loop, worker):
+        handle = self.oom_when(worker, lambda rows: True)
+        try:
+            out = answer(loop, worker, chat("Say hello.", max_new_tokens=5))
+        finally:
+            handle.remove()
+        assert out["error_code"] == "out_of_memory"
+        assert "shorter prompt" in out["error"]
+        assert "Paris" in answer(loop, worker, chat(CAPITAL, max_new_tokens=20))["text"]
