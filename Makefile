@@ -39,7 +39,7 @@ test: model
 	$(PY) -m pytest
 
 bench: model
-	$(PY) -m bench.run
+	$(PY) -m bench.worker_bench
 
 lint: setup
 	$(PY) -m ruff check .

@@ -1,0 +1,294 @@
+"""Worker benchmarks: cold start, per-job overhead and throughput, each as a ratio to a baseline
+measured in the same run (absolute times on a shared machine are noise). Not a test.
+
+    .venv/bin/python -m bench.worker_bench                  # everything, ~5 min on 2 CPU cores
+    .venv/bin/python -m bench.worker_bench --only throughput --concurrency 1 8
+
+What is measured, and against what:
+- cold start: a fresh process from start to ready-for-jobs (import, weight read, placement,
+  warm-up, from the startup line), against the floor: a fresh process that only loads the same
+  safetensors files with ``safetensors.torch.load_file``.
+- per-job overhead: a one-token job through ``Worker.handle`` (validation, tokenizing, batcher,
+  engine, delivery) against ``model.generate`` of one token on the same prompt, in-process.
+- throughput: N concurrent jobs through the local endpoint and the real runpod worker loop,
+  against (a) the same jobs sent one at a time through the same endpoint, and (b) the ceiling:
+  one direct batched decode of all N prompts (``model.generate``, left padding) in-process.
+  Reports tokens/s, p50 and p95 latency.
+
+Results go to ``bench/results/<device>.json`` (committed) and ``bench/results/<device>.svg``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a bicycle works.",
+    "Describe a day at the beach.",
+    "Write a poem about autumn leaves.",
+    "Explain why the sky is blue.",
+    "Describe your favourite meal.",
+    "Write a letter to a friend about a trip.",
+    "Explain how plants grow.",
+]
+
+
+def model_dir() -> Path:
+    path = Path(os.environ.get("MODEL_PATH", ROOT / "models" / "default"))
+    if not (path / "config.json").exists():
+        sys.exit(f"no model at {path}: run `make model` first or set MODEL_PATH")
+    return path
+
+
+def job(i: int, max_new_tokens: int) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+            "max_new_tokens": max_new_tokens, "temperature": 0}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+# ----------------------------------------------------------------------------------------------
+def bench_cold_start(path: Path, repeat: int) -> dict[str, Any]:
+    """Fresh processes: the worker's startup vs only reading the safetensors files."""
+    worker_code = (
+        "import time,json;t=time.perf_counter();import worker;"
+        f"w=worker.build_worker({{'MODEL_PATH':{str(path)!r}}});s=w.loaded.stats;"
+        "print(json.dumps({'total':time.perf_counter()-t,'import':s.import_s,'read':s.read_s,"
+        "'place':s.place_s,'warmup':s.warmup_s,'bytes':s.weight_bytes}))")
+    floor_code = (
+        "import time,json,glob;t=time.perf_counter();from safetensors.torch import load_file;"
+        f"[load_file(f) for f in glob.glob({str(path / '*.safetensors')!r})];"
+        "print(json.dumps({'total':time.perf_counter()-t}))")
+
+    def run(code: str) -> dict[str, float]:
+        # time to a result inside the process, plus the interpreter start measured outside
+        start = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                             text=True, check=True)
+        data = json.loads(out.stdout.strip().splitlines()[-1])
+        data["process"] = time.perf_counter() - start
+        return data
+
+    workers, floors = [], []
+    for _ in range(repeat):
+        floors.append(run(floor_code))
+        workers.append(run(worker_code))
+    med = {k: statistics.median(w[k] for w in workers) for k in workers[0]}
+    floor = statistics.median(f["process"] for f in floors)
+    return {"worker_process_s": med["process"], "import_s": med["import"],
+            "read_s": med["read"], "place_s": med["place"], "warmup_s": med["warmup"],
+            "weight_bytes": int(med["bytes"]), "floor_process_s": floor,
+            "ratio_to_floor": med["process"] / floor}
+
+
+# ----------------------------------------------------------------------------------------------
+def bench_overhead(path: Path, repeat: int) -> dict[str, Any]:
+    """A one-token job through Worker.handle vs model.generate of one token."""
+    import torch
+
+    from worker import build_worker
+
+    w = build_worker({"MODEL_PATH": str(path), "WORKER_BATCH_WAIT_MS": "0"})
+    tok, model = w.loaded.tokenizer, w.loaded.model
+    job_input = {"prompt": "Hello", "max_new_tokens": 1, "temperature": 0}
+    ids = tok("Hello", return_tensors="pt")
+
+    async def through_handler() -> float:
+        start = time.perf_counter()
+        items = [i async for i in w.handle({"id": "bench", "input": job_input})]
+        assert "text" in items[0], items
+        return time.perf_counter() - start
+
+    def direct() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(**ids, max_new_tokens=1, do_sample=False,
+                           pad_token_id=tok.pad_token_id)
+        return time.perf_counter() - start
+
+    loop = asyncio.new_event_loop()
+    handler_s, direct_s = [], []
+    for _ in range(repeat):              # interleaved, so drift hits both alike
+        handler_s.append(loop.run_until_complete(through_handler()))
+        direct_s.append(direct())
+    for task in asyncio.all_tasks(loop):     # the batcher's runner
+        task.cancel()
+    loop.run_until_complete(asyncio.sleep(0))
+    loop.close()
+    h, d = statistics.median(handler_s), statistics.median(direct_s)
+    return {"handler_ms": h * 1000, "direct_generate_ms": d * 1000,
+            "overhead_ms": (h - d) * 1000, "ratio": h / d, "repeat": repeat}
+
+
+# ----------------------------------------------------------------------------------------------
+def bench_throughput(path: Path, levels: list[int], max_new_tokens: int) -> list[dict[str, Any]]:
+    """N concurrent jobs through the local endpoint and real worker loop, vs baselines."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from local_endpoint import LocalEndpoint, WorkerProcess
+
+    rows = []
+    top = max(levels)
+    endpoint = LocalEndpoint().start()
+    log = open(Path(tempfile.gettempdir()) / "bench-worker.log", "wb")  # noqa: SIM115
+    worker = WorkerProcess(endpoint, [sys.executable, "handler.py"], "bench-worker", cwd=str(ROOT),
+                           output=log, extra_env={
+                               "MODEL_PATH": str(path), "RUNPOD_LOG_LEVEL": "ERROR",
+                               "WORKER_CONCURRENCY": str(top),
+                               "WORKER_MAX_BATCH_SIZE": str(top)}).start()
+    try:
+        worker.wait_ready(180)
+        import runpod
+        runpod.api_key = "bench"
+        runpod.endpoint_url_base = endpoint.base_url
+        client = runpod.Endpoint(endpoint.endpoint_id)
+
+        def one(i: int) -> tuple[float, int]:
+            start = time.perf_counter()
+            out = client.run_sync({"input": job(i, max_new_tokens)}, timeout=600)
+            return time.perf_counter() - start, out[0]["usage"]["completion_tokens"]
+
+        one(0)  # the first job pays the SDK's session start-up
+        for n in levels:
+            start = time.perf_counter()
+            sequential = [one(i) for i in range(n)]
+            seq_s = time.perf_counter() - start
+            with ThreadPoolExecutor(n) as pool:
+                start = time.perf_counter()
+                concurrent = list(pool.map(one, range(n)))
+                conc_s = time.perf_counter() - start
+            tokens = sum(t for _, t in concurrent)
+            rows.append({"concurrency": n, "tokens": tokens,
+                         "worker_tokens_per_s": tokens / conc_s,
+                         "one_at_a_time_tokens_per_s": sum(t for _, t in sequential) / seq_s,
+                         "p50_s": percentile([s for s, _ in concurrent], 0.5),
+                         "p95_s": percentile([s for s, _ in concurrent], 0.95)})
+            print(f"  concurrency {n}: {rows[-1]['worker_tokens_per_s']:.1f} tok/s", flush=True)
+    finally:
+        worker.stop(60)
+        endpoint.stop()
+        log.close()
+
+    # The ceiling, in this process after the worker is gone: one batched generate of all N.
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.inference_mode():                 # warm-up, as the worker had
+        model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=4,
+                       pad_token_id=tok.pad_token_id)
+    for row in rows:
+        n = row["concurrency"]
+        texts = [tok.apply_chat_template(job(i, 0)["messages"], add_generation_prompt=True,
+                                         tokenize=False) for i in range(n)]
+        batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+        elapsed = time.perf_counter() - start
+        new = out[:, batch["input_ids"].shape[1]:]
+        produced = int(sum(min(max_new_tokens, int((r != tok.pad_token_id).sum()) + 1)
+                           for r in new))
+        row["direct_batched_tokens_per_s"] = produced / elapsed
+        row["ratio_to_one_at_a_time"] = (row["worker_tokens_per_s"]
+                                         / row["one_at_a_time_tokens_per_s"])
+        row["ratio_to_direct_batched"] = (row["worker_tokens_per_s"]
+                                          / row["direct_batched_tokens_per_s"])
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+def write_svg(rows: list[dict[str, Any]], out: Path, title: str) -> None:
+    """A grouped bar chart of tokens/s per concurrency: worker, one at a time, ceiling."""
+    series = [("worker_tokens_per_s", "worker (batched)", "#2b6cb0"),
+              ("one_at_a_time_tokens_per_s", "one at a time", "#a0aec0"),
+              ("direct_batched_tokens_per_s", "direct batched generate", "#38a169")]
+    top = max(r[k] for r in rows for k, _, _ in series) or 1
+    width, height, left, bottom = 640, 320, 60, 40
+    group = (width - left - 20) / len(rows)
+    bar = group / (len(series) + 1)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             'font-family="sans-serif" font-size="12">',
+             f'<text x="{left}" y="16" font-size="14">{title}</text>']
+    for gi, row in enumerate(rows):
+        x0 = left + gi * group
+        for si, (key, _, color) in enumerate(series):
+            h = (height - bottom - 40) * row[key] / top
+            parts.append(f'<rect x="{x0 + si * bar:.1f}" y="{height - bottom - h:.1f}" '
+                         f'width="{bar * 0.9:.1f}" height="{h:.1f}" fill="{color}"/>')
+        parts.append(f'<text x="{x0 + group / 3:.1f}" y="{height - bottom + 16}">'
+                     f'{row["concurrency"]} jobs</text>')
+    for si, (_, label, color) in enumerate(series):
+        parts.append(f'<rect x="{left + si * 190}" y="{height - 14}" width="10" height="10" '
+                     f'fill="{color}"/><text x="{left + si * 190 + 14}" y="{height - 5}">'
+                     f'{label}</text>')
+    parts.append(f'<text x="4" y="{height / 2}" transform="rotate(-90 12 {height / 2})">'
+                 'tokens/s</text></svg>')
+    out.write_text("\n".join(parts) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["cold", "overhead", "throughput"], nargs="*")
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 8, 16])
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    path = model_dir()
+    import torch
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    only = set(args.only or ["cold", "overhead", "throughput"])
+    result: dict[str, Any] = {"device": device, "machine": platform.machine(),
+                              "cpus": os.cpu_count(), "model": str(path.name),
+                              "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if device == "cuda":
+        result["gpu"] = torch.cuda.get_device_name(0)
+    if "cold" in only:
+        print("cold start ...", flush=True)
+        result["cold_start"] = bench_cold_start(path, args.repeat)
+        print(json.dumps(result["cold_start"], indent=2))
+    if "overhead" in only:
+        print("per-job overhead ...", flush=True)
+        result["overhead"] = bench_overhead(path, max(args.repeat * 7, 20))
+        print(json.dumps(result["overhead"], indent=2))
+    if "throughput" in only:
+        print("throughput ...", flush=True)
+        rows = bench_throughput(path, args.concurrency, args.max_new_tokens)
+        result["throughput"] = {"max_new_tokens": args.max_new_tokens, "rows": rows}
+        for row in rows:
+            print(f"{row['concurrency']:>3} jobs: {row['worker_tokens_per_s']:7.1f} tok/s "
+                  f"x{row['ratio_to_one_at_a_time']:.2f} one-at-a-time, "
+                  f"x{row['ratio_to_direct_batched']:.2f} of direct batched; "
+                  f"p50 {row['p50_s']:.2f}s p95 {row['p95_s']:.2f}s")
+    out = args.out or RESULTS / f"{device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    if "throughput" in result:
+        write_svg(result["throughput"]["rows"], out.with_suffix(".svg"),
+                  f"Throughput on {device} ({result.get('gpu', platform.machine())}), "
+                  f"{args.max_new_tokens} new tokens per job")
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()
