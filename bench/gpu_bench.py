@@ -50,27 +50,34 @@ def make_model(out: Path, arch: str, source: Path) -> None:
     for key, value in ARCHS.get(arch, {}).items():
         setattr(config, key, value)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True)
     print(f"made {arch} model: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params")
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn: Any, repeat: int = 3) -> float:
     best = float("inf")
     for _ in range(repeat):
-        torch.cuda.synchronize()
+        _sync()
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        _sync()
         best = min(best, time.perf_counter() - start)
     return best
 
 
 def copy_seconds(nbytes: int) -> tuple[float, float]:
     """Best times to copy ``nbytes`` pinned host → device, and device → device."""
-    host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
-    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    cuda = torch.cuda.is_available()
+    host = torch.empty(nbytes, dtype=torch.uint8)
+    host = host.pin_memory() if cuda else host
+    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda" if cuda else "cpu")
     other = torch.empty_like(device)
     return (timed(lambda: device.copy_(host, non_blocking=True)),
             timed(lambda: other.copy_(device)))
@@ -87,7 +94,8 @@ def run(model_dir: Path, levels: list[int], new_tokens: int) -> dict[str, Any]:
     nbytes = stats.weight_bytes
     h2d_s, d2d_s = copy_seconds(nbytes)
     result: dict[str, Any] = {
-        "gpu": torch.cuda.get_device_name(0), "weight_bytes": nbytes,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (dry run)",
+        "weight_bytes": nbytes,
         "startup": {"import_s": stats.import_s, "read_s": stats.read_s,
                     "place_s": stats.place_s, "warmup_s": stats.warmup_s,
                     "dtype": stats.dtype, "device": stats.device},
@@ -127,7 +135,7 @@ def run(model_dir: Path, levels: list[int], new_tokens: int) -> dict[str, Any]:
         loop.run_until_complete(asyncio.sleep(0))
         loop.close()
         single_s = timed(lambda: engine.run([Sequence(prompt, params())]), repeat=2)
-        ids = torch.tensor([prompt] * n, device="cuda")
+        ids = torch.tensor([prompt] * n, device=loaded.device)
 
         def direct(ids: torch.Tensor = ids) -> None:
             with torch.inference_mode():
@@ -158,8 +166,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32, 64])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--dry-run-on-cpu", action="store_true",
+                        help="run on the CPU to check the script itself (numbers mean nothing)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not args.dry_run_on_cpu:
         raise SystemExit("gpu_bench needs a CUDA device")
     if args.make_model:
         make_model(args.make_model, args.arch, args.source)
