@@ -20,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from engine import Engine, Sequence
-from errors import OutOfMemory
-from model_loader import is_out_of_memory, release_memory
+from errors import DeviceFault, OutOfMemory
+from model_loader import is_device_fault, is_out_of_memory, release_memory
 
 log = logging.getLogger("worker.batcher")
 
@@ -50,6 +50,7 @@ class Batcher:
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.batches_run = 0            # counters for tests and benchmarks
         self.largest_batch = 0
+        self.device_fault: str | None = None   # set once the device is unusable
 
     @property
     def running(self) -> int:
@@ -62,6 +63,8 @@ class Batcher:
 
         Cancelling the awaiting task (RunPod's cancel) stops the sequence at its next token.
         """
+        if self.device_fault is not None:
+            raise DeviceFault(self.device_fault)
         loop = asyncio.get_running_loop()
         if self._runner is None or self._runner.done() or self._runner.get_loop() is not loop:
             self._loop, self._arrival = loop, asyncio.Event()
@@ -133,6 +136,17 @@ class Batcher:
             if is_out_of_memory(exc):
                 await loop.run_in_executor(self._device, release_memory)
                 self._after_oom(failed)
+            elif is_device_fault(exc):
+                # Every later job would fail the same way: fail them all and ask for a new
+                # worker (handler.py sets refresh_worker) instead of failing jobs forever.
+                log.error("device fault, this worker must be replaced: %s", exc)
+                self.device_fault = ("the GPU of this worker failed and it is being replaced; "
+                                     "send the job again")
+                with self._lock:
+                    failed += list(self._queue)
+                    self._queue.clear()
+                for e in failed:
+                    self._resolve(e, DeviceFault(self.device_fault))
             else:
                 log.exception("batch of %d failed", len(failed))
                 for e in failed:

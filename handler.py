@@ -25,10 +25,18 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
-import runpod
+import redaction
 
-from errors import WorkerError
-from worker import Worker, build_worker, configure_logging
+# The SDK's default log level, DEBUG, prints whole jobs and answers (a job's s3Config, presigned
+# links); INFO prints job ids and states. And whatever prints goes through the secret filter.
+os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
+redaction.install()
+
+import runpod  # noqa: E402
+
+from errors import WorkerError  # noqa: E402
+from model_loader import check_device  # noqa: E402
+from worker import Worker, build_worker, configure_logging  # noqa: E402
 
 log = logging.getLogger("worker")
 
@@ -61,6 +69,10 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     assert WORKER is not None, "handler called outside the main process"
     async for item in WORKER.handle(job, progress=runpod.serverless.progress_update):
         yield item
+    if WORKER.needs_refresh:
+        # A generator handler cannot return refresh_worker; the SDK reads it from the config
+        # after each job and asks the platform to replace this worker.
+        START_CONFIG["refresh_worker"] = True
 
 
 def concurrency_modifier(current: int) -> int:
@@ -75,6 +87,14 @@ START_CONFIG: dict[str, Any] = {
     # everything yielded: [answer] for a whole answer, the chunks for a stream.
     "return_aggregate_stream": True,
 }
+
+
+if WORKER is not None:
+    @runpod.serverless.register_fitness_check
+    def device_is_usable() -> None:
+        """Runs before the first job on RunPod: a broken GPU exits instead of failing jobs."""
+        assert WORKER is not None
+        check_device(WORKER.loaded)
 
 
 def _local_test_job(argv: list[str]) -> dict[str, Any] | None:

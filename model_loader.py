@@ -269,14 +269,23 @@ def load_model(settings: ModelSettings, warmup: bool | None = None) -> LoadedMod
         device_map = {"": device}
         placement = "one device"
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
-        source.path,
-        dtype=dtype,
-        device_map=device_map,
-        use_safetensors=True,
-        trust_remote_code=False,
-        local_files_only=True,
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path,
+            dtype=dtype,
+            device_map=device_map,
+            use_safetensors=True,
+            trust_remote_code=False,
+            local_files_only=True,
+        )
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise ModelNotFound(f"the model in {source.path} does not fit in {device} memory; "
+                                "use a larger GPU or a smaller MODEL_DTYPE") from None
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ModelNotFound(f"the weights in {source.path} could not be loaded ({reason}); "
+                            "rebuild them with `make model` (builder/fetch_model.py --force)"
+                            ) from exc
     model.eval()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -320,6 +329,28 @@ def is_out_of_memory(exc: BaseException) -> bool:
     text = str(exc)
     return isinstance(exc, RuntimeError) and ("out of memory" in text
                                               or "can't allocate memory" in text)
+
+
+def is_device_fault(exc: BaseException) -> bool:
+    """True for a CUDA error that leaves the device unusable for every later job."""
+    if is_out_of_memory(exc):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(marker in text for marker in (
+        "CUDA error", "device-side assert", "illegal memory access", "CUBLAS_STATUS",
+        "cuDNN error", "NCCL error"))
+
+
+def check_device(loaded: LoadedModel) -> None:
+    """A tiny computation on the model's device; raises if the device is unusable."""
+    x = torch.ones((8, 8), device=loaded.device)
+    if float((x @ x).sum().item()) != 512.0:
+        raise RuntimeError(f"the device {loaded.device} computed a wrong result")
+    if loaded.device.type == "cuda":
+        torch.cuda.synchronize(loaded.device)
 
 
 def release_memory() -> None:

@@ -95,6 +95,11 @@ class Worker:
                 log.info("job %s failed: %s", job_id, answer["error"])
             yield dict(answer)
 
+    @property
+    def needs_refresh(self) -> bool:
+        """True once the device is unusable: RunPod should replace this worker."""
+        return self.task.batcher.device_fault is not None
+
     def concurrency(self, current: int = 1) -> int:
         """RunPod's concurrency_modifier: a constant (a change stops intake until jobs drain)."""
         return self.settings.concurrency
