@@ -421,6 +421,39 @@ class DownloadSettings:
         )
 
 
+# --------------------------------------------------------------------------------------------
+# Launch: what the container runs (start.py). One image serves RunPod serverless and, for
+# development on a GPU pod, the same worker behind a local endpoint reachable over HTTP.
+# --------------------------------------------------------------------------------------------
+WORKER_MODE = _var("launch", "WORKER_MODE", "serverless",
+                   "serverless (the RunPod worker loop) or pod (the worker behind a local endpoint "
+                   "on 0.0.0.0:WORKER_POD_PORT, for development on a GPU pod); see start.py")
+WORKER_POD_PORT = _var("launch", "WORKER_POD_PORT", "8000",
+                       "pod mode only: the port the local endpoint listens on (expose it as "
+                       "<port>/http on the pod); 1..65535")
+WORKER_POD_API_KEY = _var("launch", "WORKER_POD_API_KEY", None,
+                          "pod mode only: clients must send 'Authorization: Bearer <key>'; "
+                          "unset: any caller is served (never printed)", secret=True)
+
+WORKER_MODES = ("serverless", "pod")
+
+
+@dataclass(frozen=True)
+class LaunchSettings:
+    """Which program the container starts (see start.py)."""
+
+    mode: str                                # serverless | pod
+    pod_port: int                            # pod mode: where the local endpoint listens
+    pod_api_key: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> LaunchSettings:
+        r = _Reader(env)
+        return cls(mode=r.choice(WORKER_MODE, WORKER_MODES),
+                   pod_port=r.integer(WORKER_POD_PORT, 1, 65535),
+                   pod_api_key=r.text(WORKER_POD_API_KEY))
+
+
 def settings_table() -> str:
     """The README's configuration table, generated from the declarations above."""
     lines = ["| variable | default | meaning |", "|---|---|---|"]

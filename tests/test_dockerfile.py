@@ -1,0 +1,204 @@
+"""The Dockerfile builds what we test, without a Docker engine: read with Docker's own parser.
+
+What a build depends on is checked here: the files it copies exist and are not ignored, the
+builder accepts the arguments it is given, the Hub token is a BuildKit secret, the weights layer
+comes before the code, and the image runs the command tests/test_launch.py runs. Also the CI
+workflow, which builds the image and runs the README's test command.
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import re
+import shlex
+from pathlib import Path
+
+import yaml
+
+from builder import fetch_model
+from tests.support.dockerfile import ROOT, arg_defaults, expand_args, image_command, instructions
+
+
+def _index(predicate) -> int:
+    hits = [i for i, c in enumerate(instructions()) if predicate(c)]
+    assert len(hits) == 1, f"expected one matching instruction, found {len(hits)}"
+    return hits[0]
+
+
+def _builder_run() -> int:
+    return _index(lambda c: c.cmd == "RUN" and "builder.fetch_model" in " ".join(c.value))
+
+
+def _code_copy() -> int:
+    return _index(lambda c: c.cmd == "COPY" and list(c.value) == [".", "."])
+
+
+def _env() -> dict[str, tuple[int, str]]:
+    """ENV name → (instruction index, value)."""
+    found: dict[str, tuple[int, str]] = {}
+    for i, c in enumerate(instructions()):
+        if c.cmd == "ENV":
+            pairs = c.value
+            for name, value in zip(pairs[::2], pairs[1::2], strict=True):
+                found[name] = (i, value.strip('"'))
+    return found
+
+
+def _local_imports(path: Path) -> set[str]:
+    """Project modules ``path`` imports, and theirs, as paths relative to the project root."""
+    seen: set[str] = set()
+    todo = [path]
+    while todo:
+        tree = ast.parse(todo.pop().read_text())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            for name in names:
+                top = name.split(".")[0]
+                for candidate in (ROOT / f"{top}.py", ROOT / top):
+                    rel = candidate.relative_to(ROOT).as_posix()
+                    if candidate.exists() and rel not in seen:
+                        seen.add(rel)
+                        if candidate.is_file():
+                            todo.append(candidate)
+                        else:
+                            todo.extend(candidate.rglob("*.py"))
+    return seen
+
+
+def _matches(path: str, pattern: str) -> bool:
+    """Docker's rule, closely enough: a path matches, or ``**/`` matches any leading folders."""
+    if pattern.startswith("**/"):
+        parts = path.split("/")
+        return any(fnmatch.fnmatchcase("/".join(parts[i:]), pattern[3:])
+                   for i in range(len(parts)))
+    return fnmatch.fnmatchcase(path, pattern)
+
+
+def _dockerignored(rel: str) -> bool:
+    """Whether .dockerignore keeps ``rel`` (or a folder above it) out of the build context."""
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    assert not any(p.startswith("!") for p in patterns), "exceptions are not modelled here"
+    parts = rel.split("/")
+    return any(_matches("/".join(parts[:i]), p)
+               for p in patterns for i in range(1, len(parts) + 1))
+
+
+class TestBaseImage:
+    def test_base_image_carries_the_torch_version_requirements_pin(self):
+        pin = re.search(r"^torch==(\S+)$", (ROOT / "requirements.txt").read_text(), re.M)
+        assert pin, "requirements.txt pins torch exactly"
+        base = arg_defaults()["BASE_IMAGE"]
+        assert base.startswith(f"pytorch/pytorch:{pin.group(1)}-cuda"), base
+        assert base.endswith("-runtime"), "the runtime variant: no compilers in the image"
+        first_from = next(c for c in instructions() if c.cmd == "FROM")
+        assert expand_args(first_from.value[0]) == base
+
+    def test_the_build_checks_the_torch_it_got(self):
+        checks = [c for c in instructions() if c.cmd == "RUN" and "torch.__version__" in c.value[0]]
+        assert checks and "2.13.0" in checks[0].value[0]
+
+
+class TestCopies:
+    def test_every_copied_source_exists_and_is_in_the_build_context(self):
+        for c in instructions():
+            if c.cmd != "COPY":
+                continue
+            assert not any(f.startswith("--from") for f in c.flags), "single-stage build"
+            for source in c.value[:-1]:
+                path = ROOT / source
+                assert path.exists(), f"line {c.start_line}: COPY {source}: no such file"
+                if source != ".":
+                    assert not _dockerignored(source.rstrip("/")), f"{source} is dockerignored"
+
+    def test_only_what_the_builder_imports_is_copied_before_the_model_step(self):
+        before = [s.rstrip("/") for c in instructions()[:_builder_run()] if c.cmd == "COPY"
+                  for s in c.value[:-1]]
+        needed = _local_imports(ROOT / "builder" / "fetch_model.py") | {"builder"}
+        assert set(before) == needed | {"requirements.txt"}, (
+            "copy exactly the builder's own imports before the model step: anything more "
+            "invalidates the weights layer when it changes, anything less breaks the build")
+
+    def test_the_worker_and_its_imports_reach_the_image(self):
+        entry = image_command()[-1]
+        shipped = (_local_imports(ROOT / entry) | _local_imports(ROOT / "handler.py")
+                   | _local_imports(ROOT / "local_endpoint.py"))
+        for rel in sorted(shipped | {entry, "handler.py", "local_endpoint.py", "test_input.json"}):
+            assert not _dockerignored(rel), f"{rel} is needed in the image but dockerignored"
+
+    def test_dockerignore_keeps_out_the_heavy_and_the_private(self):
+        for rel in (".venv", "models/default/model.safetensors", ".git", "tests/test_docs.py",
+                    "__pycache__/x.pyc", "tasks/__pycache__/x.pyc", ".env", ".pytest_cache"):
+            assert _dockerignored(rel), f"{rel} would be sent to the build"
+
+
+class TestModelLayer:
+    def test_the_builder_accepts_the_arguments_the_dockerfile_passes(self):
+        command = shlex.split(expand_args(instructions()[_builder_run()].value[0]))
+        assert command[:3] == ["python", "-m", "builder.fetch_model"]
+        args = fetch_model.parse_args(command[3:])      # argparse exits (fails) on a bad argument
+        assert args.source in fetch_model.SOURCES
+
+    def test_model_name_and_revision_are_build_args_the_builder_reads(self):
+        defaults = arg_defaults()
+        assert defaults["MODEL_NAME"] == fetch_model.DEFAULT_MODEL_ID
+        assert "MODEL_REVISION" in defaults
+        # ARGs reach RUN as environment variables; the builder reads these two from it.
+        settings = fetch_model.ModelSettings.from_env(
+            {"MODEL_NAME": "org/other", "MODEL_REVISION": ""})
+        assert (settings.model_name, settings.model_revision) == ("org/other", None)
+
+    def test_the_hub_token_is_a_buildkit_secret_never_a_build_arg(self):
+        run = instructions()[_builder_run()]
+        assert "--mount=type=secret,id=HF_TOKEN,env=HF_TOKEN" in run.flags
+        assert not [n for n in arg_defaults() if "TOKEN" in n.upper()]
+        assert not [n for n in _env() if "TOKEN" in n.upper()]
+        readme = (ROOT / "README.md").read_text()
+        assert "--secret id=HF_TOKEN,env=HF_TOKEN" in readme
+
+    def test_weights_are_built_after_the_requirements_and_before_the_code(self):
+        pip = _index(lambda c: c.cmd == "RUN" and "pip install -r requirements.txt" in c.value[0])
+        assert pip < _builder_run() < _code_copy()
+
+    def test_the_image_serves_the_model_it_baked(self):
+        env = _env()
+        assert env["MODEL_NAME"] == (env["MODEL_NAME"][0], "${MODEL_NAME}")
+        assert env["MODEL_NAME"][0] > _builder_run()
+
+
+class TestRunTime:
+    def test_the_hub_is_offline_at_run_time_but_not_while_baking(self):
+        index, value = _env()["HF_HUB_OFFLINE"]
+        assert value == "1"
+        assert index > _builder_run(), "HF_HUB_OFFLINE before the model step breaks downloads"
+
+    def test_cuda_allocator_is_set_against_fragmentation(self):
+        assert "expandable_segments:True" in _env()["PYTORCH_CUDA_ALLOC_CONF"][1]
+
+    def test_the_image_runs_the_launcher_unbuffered(self):
+        # tests/test_launch.py runs exactly this command, and start.py's choice of program.
+        assert image_command() == ["python", "-u", "start.py"]
+
+
+class TestContinuousIntegration:
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "ci.yml").read_text())
+
+    def test_every_push_runs_the_readme_test_command(self):
+        triggers = self.workflow[True] if True in self.workflow else self.workflow["on"]
+        assert "push" in triggers
+        steps = self.workflow["jobs"]["test"]["steps"]
+        assert any(step.get("run") == "bash .ci/run" for step in steps)
+        ci = (ROOT / ".ci" / "run").read_text()
+        assert "make lint" in ci and "make test" in ci
+        assert "`make test`" in (ROOT / "README.md").read_text()
+
+    def test_the_image_is_built_on_tags_with_the_token_as_a_secret(self):
+        job = self.workflow["jobs"]["image"]
+        assert job["if"] == "startsWith(github.ref, 'refs/tags/v')"
+        assert job["needs"] == "test"
+        build = next(s for s in job["steps"] if s.get("uses", "").startswith(
+            "docker/build-push-action"))
+        assert "HF_TOKEN=" in build["with"]["secrets"]
+        assert "TOKEN" not in build["with"]["build-args"]

@@ -1,0 +1,101 @@
+"""The RunPod Hub files agree with the code: settings, defaults, limits and the test job."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import config
+from errors import SettingsError
+from tasks.generate import GenerateInput
+from validation import parse_input
+
+ROOT = Path(__file__).resolve().parent.parent
+HUB = json.loads((ROOT / ".runpod" / "hub.json").read_text())
+TESTS = json.loads((ROOT / ".runpod" / "tests.json").read_text())
+INPUTS = [e for e in HUB["config"]["env"] if "input" in e]
+
+# Which settings class reads each group of variables.
+READERS = {"model": config.ModelSettings, "worker": config.WorkerSettings,
+           "storage": config.StorageSettings, "download": config.DownloadSettings,
+           "launch": config.LaunchSettings}
+
+
+def _hub_text(value: Any) -> str:
+    """A hub.json default as the text the worker reads from its environment."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _reads(name: str, value: str) -> bool:
+    """Whether the settings class of ``name`` accepts ``value`` for it."""
+    try:
+        READERS[config.VARS[name].group].from_env({name: value})
+    except SettingsError:
+        return False
+    return True
+
+
+class TestHubListing:
+    def test_the_listing_has_the_required_fields(self):
+        assert HUB["type"] == "serverless"
+        assert HUB["category"] in ("audio", "embedding", "language", "video", "image")
+        assert HUB["title"] and HUB["description"]
+        cfg = HUB["config"]
+        assert cfg["runsOn"] == "GPU" and cfg["gpuCount"] >= 1 and cfg["gpuIds"]
+        assert isinstance(cfg["containerDiskInGb"], int)
+        assert all(v >= "12.6" for v in cfg["allowedCudaVersions"]), (
+            "the base image is built for CUDA 12.6: older drivers cannot run it")
+
+    @pytest.mark.parametrize("entry", INPUTS, ids=[e["key"] for e in INPUTS])
+    def test_each_input_is_a_declared_setting_with_its_default_and_meaning(self, entry):
+        var = config.VARS.get(entry["key"])
+        assert var is not None, f"{entry['key']} is not declared in config.py"
+        field = entry["input"]
+        assert field["description"] == var.meaning, "keep hub.json's text equal to config.py's"
+        if var.default is None:
+            assert "default" not in field
+        else:
+            assert _hub_text(field["default"]) == var.default
+        assert not var.secret or "default" not in field
+
+    @pytest.mark.parametrize("entry", INPUTS, ids=[e["key"] for e in INPUTS])
+    def test_each_input_offers_only_values_the_worker_accepts(self, entry):
+        field, name = entry["input"], entry["key"]
+        if field["type"] == "boolean":
+            assert _reads(name, field["trueValue"]) and _reads(name, field["falseValue"])
+        for option in field.get("options", []):
+            assert _reads(name, option["value"]), f"{name}: option {option['value']!r}"
+        if "min" in field:
+            assert _reads(name, str(field["min"])) and _reads(name, str(field["max"]))
+            assert not _reads(name, str(field["min"] - 1)), f"{name}: min is not the limit"
+            assert not _reads(name, str(field["max"] + 1)), f"{name}: max is not the limit"
+
+    def test_the_launch_switch_is_not_offered_on_serverless(self):
+        assert not {"WORKER_MODE", "WORKER_POD_PORT", "WORKER_POD_API_KEY"} & {
+            e["key"] for e in HUB["config"]["env"]}
+
+
+class TestHubTests:
+    def test_each_test_job_is_valid_input_for_the_task(self):
+        limits = config.WorkerSettings.from_env({})
+        for test in TESTS["tests"]:
+            parse_input(GenerateInput, test["input"], {"limits": limits})
+            assert 10_000 <= test["timeout"] <= 600_000, "milliseconds, room for a cold start"
+
+    def test_the_test_job_is_the_readme_smoke_job(self):
+        smoke = json.loads((ROOT / "test_input.json").read_text())["input"]
+        assert [t["input"] for t in TESTS["tests"]] == [smoke]
+
+    def test_the_test_machine_is_one_the_listing_allows(self):
+        cfg = TESTS["config"]
+        assert cfg["gpuCount"] == HUB["config"]["gpuCount"]
+        assert set(cfg["allowedCudaVersions"]) <= set(HUB["config"]["allowedCudaVersions"])
+        assert cfg["gpuTypeId"] == "NVIDIA GeForce RTX 4090"   # in the ADA_24 pool
+        assert "ADA_24" in HUB["config"]["gpuIds"].split(",")
+        for entry in cfg.get("env", []):
+            assert entry["key"] in config.VARS
