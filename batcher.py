@@ -1,38 +1,59 @@
-"""Micro-batching: sequences from many concurrent jobs decoded together in one forward pass.
+"""Micro-batching: work from many concurrent jobs run together in one forward pass.
 
 Owns the queue between the asyncio side (jobs) and the engine thread (the device). The first
-sequence to arrive waits up to ``wait_ms`` for others; up to ``max_batch_size`` run together. One
+item to arrive waits up to ``wait_ms`` for others; up to ``max_batch_size`` run together. One
 batch runs at a time on one dedicated thread, so the event loop stays free for job intake,
 cancel signals and the heartbeat. Every job's future is completed; a failing batch fails only its
 own jobs, and out of memory splits the batch and retries the halves.
+
+It knows items only through two small protocols: an ``Engine`` with ``run(items)`` that writes
+results into the items (``engine.Engine`` decodes ``engine.Sequence``s; ``tasks/embed.py``'s
+engine embeds texts), and an ``Item`` with a ``cancelled`` event and ``reset_for_retry()``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, Protocol
 
-from engine import Engine, Sequence
 from errors import OutOfMemory
 from model_loader import is_out_of_memory, release_memory
 
 log = logging.getLogger("worker.batcher")
 
 
+class Item(Protocol):
+    """One unit of batched work: a sequence to decode, a text to embed."""
+
+    cancelled: threading.Event
+
+    def reset_for_retry(self) -> bool:
+        """Forget partial results before a retry; False if it cannot be retried (it streamed)."""
+        ...
+
+
+class BatchEngine(Protocol):
+    def run(self, items: list[Any]) -> None:
+        """Run one batch on the device (engine thread); results are written into the items."""
+        ...
+
+
 @dataclass(eq=False)
 class _Entry:
-    seq: Sequence
+    seq: Item
     done: asyncio.Future[None]
     arrived: float
 
 
 class Batcher:
-    """Gathers sequences from concurrent jobs into batches for one ``Engine``."""
+    """Gathers items from concurrent jobs into batches for one engine."""
 
-    def __init__(self, engine: Engine, max_batch_size: int, wait_ms: int) -> None:
+    def __init__(self, engine: BatchEngine, max_batch_size: int, wait_ms: int) -> None:
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.wait_s = wait_ms / 1000
@@ -42,12 +63,13 @@ class Batcher:
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.batches_run = 0            # counters for tests and benchmarks
         self.largest_batch = 0
-        self.running = 0                # sequences on the device right now
+        self.running = 0                # items on the device right now
 
-    async def generate(self, seq: Sequence) -> None:
-        """Decode ``seq`` with whatever else is in flight; returns when it has finished.
+    async def submit(self, seq: Item) -> None:
+        """Run ``seq`` with whatever else is in flight; returns when it has finished.
 
-        Cancelling the awaiting task (RunPod's cancel) stops the sequence at its next token.
+        Cancelling the awaiting task (RunPod's cancel) sets ``seq.cancelled``: a sequence stops
+        at its next token, an item not yet on the device is skipped.
         """
         loop = asyncio.get_running_loop()
         if self._runner is None or self._runner.done() or self._runner.get_loop() is not loop:
@@ -111,16 +133,14 @@ class Batcher:
                 e.done.set_result(None)
 
     async def _after_oom(self, batch: list[_Entry]) -> None:
-        """Retry in halves; a sequence that already streamed text, or runs alone, fails."""
+        """Retry in halves; an item that already streamed, or runs alone, fails."""
         retry = []
         for e in batch:
-            if len(batch) == 1 or e.seq.emitted > 0:
+            if len(batch) == 1 or not e.seq.reset_for_retry():
                 e.done.set_exception(OutOfMemory(
-                    "the device ran out of memory for this job; send a shorter prompt or "
-                    "fewer max_new_tokens (memory was released; the worker keeps serving)"))
+                    "the device ran out of memory for this job; send a shorter input or "
+                    "ask for less output (memory was released; the worker keeps serving)"))
             else:
-                e.seq.generated.clear()
-                e.seq.text, e.seq.finish_reason = "", None
                 retry.append(e)
         if retry:
             log.warning("out of memory on a batch of %d; retrying as %d and %d", len(batch),

@@ -56,6 +56,14 @@ class Sequence:
     def done(self) -> bool:
         return self.finish_reason is not None
 
+    def reset_for_retry(self) -> bool:
+        """Start over after out of memory; impossible once text was streamed to the client."""
+        if self.emitted > 0:
+            return False
+        self.generated.clear()
+        self.text, self.finish_reason = "", None
+        return True
+
 
 class Engine:
     """Runs batches of sequences on a loaded model. One batch at a time (see batcher.py)."""
