@@ -21,8 +21,7 @@ from typing import Any
 from config import ModelSettings, WorkerSettings
 from errors import error_response
 from model_loader import LoadedModel, load_model
-from tasks import TASKS
-from tasks.generate import GenerateTask
+from tasks import TASKS, Task
 from validation import check_job_input
 
 log = logging.getLogger("worker")
@@ -45,7 +44,7 @@ class Worker:
 
     settings: WorkerSettings
     loaded: LoadedModel
-    task: GenerateTask
+    task: Task
 
     async def handle(self, job: Any) -> AsyncIterator[dict[str, Any]]:
         """Answer one RunPod job: yields stream chunks, or one answer, or one error answer."""
@@ -74,6 +73,7 @@ class Worker:
 def build_worker(env: Mapping[str, str] | None = None) -> Worker:
     """Read settings, load and warm up the model, and pick its task. Raises WorkerError."""
     settings = WorkerSettings.from_env(env)
-    loaded = load_model(ModelSettings.from_env(env))
-    task = TASKS["generate"](loaded, settings)
+    loaded = load_model(ModelSettings.from_env(env),
+                        model_classes={name: task.auto_model for name, task in TASKS.items()})
+    task = TASKS[loaded.task](loaded, settings)
     return Worker(settings=settings, loaded=loaded, task=task)
