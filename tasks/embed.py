@@ -107,8 +107,22 @@ class EmbedItem:
 
 
 def read_pooling(model_dir: Path) -> str:
-    """The pooling mode of a sentence-transformers model directory; mean when it says none."""
+    """The pooling mode of a sentence-transformers model directory; mean when it has none.
+
+    A ``modules.json`` that names a Pooling module whose config is missing (a copy that kept
+    only top-level files) is refused: guessing mean for a CLS-pooled model gives wrong vectors.
+    """
     path = model_dir / "1_Pooling" / "config.json"
+    modules = model_dir / "modules.json"
+    if modules.is_file():
+        for module in json.loads(modules.read_text()):
+            if str(module.get("type", "")).endswith("Pooling"):
+                path = model_dir / module.get("path", "1_Pooling") / "config.json"
+                if not path.is_file():
+                    raise ModelNotFound(
+                        f"{model_dir} names a pooling module in modules.json but has no "
+                        f"{path.relative_to(model_dir)}; copy the whole sentence-transformers "
+                        "directory, subfolders included, or point MODEL_PATH at it")
     if not path.is_file():
         return "mean"
     config = json.loads(path.read_text())

@@ -11,8 +11,9 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from config import ModelSettings
-from errors import SettingsError
+from errors import ModelNotFound, SettingsError
 from model_loader import detect_task, load_model
+from tasks.embed import read_pooling
 from tests.support.worker import MINILM_NAME, LoopThread, collect
 from worker import Worker
 
@@ -62,6 +63,12 @@ class TestTaskDetection:
     def test_worker_task_setting_overrides_detection(self, minilm_dir):
         config = AutoConfig.from_pretrained(minilm_dir)
         assert detect_task(minilm_dir, config, "generate") == "generate"
+
+    def test_missing_pooling_config_is_refused_rather_than_guessed(self, minilm_dir, tmp_path):
+        for name in ("config.json", "modules.json"):
+            (tmp_path / name).write_text((minilm_dir / name).read_text())
+        with pytest.raises(ModelNotFound, match="has no 1_Pooling/config.json"):
+            read_pooling(tmp_path)
 
     def test_unknown_worker_task_fails_at_startup_naming_the_choices(self, minilm_dir):
         settings = ModelSettings.from_env({"MODEL_PATH": str(minilm_dir), "WORKER_TASK": "rank"})
