@@ -21,6 +21,7 @@ from typing import Any
 from config import ModelSettings, WorkerSettings
 from errors import error_response
 from model_loader import LoadedModel, load_model
+from openai_compat import OpenAIRoutes, is_openai_job
 from tasks import TASKS, Task
 from validation import check_job_input
 
@@ -45,12 +46,18 @@ class Worker:
     settings: WorkerSettings
     loaded: LoadedModel
     task: Task
+    openai: OpenAIRoutes
 
-    async def handle(self, job: Any) -> AsyncIterator[dict[str, Any]]:
+    async def handle(self, job: Any) -> AsyncIterator[dict[str, Any] | str]:
         """Answer one RunPod job: yields stream chunks, or one answer, or one error answer."""
         job_id = job.get("id", "?") if isinstance(job, dict) else "?"
+        openai = is_openai_job(job)
         try:
             job_input = check_job_input(job, self.settings.max_input_bytes)
+            if openai:  # RunPod's OpenAI-compatible routes (openai_compat.py)
+                async for item in self.openai.handle(job_input):
+                    yield item
+                return
             request = self.task.parse(job_input)
             if request.stream:
                 async for chunk in self.task.stream(request):
@@ -58,7 +65,7 @@ class Worker:
             else:
                 yield dict(await self.task.answer(request))
         except Exception as exc:  # noqa: BLE001 - the job boundary: every failure is answered
-            answer = error_response(exc)
+            answer = error_response(exc, openai=openai)
             if answer["error_code"] == "internal":
                 log.exception("job %s failed unexpectedly", job_id)
             else:
@@ -76,4 +83,5 @@ def build_worker(env: Mapping[str, str] | None = None) -> Worker:
     loaded = load_model(ModelSettings.from_env(env),
                         model_classes={name: task.auto_model for name, task in TASKS.items()})
     task = TASKS[loaded.task](loaded, settings)
-    return Worker(settings=settings, loaded=loaded, task=task)
+    return Worker(settings=settings, loaded=loaded, task=task,
+                  openai=OpenAIRoutes(task, loaded.served_name))
