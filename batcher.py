@@ -1,12 +1,18 @@
-"""Micro-batching: sequences from many concurrent jobs decoded together in one forward pass.
+"""Micro-batching: work from many concurrent jobs run together in one forward pass.
 
 Owns the queue between the asyncio side (jobs) and the engine thread (the device). When the
 device is idle, the first sequence to arrive waits up to ``wait_ms`` for others; while a batch
 decodes, new arrivals join it between steps (continuous batching), up to ``max_batch_size``
 rows. One dedicated thread runs the device, so the event loop stays free for job intake, cancel
 signals and the heartbeat. Each job is answered as soon as its own sequence finishes. A failing
-batch fails only its own jobs; out of memory halves the batch and retries the sequences that
-have not streamed anything yet.
+batch fails only its own jobs; out of memory halves the batch and retries the items that have
+not streamed anything yet.
+
+It knows its work only through two small protocols. An engine's ``run(items, admit, max_rows)``
+writes results into the items; an engine with ``continuous = True`` (``engine.Engine``, which
+decodes ``engine.Sequence``s) calls ``admit`` between steps to take in new arrivals and each
+item's ``on_done`` as it finishes; any other engine (``tasks/embed.py``'s) runs the batch it was
+given. An item has a ``cancelled`` event, an ``on_done`` callback slot and ``reset_for_retry()``.
 """
 
 from __future__ import annotations
@@ -16,27 +22,46 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, Protocol
 
-from engine import Engine, Sequence
 from errors import DeviceFault, OutOfMemory
 from model_loader import is_device_fault, is_out_of_memory, release_memory
 
 log = logging.getLogger("worker.batcher")
 
 
+class Item(Protocol):
+    """One unit of batched work: a sequence to decode, a text to embed."""
+
+    cancelled: threading.Event
+    on_done: Callable[[], None] | None
+
+    def reset_for_retry(self) -> bool:
+        """Forget partial results before a retry; False if it cannot be retried (it streamed)."""
+        ...
+
+
+class BatchEngine(Protocol):
+    def run(self, items: list[Any], admit: Callable[[int], list[Any]] | None = None,
+            max_rows: int | None = None) -> None:
+        """Run items on the device (engine thread); results are written into the items."""
+        ...
+
+
 @dataclass(eq=False)
 class _Entry:
-    seq: Sequence
+    seq: Item
     done: asyncio.Future[None]
     arrived: float
 
 
 class Batcher:
-    """Gathers sequences from concurrent jobs into batches for one ``Engine``."""
+    """Gathers items from concurrent jobs into batches for one engine."""
 
-    def __init__(self, engine: Engine, max_batch_size: int, wait_ms: int) -> None:
+    def __init__(self, engine: BatchEngine, max_batch_size: int, wait_ms: int) -> None:
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.wait_s = wait_ms / 1000
@@ -54,14 +79,15 @@ class Batcher:
 
     @property
     def running(self) -> int:
-        """Sequences on the device right now."""
+        """Items on the device right now."""
         with self._lock:
             return len(self._in_flight)
 
-    async def generate(self, seq: Sequence) -> None:
-        """Decode ``seq`` with whatever else is in flight; returns when it has finished.
+    async def submit(self, seq: Item) -> None:
+        """Run ``seq`` with whatever else is in flight; returns when it has finished.
 
-        Cancelling the awaiting task (RunPod's cancel) stops the sequence at its next token.
+        Cancelling the awaiting task (RunPod's cancel) sets ``seq.cancelled``: a sequence stops
+        at its next token, an item not yet on the device is skipped.
         """
         if self.device_fault is not None:
             raise DeviceFault(self.device_fault)
@@ -100,7 +126,7 @@ class Batcher:
             self.largest_batch = max(self.largest_batch, len(self._in_flight))
         return taken
 
-    def _admit(self, free: int) -> list[Sequence]:
+    def _admit(self, free: int) -> list[Any]:
         """Called by the engine between steps (engine thread): arrivals that may join."""
         return [e.seq for e in self._take(min(free, self._capacity))]
 
@@ -127,9 +153,13 @@ class Batcher:
     async def _run_batch(self, first: list[_Entry]) -> None:
         loop = asyncio.get_running_loop()
         self.batches_run += 1
+        continuous = getattr(self.engine, "continuous", False)
         try:
-            await loop.run_in_executor(self._device, self.engine.run, [e.seq for e in first],
-                                       self._admit, self._capacity)
+            if continuous:
+                await loop.run_in_executor(self._device, self.engine.run,
+                                           [e.seq for e in first], self._admit, self._capacity)
+            else:
+                await loop.run_in_executor(self._device, self.engine.run, [e.seq for e in first])
         except Exception as exc:  # noqa: BLE001 - every job's future must be completed
             with self._lock:
                 failed, self._in_flight = list(self._in_flight), []
@@ -153,23 +183,25 @@ class Batcher:
                     self._resolve(e, exc)
         else:
             self._capacity = self.max_batch_size
+            with self._lock:
+                finished, self._in_flight = list(self._in_flight), []
+            for e in finished:          # an engine that does not call on_done
+                self._resolve(e, None)
         if self._queue:
             assert self._arrival is not None
             self._arrival.set()
 
     def _after_oom(self, batch: list[_Entry]) -> None:
-        """Retry with half the rows; a sequence that streamed text, or ran alone, fails."""
+        """Retry with half the rows; an item that streamed, or ran alone, fails."""
         retry = []
         for e in batch:
             if e.done.done():
                 continue
-            if len(batch) == 1 or e.seq.emitted > 0:
+            if len(batch) == 1 or not e.seq.reset_for_retry():
                 self._resolve(e, OutOfMemory(
-                    "the device ran out of memory for this job; send a shorter prompt or "
-                    "fewer max_new_tokens (memory was released; the worker keeps serving)"))
+                    "the device ran out of memory for this job; send a shorter input or "
+                    "ask for less output (memory was released; the worker keeps serving)"))
             else:
-                e.seq.generated.clear()
-                e.seq.text, e.seq.finish_reason = "", None
                 retry.append(e)
         self._capacity = max(1, len(batch) // 2)
         log.warning("out of memory on a batch of %d; retrying %d at most %d at a time",

@@ -127,7 +127,11 @@ MODEL_DTYPE = _var("model", "MODEL_DTYPE", "auto",
 MODEL_SERVED_NAME = _var("model", "MODEL_SERVED_NAME", None,
                          "Name the worker answers as in 'model'; default: MODEL_NAME")
 MODEL_WARMUP = _var("model", "MODEL_WARMUP", "true",
-                    "Run one short generation at startup, before taking jobs")
+                    "Run one short generation (or embedding) at startup, before taking jobs")
+WORKER_TASK = _var("model", "WORKER_TASK", "auto",
+                   "What the model serves: auto (from its config: embed for sentence-transformers "
+                   "or models without an LM head, else generate), or a task of tasks/: "
+                   "generate, embed")
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -148,6 +152,7 @@ class ModelSettings:
     dtype: str                               # auto | bfloat16 | float16 | float32
     served_name: str                         # the name answers carry in "model"
     warmup: bool                             # one generation before the first job
+    task: str                                # auto, or a name in tasks.TASKS (checked there)
     hf_token: str | None = field(default=None, repr=False)
     hub_endpoint: str | None = None          # None: huggingface_hub's default (huggingface.co)
 
@@ -177,6 +182,7 @@ class ModelSettings:
             dtype=r.choice(MODEL_DTYPE, DTYPES),
             served_name=r.text(MODEL_SERVED_NAME) or name,
             warmup=r.flag(MODEL_WARMUP),
+            task=r.required_text(WORKER_TASK).lower(),
             hf_token=r.text(HF_TOKEN),
             hub_endpoint=r.text(HF_ENDPOINT),
         )
@@ -203,6 +209,11 @@ WORKER_MAX_STOP = _var("worker", "WORKER_MAX_STOP", "8",
                        "Most stop strings in one job (each at most 256 characters); 0..64")
 WORKER_MAX_INPUT_BYTES = _var("worker", "WORKER_MAX_INPUT_BYTES", "10485760",
                               "Largest job input as JSON, bytes (RunPod's /run limit is 10 MB)")
+WORKER_MAX_TEXTS = _var("worker", "WORKER_MAX_TEXTS", "2048",
+                        "Most texts in one embedding job; 1..1000000")
+WORKER_EMBED_BATCH_SIZE = _var("worker", "WORKER_EMBED_BATCH_SIZE", "64",
+                               "Most texts embedded together in one forward pass, across jobs; "
+                               "1..4096")
 WORKER_JOB_TIMEOUT_S = _var("worker", "WORKER_JOB_TIMEOUT_S", "600",
                             "A job still running after this many seconds fails; 1..86400")
 
@@ -220,6 +231,8 @@ class WorkerSettings:
     max_messages: int             # chat length limit, messages
     max_stop: int                 # stop strings per job
     max_input_bytes: int          # whole job input, JSON bytes
+    max_texts: int                # texts per embedding job
+    embed_batch_size: int         # texts per embedding forward pass
     job_timeout_s: float          # per-job time limit, seconds
 
     @classmethod
@@ -236,6 +249,8 @@ class WorkerSettings:
             max_messages=r.integer(WORKER_MAX_MESSAGES, 1, 100000),
             max_stop=r.integer(WORKER_MAX_STOP, 0, 64),
             max_input_bytes=r.integer(WORKER_MAX_INPUT_BYTES, 1024, 100 * 1024 * 1024),
+            max_texts=r.integer(WORKER_MAX_TEXTS, 1, 1_000_000),
+            embed_batch_size=r.integer(WORKER_EMBED_BATCH_SIZE, 1, 4096),
             job_timeout_s=r.number(WORKER_JOB_TIMEOUT_S, 1, 86400),
         )
 

@@ -60,6 +60,14 @@ class Sequence:
     def done(self) -> bool:
         return self.finish_reason is not None
 
+    def reset_for_retry(self) -> bool:
+        """Start over after out of memory; impossible once text was streamed to the client."""
+        if self.emitted > 0:
+            return False
+        self.generated.clear()
+        self.text, self.finish_reason = "", None
+        return True
+
 
 @dataclass
 class _Running:
@@ -74,6 +82,8 @@ class _Running:
 
 class Engine:
     """Decodes sequences on a loaded model, admitting new ones between steps (see batcher.py)."""
+
+    continuous = True                   # batcher.py: run() takes in arrivals between steps
 
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded

@@ -5,7 +5,8 @@ Every failure a caller can see is one of these. ``str(err)`` is always safe to s
 
     WorkerError                      code             when
     ├── InputError                   invalid_input    the job's input is wrong; names the field
-    │   └── PayloadTooLarge          payload_too_large input or answer over a size limit
+    │   ├── PayloadTooLarge          payload_too_large input or answer over a size limit
+    │   └── UnknownModel             model_not_found  an OpenAI request names another model
     ├── SettingsError                invalid_setting  an environment variable is wrong (startup)
     ├── ModelNotFound                model_not_found  no weights where we looked (startup)
     ├── StorageError                 storage_failed   an upload or link could not be made
@@ -15,12 +16,17 @@ Every failure a caller can see is one of these. ``str(err)`` is always safe to s
     └── DeviceFault                  device_fault     the device is unusable; the worker is replaced
 
 ``error_response`` converts any exception into the job answer; nothing else in the project
-builds an ``{"error": ...}`` dict. Unexpected exceptions are logged with their traceback by the
-caller and answered with a generic message that leaks nothing.
+builds an ``{"error": ...}`` dict. For OpenAI-compatible routes (``openai=True``) the error
+string is OpenAI's error object as JSON, ``{"error": {"message", "type", "param", "code"}}``:
+the job still FAILS (RunPod fails a job only on a string ``error``, and a generator handler's
+answer keeps nothing but that string), and a proxy or client can parse it back. Unexpected
+exceptions are logged with their traceback by the caller and answered with a generic message
+that leaks nothing.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, TypedDict
 
 
@@ -59,6 +65,12 @@ class PayloadTooLarge(InputError):
     """An input or an answer is larger than a limit; the message names the limit and setting."""
 
     code = "payload_too_large"
+
+
+class UnknownModel(InputError):
+    """An OpenAI-style request names a model this worker does not serve."""
+
+    code = "model_not_found"
 
 
 class SettingsError(WorkerError):
@@ -106,19 +118,32 @@ class DeviceFault(WorkerError):
 GENERIC_MESSAGE = "internal error while running the job; it has been logged on the worker"
 
 
-def error_response(exc: BaseException) -> ErrorAnswer:
+def error_response(exc: BaseException, openai: bool = False) -> ErrorAnswer:
     """Turn any exception into the job's ``{"error": ...}`` answer.
 
     Known errors answer their own safe message and code. Anything else answers a generic message:
     the caller must log the traceback, since the exception text may hold paths or secrets.
+    With ``openai``, ``error`` holds OpenAI's error object as JSON text (see the docstring above).
     """
     if isinstance(exc, WorkerError):
         answer: ErrorAnswer = {"error": str(exc), "error_code": exc.code}
         if isinstance(exc, DeviceFault):
             # Asks RunPod to replace this worker instead of failing every later job on it.
             answer["refresh_worker"] = True
-        return answer
-    return {"error": GENERIC_MESSAGE, "error_code": "internal"}
+    else:
+        answer = {"error": GENERIC_MESSAGE, "error_code": "internal"}
+    if openai:
+        answer["error"] = json.dumps({"error": openai_error(exc, answer["error"])})
+    return answer
+
+
+def openai_error(exc: BaseException, message: str) -> dict[str, Any]:
+    """OpenAI's error object for ``exc``: its type says whose fault, ``param`` names the field."""
+    if isinstance(exc, InputError):
+        return {"message": message, "type": "invalid_request_error", "param": exc.field,
+                "code": exc.code if isinstance(exc, UnknownModel) else None}
+    code = exc.code if isinstance(exc, WorkerError) else "internal"
+    return {"message": message, "type": "server_error", "param": None, "code": code}
 
 
 def is_error_answer(answer: Any) -> bool:

@@ -64,7 +64,7 @@ def _load_in_main_process() -> Worker | None:
 WORKER = _load_in_main_process()
 
 
-async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any] | str]:
     """RunPod's handler: an async generator, so ``"stream": true`` jobs can stream."""
     assert WORKER is not None, "handler called outside the main process"
     async for item in WORKER.handle(job, progress=runpod.serverless.progress_update):
@@ -121,9 +121,9 @@ async def run_test_job(job: dict[str, Any]) -> int:
     returns the exit code: 1 if the job failed.
     """
     assert WORKER is not None
-    outputs: list[dict[str, Any]] = []
+    outputs: list[dict[str, Any] | str] = []
     async for item in WORKER.handle(job):
-        if item.get("error"):
+        if isinstance(item, dict) and item.get("error"):   # OpenAI streams yield SSE strings
             print(json.dumps({"error": item["error"]}, ensure_ascii=False), flush=True)
             return 1
         outputs.append(item)

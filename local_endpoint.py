@@ -7,6 +7,7 @@ meet on one machine, with nothing of RunPod's own local modes in between::
     client side  /v2/{endpoint}/run, /runsync            POST
                  /v2/{endpoint}/status/{id}, /stream/{id}, /cancel/{id}, /health   GET or POST
                  /v2/{endpoint}/purge-queue              POST
+                 /v2/{endpoint}/openai/v1/...            OpenAI-compatible routes (below)
     worker side  /v2/{endpoint}/job-take/{worker}        one job, or 204       (long-poll)
                  /v2/{endpoint}/job-take-batch/{worker}  a list of jobs, or 204 (long-poll)
                  /v2/{endpoint}/job-stop/{worker}        {"jobsToStop": [...]}, or 204 (long-poll)
@@ -21,6 +22,17 @@ of the answer as ``output``; cancel marks CANCELLED and reaches the worker throu
 Not modelled: webhooks are passed to the worker but never called, no retries, no queue TTL,
 no scaling; worker routes check no key (the SDK sends ``~/.runpod/config.toml``'s key instead of
 ``RUNPOD_AI_API_KEY`` when that file exists).
+
+OpenAI-compatible routes, as RunPod's ``https://api.runpod.ai/v2/{endpoint}/openai/v1``: a
+request to ``.../openai/v1/chat/completions`` (or ``completions``, ``embeddings``, ``models``)
+becomes a job with ``{"openai_route": "/v1/chat/completions", "openai_input": <the body>}``,
+the caller waits for it, and the job's output is the HTTP answer: the single item of the
+aggregated output as JSON, or, for ``"stream": true``, the worker's streamed chunks written as
+they arrive as ``text/event-stream`` (strings as they are; other chunks as ``data: <json>``
+events). Faithful: the job input shape (what worker-vllm reads) and the SSE text worker-vllm
+yields. Guessed (RunPod does not document it): a FAILED job answers HTTP 404/400/500 with the
+OpenAI error object when the error string holds one as JSON (our workers' choice), else wraps
+the error string in one; a stream that fails midway ends with a ``data: {"error": ...}`` event.
 
 Use it from tests with ``LocalEndpoint(...).start()`` and ``WorkerProcess``, or from a shell::
 
@@ -301,6 +313,7 @@ class LocalEndpoint:
             app.router.add_route(verb, p + "/cancel/{job_id}", self._cancel)
             app.router.add_route(verb, p + "/health", self._health)
         app.router.add_post(p + "/purge-queue", self._purge_queue)
+        app.router.add_route("*", p + "/openai/v1/{path:.*}", self._openai)
         app.router.add_get(p + "/job-take/{worker_id}", self._job_take)
         app.router.add_get(p + "/job-take-batch/{worker_id}", self._job_take)
         app.router.add_get(p + "/job-stop/{worker_id}", self._job_stop)
@@ -415,13 +428,18 @@ class LocalEndpoint:
         timeout_ms = policy.get("executionTimeout")
         if timeout_ms is not None and (not isinstance(timeout_ms, int | float) or timeout_ms <= 0):
             return _error(400, "policy.executionTimeout must be a positive number of ms")
+        return await self._enqueue(
+            body["input"], sync, {k: body[k] for k in ("webhook", "s3Config") if k in body},
+            timeout_ms / 1000 if timeout_ms is not None else self.execution_timeout_s)
+
+    async def _enqueue(self, job_input: Any, sync: bool, passthrough: dict[str, Any],
+                       execution_timeout_s: float | None) -> _Job:
         job = _Job(
             id=f"{'sync-' if sync else ''}{uuid.uuid4()}-u1",
-            input=body["input"],
+            input=job_input,
             sync=sync,
-            passthrough={k: body[k] for k in ("webhook", "s3Config") if k in body},
-            execution_timeout_s=(timeout_ms / 1000 if timeout_ms is not None
-                                 else self.execution_timeout_s),
+            passthrough=passthrough,
+            execution_timeout_s=execution_timeout_s,
         )
         self._jobs[job.id] = job
         self._queue.append(job.id)
@@ -524,6 +542,51 @@ class LocalEndpoint:
             self._finish(self._jobs[self._queue.popleft()], CANCELLED)
         await self._notify()
         return web.json_response({"removed": removed, "status": "completed"})
+
+    # ------------------------------------------------------------ OpenAI-compatible routes
+    async def _openai(self, request: web.Request) -> web.StreamResponse:
+        if refused := self._refused(request):
+            return refused
+        body: Any = {}
+        if request.method == "POST":
+            raw = await _read_capped(request, self.runsync_limit_bytes)
+            if raw is None:
+                return _openai_error(413, f"the request is larger than "
+                                          f"{_size(self.runsync_limit_bytes)}")
+            try:
+                body = json.loads(raw) if raw else {}
+            except ValueError:
+                return _openai_error(400, "the request body is not valid JSON")
+        job = await self._enqueue(
+            {"openai_route": "/v1/" + request.match_info["path"], "openai_input": body},
+            True, {}, self.execution_timeout_s)
+        wait_s = self.execution_timeout_s or EXECUTION_TIMEOUT_S
+        if not (isinstance(body, dict) and body.get("stream") is True):
+            await self._wait_until(lambda: job.status in FINAL_STATUSES, wait_s)
+            return _openai_whole(job)
+        await self._wait_until(lambda: bool(job.unread_chunks) or job.status in FINAL_STATUSES,
+                               wait_s)
+        if not job.unread_chunks:
+            return _openai_whole(job)   # failed (or ended) before its first chunk
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        while True:
+            chunks, job.unread_chunks = job.unread_chunks, []
+            for chunk in chunks:
+                out = chunk["output"]
+                await response.write((out if isinstance(out, str) else
+                                      f"data: {json.dumps(out)}\n\n").encode())
+            if job.status in FINAL_STATUSES and not job.unread_chunks:
+                break
+            if not await self._wait_until(
+                    lambda: bool(job.unread_chunks) or job.status in FINAL_STATUSES, wait_s):
+                break
+        if job.status != COMPLETED:
+            status, error = _openai_failure(job)
+            await response.write(f"data: {json.dumps(error)}\n\n".encode())
+        await response.write_eof()
+        return response
 
     # ---------------------------------------------------------------------- worker routes
     def _worker(self, request: web.Request) -> str:
@@ -657,6 +720,45 @@ class LocalEndpoint:
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
+
+
+def _openai_error(status: int, message: str, kind: str = "invalid_request_error") -> web.Response:
+    return web.json_response({"error": {"message": message, "type": kind, "param": None,
+                                        "code": None}}, status=status)
+
+
+def _openai_failure(job: _Job) -> tuple[int, dict[str, Any]]:
+    """HTTP status and OpenAI error body for a job that did not complete."""
+    if job.status not in FINAL_STATUSES:
+        return 504, {"error": {"message": f"the job is still {job.status}; no answer in time",
+                               "type": "timeout", "param": None, "code": None}}
+    if job.status != FAILED:
+        return 500, {"error": {"message": f"the job ended {job.status}", "type": "server_error",
+                               "param": None, "code": None}}
+    try:
+        body = json.loads(job.error or "")
+    except ValueError:
+        body = None
+    if not (isinstance(body, dict) and isinstance(body.get("error"), dict)):
+        body = {"error": {"message": job.error, "type": "server_error", "param": None,
+                          "code": None}}
+    error = body["error"]
+    status = (404 if error.get("code") == "model_not_found"
+              else 400 if error.get("type") == "invalid_request_error" else 500)
+    return status, body
+
+
+def _openai_whole(job: _Job) -> web.Response:
+    """A finished job's output as the OpenAI answer: the one item of the aggregated output."""
+    if job.status != COMPLETED:
+        status, body = _openai_failure(job)
+        return web.json_response(body, status=status)
+    output = job.output
+    if isinstance(output, list) and len(output) == 1:
+        output = output[0]
+    if not job.has_output or output is None:
+        return _openai_error(502, "the job completed with no output", "server_error")
+    return web.json_response(output)
 
 
 def _size(n: int) -> str:

@@ -11,8 +11,12 @@ Where the model is looked for, in this order (the first hit wins)::
     4. HF_HUB_CACHE                    a Hugging Face cache, e.g. on a network volume
     5. the Hub, only with MODEL_ALLOW_DOWNLOAD=true
 
-Only safetensors weights are loaded (pickle checkpoints run code on load) and remote code is
-never trusted. When nothing is found, ``ModelNotFound`` lists every place and how to fix it.
+Which task the model serves (``WORKER_TASK=auto``) is read from the directory: a
+sentence-transformers layout (``modules.json``, ``1_Pooling/``) or architectures without a
+language-model head (``BertModel``) are embedding models, loaded with ``AutoModel``; causal
+language models are loaded with ``AutoModelForCausalLM``. Only safetensors weights are loaded
+(pickle checkpoints run code on load) and remote code is never trusted. When nothing is found,
+``ModelNotFound`` lists every place and how to fix it.
 """
 
 from __future__ import annotations
@@ -22,14 +26,15 @@ import json
 import logging
 import resource
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 _t_import = time.perf_counter()
 import torch  # noqa: E402
+import transformers  # noqa: E402
 from transformers import (  # noqa: E402
     AutoConfig,
-    AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
     PreTrainedModel,
@@ -165,6 +170,28 @@ def _download(settings: ModelSettings) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
+# Which task: generate (causal LM) or embed (an encoder, pooled)
+# ----------------------------------------------------------------------------------------------
+_LM_HEAD_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def detect_task(directory: Path, config: object, setting: str = "auto") -> str:
+    """``generate`` or ``embed``: the setting when explicit, else what the directory holds.
+
+    A sentence-transformers layout means embed; architectures that all lack a language-model
+    head (``BertModel``, ``XLMRobertaModel``) mean embed; anything with one means generate.
+    """
+    if setting != "auto":
+        return setting
+    if (directory / "modules.json").is_file() or (directory / "1_Pooling").is_dir():
+        return "embed"
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and not any(a.endswith(_LM_HEAD_SUFFIXES) for a in architectures):
+        return "embed"
+    return "generate"
+
+
+# ----------------------------------------------------------------------------------------------
 # Device and dtype
 # ----------------------------------------------------------------------------------------------
 def choose_device(setting: str) -> str:
@@ -202,10 +229,11 @@ class LoadStats:
     dtype: str
     peak_bytes: int
     placement: str
+    task: str = "generate"
 
     def line(self, source: ModelSource, name: str) -> str:
         gib = 1024**3
-        return (f"model ready: {name} from {source.origin} ({source.path}) | "
+        return (f"model ready: {name} ({self.task}) from {source.origin} ({source.path}) | "
                 f"import {self.import_s:.2f}s, read {self.read_s:.2f}s "
                 f"({self.weight_bytes / gib:.2f} GiB), place {self.place_s:.2f}s, "
                 f"warm-up {self.warmup_s:.2f}s | device {self.device} ({self.placement}), "
@@ -223,6 +251,7 @@ class LoadedModel:
     served_name: str
     source: ModelSource
     stats: LoadStats
+    task: str = "generate"        # "generate" | "embed": which tasks/ module serves it
 
 
 def read_weight_files(directory: Path) -> tuple[int, float]:
@@ -247,8 +276,20 @@ def _peak_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def load_model(settings: ModelSettings, warmup: bool | None = None) -> LoadedModel:
-    """Find, load and warm up the model; log one startup line. Call once per worker."""
+DEFAULT_MODEL_CLASSES = {"generate": "AutoModelForCausalLM", "embed": "AutoModel"}
+
+
+def load_model(settings: ModelSettings, warmup: bool | None = None,
+               model_classes: Mapping[str, str] | None = None) -> LoadedModel:
+    """Find, load and warm up the model; log one startup line. Call once per worker.
+
+    ``model_classes`` maps each task name to the transformers Auto class that loads its models
+    (``tasks.TASKS`` declares them); the task is ``settings.task`` or, for ``auto``, detected.
+    """
+    classes = dict(model_classes or DEFAULT_MODEL_CLASSES)
+    if settings.task != "auto" and settings.task not in classes:
+        raise SettingsError(f"WORKER_TASK={settings.task!r} is not allowed; use one of "
+                            f"auto, {', '.join(classes)}")
     source = resolve_model_source(settings)
     device = choose_device(settings.device)
     dtype = choose_dtype(settings.dtype, device)
@@ -258,6 +299,7 @@ def load_model(settings: ModelSettings, warmup: bool | None = None) -> LoadedMod
         raise ModelNotFound(f"{source.path} holds a quantized checkpoint; serve full-precision "
                             "safetensors (builder/fetch_model.py converts GGUF)")
 
+    task = detect_task(source.path, config, settings.task)
     weight_bytes, read_s = read_weight_files(source.path)
 
     # Weights are read from the safetensors mmap straight onto the device: no host copy.
@@ -269,8 +311,9 @@ def load_model(settings: ModelSettings, warmup: bool | None = None) -> LoadedMod
         device_map = {"": device}
         placement = "one device"
     start = time.perf_counter()
+    model_class = getattr(transformers, classes[task])
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = model_class.from_pretrained(
             source.path,
             dtype=dtype,
             device_map=device_map,
@@ -294,7 +337,8 @@ def load_model(settings: ModelSettings, warmup: bool | None = None) -> LoadedMod
     tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"     # decoder-only batches pad on the left
+    # Decoder-only batches pad on the left; encoders on the right (absolute positions).
+    tokenizer.padding_side = "left" if task == "generate" else "right"
     try:
         gen_config = GenerationConfig.from_pretrained(source.path)
     except OSError:
@@ -308,11 +352,12 @@ def load_model(settings: ModelSettings, warmup: bool | None = None) -> LoadedMod
         device=first_param.device,
         served_name=settings.served_name,
         source=source,
+        task=task,
         stats=LoadStats(
             import_s=IMPORT_SECONDS, read_s=read_s, place_s=place_s, warmup_s=0.0,
             weight_bytes=weight_bytes, device=str(first_param.device),
             dtype=str(first_param.dtype).removeprefix("torch."), peak_bytes=0,
-            placement=placement,
+            placement=placement, task=task,
         ),
     )
     if settings.warmup if warmup is None else warmup:
@@ -361,12 +406,16 @@ def release_memory() -> None:
 
 
 def warm_up(loaded: LoadedModel) -> float:
-    """One short greedy generation so the first job pays no kernel or allocator start-up."""
+    """One short greedy generation (or one forward pass of an embedding model) so the first
+    job pays no kernel or allocator start-up."""
     start = time.perf_counter()
     inputs = loaded.tokenizer("Hello", return_tensors="pt").to(loaded.device)
     with torch.inference_mode():
-        loaded.model.generate(**inputs, max_new_tokens=4, do_sample=False,
-                              pad_token_id=loaded.tokenizer.pad_token_id)
+        if loaded.task == "generate":
+            loaded.model.generate(**inputs, max_new_tokens=4, do_sample=False,
+                                  pad_token_id=loaded.tokenizer.pad_token_id)
+        else:
+            loaded.model(**inputs)
     if loaded.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start

@@ -59,7 +59,7 @@ def parse_input(model: type[Model], data: dict[str, Any], context: dict[str, Any
 
 
 def _describe(err: Any, prefix: str, model: type[BaseModel]) -> str:
-    path = ".".join([prefix, *(str(part) for part in err["loc"])])
+    path = ".".join([*([prefix] if prefix else []), *(str(part) for part in err["loc"])])
     kind = err["type"]
     if kind == "extra_forbidden":
         allowed = ", ".join(sorted(model.model_fields)) if len(err["loc"]) == 1 else None

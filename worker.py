@@ -31,11 +31,11 @@ from typing import Any
 from config import DownloadSettings, ModelSettings, StorageSettings, WorkerSettings
 from delivery import check_output_mode, deliver_output, measure_answer
 from downloads import load_jsonl_url
-from errors import InputError, WorkerError, error_response
+from errors import InputError, PayloadTooLarge, WorkerError, error_response
 from model_loader import LoadedModel, load_model
+from openai_compat import OpenAIRoutes, is_openai_job
 from storage import Storage, storage_for_job, storage_from_settings
-from tasks import TASKS
-from tasks.generate import GenerateTask
+from tasks import TASKS, Task
 from validation import check_job_input
 
 log = logging.getLogger("worker")
@@ -64,14 +64,28 @@ class Worker:
     download_settings: DownloadSettings
     storage: Storage | None          # the worker's own storage; a job's s3Config overrides it
     loaded: LoadedModel
-    task: GenerateTask
+    task: Task
+    openai: OpenAIRoutes
 
     async def handle(self, job: Any, progress: ProgressFn | None = None
-                     ) -> AsyncIterator[dict[str, Any]]:
+                     ) -> AsyncIterator[dict[str, Any] | str]:
         """Answer one RunPod job: yields stream chunks, or one answer, or one error answer."""
         job_id = str(job.get("id", "job")) if isinstance(job, dict) else "job"
+        openai = is_openai_job(job)
         try:
             job_input = dict(check_job_input(job, self.settings.max_input_bytes))
+            if openai:  # RunPod's OpenAI-compatible routes (openai_compat.py)
+                async for item in self.openai.handle(job_input):
+                    # OpenAI clients cannot follow a link: too large fails, never half-delivers.
+                    size = measure_answer(item)
+                    if size > self.storage_settings.inline_limit_bytes:
+                        raise PayloadTooLarge(
+                            f"the answer is {size:,} bytes, over the inline limit of "
+                            f"{self.storage_settings.inline_limit_bytes:,} bytes "
+                            "(OUTPUT_INLINE_LIMIT_BYTES); send fewer inputs per request, or "
+                            "use the worker's own input format with output_mode 'link'")
+                    yield item
+                return
             mode = check_output_mode(job_input.pop("output_mode", None))
             if "batch" in job_input or "batch_url" in job_input:
                 answer = await self._batch(job, job_input, mode, progress)
@@ -88,7 +102,7 @@ class Worker:
             answer = dict(await self.task.answer(request))
             yield await asyncio.to_thread(self._deliver, answer, job, mode)
         except Exception as exc:  # noqa: BLE001 - the job boundary: every failure is answered
-            answer = error_response(exc)
+            answer = error_response(exc, openai=openai)
             if answer["error_code"] == "internal":
                 log.exception("job %s failed unexpectedly", job_id)
             else:
@@ -207,7 +221,9 @@ def build_worker(env: Mapping[str, str] | None = None) -> Worker:
     storage_settings = StorageSettings.from_env(env)
     download_settings = DownloadSettings.from_env(env)
     storage = storage_from_settings(storage_settings)   # builds a client; no network
-    loaded = load_model(ModelSettings.from_env(env))
-    task = TASKS["generate"](loaded, settings)
+    loaded = load_model(ModelSettings.from_env(env),
+                        model_classes={name: task.auto_model for name, task in TASKS.items()})
+    task = TASKS[loaded.task](loaded, settings)
     return Worker(settings=settings, storage_settings=storage_settings,
-                  download_settings=download_settings, storage=storage, loaded=loaded, task=task)
+                  download_settings=download_settings, storage=storage, loaded=loaded, task=task,
+                  openai=OpenAIRoutes(task, loaded.served_name))

@@ -125,7 +125,7 @@ def run(model_dir: Path, levels: list[int], new_tokens: int) -> dict[str, Any]:
         batcher = Batcher(engine, max_batch_size=n, wait_ms=5)
 
         async def concurrent(n: int = n, batcher: Batcher = batcher) -> None:
-            await asyncio.gather(*(batcher.generate(Sequence(prompt, params()))
+            await asyncio.gather(*(batcher.submit(Sequence(prompt, params()))
                                    for _ in range(n)))
 
         loop = asyncio.new_event_loop()

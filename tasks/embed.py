@@ -1,0 +1,248 @@
+"""The embedding task: texts in, one vector per text out, batched across concurrent jobs.
+
+Owns the job contract for embedding models (encoders such as all-MiniLM-L6-v2): the input fields
+and their limits, the pooling the model was trained with, and the answer's shape. Texts from
+concurrent jobs share forward passes through ``batcher.py`` on its single device thread; this
+module's ``EmbedEngine`` is what runs on that thread.
+
+Input (``job["input"]``)::
+
+    texts | text     exactly one: a list of 1..WORKER_MAX_TEXTS strings, or one string
+    normalize        true (default): unit-length vectors, so a dot product is the cosine
+    dimensions       1..the model's dimension: keep the first N components (re-normalized when
+                     normalize is on); more than the model has is refused
+    truncate         false (default): a text over the token limit is refused, naming the text and
+                     the limit; true: such texts are cut to the limit, as sentence-transformers does
+
+The token limit of one text is the smaller of the model's own (``max_seq_length`` of
+``sentence_bert_config.json``, else ``max_position_embeddings``) and WORKER_MAX_PROMPT_TOKENS.
+
+Answer: ``{"embeddings": [[float, ...], ...], "dim", "usage": {"prompt_tokens"}, "model"}``,
+one vector per text in input order; ``prompt_tokens`` counts every token, special ones included.
+
+Pooling follows ``1_Pooling/config.json`` when the model has one (mean, CLS or max over the
+tokens the attention mask keeps), else mean pooling, the sentence-transformers default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypedDict
+
+import torch
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from batcher import Batcher
+from config import WorkerSettings
+from errors import InputError, ModelNotFound
+from model_loader import LoadedModel
+from validation import StrictInput, parse_input
+
+POOLING_MODES = ("mean", "cls", "max")
+
+
+class EmbedInput(StrictInput):
+    """The fields of an embedding job. The count limit comes from the context's settings."""
+
+    texts: list[str] | None = None
+    text: str | None = None
+    normalize: bool = True
+    dimensions: int | None = Field(None, ge=1)
+    truncate: bool = False
+
+    @field_validator("texts")
+    @classmethod
+    def _texts_within_limit(cls, value: list[str] | None,
+                            info: ValidationInfo) -> list[str] | None:
+        limit = info.context["limits"].max_texts
+        if value is not None and not value:
+            raise ValueError("is empty; send at least one text")
+        if value is not None and len(value) > limit:
+            raise ValueError(f"has {len(value)} texts, over the limit of {limit} "
+                             "(WORKER_MAX_TEXTS)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_of_texts_or_text(self) -> EmbedInput:
+        if (self.texts is None) == (self.text is None):
+            raise ValueError("send exactly one of 'texts' (a list of strings) or 'text'")
+        return self
+
+
+class EmbedUsage(TypedDict):
+    prompt_tokens: int
+
+
+class EmbedAnswer(TypedDict):
+    embeddings: list[list[float]]
+    dim: int
+    usage: EmbedUsage
+    model: str
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    token_ids: list[list[int]]
+    normalize: bool
+    dimensions: int | None
+    stream: bool = False           # embeddings are answered whole
+
+
+@dataclass(eq=False)
+class EmbedItem:
+    """One text while it waits for and goes through a forward pass."""
+
+    ids: list[int]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    vector: torch.Tensor | None = None       # pooled, float32, on the CPU; not normalized
+    on_done: Callable[[], None] | None = None   # set by the batcher
+
+    def reset_for_retry(self) -> bool:
+        self.vector = None
+        return True
+
+
+def read_pooling(model_dir: Path) -> str:
+    """The pooling mode of a sentence-transformers model directory; mean when it has none.
+
+    A ``modules.json`` that names a Pooling module whose config is missing (a copy that kept
+    only top-level files) is refused: guessing mean for a CLS-pooled model gives wrong vectors.
+    """
+    path = model_dir / "1_Pooling" / "config.json"
+    modules = model_dir / "modules.json"
+    if modules.is_file():
+        for module in json.loads(modules.read_text()):
+            if str(module.get("type", "")).endswith("Pooling"):
+                path = model_dir / module.get("path", "1_Pooling") / "config.json"
+                if not path.is_file():
+                    raise ModelNotFound(
+                        f"{model_dir} names a pooling module in modules.json but has no "
+                        f"{path.relative_to(model_dir)}; copy the whole sentence-transformers "
+                        "directory, subfolders included, or point MODEL_PATH at it")
+    if not path.is_file():
+        return "mean"
+    config = json.loads(path.read_text())
+    modes = [m for m in POOLING_MODES if config.get(f"pooling_mode_{m}_tokens")
+             or config.get(f"pooling_mode_{m}_token")]
+    if len(modes) != 1:
+        raise ModelNotFound(f"{path} asks for pooling this worker does not implement; "
+                            f"supported: exactly one of {', '.join(POOLING_MODES)}")
+    return modes[0]
+
+
+def model_token_limit(loaded: LoadedModel) -> int:
+    """Longest input the model was trained for, in tokens."""
+    st_config = loaded.source.path / "sentence_bert_config.json"
+    if st_config.is_file():
+        limit = json.loads(st_config.read_text()).get("max_seq_length")
+        if isinstance(limit, int) and limit > 0:
+            return limit
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and limit > 0:
+        return limit
+    return loaded.tokenizer.model_max_length
+
+
+class EmbedEngine:
+    """Pools a batch of texts in one forward pass (right-padded, attention-masked)."""
+
+    def __init__(self, loaded: LoadedModel, pooling: str) -> None:
+        self.model = loaded.model
+        self.device = loaded.device
+        self.pad_id = loaded.tokenizer.pad_token_id or 0
+        self.pooling = pooling
+
+    def run(self, items: list[EmbedItem]) -> None:
+        active = [i for i in items if not i.cancelled.is_set()]
+        if not active:
+            return
+        width = max(len(i.ids) for i in active)
+        ids = torch.full((len(active), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(active), width), dtype=torch.long)
+        for row, item in enumerate(active):
+            ids[row, :len(item.ids)] = torch.tensor(item.ids, dtype=torch.long)
+            mask[row, :len(item.ids)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        with torch.inference_mode():
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+            keep = mask.unsqueeze(-1).to(hidden.dtype)
+            if self.pooling == "cls":
+                pooled = hidden[:, 0]
+            elif self.pooling == "max":
+                pooled = hidden.masked_fill(keep == 0, float("-inf")).amax(dim=1)
+            else:
+                pooled = (hidden * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1e-9)
+            pooled = pooled.cpu()
+        for row, item in enumerate(active):
+            item.vector = pooled[row]
+
+
+class EmbedTask:
+    """Embedding jobs on an encoder model, batched across concurrent jobs."""
+
+    name = "embed"
+    auto_model = "AutoModel"                 # the transformers class its models load with
+
+    def __init__(self, loaded: LoadedModel, settings: WorkerSettings) -> None:
+        self.loaded = loaded
+        self.settings = settings
+        self.tokenizer = loaded.tokenizer
+        self.pooling = read_pooling(loaded.source.path)
+        self.dim = int(loaded.model.config.hidden_size)
+        self.max_tokens = min(model_token_limit(loaded), settings.max_prompt_tokens)
+        self.batcher = Batcher(EmbedEngine(loaded, self.pooling), settings.embed_batch_size,
+                               settings.batch_wait_ms)
+
+    def parse(self, job_input: dict[str, Any], where: str = "input") -> EmbedRequest:
+        """Validate and tokenize; raises InputError naming the field (and the text's index)."""
+        data = parse_input(EmbedInput, job_input, {"limits": self.settings}, prefix=where)
+        return self.tokenize(data.texts if data.texts is not None else [data.text or ""],
+                             normalize=data.normalize, dimensions=data.dimensions,
+                             truncate=data.truncate,
+                             field=f"{where}.texts" if data.texts is not None else f"{where}.text",
+                             dimensions_field=f"{where}.dimensions")
+
+    def tokenize(self, texts: list[str], *, normalize: bool, dimensions: int | None,
+                 truncate: bool, field: str, dimensions_field: str) -> EmbedRequest:
+        """The request for ``texts``; errors name ``field`` (``field[i]`` for one text)."""
+        if dimensions is not None and dimensions > self.dim:
+            raise InputError(f"{dimensions} is more than the model's {self.dim} dimensions",
+                             field=dimensions_field)
+        ids = self.tokenizer(texts, truncation=truncate, max_length=self.max_tokens if truncate
+                             else None)["input_ids"]
+        for index, row in enumerate(ids):
+            if len(row) > self.max_tokens:
+                where = f"{field}[{index}]" if field.endswith("s") else field
+                raise InputError(f"is {len(row)} tokens, over the limit of {self.max_tokens} "
+                                 "(the model's max_seq_length, or WORKER_MAX_PROMPT_TOKENS); "
+                                 "shorten it or send \"truncate\": true", field=where)
+        return EmbedRequest([list(r) for r in ids], normalize, dimensions)
+
+    async def vectors(self, request: EmbedRequest) -> torch.Tensor:
+        """One row per text, pooled, cut to ``dimensions`` and normalized as asked."""
+        items = [EmbedItem(ids) for ids in request.token_ids]
+        await asyncio.gather(*(self.batcher.submit(item) for item in items))
+        matrix = torch.stack([i.vector for i in items if i.vector is not None])
+        if request.dimensions is not None:
+            matrix = matrix[:, :request.dimensions]
+        if request.normalize:
+            matrix = torch.nn.functional.normalize(matrix, p=2, dim=1)
+        return matrix
+
+    async def answer(self, request: EmbedRequest) -> EmbedAnswer:
+        matrix = await self.vectors(request)
+        return {
+            "embeddings": matrix.tolist(),
+            "dim": int(matrix.shape[1]),
+            "usage": {"prompt_tokens": sum(len(r) for r in request.token_ids)},
+            "model": self.loaded.served_name,
+        }
+
+    async def stream(self, request: EmbedRequest) -> AsyncIterator[dict[str, Any]]:
+        """Embeddings are not streamed: the whole answer, once."""
+        yield dict(await self.answer(request))

@@ -1,0 +1,161 @@
+"""Embeddings through the job wiring on the real all-MiniLM-L6-v2 (in-process, no SDK loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+from config import ModelSettings
+from errors import ModelNotFound, SettingsError
+from model_loader import detect_task, load_model
+from tasks.embed import read_pooling
+from tests.support.worker import MINILM_NAME, LoopThread, collect
+from worker import Worker
+
+pytestmark = pytest.mark.slow
+
+TEXTS = ["The cat sits on the mat.", "A quick brown fox jumps over the lazy dog, twice.",
+         "Embeddings map text to vectors."]
+
+
+def answer(loop: LoopThread, worker: Worker, job_input: dict) -> dict:
+    items = loop.run(collect(worker, job_input))
+    assert len(items) == 1, items
+    return items[0]
+
+
+@pytest.fixture(scope="module")
+def reference(minilm_dir: Path) -> torch.Tensor:
+    """The model's own definition, computed directly: mean pooling over the mask, then L2."""
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    model = AutoModel.from_pretrained(minilm_dir).eval()
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    pooled = (hidden * mask).sum(1) / mask.sum(1)
+    return torch.nn.functional.normalize(pooled, dim=1)
+
+
+def cosines(a: list[list[float]], b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(torch.tensor(a), b, dim=1)
+
+
+class TestTaskDetection:
+    def test_sentence_transformers_model_is_served_as_embed(self, embed_worker):
+        assert embed_worker.loaded.task == "embed"
+        assert embed_worker.task.name == "embed"
+        assert embed_worker.task.pooling == "mean"
+
+    def test_bert_model_without_sentence_transformers_files_is_embed(self, minilm_dir, tmp_path):
+        (tmp_path / "config.json").write_text((minilm_dir / "config.json").read_text())
+        assert detect_task(tmp_path, AutoConfig.from_pretrained(tmp_path)) == "embed"
+
+    def test_causal_lm_is_generate(self, default_model_dir):
+        config = AutoConfig.from_pretrained(default_model_dir)
+        assert detect_task(default_model_dir, config) == "generate"
+
+    def test_worker_task_setting_overrides_detection(self, minilm_dir):
+        config = AutoConfig.from_pretrained(minilm_dir)
+        assert detect_task(minilm_dir, config, "generate") == "generate"
+
+    def test_missing_pooling_config_is_refused_rather_than_guessed(self, minilm_dir, tmp_path):
+        for name in ("config.json", "modules.json"):
+            (tmp_path / name).write_text((minilm_dir / name).read_text())
+        with pytest.raises(ModelNotFound, match="has no 1_Pooling/config.json"):
+            read_pooling(tmp_path)
+
+    def test_unknown_worker_task_fails_at_startup_naming_the_choices(self, minilm_dir):
+        settings = ModelSettings.from_env({"MODEL_PATH": str(minilm_dir), "WORKER_TASK": "rank"})
+        with pytest.raises(SettingsError, match="WORKER_TASK='rank' is not allowed; use one of "
+                                                "auto, generate, embed"):
+            load_model(settings, warmup=False)
+
+
+class TestAnswers:
+    def test_embeddings_match_mean_pooling_computed_directly(self, loop, embed_worker,
+                                                            reference):
+        out = answer(loop, embed_worker, {"texts": TEXTS})
+        assert out["dim"] == 384 and out["model"] == MINILM_NAME
+        assert len(out["embeddings"]) == len(TEXTS)
+        assert cosines(out["embeddings"], reference).min() > 0.999
+        norms = torch.tensor(out["embeddings"]).norm(dim=1)
+        assert torch.allclose(norms, torch.ones(len(TEXTS)), atol=1e-5)
+
+    def test_usage_counts_every_token_special_ones_included(self, loop, embed_worker,
+                                                           minilm_dir):
+        tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+        expected = sum(len(ids) for ids in tokenizer(TEXTS)["input_ids"])
+        assert answer(loop, embed_worker, {"texts": TEXTS})["usage"] == {"prompt_tokens":
+                                                                         expected}
+
+    def test_single_text_gives_one_vector(self, loop, embed_worker, reference):
+        out = answer(loop, embed_worker, {"text": TEXTS[0]})
+        assert len(out["embeddings"]) == 1
+        assert cosines(out["embeddings"], reference[:1]).item() > 0.999
+
+    def test_normalize_false_keeps_the_pooled_length(self, loop, embed_worker):
+        out = answer(loop, embed_worker, {"texts": TEXTS, "normalize": False})
+        norms = torch.tensor(out["embeddings"]).norm(dim=1)
+        assert (norms - 1).abs().min() > 0.01
+
+    def test_dimensions_keep_the_first_components_renormalized(self, loop, embed_worker):
+        raw = answer(loop, embed_worker, {"texts": TEXTS, "normalize": False})
+        cut = answer(loop, embed_worker, {"texts": TEXTS, "dimensions": 32})
+        assert cut["dim"] == 32 and len(cut["embeddings"][0]) == 32
+        expected = torch.nn.functional.normalize(torch.tensor(raw["embeddings"])[:, :32], dim=1)
+        assert torch.allclose(torch.tensor(cut["embeddings"]), expected, atol=1e-5)
+
+    def test_answer_is_plain_json(self, loop, embed_worker):
+        out = answer(loop, embed_worker, {"texts": TEXTS})
+        assert json.loads(json.dumps(out)) == out
+
+
+class TestBatching:
+    def test_texts_of_concurrent_jobs_share_one_forward_pass(self, loop, embed_worker):
+        alone = [answer(loop, embed_worker, {"text": t})["embeddings"][0] for t in TEXTS]
+        batcher = embed_worker.task.batcher
+        batches_before = batcher.batches_run
+
+        async def together():
+            return await asyncio.gather(*(collect(embed_worker, {"text": t}) for t in TEXTS))
+
+        batched = [items[0]["embeddings"][0] for items in loop.run(together())]
+        assert batcher.batches_run == batches_before + 1
+        assert batcher.largest_batch >= len(TEXTS)
+        # Padding to the longest text with a mask must not change any text's vector.
+        assert cosines(batched, torch.tensor(alone)).min() > 0.9999
+
+
+class TestLimits:
+    def test_dimensions_over_the_model_are_refused(self, loop, embed_worker):
+        out = answer(loop, embed_worker, {"texts": TEXTS, "dimensions": 385})
+        assert out["error"] == "input.dimensions: 385 is more than the model's 384 dimensions"
+
+    def test_too_many_texts_name_the_setting(self, loop, embed_worker):
+        out = answer(loop, embed_worker, {"texts": ["x"] * 65})
+        assert out["error"] == ("input.texts: has 65 texts, over the limit of 64 "
+                                "(WORKER_MAX_TEXTS)")
+
+    def test_over_long_text_is_refused_naming_it_and_the_limit(self, loop, embed_worker):
+        out = answer(loop, embed_worker, {"texts": ["short", "word " * 300]})
+        assert out["error"].startswith("input.texts[1]: is 302 tokens, over the limit of 256")
+        assert '"truncate": true' in out["error"]
+
+    def test_truncate_cuts_over_long_texts_to_the_limit(self, loop, embed_worker):
+        out = answer(loop, embed_worker, {"text": "word " * 300, "truncate": True})
+        assert out["usage"]["prompt_tokens"] == 256
+        assert len(out["embeddings"]) == 1
+
+    def test_texts_and_text_together_are_refused(self, loop, embed_worker):
+        out = answer(loop, embed_worker, {"texts": ["a"], "text": "b"})
+        assert "send exactly one of 'texts'" in out["error"]
+
+    def test_unknown_field_is_refused_by_name(self, loop, embed_worker):
+        out = answer(loop, embed_worker, {"texts": ["a"], "pooling": "cls"})
+        assert out["error"].startswith("input.pooling: unknown field; allowed fields: dimensions")
