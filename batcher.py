@@ -204,7 +204,8 @@ class Batcher:
             else:
                 retry.append(e)
         self._capacity = max(1, len(batch) // 2)
-        log.warning("out of memory on a batch of %d; retrying %d at most %d at a time",
-                    len(batch), len(retry), self._capacity)
+        if retry:
+            log.warning("out of memory on a batch of %d; retrying %d at most %d at a time",
+                        len(batch), len(retry), self._capacity)
         with self._lock:
             self._queue.extendleft(reversed(retry))

@@ -193,5 +193,5 @@ class TestOutOfMemory:
         finally:
             handle.remove()
         assert out["error_code"] == "out_of_memory"
-        assert "shorter prompt" in out["error"]
+        assert "send a shorter input" in out["error"]
         assert "Paris" in answer(loop, worker, chat(CAPITAL, max_new_tokens=20))["text"]
