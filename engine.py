@@ -25,6 +25,7 @@ from transformers.cache_utils import DynamicLayer
 from model_loader import LoadedModel
 
 FinishReason = str  # "stop" | "length" | "cancelled" | "timeout"
+MIN_TEMPERATURE = 1e-4  # below this, sampling is greedy (dividing by less overflows)
 
 
 @dataclass(frozen=True)
@@ -282,6 +283,9 @@ class Engine:
 
 
 def _sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+    if p.temperature < MIN_TEMPERATURE:
+        # logits / 1e-300 overflow to inf and softmax to nan: this close to 0 is greedy anyway.
+        return int(logits.argmax().item())
     scores = logits / p.temperature
     if p.top_k > 0 and p.top_k < scores.numel():
         kth = torch.topk(scores, p.top_k).values[-1]
@@ -292,6 +296,8 @@ def _sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator 
         drop = cumulative - sorted_scores.softmax(-1) > p.top_p   # keep the first past top_p
         scores = scores.scatter(0, order[drop], float("-inf"))
     probs = scores.softmax(-1)
+    if not bool(torch.isfinite(probs).all()):
+        return int(logits.argmax().item())   # never let one row's numbers fail its batch
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 

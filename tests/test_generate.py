@@ -195,3 +195,11 @@ class TestOutOfMemory:
         assert out["error_code"] == "out_of_memory"
         assert "send a shorter input" in out["error"]
         assert "Paris" in answer(loop, worker, chat(CAPITAL, max_new_tokens=20))["text"]
+
+
+class TestSamplingEdges:
+    def test_a_vanishing_temperature_is_greedy_instead_of_failing_the_batch(self, loop, worker):
+        """Found by the fuzz test: temperature 1e-300 overflowed to NaN probabilities."""
+        greedy = answer(loop, worker, chat(CAPITAL, max_new_tokens=12))
+        tiny = answer(loop, worker, chat(CAPITAL, max_new_tokens=12, temperature=1e-300))
+        assert tiny["text"] == greedy["text"]
