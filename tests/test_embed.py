@@ -159,3 +159,26 @@ class TestLimits:
     def test_unknown_field_is_refused_by_name(self, loop, embed_worker):
         out = answer(loop, embed_worker, {"texts": ["a"], "pooling": "cls"})
         assert out["error"].startswith("input.pooling: unknown field; allowed fields: dimensions")
+
+
+class TestLargeEmbeddingAnswers:
+    def test_thousands_of_texts_go_out_as_a_link(self, loop, embed_worker, tmp_path):
+        import dataclasses
+        import urllib.request
+
+        from config import StorageSettings
+        from storage import storage_from_settings
+
+        settings = StorageSettings.from_env({"OUTPUT_LOCAL_DIR": str(tmp_path)})
+        limits = dataclasses.replace(embed_worker.settings, max_texts=2048)
+        linked = dataclasses.replace(embed_worker, settings=limits, storage_settings=settings,
+                                     storage=storage_from_settings(settings),
+                                     task=type(embed_worker.task)(embed_worker.loaded, limits))
+        texts = [f"sentence number {i}" for i in range(1000)]   # ~8 MB of JSON inline
+        out = loop.run(collect(linked, {"texts": texts}), timeout=300)[0]
+        assert "output_link" in out, {k: str(v)[:200] for k, v in out.items()}
+        link = out["output_link"]
+        with urllib.request.urlopen(link["url"]) as f:
+            answer = json.loads(f.read())
+        assert len(answer["embeddings"]) == 1000 and answer["dim"] == 384
+        assert link["bytes"] > settings.inline_limit_bytes

@@ -178,7 +178,7 @@ class TestBatchJobs:
                                )["results"][0]["text"]
 
     def test_long_batches_report_progress(self, loop, worker):
-        out = only(loop, worker, {"batch": [{"prompt": f"Story {i}:", "max_new_tokens": 30}
+        out = only(loop, worker, {"batch": [{"prompt": f"Story {i}:", "max_new_tokens": 3 + 3 * i}
                                             for i in range(12)]})
         assert out["failed"] == 0
         assert progress_seen, "no progress update during a multi-second batch"

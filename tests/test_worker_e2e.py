@@ -165,8 +165,9 @@ class TestLargeAnswersThroughTheWorkerLoop:
         assert "text" in small[0]
 
     def test_progress_of_a_long_batch_shows_in_status(self, linked_service):
+        # Items of different lengths finish at different times, seconds apart.
         job = linked_service.client.run({"input": {"batch": [
-            {"prompt": f"Story {i}:", "max_new_tokens": 40} for i in range(16)]}})
+            {"prompt": f"Story {i}:", "max_new_tokens": 4 + 4 * i} for i in range(16)]}})
         seen = []
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
