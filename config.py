@@ -15,6 +15,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from errors import SettingsError
@@ -61,21 +62,17 @@ class _Reader:
         return value
 
     def integer(self, v: Var, lo: int, hi: int) -> int:
-        raw = self.required_text(v)
-        try:
-            value = int(raw)
-        except ValueError:
-            raise SettingsError(f"{v.name}={raw!r} is not an integer; use {lo}..{hi}") from None
-        if not lo <= value <= hi:
-            raise SettingsError(f"{v.name}={value} is out of range; use {lo}..{hi}")
-        return value
+        return self._ranged(v, int, "an integer", lo, hi)
 
     def number(self, v: Var, lo: float, hi: float) -> float:
+        return self._ranged(v, float, "a number", lo, hi)
+
+    def _ranged(self, v: Var, parse: type, kind: str, lo: float, hi: float) -> Any:
         raw = self.required_text(v)
         try:
-            value = float(raw)
+            value = parse(raw)
         except ValueError:
-            raise SettingsError(f"{v.name}={raw!r} is not a number; use {lo}..{hi}") from None
+            raise SettingsError(f"{v.name}={raw!r} is not {kind}; use {lo}..{hi}") from None
         if not lo <= value <= hi:
             raise SettingsError(f"{v.name}={value} is out of range; use {lo}..{hi}")
         return value
