@@ -82,7 +82,7 @@ def check_output_mode(mode: Any) -> OutputMode:
     if mode is None:
         return "auto"
     if mode not in OUTPUT_MODES:
-        raise InputError(f"must be one of {', '.join(OUTPUT_MODES)}", field="output_mode")
+        raise InputError(f"must be one of {', '.join(OUTPUT_MODES)}", field="input.output_mode")
     return mode
 
 
@@ -104,11 +104,11 @@ def deliver_output(answer: Any, *, job_id: str, storage: Storage | None,
         raise PayloadTooLarge(
             f"the answer is {size:,} bytes of JSON, over the inline limit of "
             f"{inline_limit_bytes:,} bytes (OUTPUT_INLINE_LIMIT_BYTES); ask for output_mode "
-            "'auto' or 'link' to receive a download link instead", field="output_mode")
+            "'auto' or 'link' to receive a download link instead", field="input.output_mode")
     if storage is None:
         if chosen == "link":
             raise InputError(f"'link' needs storage, and none is configured: "
-                             f"{STORAGE_SETTINGS_HINT}", field="output_mode")
+                             f"{STORAGE_SETTINGS_HINT}", field="input.output_mode")
         raise PayloadTooLarge(
             f"the answer is {size:,} bytes of JSON, over the inline limit of "
             f"{inline_limit_bytes:,} bytes (OUTPUT_INLINE_LIMIT_BYTES), and no storage is "

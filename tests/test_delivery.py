@@ -78,7 +78,7 @@ class TestModes:
     def test_an_unknown_mode_names_the_field(self) -> None:
         with pytest.raises(InputError) as err:
             deliver_output({}, job_id="j5", storage=None, inline_limit_bytes=10, mode="zip")
-        assert err.value.field == "output_mode"
+        assert err.value.field == "input.output_mode"
 
     def test_local_storage_answers_a_file_link(self, tmp_path) -> None:
         link = deliver_output(answer_of_size(50), job_id="j6", storage=LocalStorage(tmp_path),

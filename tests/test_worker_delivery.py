@@ -100,7 +100,7 @@ class TestInlineOrLink:
 
     def test_unknown_output_mode_names_the_field(self, loop, worker):
         assert only(loop, worker, {**CAPITAL, "output_mode": "email"})["error"].startswith(
-            "output_mode: must be one of inline, link, auto")
+            "input.output_mode: must be one of inline, link, auto")
 
     def test_a_jobs_own_s3config_lands_in_its_own_bucket(self, loop, worker, s3_server):
         own = s3_server.make_bucket()
