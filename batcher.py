@@ -70,7 +70,6 @@ class Batcher:
         self._in_flight: list[_Entry] = []
         self._arrival: asyncio.Event | None = None
         self._runner: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._device = DEVICE_THREAD        # the one thread that runs torch (model_loader)
         self.batches_run = 0            # counters for tests and benchmarks
         self.largest_batch = 0
@@ -92,7 +91,7 @@ class Batcher:
             raise DeviceFault(self.device_fault)
         loop = asyncio.get_running_loop()
         if self._runner is None or self._runner.done() or self._runner.get_loop() is not loop:
-            self._loop, self._arrival = loop, asyncio.Event()
+            self._arrival = asyncio.Event()
             self._runner = loop.create_task(self._run_forever(), name="batcher")
         entry = _Entry(seq, loop.create_future(), time.monotonic())
         seq.on_done = lambda: loop.call_soon_threadsafe(self._resolve, entry, None)

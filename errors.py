@@ -144,8 +144,3 @@ def openai_error(exc: BaseException, message: str) -> dict[str, Any]:
                 "code": exc.code if isinstance(exc, UnknownModel) else None}
     code = exc.code if isinstance(exc, WorkerError) else "internal"
     return {"message": message, "type": "server_error", "param": None, "code": code}
-
-
-def is_error_answer(answer: Any) -> bool:
-    """True if ``answer`` is a failed job's answer in RunPod's sense (a truthy ``error``)."""
-    return isinstance(answer, dict) and bool(answer.get("error"))

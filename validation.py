@@ -16,9 +16,6 @@ from errors import InputError, PayloadTooLarge
 
 Model = TypeVar("Model", bound=BaseModel)
 
-# Keys RunPod and our own wiring may put beside the task's fields; tasks never see them.
-ROUTING_KEYS = ("openai_route", "openai_input")
-
 
 class StrictInput(BaseModel):
     """Base of every task input model: unknown fields are refused by name, never ignored."""

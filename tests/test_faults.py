@@ -18,7 +18,7 @@ import pytest
 
 from redaction import MASK, RedactingStream, redact, secret_values
 from tasks.generate import GenerateTask
-from tests.support.endpoint import call, start_worker_service, stop_service
+from tests.support.endpoint import call, start_handler_service, stop_service
 from tests.support.worker import chat, collect
 from worker import Worker
 
@@ -109,9 +109,8 @@ class TestRuntimeFaults:
         assert time.monotonic() - started < 10
 
     def test_sigterm_drains_in_flight_jobs_and_loses_none(self, default_model_dir, tmp_path):
-        service = start_worker_service(
-            [sys.executable, "handler.py"], tmp_path / "worker.log", "drain-worker",
-            extra_env={"MODEL_PATH": str(default_model_dir), "WORKER_CONCURRENCY": "4"})
+        service = start_handler_service(default_model_dir, tmp_path / "worker.log",
+                                        "drain-worker", WORKER_CONCURRENCY="4")
         try:
             jobs = [service.client.run({"input": {"prompt": f"Story {i}:",
                                                   "max_new_tokens": 40}}) for i in range(3)]
@@ -157,10 +156,9 @@ class TestSecrets:
         # The worker's own bucket uses the server's real credentials; the secrets we look for
         # are the HF token and a job's own s3Config (a wrong one, so it also makes an error).
         log = tmp_path / "worker.log"
-        service = start_worker_service(
-            [sys.executable, "handler.py"], log, "secret-worker",
-            extra_env={"MODEL_PATH": str(default_model_dir), "RUNPOD_LOG_LEVEL": "DEBUG",
-                       "HF_TOKEN": self.HF_SECRET, **s3_server.env(bucket)})
+        service = start_handler_service(default_model_dir, log, "secret-worker",
+                                        RUNPOD_LOG_LEVEL="DEBUG", HF_TOKEN=self.HF_SECRET,
+                                        **s3_server.env(bucket))
         try:
             linked = service.client.run_sync({"input": {**CAPITAL, "output_mode": "link"}},
                                              timeout=120)

@@ -6,14 +6,13 @@ an ``openai_route``/``openai_input`` job that ``python handler.py`` takes, answe
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
 
-from tests.support.endpoint import API_KEY, Service, start_worker_service, stop_service
+from tests.support.endpoint import API_KEY, Service, start_handler_service, stop_service
 
 pytestmark = pytest.mark.slow
 
@@ -25,9 +24,8 @@ CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 def service(default_model_dir: Path,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     log = tmp_path_factory.mktemp("openai-worker") / "worker.log"
-    service = start_worker_service(
-        [sys.executable, "handler.py"], log, "openai-worker",
-        extra_env={"MODEL_PATH": str(default_model_dir), "MODEL_SERVED_NAME": SERVED})
+    service = start_handler_service(
+        default_model_dir, log, "openai-worker", MODEL_SERVED_NAME=SERVED)
     yield service
     stop_service(service)
 

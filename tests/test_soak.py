@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.endpoint import call, start_worker_service, stop_service
+from tests.support.endpoint import call, start_handler_service, stop_service
 
 pytestmark = pytest.mark.slow
 
@@ -37,11 +36,10 @@ def rss_bytes(pid: int) -> int:
 @pytest.fixture(scope="module")
 def soak_service(default_model_dir, s3_server, tmp_path_factory):
     bucket = s3_server.make_bucket()
-    service = start_worker_service(
-        [sys.executable, "handler.py"], tmp_path_factory.mktemp("soak") / "worker.log",
-        "soak-worker", extra_env={
-            "MODEL_PATH": str(default_model_dir), "WORKER_CONCURRENCY": str(CONCURRENCY),
-            **s3_server.env(bucket, OUTPUT_INLINE_LIMIT_BYTES="600")})
+    service = start_handler_service(
+        default_model_dir, tmp_path_factory.mktemp("soak") / "worker.log", "soak-worker",
+        WORKER_CONCURRENCY=str(CONCURRENCY),
+        **s3_server.env(bucket, OUTPUT_INLINE_LIMIT_BYTES="600"))
     yield service
     stop_service(service)
 

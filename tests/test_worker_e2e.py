@@ -19,6 +19,7 @@ from tests.support.endpoint import (
     RUN_LIMIT,
     Service,
     call,
+    start_handler_service,
     start_worker_service,
     stop_service,
 )
@@ -33,9 +34,8 @@ CAPITAL = {"messages": [{"role": "user", "content": "What is the capital of Fran
 def model_service(default_model_dir: Path,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     log = tmp_path_factory.mktemp("model-worker") / "worker.log"
-    service = start_worker_service(
-        [sys.executable, "handler.py"], log, "model-worker",
-        extra_env={"MODEL_PATH": str(default_model_dir), "WORKER_CONCURRENCY": "4"})
+    service = start_handler_service(
+        default_model_dir, log, "model-worker", WORKER_CONCURRENCY="4")
     yield service
     stop_service(service)
 
@@ -136,10 +136,9 @@ def linked_service(default_model_dir: Path, s3_server, tmp_path_factory: pytest.
     """A worker whose answers over 300 bytes go to the rclone S3 server as links."""
     bucket = s3_server.make_bucket()
     log = tmp_path_factory.mktemp("linked-worker") / "worker.log"
-    service = start_worker_service(
-        [sys.executable, "handler.py"], log, "linked-worker",
-        extra_env={"MODEL_PATH": str(default_model_dir),
-                   **s3_server.env(bucket, OUTPUT_INLINE_LIMIT_BYTES="300")})
+    service = start_handler_service(
+        default_model_dir, log, "linked-worker",
+        **s3_server.env(bucket, OUTPUT_INLINE_LIMIT_BYTES="300"))
     yield service
     stop_service(service)
 

@@ -111,6 +111,13 @@ def start_worker_service(command: list[str], log: Path, worker_id: str = "test-w
     return service
 
 
+def start_handler_service(model_dir: Path, log: Path, worker_id: str,
+                          **settings: str) -> Service:
+    """The project's own ``python handler.py`` on ``model_dir`` behind a new endpoint."""
+    return start_worker_service([sys.executable, "handler.py"], log, worker_id,
+                                extra_env={"MODEL_PATH": str(model_dir), **settings})
+
+
 def stop_service(service: Service) -> None:
     if service.worker.returncode is None:
         service.worker.stop(timeout_s=20)
