@@ -73,6 +73,7 @@ class Batcher:
         self._device = DEVICE_THREAD        # the one thread that runs torch (model_loader)
         self.batches_run = 0            # counters for tests and benchmarks
         self.largest_batch = 0
+        self.oom_retries = 0            # batches split after running out of memory
         self.device_fault: str | None = None   # set once the device is unusable
 
     @property
@@ -203,6 +204,7 @@ class Batcher:
                 retry.append(e)
         self._capacity = max(1, len(batch) // 2)
         if retry:
+            self.oom_retries += 1
             log.warning("out of memory on a batch of %d; retrying %d at most %d at a time",
                         len(batch), len(retry), self._capacity)
         with self._lock:

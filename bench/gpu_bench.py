@@ -164,7 +164,7 @@ def main() -> None:
     parser.add_argument("--source", type=Path, default=ROOT / "models" / "default")
     parser.add_argument("--model", type=Path)
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32, 64])
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--dry-run-on-cpu", action="store_true",
                         help="run on the CPU to check the script itself (numbers mean nothing)")

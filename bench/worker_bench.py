@@ -73,9 +73,13 @@ def bench_cold_start(path: Path, repeat: int) -> dict[str, Any]:
         f"w=worker.build_worker({{'MODEL_PATH':{str(path)!r}}});s=w.loaded.stats;"
         "print(json.dumps({'total':time.perf_counter()-t,'import':s.import_s,'read':s.read_s,"
         "'place':s.place_s,'warmup':s.warmup_s,'bytes':s.weight_bytes}))")
+    # The floor reads the same bytes onto the same device (the GPU's, with its CUDA start).
     floor_code = (
-        "import time,json,glob;t=time.perf_counter();from safetensors.torch import load_file;"
-        f"[load_file(f) for f in glob.glob({str(path / '*.safetensors')!r})];"
+        "import time,json,glob;t=time.perf_counter();import torch;"
+        "from safetensors.torch import load_file;"
+        "d='cuda' if torch.cuda.is_available() else 'cpu';"
+        f"[load_file(f,device=d) for f in glob.glob({str(path / '*.safetensors')!r})];"
+        "torch.cuda.synchronize() if d=='cuda' else None;"
         "print(json.dumps({'total':time.perf_counter()-t}))")
 
     def run(code: str) -> dict[str, float]:
@@ -110,7 +114,7 @@ def bench_overhead(path: Path, repeat: int) -> dict[str, Any]:
     w = build_worker({"MODEL_PATH": str(path), "WORKER_BATCH_WAIT_MS": "0"})
     tok, model = w.loaded.tokenizer, w.loaded.model
     job_input = {"prompt": "Hello", "max_new_tokens": 1, "temperature": 0}
-    ids = tok("Hello", return_tensors="pt")
+    ids = tok("Hello", return_tensors="pt").to(w.loaded.device)
 
     async def through_handler() -> float:
         start = time.perf_counter()
@@ -152,12 +156,16 @@ def bench_throughput(path: Path, levels: list[int], max_new_tokens: int, repeat:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from local_endpoint import LocalEndpoint, WorkerProcess
+    from model_loader import choose_dtype
 
+    # The ceiling runs where the worker runs, in the dtype the worker picks there.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = AutoTokenizer.from_pretrained(path)
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=choose_dtype("auto", device), device_map={"": device}).eval()
     with torch.inference_mode():                 # warm-up, as the worker had
-        model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=4,
+        model.generate(**tok("Hello", return_tensors="pt").to(device), max_new_tokens=4,
                        pad_token_id=tok.pad_token_id)
 
     def direct(n: int) -> float:
@@ -165,10 +173,13 @@ def bench_throughput(path: Path, levels: list[int], max_new_tokens: int, repeat:
         texts = [tok.apply_chat_template(job(i, 0)["messages"], add_generation_prompt=True,
                                          tokenize=False) for i in range(n)]
         batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = batch.to(device)
         start = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id)
+        if device == "cuda":
+            torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         new = out[:, batch["input_ids"].shape[1]:]
         produced = sum(min(max_new_tokens, int((r != tok.pad_token_id).sum()) + 1) for r in new)
