@@ -199,6 +199,13 @@ class LocalEndpoint:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
         return f"http://{host}:{self.port}/v2"
 
+    def timings(self, since: float = 0.0) -> list[tuple[float, float]]:
+        """(queue wait, execution) seconds of each job submitted after ``since`` (a
+        ``time.monotonic()``) that has ended: what RunPod reports as delayTime/executionTime."""
+        jobs = list(self._jobs.values())
+        return [(j.started - j.submitted, j.ended - j.started) for j in jobs
+                if j.submitted >= since and j.started is not None and j.ended is not None]
+
     def start(self, timeout_s: float = 10.0) -> LocalEndpoint:
         """Serve in a daemon thread; return once bound. Raises what binding raised."""
         self._thread = threading.Thread(target=self._thread_main, name="local-endpoint",

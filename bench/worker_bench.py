@@ -210,20 +210,29 @@ def bench_throughput(path: Path, levels: list[int], max_new_tokens: int, repeat:
             start = time.perf_counter()
             sequential = [one(i) for i in range(n)]
             seq_s = time.perf_counter() - start
-            worker_rates, direct_rates, latencies = [], [], []
+            worker_rates, direct_rates, latencies, rounds = [], [], [], []
+            since = time.monotonic()
             for _ in range(repeat):
                 with ThreadPoolExecutor(n) as pool:
                     start = time.perf_counter()
                     concurrent = list(pool.map(one, range(n)))
                     conc_s = time.perf_counter() - start
                 worker_rates.append(sum(t for _, t in concurrent) / conc_s)
+                rounds.append(conc_s)
                 latencies += [s for s, _ in concurrent]
                 direct_rates.append(direct(n))
             row = {"concurrency": n, "repeat": repeat,
                    "worker_tokens_per_s": statistics.median(worker_rates),
                    "one_at_a_time_tokens_per_s": sum(t for _, t in sequential) / seq_s,
                    "direct_batched_tokens_per_s": statistics.median(direct_rates),
-                   "p50_s": percentile(latencies, 0.5), "p95_s": percentile(latencies, 0.95)}
+                   "p50_s": percentile(latencies, 0.5), "p95_s": percentile(latencies, 0.95),
+                   "rounds_s": rounds}
+            # Where a job's time went, as the endpoint saw it: waiting to be taken, then running.
+            waits, runs = zip(*endpoint.timings(since), strict=True)
+            row.update({"queue_wait_p50_s": percentile(list(waits), 0.5),
+                        "queue_wait_max_s": max(waits),
+                        "execution_p50_s": percentile(list(runs), 0.5),
+                        "execution_max_s": max(runs)})
             row["ratio_to_one_at_a_time"] = (row["worker_tokens_per_s"]
                                              / row["one_at_a_time_tokens_per_s"])
             row["ratio_to_direct_batched"] = (row["worker_tokens_per_s"]

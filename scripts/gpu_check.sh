@@ -52,14 +52,15 @@ else
     || step "make small model" 120 "$PY" -m bench.gpu_bench --make-model "$SMALL" --arch smollm
 fi
 
-step "gpu tests" 240 env GPU_CHECK_MODEL="$SMALL" "$PY" -m pytest --noconftest \
-  -p no:cacheprovider -m gpu tests/test_gpu.py -q -rA --durations=0
-step "engine bench (small)" 150 "$PY" -m bench.gpu_bench --model "$SMALL" \
-  --out "$OUT/bench-small.json"
-
 LARGE="$WORK/large"
 [ -f "$LARGE/model.safetensors" ] || [ -f "$LARGE/model.safetensors.index.json" ] \
   || step "make large model" 120 "$PY" -m bench.gpu_bench --make-model "$LARGE" --arch 1b
+
+step "gpu tests" 240 env GPU_CHECK_MODEL="$SMALL" GPU_CHECK_LARGE_MODEL="$LARGE" \
+  "$PY" -m pytest --noconftest -p no:cacheprovider -m gpu tests/test_gpu.py -q -rA --durations=0
+step "engine bench (small)" 150 "$PY" -m bench.gpu_bench --model "$SMALL" \
+  --out "$OUT/bench-small.json"
+
 step "engine bench (large)" 150 "$PY" -m bench.gpu_bench --model "$LARGE" \
   --out "$OUT/bench-large.json"
 
