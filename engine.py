@@ -191,7 +191,9 @@ class Engine:
         self.steps += 1
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          use_cache=True, **{self._cache_kw: cache}, **self._extra)
-        return out.logits[:, -1, :].float()
+        # With the layers spread over several GPUs the logits come out on the last one; every
+        # per-row tensor (masks, generators, next tokens) lives on the first.
+        return out.logits[:, -1, :].float().to(self.device)
 
     def _advance_all(self, r: _Running, logits: torch.Tensor) -> None:
         next_ids = self._pick(logits, r.seqs)

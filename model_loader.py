@@ -214,6 +214,18 @@ def choose_dtype(setting: str, device: str) -> torch.dtype:
     return torch.float32
 
 
+def choose_placement(device: str, setting: str, gpus: int) -> tuple[str | dict[str, str], str]:
+    """transformers' ``device_map`` and the startup line's words for it.
+
+    With MODEL_DEVICE=auto and several GPUs visible, the layers are spread over all of them
+    (``device_map="auto"`` balances them by free memory); otherwise everything goes to one
+    device, also with ``MODEL_DEVICE=cuda:1`` on a machine of several.
+    """
+    if device == "cuda" and setting == "auto" and gpus > 1:
+        return "auto", f"spread over {gpus} GPUs"
+    return {"": device}, "one device"
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------
@@ -317,13 +329,8 @@ def _load_model(settings: ModelSettings, warmup: bool | None = None,
     weight_bytes, read_s = read_weight_files(source.path)
 
     # Weights are read from the safetensors mmap straight onto the device: no host copy.
-    # Several GPUs visible with MODEL_DEVICE=auto: spread the layers over all of them.
-    if device == "cuda" and settings.device == "auto" and torch.cuda.device_count() > 1:
-        device_map: str | dict[str, str] = "auto"
-        placement = f"spread over {torch.cuda.device_count()} GPUs"
-    else:
-        device_map = {"": device}
-        placement = "one device"
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    device_map, placement = choose_placement(device, settings.device, gpus)
     start = time.perf_counter()
     model_class = getattr(transformers, classes[task])
     try:

@@ -39,7 +39,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from batcher import Batcher
 from config import WorkerSettings
-from errors import InputError, ModelNotFound
+from errors import InputError, JobTimeout, ModelNotFound
 from model_loader import LoadedModel
 from validation import StrictInput, parse_input
 
@@ -169,7 +169,9 @@ class EmbedEngine:
             mask[row, :len(item.ids)] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         with torch.inference_mode():
-            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+            # .to(): with the layers spread over several GPUs the output is on the last one.
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            hidden = hidden.float().to(self.device)
             keep = mask.unsqueeze(-1).to(hidden.dtype)
             if self.pooling == "cls":
                 pooled = hidden[:, 0]
@@ -226,7 +228,14 @@ class EmbedTask:
     async def vectors(self, request: EmbedRequest) -> torch.Tensor:
         """One row per text, pooled, cut to ``dimensions`` and normalized as asked."""
         items = [EmbedItem(ids) for ids in request.token_ids]
-        await asyncio.gather(*(self.batcher.submit(item) for item in items))
+        try:
+            # Cancelling the submissions skips texts not yet on the device; a forward pass
+            # already running ends on its own (it cannot be cut short).
+            await asyncio.wait_for(asyncio.gather(*(self.batcher.submit(i) for i in items)),
+                                   self.settings.job_timeout_s)
+        except TimeoutError:
+            raise JobTimeout(f"the job ran past {self.settings.job_timeout_s:g}s "
+                             "(WORKER_JOB_TIMEOUT_S); send fewer texts per job") from None
         matrix = torch.stack([i.vector for i in items if i.vector is not None])
         if request.dimensions is not None:
             matrix = matrix[:, :request.dimensions]

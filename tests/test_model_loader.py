@@ -9,7 +9,7 @@ import pytest
 
 from config import ModelSettings
 from errors import ModelNotFound, SettingsError
-from model_loader import choose_device, choose_dtype, resolve_model_source
+from model_loader import choose_device, choose_dtype, choose_placement, resolve_model_source
 
 NAME = "org/tiny-model"
 
@@ -131,6 +131,12 @@ class TestDeviceAndDtype:
         import torch
         assert choose_dtype("auto", "cpu") == torch.float32
         assert choose_dtype("bfloat16", "cpu") == torch.bfloat16
+
+    def test_several_gpus_spread_the_layers_only_when_the_device_is_auto(self):
+        assert choose_placement("cuda", "auto", 4) == ("auto", "spread over 4 GPUs")
+        assert choose_placement("cuda", "auto", 1) == ({"": "cuda"}, "one device")
+        assert choose_placement("cuda:1", "cuda:1", 4) == ({"": "cuda:1"}, "one device")
+        assert choose_placement("cpu", "cpu", 0) == ({"": "cpu"}, "one device")
 
     def test_unknown_device_is_refused_naming_the_legal_values(self):
         with pytest.raises(SettingsError, match="MODEL_DEVICE='tpu'.*auto, cpu, cuda"):
