@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -12,8 +15,8 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from config import ModelSettings
 from errors import ModelNotFound, SettingsError
-from model_loader import detect_task, load_model
-from tasks.embed import read_pooling
+from model_loader import DEVICE_THREAD, detect_task, load_model
+from tasks.embed import EmbedTask, read_pooling
 from tests.support.worker import MINILM_NAME, LoopThread, collect
 from worker import Worker
 
@@ -159,6 +162,26 @@ class TestLimits:
     def test_unknown_field_is_refused_by_name(self, loop, embed_worker):
         out = answer(loop, embed_worker, {"texts": ["a"], "pooling": "cls"})
         assert out["error"].startswith("input.pooling: unknown field; allowed fields: dimensions")
+
+
+class TestTimeLimit:
+    def test_a_job_stuck_behind_busy_device_ends_at_the_time_limit(self, loop, embed_worker):
+        settings = dataclasses.replace(embed_worker.settings, job_timeout_s=1.0)
+        limited = dataclasses.replace(embed_worker, settings=settings,
+                                      task=EmbedTask(embed_worker.loaded, settings))
+        release = threading.Event()
+        busy = DEVICE_THREAD.submit(release.wait, 30)   # the device thread is taken
+        try:
+            started = time.monotonic()
+            out = answer(loop, limited, {"texts": TEXTS})
+        finally:
+            release.set()
+            busy.result()
+        assert out["error_code"] == "timeout"
+        assert "WORKER_JOB_TIMEOUT_S" in out["error"]
+        assert time.monotonic() - started < 10
+        # Its texts were skipped, not left queued: the worker answers the next job.
+        assert len(answer(loop, limited, {"texts": TEXTS})["embeddings"]) == len(TEXTS)
 
 
 class TestLargeEmbeddingAnswers:
