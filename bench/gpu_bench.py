@@ -14,7 +14,9 @@ Reported, each with its baseline:
 - decoding: tokens/s through the Batcher at several concurrencies, against one sequence at a
   time and against ``model.generate`` of the same batch (the ceiling);
 - decode bandwidth: weight bytes read per step at batch 1 / step time, against a device-to-device
-  copy (the practical memory bandwidth).
+  copy (the practical memory bandwidth);
+- with ``--first-batch``, in a fresh process: the first run of 1, 8 and 32 sequences against the
+  second (what the first jobs on a new worker pay).
 """
 
 from __future__ import annotations
@@ -157,6 +159,36 @@ def run(model_dir: Path, levels: list[int], new_tokens: int) -> dict[str, Any]:
     return result
 
 
+def first_batch(model_dir: Path) -> dict[str, Any]:
+    """Seconds of the first and second run of one sequence, then of 8 and of 32 sequences, in
+    a fresh process after the loader's warm-up: what the first jobs on a new worker pay.
+
+    On the H200 (gpu-results/README.md) every first run paid 1.1 to 2.5 s more than the next
+    one, and a warm-up that decoded 3 tokens at every power of two up to 32 rows removed none
+    of it: the cost is not one per batch size. Its cause is still open.
+    """
+    from config import ModelSettings
+    from engine import Engine, SamplingParams, Sequence
+    from model_loader import load_model
+
+    loaded = load_model(ModelSettings.from_env({"MODEL_PATH": str(model_dir)}))
+    engine = Engine(loaded)
+    engine.eos_ids = set()
+    result: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0)
+                              if torch.cuda.is_available() else "cpu (dry run)"}
+    prompt = loaded.tokenizer("The history of the printing press")["input_ids"]
+
+    def once(rows: int) -> float:
+        return timed(lambda: engine.run([Sequence(prompt, SamplingParams(max_new_tokens=32))
+                                         for _ in range(rows)]), repeat=1)
+
+    result["one_s"] = [once(1) for _ in range(3)]
+    for rows in (8, 32):
+        result[f"first_{rows}_s"], result[f"second_{rows}_s"] = once(rows), once(rows)
+    print(json.dumps(result))
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--make-model", type=Path)
@@ -166,6 +198,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32, 64])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--first-batch", action="store_true",
+                        help="time the first runs after start-up against the second ones")
     parser.add_argument("--dry-run-on-cpu", action="store_true",
                         help="run on the CPU to check the script itself (numbers mean nothing)")
     args = parser.parse_args()
@@ -173,6 +207,12 @@ def main() -> None:
         raise SystemExit("gpu_bench needs a CUDA device")
     if args.make_model:
         make_model(args.make_model, args.arch, args.source)
+    if args.model and args.first_batch:
+        result = first_batch(args.model)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+        return
     if args.model:
         result = run(args.model, args.concurrency, args.new_tokens)
         text = json.dumps(result, indent=2)

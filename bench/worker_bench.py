@@ -195,7 +195,12 @@ def bench_throughput(path: Path, levels: list[int], max_new_tokens: int, repeat:
                            output=log, extra_env=settings).start()
     try:
         worker.wait_ready(180)
+        import logging
+
         import runpod
+        # The SDK client's HTTP pool holds 10 connections; beyond 10 threads urllib3 warns on
+        # every extra one (harmless: it opens another).
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
         runpod.api_key = "bench"
         runpod.endpoint_url_base = endpoint.base_url
         client = runpod.Endpoint(endpoint.endpoint_id)

@@ -61,6 +61,8 @@ step "gpu tests" 240 env GPU_CHECK_MODEL="$SMALL" GPU_CHECK_LARGE_MODEL="$LARGE"
 step "engine bench (small)" 150 "$PY" -m bench.gpu_bench --model "$SMALL" \
   --out "$OUT/bench-small.json"
 
+step "first runs after start-up (small)" 90 "$PY" -m bench.gpu_bench --model "$SMALL" \
+  --first-batch --out "$OUT/first-batch.json"
 step "engine bench (large)" 150 "$PY" -m bench.gpu_bench --model "$LARGE" \
   --out "$OUT/bench-large.json"
 

@@ -234,9 +234,11 @@ def test_out_of_memory_splits_the_batch_and_the_worker_keeps_serving(loaded):
         assert batcher.oom_retries >= 1, "sixteen long rows should not fit under the cap"
         assert all(s.finish_reason == "length" and len(s.generated) == 2 for s in seqs)
 
-        # Less room than one row's KV cache: that job fails alone, with a clear message.
+        # A job that cannot fit alone fails alone, with a clear message. Its prompt is 16 times
+        # longer (its KV cache and attention mask need gigabytes), because memory the allocator
+        # already holds but does not use (tens of MiB, after the loads above) is not capped.
         cap(0.5 * tokens * kv_bytes_per_token)
-        lone = Sequence(prompt, SamplingParams(max_new_tokens=2))
+        lone = Sequence(prompt * 16, SamplingParams(max_new_tokens=2))
         [error] = asyncio.run(submit_all([lone], Batcher(engine, max_batch_size=16, wait_ms=0)))
         assert isinstance(error, OutOfMemory), error
         assert "out of memory" in str(error)
