@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -163,28 +164,42 @@ def first_batch(model_dir: Path) -> dict[str, Any]:
     """Seconds of the first and second run of one sequence, then of 8 and of 32 sequences, in
     a fresh process after the loader's warm-up: what the first jobs on a new worker pay.
 
-    On the H200 (gpu-results/README.md) every first run paid 1.1 to 2.5 s more than the next
-    one, and a warm-up that decoded 3 tokens at every power of two up to 32 rows removed none
-    of it: the cost is not one per batch size. Its cause is still open.
+    On the H200 (bench/results/h200/README.md) every first run paid 1.1 to 2.5 s more than the
+    next one, and a warm-up that decoded 3 tokens at every power of two up to 32 rows removed
+    none of it. One lead: the KV cache grows by a new allocation per layer and step, and a run
+    that needs more memory than the allocator has cached asks the driver for it (slow inside a
+    virtual machine). So each run also records how many device allocations it made
+    (``cudaMalloc`` calls); ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` is the
+    experiment to compare (gpu_check.sh runs both).
     """
     from config import ModelSettings
     from engine import Engine, SamplingParams, Sequence
     from model_loader import load_model
 
+    cuda = torch.cuda.is_available()
     loaded = load_model(ModelSettings.from_env({"MODEL_PATH": str(model_dir)}))
     engine = Engine(loaded)
     engine.eos_ids = set()
-    result: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0)
-                              if torch.cuda.is_available() else "cpu (dry run)"}
+    result: dict[str, Any] = {
+        "gpu": torch.cuda.get_device_name(0) if cuda else "cpu (dry run)",
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "runs": []}
     prompt = loaded.tokenizer("The history of the printing press")["input_ids"]
 
-    def once(rows: int) -> float:
-        return timed(lambda: engine.run([Sequence(prompt, SamplingParams(max_new_tokens=32))
-                                         for _ in range(rows)]), repeat=1)
+    def device_allocs() -> int:
+        return int(torch.cuda.memory_stats().get("num_device_alloc", 0)) if cuda else 0
 
-    result["one_s"] = [once(1) for _ in range(3)]
+    def once(rows: int, label: str) -> None:
+        before = device_allocs()
+        seconds = timed(lambda: engine.run([Sequence(prompt, SamplingParams(max_new_tokens=32))
+                                            for _ in range(rows)]), repeat=1)
+        result["runs"].append({"run": label, "rows": rows, "seconds": seconds,
+                               "device_allocs": device_allocs() - before})
+
+    for label in ("first", "second", "third"):
+        once(1, label)
     for rows in (8, 32):
-        result[f"first_{rows}_s"], result[f"second_{rows}_s"] = once(rows), once(rows)
+        once(rows, "first")
+        once(rows, "second")
     print(json.dumps(result))
     return result
 

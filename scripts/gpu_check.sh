@@ -10,7 +10,7 @@
 # something on a large GPU.
 #
 # Each step has its own time limit; a failed step is reported and the rest still run. About
-# 6 minutes on an H200. Results: $GPU_CHECK_OUT (default gpu-results/): gpu-check.log and one
+# 7 minutes on an H200. Results: $GPU_CHECK_OUT (default gpu-results/): gpu-check.log and one
 # JSON file per benchmark.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -63,6 +63,9 @@ step "engine bench (small)" 150 "$PY" -m bench.gpu_bench --model "$SMALL" \
 
 step "first runs after start-up (small)" 90 "$PY" -m bench.gpu_bench --model "$SMALL" \
   --first-batch --out "$OUT/first-batch.json"
+step "first runs, expandable segments (small)" 90 env \
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "$PY" -m bench.gpu_bench --model "$SMALL" \
+  --first-batch --out "$OUT/first-batch-expandable.json"
 step "engine bench (large)" 150 "$PY" -m bench.gpu_bench --model "$LARGE" \
   --out "$OUT/bench-large.json"
 
