@@ -214,16 +214,23 @@ def choose_dtype(setting: str, device: str) -> torch.dtype:
     return torch.float32
 
 
-def choose_placement(device: str, setting: str, gpus: int) -> tuple[str | dict[str, str], str]:
-    """transformers' ``device_map`` and the startup line's words for it.
-
-    With MODEL_DEVICE=auto and several GPUs visible, the layers are spread over all of them
-    (``device_map="auto"`` balances them by free memory); otherwise everything goes to one
-    device, also with ``MODEL_DEVICE=cuda:1`` on a machine of several.
-    """
+def choose_device_map(device: str, setting: str, gpus: int) -> str | dict[str, str]:
+    """transformers' ``device_map``: with MODEL_DEVICE=auto and several GPUs visible, the layers
+    are spread over all of them (``"auto"`` balances them by free memory); otherwise everything
+    goes to one device, also with ``MODEL_DEVICE=cuda:1`` on a machine of several."""
     if device == "cuda" and setting == "auto" and gpus > 1:
-        return "auto", f"spread over {gpus} GPUs"
-    return {"": device}, "one device"
+        return "auto"
+    return {"": device}
+
+
+def describe_placement(model: object) -> str:
+    """Where the weights went, as the startup line says it: from the map transformers made."""
+    used = {f"cuda:{d}" if isinstance(d, int) else str(d)
+            for d in (getattr(model, "hf_device_map", None) or {}).values()}
+    if len(used) <= 1:
+        return "one device"
+    offloaded = " (layers on cpu or disk run slowly)" if used & {"cpu", "disk"} else ""
+    return f"spread over {', '.join(sorted(used))}{offloaded}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,7 +337,7 @@ def _load_model(settings: ModelSettings, warmup: bool | None = None,
 
     # Weights are read from the safetensors mmap straight onto the device: no host copy.
     gpus = torch.cuda.device_count() if device == "cuda" else 0
-    device_map, placement = choose_placement(device, settings.device, gpus)
+    device_map = choose_device_map(device, settings.device, gpus)
     start = time.perf_counter()
     model_class = getattr(transformers, classes[task])
     try:
@@ -351,6 +358,7 @@ def _load_model(settings: ModelSettings, warmup: bool | None = None,
                             "rebuild them with `make model` (builder/fetch_model.py --force)"
                             ) from exc
     model.eval()
+    placement = describe_placement(model)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     place_s = time.perf_counter() - start

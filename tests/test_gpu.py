@@ -86,7 +86,9 @@ def test_weights_are_on_the_gpu_in_bf16(loaded):
     assert devices == {"cuda"}
     assert dtypes == {torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16}
     assert loaded.stats.dtype in ("bfloat16", "float16")
-    assert loaded.stats.placement == "one device" or "GPUs" in loaded.stats.placement
+    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    assert loaded.stats.placement == ("one device" if len(gpus) == 1
+                                      else f"spread over {', '.join(gpus)}")
 
 
 def test_weights_are_not_copied_through_host_memory(loaded):
@@ -184,6 +186,18 @@ def test_batched_greedy_in_bf16_departs_from_alone_only_at_near_ties(loaded, loa
             f"of {gap:.4f}, more than bfloat16's error ({noise:.4f}) explains")
     print(f"bf16: {same}/{len(PROMPTS)} sequences identical alone and batched; "
           "the rest departed at near-ties")
+
+
+def test_a_model_spread_over_several_gpus_decodes_as_on_one(loaded_fp32):
+    """MODEL_DEVICE=auto with several GPUs spreads the layers; greedy output is unchanged."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("one GPU visible: spreading a model needs several")
+    spread = _load(MODEL_DTYPE="float32", MODEL_WARMUP="false")
+    one = _load(MODEL_DTYPE="float32", MODEL_WARMUP="false", MODEL_DEVICE="cuda:0")
+    assert spread.stats.placement.startswith("spread over cuda:0, cuda:1")
+    assert one.stats.placement == "one device"
+    ids = _prompt_ids(one)
+    assert _greedy(spread, ids) == _greedy(one, ids)
 
 
 def test_seeded_sampling_is_reproducible_on_the_gpu(loaded):

@@ -9,7 +9,13 @@ import pytest
 
 from config import ModelSettings
 from errors import ModelNotFound, SettingsError
-from model_loader import choose_device, choose_dtype, choose_placement, resolve_model_source
+from model_loader import (
+    choose_device,
+    choose_device_map,
+    choose_dtype,
+    describe_placement,
+    resolve_model_source,
+)
 
 NAME = "org/tiny-model"
 
@@ -133,10 +139,26 @@ class TestDeviceAndDtype:
         assert choose_dtype("bfloat16", "cpu") == torch.bfloat16
 
     def test_several_gpus_spread_the_layers_only_when_the_device_is_auto(self):
-        assert choose_placement("cuda", "auto", 4) == ("auto", "spread over 4 GPUs")
-        assert choose_placement("cuda", "auto", 1) == ({"": "cuda"}, "one device")
-        assert choose_placement("cuda:1", "cuda:1", 4) == ({"": "cuda:1"}, "one device")
-        assert choose_placement("cpu", "cpu", 0) == ({"": "cpu"}, "one device")
+        assert choose_device_map("cuda", "auto", 4) == "auto"
+        assert choose_device_map("cuda", "auto", 1) == {"": "cuda"}
+        assert choose_device_map("cuda:1", "cuda:1", 4) == {"": "cuda:1"}
+        assert choose_device_map("cpu", "cpu", 0) == {"": "cpu"}
+
+    def test_the_startup_line_names_the_devices_the_layers_went_to(self):
+        class Spread:
+            hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1,
+                             "lm_head": 1}
+
+        class Offloaded:
+            hf_device_map = {"model.layers.0": 0, "model.layers.1": "cpu"}
+
+        class Whole:
+            hf_device_map = {"": "cuda:0"}
+
+        assert describe_placement(Spread()) == "spread over cuda:0, cuda:1"
+        assert describe_placement(Offloaded()).startswith("spread over cpu, cuda:0 (layers on")
+        assert describe_placement(Whole()) == "one device"
+        assert describe_placement(object()) == "one device"
 
     def test_unknown_device_is_refused_naming_the_legal_values(self):
         with pytest.raises(SettingsError, match="MODEL_DEVICE='tpu'.*auto, cpu, cuda"):
