@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "chat_template.jinja", "special_tokens_map.json")
-ARCHS = {  # extra config for a larger model of the same family, ~1.2B parameters
+ARCHS = {  # extra config for a larger model of the same family, ~1.1B parameters
     "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64},
 }
@@ -200,7 +200,6 @@ def first_batch(model_dir: Path) -> dict[str, Any]:
     for rows in (8, 32):
         once(rows, "first")
         once(rows, "second")
-    print(json.dumps(result))
     return result
 
 
@@ -222,20 +221,14 @@ def main() -> None:
         raise SystemExit("gpu_bench needs a CUDA device")
     if args.make_model:
         make_model(args.make_model, args.arch, args.source)
-    if args.model and args.first_batch:
-        result = first_batch(args.model)
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=2) + "\n")
-        return
     if args.model:
-        result = run(args.model, args.concurrency, args.new_tokens)
+        result = (first_batch(args.model) if args.first_batch
+                  else run(args.model, args.concurrency, args.new_tokens))
         text = json.dumps(result, indent=2)
         print(text)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(text + "\n")
-
 
 if __name__ == "__main__":
     main()

@@ -6,7 +6,7 @@
 # also answers a job through handler.py and benchmarks the real worker loop; without them those
 # two steps are skipped and say so. Weights: models/default/model.safetensors if present (a
 # user's GPU pod), else a model with random weights in the default architecture, made from
-# models/default's config and tokenizer files, plus a ~1.2B one for bandwidth figures that mean
+# models/default's config and tokenizer files, plus a ~1.1B one for bandwidth figures that mean
 # something on a large GPU.
 #
 # Each step has its own time limit; a failed step is reported and the rest still run. About
@@ -74,7 +74,7 @@ if "$PY" -c "import runpod, pydantic, boto3" 2>/dev/null; then
     '{"input": {"prompt": "The capital of France is", "max_new_tokens": 16}}'
   step "worker bench (real worker loop)" 240 env MODEL_PATH="$SMALL" "$PY" -m bench.worker_bench \
     --concurrency 1 8 32 --max-new-tokens 32 --repeat 2 --out "$OUT/worker-bench.json" \
-    --worker-env WORKER_CONCURRENCY=32 WORKER_MAX_BATCH_SIZE=32
+    --worker-env WORKER_CONCURRENCY=64 WORKER_MAX_BATCH_SIZE=32
 else
   echo "== handler and worker bench: skipped (runpod, pydantic or boto3 not installed;" \
        "pip install -r requirements.txt)" | tee -a "$LOG"

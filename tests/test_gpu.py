@@ -1,8 +1,9 @@
 """The GPU path: placement, dtype, warm-up, batched decoding and out of memory on a CUDA device.
 
 Deselected by default (marker ``gpu``); ``make gpu-check`` runs them on a CUDA machine, where only
-torch, transformers and safetensors may be installed, so this file imports nothing that needs
-runpod, boto3 or pydantic, and runs with ``--noconftest``. The model is ``GPU_CHECK_MODEL``
+torch, transformers and safetensors may be installed, so it runs with ``--noconftest`` and only
+the two tests that go through the worker's job wiring import pydantic and boto3 (they skip
+without them). The model is ``GPU_CHECK_MODEL``
 (``scripts/gpu_check.sh`` makes one with random weights when the real ones are absent) or
 ``models/default``.
 
