@@ -122,13 +122,14 @@ MODEL_DTYPE = _var("model", "MODEL_DTYPE", "auto",
                    "auto (bf16 on CUDA where supported, else fp16; fp32 on CPU), "
                    "bfloat16, float16 or float32")
 MODEL_SERVED_NAME = _var("model", "MODEL_SERVED_NAME", None,
-                         "Name the worker answers as in 'model'; default: MODEL_NAME")
+                         "Name the worker answers as in 'model' and /v1/models; default: "
+                         "MODEL_NAME, or with MODEL_PATH the name in its builder.json, else "
+                         "the directory's name")
 MODEL_WARMUP = _var("model", "MODEL_WARMUP", "true",
-                    "Run one short generation (or embedding) at startup, before taking jobs")
+                    "Run one small job (the task's warm-up) at startup, before taking jobs")
 WORKER_TASK = _var("model", "WORKER_TASK", "auto",
-                   "What the model serves: auto (from its config: embed for sentence-transformers "
-                   "or models without an LM head, else generate), or a task of tasks/: "
-                   "generate, embed")
+                   "What the model serves: auto (the first task in tasks/__init__.py whose rule "
+                   "recognises the model), or a task's name: generate, embed, upscale")
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -147,7 +148,7 @@ class ModelSettings:
     allow_download: bool                     # hub download at startup (off: offline by default)
     device: str                              # auto | cpu | cuda | cuda:N
     dtype: str                               # auto | bfloat16 | float16 | float32
-    served_name: str                         # the name answers carry in "model"
+    served_name: str | None                  # MODEL_SERVED_NAME; None: see model_loader
     warmup: bool                             # one generation before the first job
     task: str                                # auto, or a name in tasks.TASKS (checked there)
     hf_token: str | None = field(default=None, repr=False)
@@ -177,7 +178,7 @@ class ModelSettings:
             allow_download=r.flag(MODEL_ALLOW_DOWNLOAD),
             device=device,
             dtype=r.choice(MODEL_DTYPE, DTYPES),
-            served_name=r.text(MODEL_SERVED_NAME) or name,
+            served_name=r.text(MODEL_SERVED_NAME),
             warmup=r.flag(MODEL_WARMUP),
             task=r.required_text(WORKER_TASK).lower(),
             hf_token=r.text(HF_TOKEN),
@@ -191,7 +192,8 @@ class ModelSettings:
 WORKER_CONCURRENCY = _var("worker", "WORKER_CONCURRENCY", "16",
                           "Jobs one worker takes at once (RunPod concurrency_modifier); 1..256")
 WORKER_MAX_BATCH_SIZE = _var("worker", "WORKER_MAX_BATCH_SIZE", "16",
-                             "Most sequences decoded together in one forward pass; 1..256")
+                             "Most sequences decoded (or images upscaled) together in one "
+                             "forward pass; 1..256")
 WORKER_BATCH_WAIT_MS = _var("worker", "WORKER_BATCH_WAIT_MS", "10",
                             "How long a batch waits for more jobs to join, ms; 0..1000")
 WORKER_MAX_NEW_TOKENS = _var("worker", "WORKER_MAX_NEW_TOKENS", "1024",
@@ -211,6 +213,9 @@ WORKER_MAX_TEXTS = _var("worker", "WORKER_MAX_TEXTS", "2048",
 WORKER_EMBED_BATCH_SIZE = _var("worker", "WORKER_EMBED_BATCH_SIZE", "64",
                                "Most texts embedded together in one forward pass, across jobs; "
                                "1..4096")
+WORKER_MAX_IMAGE_PIXELS = _var("worker", "WORKER_MAX_IMAGE_PIXELS", "1048576",
+                               "Largest input image in pixels (width x height), read from its "
+                               "header before decoding; 1..268435456")
 WORKER_JOB_TIMEOUT_S = _var("worker", "WORKER_JOB_TIMEOUT_S", "600",
                             "A job still running after this many seconds fails; 1..86400")
 
@@ -231,6 +236,7 @@ class WorkerSettings:
     max_texts: int                # texts per embedding job
     embed_batch_size: int         # texts per embedding forward pass
     job_timeout_s: float          # per-job time limit, seconds
+    max_image_pixels: int = 1048576   # input image size limit, pixels
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -249,6 +255,7 @@ class WorkerSettings:
             max_texts=r.integer(WORKER_MAX_TEXTS, 1, 1_000_000),
             embed_batch_size=r.integer(WORKER_EMBED_BATCH_SIZE, 1, 4096),
             job_timeout_s=r.number(WORKER_JOB_TIMEOUT_S, 1, 86400),
+            max_image_pixels=r.integer(WORKER_MAX_IMAGE_PIXELS, 1, 268435456),
         )
 
 

@@ -18,6 +18,16 @@ What a client receives:
 ``output_mode`` (from the job input): ``auto`` (default) as above; ``inline`` never uploads and
 fails with PayloadTooLarge over the limit; ``link`` always uploads.
 
+Files a task produces (an image, audio) are ``Artefact`` objects in its answer, made by
+``JobContext.store`` (tasks/base.py). Delivery turns each into one of two objects:
+
+- inline: ``{"data": <base64>, "bytes", "sha256", "content_type"}``, when ``output_mode`` is
+  ``inline``, or ``auto`` and the whole answer with every file inline fits the limit;
+- link: the ``Link`` object of the file stored as its own object with its own content type
+  (``image/png``, never wrapped in JSON), when ``output_mode`` is ``link``, or ``auto`` and
+  the answer would not fit. If the answer is still too large with its files linked, the rule
+  above applies to the rest (an ``output_link`` to the JSON).
+
 The size counted is the byte length of the answer as the RunPod SDK will post it
 (``json.dumps(answer, ensure_ascii=False)`` in UTF-8, i.e. with its ", " and ": " separators),
 so the limit means what it says on the wire. NaN and infinities are refused: they are not JSON.
@@ -30,7 +40,11 @@ This module never imports torch, runpod or boto3; uploads go through a ``storage
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict
 
 from errors import InputError, PayloadTooLarge
@@ -44,6 +58,75 @@ JSON_TYPE = "application/json"
 JSONL_TYPE = "application/x-ndjson"
 STORAGE_SETTINGS_HINT = ("set BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY "
                          "and BUCKET_NAME on the worker, or send s3Config with the job")
+
+
+class InlineFile(TypedDict):
+    """A file returned inside the answer: its bytes base64-encoded, with what a link carries."""
+
+    data: str
+    bytes: int
+    sha256: str
+    content_type: str
+
+
+@dataclass(eq=False)
+class Artefact:
+    """A file a task produced, placed in its answer; delivery makes it inline or a link.
+
+    ``name`` is the file's name under the job's key (``image.png`` becomes
+    ``<prefix>/<job id>/image.png``); give each file of one answer its own name.
+    """
+
+    data: bytes
+    content_type: str
+    name: str
+    sha256: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sha256 = hashlib.sha256(self.data).hexdigest()
+
+    def inline(self) -> InlineFile:
+        return {"data": base64.b64encode(self.data).decode("ascii"), "bytes": len(self.data),
+                "sha256": self.sha256, "content_type": self.content_type}
+
+    def inline_size(self) -> int:
+        """Bytes the inline object adds to the answer's JSON, without encoding it."""
+        stub = {"data": "", "bytes": len(self.data), "sha256": self.sha256,
+                "content_type": self.content_type}
+        return measure_answer(stub) + 4 * ((len(self.data) + 2) // 3)
+
+
+def find_artefacts(value: Any) -> Iterator[Artefact]:
+    """Every Artefact inside ``value`` (dicts and lists, any depth), in order."""
+    if isinstance(value, Artefact):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from find_artefacts(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from find_artefacts(item)
+
+
+def replace_artefacts(value: Any, make: Callable[[Artefact], Any]) -> Any:
+    """``value`` with every Artefact replaced by ``make(artefact)``; other values kept."""
+    if isinstance(value, Artefact):
+        return make(value)
+    if isinstance(value, dict):
+        return {k: replace_artefacts(v, make) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [replace_artefacts(v, make) for v in value]
+    return value
+
+
+def inline_size(answer: Any) -> int:
+    """Bytes of ``answer`` as posted with every Artefact inline (measured, not encoded)."""
+    files = list(find_artefacts(answer))
+    if not files:
+        return measure_answer(answer)
+    stubbed = replace_artefacts(answer, lambda a: "")
+    # Each file replaces a 2-byte "" with its inline object.
+    return measure_answer(stubbed) + sum(a.inline_size() - 2 for a in files)
 
 
 class LinkAnswer(TypedDict):
@@ -86,15 +169,23 @@ def check_output_mode(mode: Any) -> OutputMode:
     return mode
 
 
-def deliver_output(answer: Any, *, job_id: str, storage: Storage | None,
+StorageGetter = Callable[[], "Storage | None"]
+
+
+def deliver_output(answer: Any, *, job_id: str, storage: Storage | StorageGetter | None,
                    inline_limit_bytes: int, mode: str | None = "auto") -> Any:
     """What the handler returns for ``answer``: the answer itself, or a ``LinkAnswer``.
 
-    Blocks while uploading. Raises InputError for an unknown ``mode`` or ``link`` without
-    storage, PayloadTooLarge when the answer is over the limit and cannot (or may not) be
-    uploaded, StorageError when the upload fails, TypeError when the answer is not JSON.
+    ``storage`` may be a function that returns it, called only when something is uploaded (a
+    job's own ``s3Config`` builds a client). Blocks while uploading. Raises InputError for an
+    unknown ``mode`` or ``link`` without storage, PayloadTooLarge when the answer is over the
+    limit and cannot (or may not) be uploaded, StorageError when the upload fails, TypeError
+    when the answer is not JSON.
     """
     chosen = check_output_mode(mode)
+    get_storage = storage if callable(storage) else (lambda: storage)
+    answer, chosen = deliver_files(answer, job_id=job_id, storage=get_storage,
+                                   inline_limit_bytes=inline_limit_bytes, mode=chosen)
     size = measure_answer(answer)
     if chosen == "auto" and size <= inline_limit_bytes:
         return answer
@@ -105,6 +196,7 @@ def deliver_output(answer: Any, *, job_id: str, storage: Storage | None,
             f"the answer is {size:,} bytes of JSON, over the inline limit of "
             f"{inline_limit_bytes:,} bytes (OUTPUT_INLINE_LIMIT_BYTES); ask for output_mode "
             "'auto' or 'link' to receive a download link instead", field="input.output_mode")
+    storage = get_storage()
     if storage is None:
         if chosen == "link":
             raise InputError(f"'link' needs storage, and none is configured: "
@@ -119,3 +211,35 @@ def deliver_output(answer: Any, *, job_id: str, storage: Storage | None,
         data, filename, content_type = serialise_answer(answer), ANSWER_FILENAME, JSON_TYPE
     stored = storage.put(storage.key_for(job_id, filename), data, content_type)
     return LinkAnswer(output_link=stored.to_link())
+
+
+def deliver_files(answer: Any, *, job_id: str, storage: StorageGetter, inline_limit_bytes: int,
+                  mode: OutputMode) -> tuple[Any, OutputMode]:
+    """``answer`` with its Artefacts inline or uploaded as their own objects (see above), and
+    the output mode for the rest of it: ``link`` becomes ``auto`` once the files are links."""
+    try:
+        if not any(True for _ in find_artefacts(answer)):
+            return answer, mode
+    except RecursionError:                 # circular, or too deep to be JSON
+        raise TypeError("the answer is not JSON-serialisable: it nests too deep") from None
+    limit = inline_limit_bytes
+    if mode == "inline" or (mode == "auto" and inline_size(answer) <= limit):
+        size = inline_size(answer)
+        if size > limit:
+            raise PayloadTooLarge(
+                f"the answer with its files inline is {size:,} bytes of JSON, over the inline "
+                f"limit of {limit:,} bytes (OUTPUT_INLINE_LIMIT_BYTES); ask for output_mode "
+                "'auto' or 'link' to receive download links instead", field="input.output_mode")
+        return replace_artefacts(answer, Artefact.inline), mode
+    target = storage()
+    if target is None:
+        if mode == "link":
+            raise InputError(f"'link' needs storage, and none is configured: "
+                             f"{STORAGE_SETTINGS_HINT}", field="input.output_mode")
+        raise PayloadTooLarge(
+            f"the answer with its files inline is {inline_size(answer):,} bytes of JSON, over "
+            f"the inline limit of {limit:,} bytes (OUTPUT_INLINE_LIMIT_BYTES), and no storage "
+            f"is configured to send the files as links: {STORAGE_SETTINGS_HINT}")
+    linked = replace_artefacts(answer, lambda a: target.put(
+        target.key_for(job_id, a.name), a.data, a.content_type).to_link())
+    return linked, "auto"

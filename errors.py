@@ -9,6 +9,7 @@ Every failure a caller can see is one of these. ``str(err)`` is always safe to s
     │   └── UnknownModel             model_not_found  an OpenAI request names another model
     ├── SettingsError                invalid_setting  an environment variable is wrong (startup)
     ├── ModelNotFound                model_not_found  no weights where we looked (startup)
+    │   └── UnsupportedModel         unsupported_model no task serves (or loads) the model
     ├── StorageError                 storage_failed   an upload or link could not be made
     ├── DownloadError                download_failed  an input URL could not be fetched safely
     ├── JobTimeout                   timeout          a job ran past its time limit
@@ -83,6 +84,12 @@ class ModelNotFound(WorkerError):
     """No model weights were found in any place we looked. Raised at startup."""
 
     code = "model_not_found"
+
+
+class UnsupportedModel(ModelNotFound):
+    """The model was found, but no task serves it or its task could not load it (startup)."""
+
+    code = "unsupported_model"
 
 
 class StorageError(WorkerError):

@@ -11,12 +11,16 @@ Where the model is looked for, in this order (the first hit wins)::
     4. HF_HUB_CACHE                    a Hugging Face cache, e.g. on a network volume
     5. the Hub, only with MODEL_ALLOW_DOWNLOAD=true
 
-Which task the model serves (``WORKER_TASK=auto``) is read from the directory: a
-sentence-transformers layout (``modules.json``, ``1_Pooling/``) or architectures without a
-language-model head (``BertModel``) are embedding models, loaded with ``AutoModel``; causal
-language models are loaded with ``AutoModelForCausalLM``. Only safetensors weights are loaded
-(pickle checkpoints run code on load) and remote code is never trusted. When nothing is found,
+Which task serves the model is the task's own rule (``Task.serves`` in ``tasks/``), asked in
+the registry's order when ``WORKER_TASK=auto``; a model no task serves stops the worker with one
+line naming its architecture. The task loads its model (``Task.load``) with ``place_model``
+below, which owns device, dtype and placement. Only safetensors weights are loaded (pickle
+checkpoints run code on load) and remote code is never trusted. When nothing is found,
 ``ModelNotFound`` lists every place and how to fix it.
+
+The name the worker answers as (``model`` in answers, ``/v1/models``, the startup line) is
+MODEL_SERVED_NAME when set; else, for MODEL_PATH, the name recorded in the directory's
+``builder.json``, or the directory's own name; else MODEL_NAME.
 """
 
 from __future__ import annotations
@@ -30,21 +34,24 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 _t_import = time.perf_counter()
 import torch  # noqa: E402
-import transformers  # noqa: E402
+import transformers  # noqa: E402, F401 - timed here: IMPORT_SECONDS covers it
 from transformers import (  # noqa: E402
     AutoConfig,
-    AutoTokenizer,
     GenerationConfig,
+    PretrainedConfig,
     PreTrainedModel,
-    PreTrainedTokenizerBase,
 )
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from config import ModelSettings  # noqa: E402
-from errors import ModelNotFound, SettingsError  # noqa: E402
+from config import ModelSettings, WorkerSettings  # noqa: E402
+from errors import ModelNotFound, SettingsError, UnsupportedModel  # noqa: E402
+
+if TYPE_CHECKING:
+    from tasks.base import Task
 
 IMPORT_SECONDS = time.perf_counter() - _t_import
 hf_logging.disable_progress_bar()   # one startup line instead of per-tensor progress bars
@@ -171,25 +178,77 @@ def _download(settings: ModelSettings) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
-# Which task: generate (causal LM) or embed (an encoder, pooled)
+# What the directory holds, and which task serves it
 # ----------------------------------------------------------------------------------------------
-_LM_HEAD_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+@dataclass(frozen=True)
+class ModelFiles:
+    """A model directory and its config: what a task's detection rule (``serves``) reads."""
+
+    source: ModelSource
+    config: PretrainedConfig
+
+    @property
+    def path(self) -> Path:
+        return self.source.path
+
+    @property
+    def architectures(self) -> tuple[str, ...]:
+        return tuple(getattr(self.config, "architectures", None) or ())
+
+    def has(self, name: str) -> bool:
+        """True when the directory holds ``name`` (a file or a folder)."""
+        return (self.path / name).exists()
 
 
-def detect_task(directory: Path, config: object, setting: str = "auto") -> str:
-    """``generate`` or ``embed``: the setting when explicit, else what the directory holds.
+def read_model_files(source: ModelSource) -> ModelFiles:
+    """The config of the model in ``source``; quantized checkpoints are refused."""
+    try:
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - one startup line, never a traceback
+        raise ModelNotFound(f"{source.path}/config.json could not be read "
+                            f"({_first_line(exc)})") from None
+    if getattr(config, "quantization_config", None):
+        raise ModelNotFound(f"{source.path} holds a quantized checkpoint; serve full-precision "
+                            "safetensors (builder/fetch_model.py converts GGUF)")
+    return ModelFiles(source, config)
 
-    A sentence-transformers layout means embed; architectures that all lack a language-model
-    head (``BertModel``, ``XLMRobertaModel``) mean embed; anything with one means generate.
-    """
+
+def pick_task(model: ModelFiles, setting: str, tasks: Mapping[str, type[Task]]) -> type[Task]:
+    """The task for ``model``: WORKER_TASK when it names one, else the first whose rule says so."""
     if setting != "auto":
-        return setting
-    if (directory / "modules.json").is_file() or (directory / "1_Pooling").is_dir():
-        return "embed"
-    architectures = getattr(config, "architectures", None) or []
-    if architectures and not any(a.endswith(_LM_HEAD_SUFFIXES) for a in architectures):
-        return "embed"
-    return "generate"
+        if setting not in tasks:
+            raise SettingsError(f"WORKER_TASK={setting!r} is not allowed; use one of "
+                                f"auto, {', '.join(tasks)}")
+        return tasks[setting]
+    for task in tasks.values():
+        if task.serves(model):
+            return task
+    kind = ", ".join(model.architectures) or getattr(model.config, "model_type", "unknown")
+    raise UnsupportedModel(
+        f"no task serves the model in {model.path} ({kind}); tasks: {', '.join(tasks)}. "
+        "Add one for it (README: Fork it, add a task), or set WORKER_TASK if one of them fits")
+
+
+def served_name(settings: ModelSettings, source: ModelSource) -> str:
+    """The name answers carry: MODEL_SERVED_NAME; for MODEL_PATH the recorded name or the
+    directory's own; else MODEL_NAME."""
+    if settings.served_name:
+        return settings.served_name
+    if source.origin != "MODEL_PATH":
+        return settings.model_name
+    manifest = source.path / "builder.json"
+    try:
+        recorded = json.loads(manifest.read_text()).get("request", {}).get("model")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if isinstance(recorded, str) and recorded.strip():
+        return recorded.strip()
+    return source.path.resolve().name
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,16 +321,21 @@ class LoadStats:
 
 @dataclass
 class LoadedModel:
-    """A model in memory, ready for jobs: the object tasks receive."""
+    """A model in memory, ready for jobs: what ``place_model`` returns and a task completes.
+
+    ``tokenizer``, ``processor`` and ``generation_config`` are whatever the task's ``load``
+    sets: a text task sets the tokenizer, an image task the image processor.
+    """
 
     model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    generation_config: GenerationConfig
     device: torch.device          # where inputs go (the first layer's device when spread)
     served_name: str
     source: ModelSource
     stats: LoadStats
-    task: str = "generate"        # "generate" | "embed": which tasks/ module serves it
+    task: str = "generate"        # the name of the tasks/ module that serves it
+    tokenizer: Any = None
+    processor: Any = None
+    generation_config: GenerationConfig | None = None
 
 
 def read_weight_files(directory: Path) -> tuple[int, float]:
@@ -296,9 +360,6 @@ def _peak_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-DEFAULT_MODEL_CLASSES = {"generate": "AutoModelForCausalLM", "embed": "AutoModel"}
-
-
 # Every computation on the model runs on this one thread: loading, warm-up, every batch. Each
 # thread that calls torch gets its own OpenMP pool, and two pools on the same cores slow each
 # other down for good (measured on 2 cores: an 8-row decode took 5.6 s instead of 4.6 s once
@@ -306,94 +367,102 @@ DEFAULT_MODEL_CLASSES = {"generate": "AutoModelForCausalLM", "embed": "AutoModel
 DEVICE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
 
 
-def load_model(settings: ModelSettings, warmup: bool | None = None,
-               model_classes: Mapping[str, str] | None = None) -> LoadedModel:
-    """Find, load and warm up the model on the device thread; log one startup line."""
-    return DEVICE_THREAD.submit(_load_model, settings, warmup, model_classes).result()
-
-
-def _load_model(settings: ModelSettings, warmup: bool | None = None,
-                model_classes: Mapping[str, str] | None = None) -> LoadedModel:
-    """Find, load and warm up the model; log one startup line. Call once per worker.
-
-    ``model_classes`` maps each task name to the transformers Auto class that loads its models
-    (``tasks.TASKS`` declares them); the task is ``settings.task`` or, for ``auto``, detected.
+def place_model(model: ModelFiles, settings: ModelSettings, model_class: Any,
+                **kwargs: Any) -> LoadedModel:
+    """Load ``model``'s safetensors with ``model_class`` (a transformers class such as
+    ``AutoModelForCausalLM``) onto MODEL_DEVICE in MODEL_DTYPE: the helper every task's
+    ``load`` uses. Weights go from the safetensors mmap straight onto the device (no host
+    copy); with MODEL_DEVICE=auto and several GPUs the layers are spread over them. ``kwargs``
+    go to ``from_pretrained``. Raises ModelNotFound with one line when the weights do not load.
     """
-    classes = dict(model_classes or DEFAULT_MODEL_CLASSES)
-    if settings.task != "auto" and settings.task not in classes:
-        raise SettingsError(f"WORKER_TASK={settings.task!r} is not allowed; use one of "
-                            f"auto, {', '.join(classes)}")
-    source = resolve_model_source(settings)
+    mapping = getattr(model_class, "_model_mapping", None)     # an Auto class: check first
+    if mapping is not None and type(model.config) not in mapping:
+        raise UnsupportedModel(f"{model_class.__name__} does not load "
+                               f"{type(model.config).__name__} models")
     device = choose_device(settings.device)
     dtype = choose_dtype(settings.dtype, device)
-
-    config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
-    if getattr(config, "quantization_config", None):
-        raise ModelNotFound(f"{source.path} holds a quantized checkpoint; serve full-precision "
-                            "safetensors (builder/fetch_model.py converts GGUF)")
-
-    task = detect_task(source.path, config, settings.task)
-    weight_bytes, read_s = read_weight_files(source.path)
-
-    # Weights are read from the safetensors mmap straight onto the device: no host copy.
+    weight_bytes, read_s = read_weight_files(model.path)
     gpus = torch.cuda.device_count() if device == "cuda" else 0
     device_map = choose_device_map(device, settings.device, gpus)
     start = time.perf_counter()
-    model_class = getattr(transformers, classes[task])
     try:
-        model = model_class.from_pretrained(
-            source.path,
-            dtype=dtype,
-            device_map=device_map,
-            use_safetensors=True,
-            trust_remote_code=False,
-            local_files_only=True,
-        )
+        loaded = model_class.from_pretrained(
+            model.path, dtype=dtype, device_map=device_map, use_safetensors=True,
+            trust_remote_code=False, local_files_only=True, **kwargs)
     except Exception as exc:
         if is_out_of_memory(exc):
-            raise ModelNotFound(f"the model in {source.path} does not fit in {device} memory; "
+            raise ModelNotFound(f"the model in {model.path} does not fit in {device} memory; "
                                 "use a larger GPU or a smaller MODEL_DTYPE") from None
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise ModelNotFound(f"the weights in {source.path} could not be loaded ({reason}); "
-                            "rebuild them with `make model` (builder/fetch_model.py --force)"
-                            ) from exc
-    model.eval()
-    placement = describe_placement(model)
+        raise ModelNotFound(f"the weights in {model.path} could not be loaded "
+                            f"({_first_line(exc)}); rebuild them with `make model` "
+                            "(builder/fetch_model.py --force)") from exc
+    loaded.eval()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     place_s = time.perf_counter() - start
-
-    tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    # Decoder-only batches pad on the left; encoders on the right (absolute positions).
-    tokenizer.padding_side = "left" if task == "generate" else "right"
-    try:
-        gen_config = GenerationConfig.from_pretrained(source.path)
-    except OSError:
-        gen_config = GenerationConfig.from_model_config(config)
-
-    first_param = next(model.parameters())
-    loaded = LoadedModel(
-        model=model,
-        tokenizer=tokenizer,
-        generation_config=gen_config,
+    first_param = next(loaded.parameters())
+    return LoadedModel(
+        model=loaded,
         device=first_param.device,
-        served_name=settings.served_name,
-        source=source,
-        task=task,
+        served_name=served_name(settings, model.source),
+        source=model.source,
         stats=LoadStats(
             import_s=IMPORT_SECONDS, read_s=read_s, place_s=place_s, warmup_s=0.0,
             weight_bytes=weight_bytes, device=str(first_param.device),
             dtype=str(first_param.dtype).removeprefix("torch."), peak_bytes=0,
-            placement=placement, task=task,
-        ),
+            placement=describe_placement(loaded)),
     )
-    if settings.warmup if warmup is None else warmup:
-        loaded.stats.warmup_s = warm_up(loaded)
-    loaded.stats.peak_bytes = _peak_bytes(device)
-    log.info(loaded.stats.line(source, settings.served_name))
-    return loaded
+
+
+def load_task(settings: ModelSettings, worker_settings: WorkerSettings,
+              tasks: Mapping[str, type[Task]], warmup: bool | None = None) -> Task:
+    """Find the model, pick its task, load and warm it up on the device thread, and log one
+    startup line. Call once per worker. Raises WorkerError (one line, no traceback)."""
+    return DEVICE_THREAD.submit(_load_task, settings, worker_settings, tasks, warmup).result()
+
+
+def _load_task(settings: ModelSettings, worker_settings: WorkerSettings,
+               tasks: Mapping[str, type[Task]], warmup: bool | None) -> Task:
+    model = read_model_files(resolve_model_source(settings))
+    task_class = pick_task(model, settings.task, tasks)
+    try:
+        loaded = task_class.load(model, settings)
+        loaded.task = task_class.name
+        loaded.stats.task = task_class.name
+        task = task_class(loaded, worker_settings)
+        if settings.warmup if warmup is None else warmup:
+            start = time.perf_counter()
+            task.warm_up()
+            if loaded.device.type == "cuda":
+                torch.cuda.synchronize()
+            loaded.stats.warmup_s = time.perf_counter() - start
+    except UnsupportedModel as exc:
+        raise _cannot_load(task_class, model, str(exc)) from None
+    except (ModelNotFound, SettingsError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a model the task cannot load: one line
+        log.debug("loading %s failed", model.path, exc_info=True)
+        raise _cannot_load(task_class, model, _first_line(exc)) from None
+    loaded.stats.peak_bytes = _peak_bytes(str(loaded.device))
+    log.info(loaded.stats.line(model.source, loaded.served_name))
+    return task
+
+
+def _cannot_load(task_class: type[Task], model: ModelFiles, reason: str) -> UnsupportedModel:
+    return UnsupportedModel(
+        f"the {task_class.name} task could not load the model in {model.path} "
+        f"({', '.join(model.architectures) or 'no architectures'}: {reason}); set WORKER_TASK "
+        "to a task that serves it, or add one (README: Fork it, add a task)")
+
+
+def load_model(settings: ModelSettings, warmup: bool | None = None,
+               tasks: Mapping[str, type[Task]] | None = None) -> LoadedModel:
+    """``load_task``'s model, for code that drives the model without a worker (benchmarks)."""
+    if tasks is None:
+        from tasks import TASKS
+        tasks = TASKS
+    worker_settings = WorkerSettings.from_env({})
+    return load_task(settings, worker_settings, tasks, warmup).loaded
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -436,19 +505,3 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def warm_up(loaded: LoadedModel) -> float:
-    """One short greedy generation (or one forward pass of an embedding model) so the first
-    job pays no kernel or allocator start-up."""
-    start = time.perf_counter()
-    inputs = loaded.tokenizer("Hello", return_tensors="pt").to(loaded.device)
-    with torch.inference_mode():
-        if loaded.task == "generate":
-            loaded.model.generate(**inputs, max_new_tokens=4, do_sample=False,
-                                  pad_token_id=loaded.tokenizer.pad_token_id)
-        else:
-            loaded.model(**inputs)
-    if loaded.device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start

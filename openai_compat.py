@@ -159,11 +159,15 @@ class OpenAIRoutes:
 
     # ------------------------------------------------------------------------------- checks
     def _check_task(self, route: str) -> None:
-        wanted = "embed" if route == "/v1/embeddings" else "generate"
-        if self.task.name != wanted:
-            other = "/v1/embeddings" if self.task.name == "embed" else "/v1/chat/completions"
-            raise InputError(f"this worker's model serves the {self.task.name} task, not "
-                             f"{wanted}; use {other}", field="openai_route")
+        if route in self.task.openai_routes:
+            return
+        if self.task.openai_routes:
+            use = f"use {', '.join(self.task.openai_routes)}"
+        else:
+            use = ("it has no OpenAI-compatible route; send the task's own input to /run or "
+                   "/runsync")
+        raise InputError(f"this worker's model serves the {self.task.name} task, which "
+                         f"{route} does not fit; {use}", field="openai_route")
 
     def _check_model(self, model: str) -> None:
         if model != self.served_name:

@@ -29,13 +29,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from config import DownloadSettings, ModelSettings, StorageSettings, WorkerSettings
-from delivery import check_output_mode, deliver_output, measure_answer
+from delivery import check_output_mode, deliver_files, deliver_output, measure_answer
 from downloads import load_jsonl_url
 from errors import InputError, PayloadTooLarge, WorkerError, error_response
-from model_loader import LoadedModel, load_model
+from model_loader import LoadedModel, load_task
 from openai_compat import OpenAIRoutes, is_openai_job
 from storage import Storage, storage_for_job, storage_from_settings
-from tasks import TASKS, Task
+from tasks import TASKS, JobContext, Task
 from validation import check_job_input
 
 log = logging.getLogger("worker")
@@ -63,9 +63,12 @@ class Worker:
     storage_settings: StorageSettings
     download_settings: DownloadSettings
     storage: Storage | None          # the worker's own storage; a job's s3Config overrides it
-    loaded: LoadedModel
     task: Task
     openai: OpenAIRoutes
+
+    @property
+    def loaded(self) -> LoadedModel:
+        return self.task.loaded
 
     async def handle(self, job: Any, progress: ProgressFn | None = None
                      ) -> AsyncIterator[dict[str, Any] | str]:
@@ -87,19 +90,20 @@ class Worker:
                     yield item
                 return
             mode = check_output_mode(job_input.pop("output_mode", None))
+            context = self._context(job, job_id, progress)
             if "batch" in job_input or "batch_url" in job_input:
-                answer = await self._batch(job, job_input, mode, progress)
+                answer = await self._batch(job, job_input, context)
                 yield await asyncio.to_thread(self._deliver_batch, answer, job, mode)
                 return
             request = self.task.parse(job_input)
-            if request.stream:
+            if getattr(request, "stream", False):
                 if mode == "link":
                     raise InputError("'link' cannot be used with stream; streamed chunks are "
                                      "always small and sent inline", field="input.output_mode")
-                async for chunk in self.task.stream(request):
+                async for chunk in self.task.stream(request, context):
                     yield chunk
                 return
-            answer = dict(await self.task.answer(request))
+            answer = dict(await self.task.answer(request, context))
             yield await asyncio.to_thread(self._deliver, answer, job, mode)
         except Exception as exc:  # noqa: BLE001 - the job boundary: every failure is answered
             answer = error_response(exc, openai=openai)
@@ -109,10 +113,28 @@ class Worker:
                 log.info("job %s failed: %s", job_id, answer["error"])
             yield dict(answer)
 
+    def _context(self, job: Any, job_id: str, progress: ProgressFn | None) -> JobContext:
+        """What the task knows of this job (tasks/base.py)."""
+        def report(value: dict[str, Any]) -> None:
+            if progress is None:
+                return
+            try:
+                progress(dict(job), value)
+            except Exception:  # noqa: BLE001 - a lost progress update never fails a job
+                log.warning("progress update for job %s failed", job_id, exc_info=True)
+
+        return JobContext(
+            job_id=job_id,
+            deadline=time.monotonic() + self.settings.job_timeout_s,
+            timeout_s=self.settings.job_timeout_s,
+            downloads=self.download_settings,
+            storage=lambda: self._storage_for(job),
+            progress=report)
+
     @property
     def needs_refresh(self) -> bool:
         """True once the device is unusable: RunPod should replace this worker."""
-        return self.task.batcher.device_fault is not None
+        return self.task.device_fault is not None
 
     def concurrency(self, current: int = 1) -> int:
         """RunPod's concurrency_modifier: a constant (a change stops intake until jobs drain)."""
@@ -125,19 +147,21 @@ class Worker:
         return storage_for_job(job, self.storage_settings, self.storage)
 
     def _deliver(self, answer: Any, job: Mapping[str, Any], mode: str) -> Any:
-        limit = self.storage_settings.inline_limit_bytes
-        if mode == "auto" and measure_answer(answer) <= limit:
-            return answer           # no storage needed: skip building a per-job client
-        return deliver_output(answer, job_id=str(job["id"]), storage=self._storage_for(job),
-                              inline_limit_bytes=limit, mode=mode)
+        # The storage is built only when something is uploaded (a job's s3Config builds a client).
+        return deliver_output(answer, job_id=str(job["id"]), storage=lambda: self._storage_for(job),
+                              inline_limit_bytes=self.storage_settings.inline_limit_bytes,
+                              mode=mode)
 
     def _deliver_batch(self, answer: dict[str, Any], job: Mapping[str, Any], mode: str) -> Any:
         """A batch answer too large to send inline goes out with its results as JSON Lines."""
         limit = self.storage_settings.inline_limit_bytes
+        answer, mode = deliver_files(answer, job_id=str(job["id"]),
+                                     storage=lambda: self._storage_for(job),
+                                     inline_limit_bytes=limit, mode=mode)  # type: ignore[arg-type]
         if mode == "inline" or (mode == "auto" and measure_answer(answer) <= limit):
             return self._deliver(answer, job, mode)
         link = deliver_output(answer["results"], job_id=str(job["id"]),
-                              storage=self._storage_for(job), inline_limit_bytes=limit,
+                              storage=lambda: self._storage_for(job), inline_limit_bytes=limit,
                               mode="link")
         return {**link, "count": len(answer["results"]), "usage": answer["usage"],
                 "model": answer["model"]}
@@ -145,8 +169,8 @@ class Worker:
     # ------------------------------------------------------------------------------------------
     # Batch jobs: many task inputs, answered in order, per-item errors
     # ------------------------------------------------------------------------------------------
-    async def _batch(self, job: Mapping[str, Any], job_input: dict[str, Any], mode: str,
-                     progress: ProgressFn | None) -> dict[str, Any]:
+    async def _batch(self, job: Mapping[str, Any], job_input: dict[str, Any],
+                     context: JobContext) -> dict[str, Any]:
         items = await self._batch_items(job, job_input)
         total, done = len(items), 0
         last_report = time.monotonic()
@@ -160,32 +184,24 @@ class Worker:
                     if not isinstance(item, dict):
                         raise InputError("must be a JSON object", field=f"input.batch.{index}")
                     request = self.task.parse(item, where=f"input.batch.{index}")
-                    if request.stream:
+                    if getattr(request, "stream", False):
                         raise InputError("stream is not available for batch items",
                                          field=f"input.batch.{index}.stream")
-                    result: dict[str, Any] = dict(await self.task.answer(request))
+                    result: dict[str, Any] = dict(
+                        await self.task.answer(request, context.for_item(index)))
                 except Exception as exc:  # noqa: BLE001 - one item's failure is its own answer
                     if not isinstance(exc, WorkerError):
                         log.exception("batch item %d of job %s failed", index, job.get("id"))
                     result = {**error_response(exc), "index": index}
             done += 1
-            if progress is not None and done < total and \
-                    time.monotonic() - last_report >= PROGRESS_INTERVAL_S:
+            if done < total and time.monotonic() - last_report >= PROGRESS_INTERVAL_S:
                 last_report = time.monotonic()
-                try:
-                    progress(dict(job), {"done": done, "total": total})
-                except Exception:  # noqa: BLE001 - a lost progress update never fails a job
-                    log.warning("progress update for job %s failed", job.get("id"),
-                                exc_info=True)
+                context.report({"done": done, "total": total})
             return result
 
         results = await asyncio.gather(*(run_item(i, item) for i, item in enumerate(items)))
-        usage = {"prompt_tokens": 0, "completion_tokens": 0}
-        for r in results:
-            for key in usage:
-                usage[key] += r.get("usage", {}).get(key, 0)
         failed = sum(1 for r in results if "error" in r)
-        return {"results": list(results), "failed": failed, "usage": usage,
+        return {"results": list(results), "failed": failed, "usage": sum_usage(results),
                 "model": self.loaded.served_name}
 
     async def _batch_items(self, job: Mapping[str, Any], job_input: dict[str, Any]) -> list[Any]:
@@ -215,15 +231,25 @@ class Worker:
         return items
 
 
+def sum_usage(results: list[dict[str, Any]]) -> dict[str, int]:
+    """The batch's usage: each numeric ``usage`` field of the items' answers, summed."""
+    total: dict[str, int] = {}
+    for result in results:
+        usage = result.get("usage")
+        if isinstance(usage, dict):
+            for key, value in usage.items():
+                if isinstance(value, int) and not isinstance(value, bool):
+                    total[key] = total.get(key, 0) + value
+    return total
+
+
 def build_worker(env: Mapping[str, str] | None = None) -> Worker:
-    """Read settings, load and warm up the model, and pick its task. Raises WorkerError."""
+    """Read settings, pick the model's task, load and warm it up. Raises WorkerError."""
     settings = WorkerSettings.from_env(env)
     storage_settings = StorageSettings.from_env(env)
     download_settings = DownloadSettings.from_env(env)
     storage = storage_from_settings(storage_settings)   # builds a client; no network
-    loaded = load_model(ModelSettings.from_env(env),
-                        model_classes={name: task.auto_model for name, task in TASKS.items()})
-    task = TASKS[loaded.task](loaded, settings)
+    task = load_task(ModelSettings.from_env(env), settings, TASKS)
     return Worker(settings=settings, storage_settings=storage_settings,
-                  download_settings=download_settings, storage=storage, loaded=loaded, task=task,
-                  openai=OpenAIRoutes(task, loaded.served_name))
+                  download_settings=download_settings, storage=storage, task=task,
+                  openai=OpenAIRoutes(task, task.loaded.served_name))

@@ -1,36 +1,30 @@
 """The tasks a worker can serve, one module each, and the one place they are registered.
 
-A task is a class made with ``(loaded_model, worker_settings)`` that has ``name``,
-``auto_model`` (the transformers Auto class name that loads its models),
-``parse(job_input, where="input") -> request`` (raises InputError naming the field under
-``where``), ``async answer(request) -> dict`` and
-``stream(request) -> async iterator of dicts``; a request has a ``stream`` flag. The model's
-``task`` (``WORKER_TASK``, or detected from its config by ``model_loader.detect_task``) picks the
-class here. To add a task: write ``tasks/<name>.py`` with such a class and add one line to
-``TASKS`` below (and, if a model can be recognised as one, a rule in ``detect_task``).
+A task is a ``tasks.base.Task`` subclass in its own module: it recognises its models, loads them,
+declares its input contract and answers jobs (``tasks/base.py`` says what each part does).
+``WORKER_TASK=auto`` asks each task below, in order, whether it serves the model
+(``Task.serves``); the first that does serves it. ``WORKER_TASK=<name>`` picks one outright.
+
+To add a task: write ``tasks/<name>.py`` (``tasks/upscale.py`` is a complete example that
+returns files) and add one line to ``TASKS``. Nothing else in the worker names a task.
+
+The plugin seam: the worker's own modules (``worker.py``, ``model_loader.py``,
+``openai_compat.py``) reach tasks only through ``TASKS`` and the ``Task`` interface; a task
+imports the worker's helpers (``model_loader``, ``validation``, ``batcher``, ``tasks.base``),
+never the other way round.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any, Protocol
-
+from tasks.base import JobContext, Task
 from tasks.embed import EmbedTask
 from tasks.generate import GenerateTask
-
-
-class Task(Protocol):
-    name: str
-    auto_model: str
-
-    def parse(self, job_input: dict[str, Any], where: str = "input") -> Any: ...
-
-    async def answer(self, request: Any) -> Any: ...
-
-    def stream(self, request: Any) -> AsyncIterator[dict[str, Any]]: ...
-
+from tasks.upscale import UpscaleTask
 
 TASKS: dict[str, type[Task]] = {
     "generate": GenerateTask,
     "embed": EmbedTask,
+    "upscale": UpscaleTask,
 }
+
+__all__ = ["TASKS", "JobContext", "Task"]

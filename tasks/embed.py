@@ -35,15 +35,21 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 import torch
+import transformers
 from pydantic import Field, ValidationInfo, field_validator, model_validator
+from transformers import AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
 from batcher import Batcher
-from config import WorkerSettings
+from config import ModelSettings, WorkerSettings
 from errors import InputError, JobTimeout, ModelNotFound
-from model_loader import LoadedModel
+from model_loader import LoadedModel, ModelFiles, place_model
+from tasks.base import JobContext, Task
 from validation import StrictInput, parse_input
 
 POOLING_MODES = ("mean", "cls", "max")
+_BASE_MODEL_CLASSES = frozenset(MODEL_MAPPING_NAMES.values())
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 
 
 class EmbedInput(StrictInput):
@@ -184,15 +190,44 @@ class EmbedEngine:
             item.vector = pooled[row]
 
 
-class EmbedTask:
+class EmbedTask(Task):
     """Embedding jobs on an encoder model, batched across concurrent jobs."""
 
     name = "embed"
-    auto_model = "AutoModel"                 # the transformers class its models load with
+    openai_routes = ("/v1/embeddings",)
+
+    @classmethod
+    def serves(cls, model: ModelFiles) -> bool:
+        """A sentence-transformers directory, or a text model without a head (``BertModel``)."""
+        if model.has("modules.json") or model.has("1_Pooling"):
+            return True
+        return (bool(model.architectures)
+                and all(a in _BASE_MODEL_CLASSES for a in model.architectures)
+                and any(model.has(name) for name in _TOKENIZER_FILES))
+
+    @classmethod
+    def load(cls, model: ModelFiles, settings: ModelSettings) -> LoadedModel:
+        read_pooling(model.path)             # a broken pooling config stops the worker here
+        loaded = place_model(model, settings, transformers.AutoModel)
+        tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=False)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "right"      # encoders: absolute positions start at 0
+        loaded.tokenizer = tokenizer
+        return loaded
+
+    def warm_up(self) -> None:
+        """One forward pass: the first job pays no kernel or allocator start-up."""
+        inputs = self.tokenizer("Hello", return_tensors="pt").to(self.loaded.device)
+        with torch.inference_mode():
+            self.loaded.model(**inputs)
+
+    @property
+    def device_fault(self) -> str | None:
+        return self.batcher.device_fault
 
     def __init__(self, loaded: LoadedModel, settings: WorkerSettings) -> None:
-        self.loaded = loaded
-        self.settings = settings
+        super().__init__(loaded, settings)
         self.tokenizer = loaded.tokenizer
         self.pooling = read_pooling(loaded.source.path)
         self.dim = int(loaded.model.config.hidden_size)
@@ -243,7 +278,8 @@ class EmbedTask:
             matrix = torch.nn.functional.normalize(matrix, p=2, dim=1)
         return matrix
 
-    async def answer(self, request: EmbedRequest) -> EmbedAnswer:
+    async def answer(self, request: EmbedRequest,  # type: ignore[override]
+                     job: JobContext | None = None) -> EmbedAnswer:
         matrix = await self.vectors(request)
         return {
             "embeddings": matrix.tolist(),
@@ -252,6 +288,7 @@ class EmbedTask:
             "model": self.loaded.served_name,
         }
 
-    async def stream(self, request: EmbedRequest) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, request: EmbedRequest,  # type: ignore[override]
+                     job: JobContext | None = None) -> AsyncIterator[dict[str, Any]]:
         """Embeddings are not streamed: the whole answer, once."""
-        yield dict(await self.answer(request))
+        yield dict(await self.answer(request, job))

@@ -29,13 +29,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
+import torch
+import transformers
 from pydantic import Field, ValidationInfo, field_validator, model_validator
+from transformers import AutoTokenizer, GenerationConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from batcher import Batcher
-from config import WorkerSettings
+from config import ModelSettings, WorkerSettings
 from engine import Engine, SamplingParams, Sequence
 from errors import InputError, JobTimeout
-from model_loader import LoadedModel
+from model_loader import LoadedModel, ModelFiles, place_model
+from tasks.base import JobContext, Task
 from validation import StrictInput, parse_input
 
 MAX_STOP_CHARS = 256
@@ -125,18 +130,49 @@ class GenerateRequest:
 _DONE = object()
 
 
-class GenerateTask:
+_CAUSAL_LM_CLASSES = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+class GenerateTask(Task):
     """Generation jobs on a causal language model, batched across concurrent jobs."""
 
     name = "generate"
-    auto_model = "AutoModelForCausalLM"      # the transformers class its models load with
+    openai_routes = ("/v1/chat/completions", "/v1/completions")
+
+    @classmethod
+    def serves(cls, model: ModelFiles) -> bool:
+        """Causal language models: an architecture ``AutoModelForCausalLM`` loads."""
+        if model.architectures:
+            return any(a in _CAUSAL_LM_CLASSES for a in model.architectures)
+        return getattr(model.config, "model_type", None) in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    @classmethod
+    def load(cls, model: ModelFiles, settings: ModelSettings) -> LoadedModel:
+        loaded = place_model(model, settings, transformers.AutoModelForCausalLM)
+        tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=False)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"       # decoder-only batches pad on the left
+        try:
+            generation_config = GenerationConfig.from_pretrained(model.path)
+        except OSError:
+            generation_config = GenerationConfig.from_model_config(model.config)
+        loaded.tokenizer = tokenizer
+        loaded.generation_config = generation_config
+        return loaded
+
+    def warm_up(self) -> None:
+        """One short greedy generation: the first job pays no kernel or allocator start-up."""
+        inputs = self.tokenizer("Hello", return_tensors="pt").to(self.loaded.device)
+        with torch.inference_mode():
+            self.loaded.model.generate(**inputs, max_new_tokens=4, do_sample=False,
+                                       pad_token_id=self.tokenizer.pad_token_id)
 
     def __init__(self, loaded: LoadedModel, settings: WorkerSettings) -> None:
-        self.loaded = loaded
-        self.settings = settings
+        super().__init__(loaded, settings)
         self.tokenizer = loaded.tokenizer
         self.batcher = Batcher(Engine(loaded), settings.max_batch_size, settings.batch_wait_ms)
-        gc = loaded.generation_config
+        gc = loaded.generation_config or GenerationConfig()
         sampling = bool(getattr(gc, "do_sample", False))
         # Defaults from the model's generation config; greedy when it does not ask to sample.
         self.defaults = {
@@ -180,9 +216,14 @@ class GenerateTask:
         )
         return GenerateRequest(list(ids), params, data.stream)
 
-    def _sequence(self, request: GenerateRequest) -> Sequence:
-        return Sequence(request.prompt_ids, request.params,
-                        deadline=time.monotonic() + self.settings.job_timeout_s)
+    @property
+    def device_fault(self) -> str | None:
+        return self.batcher.device_fault
+
+    def _sequence(self, request: GenerateRequest, job: JobContext | None) -> Sequence:
+        deadline = job.deadline if job is not None else (
+            time.monotonic() + self.settings.job_timeout_s)
+        return Sequence(request.prompt_ids, request.params, deadline=deadline)
 
     def _answer(self, seq: Sequence) -> GenerateAnswer:
         if seq.finish_reason == "timeout":
@@ -196,13 +237,15 @@ class GenerateTask:
             "model": self.loaded.served_name,
         }
 
-    async def answer(self, request: GenerateRequest) -> GenerateAnswer:
+    async def answer(self, request: GenerateRequest,  # type: ignore[override]
+                     job: JobContext | None = None) -> GenerateAnswer:
         """Generate the whole text, batched with whatever else is in flight."""
-        seq = self._sequence(request)
+        seq = self._sequence(request, job)
         await self.batcher.submit(seq)
         return self._answer(seq)
 
-    async def stream(self, request: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, request: GenerateRequest,  # type: ignore[override]
+                     job: JobContext | None = None) -> AsyncIterator[dict[str, Any]]:
         """Yield ``{"text": delta}`` chunks as tokens arrive; the last carries usage too.
 
         Deltas that arrive while a chunk is being delivered are joined into the next chunk, so a
@@ -210,7 +253,7 @@ class GenerateTask:
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
-        seq = self._sequence(request)
+        seq = self._sequence(request, job)
         seq.on_text = lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta)
         task = asyncio.ensure_future(self.batcher.submit(seq))
         task.add_done_callback(lambda _: queue.put_nowait(_DONE))

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers import AutoModel, AutoTokenizer
 
-from config import ModelSettings
-from errors import ModelNotFound, SettingsError
-from model_loader import DEVICE_THREAD, detect_task, load_model
+from errors import ModelNotFound
+from model_loader import DEVICE_THREAD
 from tasks.embed import EmbedTask, read_pooling
 from tests.support.worker import MINILM_NAME, LoopThread, collect
 from worker import Worker
@@ -55,29 +54,11 @@ class TestTaskDetection:
         assert embed_worker.task.name == "embed"
         assert embed_worker.task.pooling == "mean"
 
-    def test_bert_model_without_sentence_transformers_files_is_embed(self, minilm_dir, tmp_path):
-        (tmp_path / "config.json").write_text((minilm_dir / "config.json").read_text())
-        assert detect_task(tmp_path, AutoConfig.from_pretrained(tmp_path)) == "embed"
-
-    def test_causal_lm_is_generate(self, default_model_dir):
-        config = AutoConfig.from_pretrained(default_model_dir)
-        assert detect_task(default_model_dir, config) == "generate"
-
-    def test_worker_task_setting_overrides_detection(self, minilm_dir):
-        config = AutoConfig.from_pretrained(minilm_dir)
-        assert detect_task(minilm_dir, config, "generate") == "generate"
-
     def test_missing_pooling_config_is_refused_rather_than_guessed(self, minilm_dir, tmp_path):
         for name in ("config.json", "modules.json"):
             (tmp_path / name).write_text((minilm_dir / name).read_text())
         with pytest.raises(ModelNotFound, match="has no 1_Pooling/config.json"):
             read_pooling(tmp_path)
-
-    def test_unknown_worker_task_fails_at_startup_naming_the_choices(self, minilm_dir):
-        settings = ModelSettings.from_env({"MODEL_PATH": str(minilm_dir), "WORKER_TASK": "rank"})
-        with pytest.raises(SettingsError, match="WORKER_TASK='rank' is not allowed; use one of "
-                                                "auto, generate, embed"):
-            load_model(settings, warmup=False)
 
 
 class TestAnswers:

@@ -344,3 +344,50 @@ def test_a_generation_job_through_the_worker_on_the_gpu():
     for answer in asyncio.run(jobs()):
         assert "error" not in answer[0], answer
         assert answer[0]["usage"]["completion_tokens"] >= 1
+
+
+def test_upscale_jobs_on_the_gpu_match_fp32_on_the_cpu(tmp_path):
+    """Three images (two of one size, batched together) through ``Worker.handle`` on CUDA in
+    its default dtype, against the same random Swin2SR on the CPU in float32: 8-bit pixels may
+    differ by bf16's rounding, a few levels at most, and on average by well under one level."""
+    import base64
+    import io
+
+    pytest.importorskip("pydantic")
+    pytest.importorskip("boto3")
+    pytest.importorskip("PIL")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    import numpy as np
+    from PIL import Image
+
+    from tests.support.model_dir import make_swin2sr_dir
+    from worker import build_worker
+
+    model_dir = make_swin2sr_dir(tmp_path / "swin2sr")
+    rng = np.random.default_rng(0)
+    uris = []
+    for width, height in ((24, 16), (24, 16), (13, 9)):
+        out = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(
+            out, format="PNG")
+        uris.append("data:image/png;base64," + base64.b64encode(out.getvalue()).decode())
+
+    def upscale(env: dict[str, str]) -> list[np.ndarray]:
+        w = build_worker({"MODEL_PATH": str(model_dir), "WORKER_BATCH_WAIT_MS": "50", **env})
+        assert w.loaded.task == "upscale"
+
+        async def jobs() -> list[list[dict]]:
+            return await asyncio.gather(*(_collect(w, {"id": f"u{i}", "input": {"image": u}})
+                                          for i, u in enumerate(uris)))
+
+        answers = asyncio.run(jobs())
+        return [np.asarray(Image.open(io.BytesIO(base64.b64decode(a[0]["image"]["data"]))),
+                           dtype=np.int16) for a in answers]
+
+    gpu = upscale({})
+    cpu = upscale({"MODEL_DEVICE": "cpu", "MODEL_DTYPE": "float32"})
+    for g, c in zip(gpu, cpu, strict=True):
+        assert g.shape == c.shape
+        diff = np.abs(g - c)
+        assert diff.max() <= 8 and diff.mean() < 1.0, (diff.max(), diff.mean())

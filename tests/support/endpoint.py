@@ -93,12 +93,13 @@ def start_service(mode: str, log: Path, worker_id: str = "test-worker") -> Servi
 
 def start_worker_service(command: list[str], log: Path, worker_id: str = "test-worker",
                          extra_env: dict[str, str] | None = None,
-                         ready_timeout_s: float = 120) -> Service:
-    """A worker ``command`` behind a new endpoint, its output in ``log``; waits until it polls."""
+                         ready_timeout_s: float = 120, cwd: Path = PROJECT_ROOT) -> Service:
+    """A worker ``command`` run in ``cwd`` behind a new endpoint, its output in ``log``; waits
+    until it polls."""
     endpoint = _new_endpoint()
     out = log.open("wb")
     worker = WorkerProcess(endpoint, command, worker_id,
-                           base_env=_clean_env(), output=out, cwd=str(PROJECT_ROOT),
+                           base_env=_clean_env(), output=out, cwd=str(cwd),
                            extra_env={"RUNPOD_LOG_LEVEL": "INFO", **(extra_env or {})})
     worker.start()
     out.close()  # the child holds its own copy

@@ -34,3 +34,25 @@ def default_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("model") / "default"
     assert main(["--source", "gguf-wheel", "--out", str(out)], env={}) == 0
     return out
+
+
+def make_swin2sr_dir(path: Path, upscale: int = 2) -> Path:
+    """A tiny random Swin2SR super-resolution model (0.7 MB) and its image processor config,
+    saved as safetensors: the upscale task's models, made without any download."""
+    import torch
+    from transformers import Swin2SRConfig, Swin2SRForImageSuperResolution
+    from transformers.models.swin2sr import Swin2SRImageProcessorPil
+
+    torch.manual_seed(0)
+    config = Swin2SRConfig(image_size=16, patch_size=1, embed_dim=12, depths=[1, 1],
+                           num_heads=[1, 1], window_size=4, upscale=upscale,
+                           upsampler="pixelshuffle")
+    Swin2SRForImageSuperResolution(config).save_pretrained(path, safe_serialization=True)
+    Swin2SRImageProcessorPil(pad_size=8).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def swin2sr_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random x2 Swin2SR model directory, made once per session."""
+    return make_swin2sr_dir(tmp_path_factory.mktemp("swin2sr") / "tiny-swin2sr-x2")

@@ -68,7 +68,7 @@ def minilm_dir() -> Path:
 @pytest.fixture(scope="session")
 def embed_worker(minilm_dir: Path) -> Worker:
     """The real MiniLM embedding model behind the real job wiring (task detected from it)."""
-    return build_worker({"MODEL_PATH": str(minilm_dir), "MODEL_NAME": MINILM_NAME,
+    return build_worker({"MODEL_PATH": str(minilm_dir), "MODEL_SERVED_NAME": MINILM_NAME,
                          "WORKER_BATCH_WAIT_MS": "50", "WORKER_MAX_TEXTS": "64"})
 
 
@@ -80,3 +80,10 @@ async def collect(worker: Worker, job_input: Any, job_id: str = "test") -> list[
 def chat(question: str, **fields: Any) -> dict[str, Any]:
     """A generation job input with one user message."""
     return {"messages": [{"role": "user", "content": question}], **fields}
+
+
+@pytest.fixture(scope="session")
+def upscale_worker(swin2sr_dir: Path) -> Worker:
+    """A tiny random Swin2SR model behind the real job wiring (task detected from it)."""
+    return build_worker({"MODEL_PATH": str(swin2sr_dir), "WORKER_BATCH_WAIT_MS": "50",
+                         "DOWNLOAD_ALLOW_PRIVATE": "true"})
