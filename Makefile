@@ -42,6 +42,7 @@ test: model
 
 bench: model
 	$(PY) -m bench.worker_bench
+	$(PY) -m bench.upscale_bench
 
 lint: setup
 	$(PY) -m ruff check .

@@ -75,8 +75,10 @@ if "$PY" -c "import runpod, pydantic, boto3" 2>/dev/null; then
   step "worker bench (real worker loop)" 240 env MODEL_PATH="$SMALL" "$PY" -m bench.worker_bench \
     --concurrency 1 8 32 --max-new-tokens 32 --repeat 2 --out "$OUT/worker-bench.json" \
     --worker-env WORKER_CONCURRENCY=64 WORKER_MAX_BATCH_SIZE=32
+  step "upscale bench" 120 "$PY" -m bench.upscale_bench --device cuda --size 128 \
+    --concurrency 8 --out "$OUT/upscale.json"
 else
-  echo "== handler and worker bench: skipped (runpod, pydantic or boto3 not installed;" \
+  echo "== handler, worker and upscale benches: skipped (runpod, pydantic or boto3 not installed;" \
        "pip install -r requirements.txt)" | tee -a "$LOG"
 fi
 
