@@ -444,33 +444,48 @@ class DownloadSettings:
 # Launch: what the container runs (start.py). One image serves RunPod serverless and, for
 # development on a GPU pod, the same worker behind a local endpoint reachable over HTTP.
 # --------------------------------------------------------------------------------------------
-WORKER_MODE = _var("launch", "WORKER_MODE", "serverless",
-                   "serverless (the RunPod worker loop) or pod (the worker behind a local endpoint "
-                   "on 0.0.0.0:WORKER_POD_PORT, for development on a GPU pod); see start.py")
+WORKER_MODE = _var("launch", "WORKER_MODE", "auto",
+                   "serverless (the RunPod worker loop), pod (the worker behind a local endpoint "
+                   "on 0.0.0.0:WORKER_POD_PORT, for development on a GPU pod), or auto: pod on a "
+                   "RunPod pod (RUNPOD_POD_ID set, no RUNPOD_WEBHOOK_GET_JOB), else serverless; "
+                   "see start.py")
 WORKER_POD_PORT = _var("launch", "WORKER_POD_PORT", "8000",
                        "pod mode only: the port the local endpoint listens on (expose it as "
                        "<port>/http on the pod); 1..65535")
 WORKER_POD_API_KEY = _var("launch", "WORKER_POD_API_KEY", None,
                           "pod mode only: clients must send 'Authorization: Bearer <key>'; "
-                          "unset: any caller is served (never printed)", secret=True)
+                          "unset: a key is made at each start and written to "
+                          "WORKER_POD_KEY_FILE (never printed)", secret=True)
+WORKER_POD_KEY_FILE = _var("launch", "WORKER_POD_KEY_FILE", "~/.config/runpod-worker/pod-api-key",
+                           "pod mode without WORKER_POD_API_KEY: where the key made at start is "
+                           "written, mode 0600 (the log names this file, never the key)")
 
-WORKER_MODES = ("serverless", "pod")
+WORKER_MODES = ("auto", "serverless", "pod")
 
 
 @dataclass(frozen=True)
 class LaunchSettings:
     """Which program the container starts (see start.py)."""
 
-    mode: str                                # serverless | pod
+    mode: str                                # serverless | pod (auto is resolved here)
     pod_port: int                            # pod mode: where the local endpoint listens
+    pod_key_file: Path                       # pod mode without a key: where one is written
     pod_api_key: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> LaunchSettings:
         r = _Reader(env)
-        return cls(mode=r.choice(WORKER_MODE, WORKER_MODES),
+        mode = r.choice(WORKER_MODE, WORKER_MODES)
+        if mode == "auto":
+            # A RunPod pod has a pod id and no job queue; a serverless worker has both. Only
+            # the pod gets pod mode: a serverless worker must run the worker loop.
+            on_pod = bool(r.env.get("RUNPOD_POD_ID", "").strip()
+                          and not r.env.get("RUNPOD_WEBHOOK_GET_JOB", "").strip())
+            mode = "pod" if on_pod else "serverless"
+        return cls(mode=mode,
                    pod_port=r.integer(WORKER_POD_PORT, 1, 65535),
-                   pod_api_key=r.text(WORKER_POD_API_KEY))
+                   pod_api_key=r.text(WORKER_POD_API_KEY),
+                   pod_key_file=Path(r.required_text(WORKER_POD_KEY_FILE)).expanduser())
 
 
 def settings_table() -> str:

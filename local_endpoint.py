@@ -15,13 +15,27 @@ meet on one machine, with nothing of RunPod's own local modes in between::
                  /v2/{endpoint}/job-stream/{worker}/{id} one {"output": chunk} per yield
                  /v2/{endpoint}/ping/{worker}            heartbeat
 
-Faithful to production (shared/CONTEXT.md), faults included: a job-done body over the payload
-limit (/run 10 MiB, /runsync 20 MiB) gets 400 and the job ends COMPLETED with no output; a
-non-string ``error`` ends COMPLETED with no output; a FAILED job reports ``error`` and the rest
-of the answer as ``output``; cancel marks CANCELLED and reaches the worker through job-stop.
-Not modelled: webhooks are passed to the worker but never called, no retries, no queue TTL,
-no scaling; worker routes check no key (the SDK sends ``~/.runpod/config.toml``'s key instead of
-``RUNPOD_AI_API_KEY`` when that file exists).
+Faithful to production, as measured against the runpod SDK, faults included: a job-done body
+over the payload limit (/run 10 MiB, /runsync 20 MiB) gets 400 and the job ends COMPLETED with
+no output; a non-string ``error`` ends COMPLETED with no output; a FAILED job reports ``error``
+and the rest of the answer as ``output``; cancel marks CANCELLED and reaches the worker through
+job-stop. Not modelled: webhooks are passed to the worker but never called, no retries, no
+queue TTL, no scaling.
+
+Who may call what. Worker routes hand out jobs with their ``s3Config`` secrets and accept
+results, so they answer only a caller that sends the worker secret: a random key made per
+endpoint and handed to the worker in ``RUNPOD_AI_API_KEY`` (``worker_env``), which is what the
+SDK sends as its raw ``Authorization`` header on job-take, job-done, job-stream, job-stop and
+ping, as RunPod authenticates its workers. Anything else gets 401 and changes nothing (it is
+not even counted as a worker). A secret rather than "loopback peers only": behind a reverse
+proxy or an SSH tunnel inside the pod every caller is a loopback peer, so an address check
+fails open exactly where pod mode is exposed, while a secret holds whatever the network path.
+SDK quirk: job-take, job-done, job-stream and job-stop send the ``api_key`` of the ``[default]``
+profile in ``~/.runpod/config.toml`` instead of ``RUNPOD_AI_API_KEY`` when that file has one
+(only the heartbeat always sends the variable); ``WorkerProcess`` reads the same file (under
+the worker's ``HOME``) and lets the endpoint accept that key too, so a developer who ran
+``runpod config`` still gets a working worker. Client routes check ``api_key`` when one is set;
+an endpoint bound to anything but loopback refuses to start without one.
 
 OpenAI-compatible routes, as RunPod's ``https://api.runpod.ai/v2/{endpoint}/openai/v1``: a
 request to ``.../openai/v1/chat/completions`` (or ``completions``, ``embeddings``, ``models``)
@@ -37,7 +51,15 @@ the error string in one; a stream that fails midway ends with a ``data: {"error"
 Use it from tests with ``LocalEndpoint(...).start()`` and ``WorkerProcess``, or from a shell::
 
     python local_endpoint.py [--host 127.0.0.1] [--port 8000] [--endpoint-id local] \\
-        -- python handler.py
+        [--key-file PATH] -- python handler.py
+
+The CLI takes the client key from the environment (``LOCAL_ENDPOINT_API_KEY``), never from its
+command line, which any user of the machine can read in ``/proc/*/cmdline``; it removes the
+variable before starting the worker, which has no use for it. Without a key it stays keyless
+on loopback; with ``--key-file`` it makes a random key and writes it there (mode 0600) instead,
+and it refuses to listen on any other address keyless. It logs where the key is, never the key:
+a log is copied to consoles, collectors and bug reports, a 0600 file is read only by whoever
+could already read the container's files.
 
 This module never imports runpod or torch: it is the platform, not the worker.
 """
@@ -46,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import os
 import re
@@ -54,12 +77,15 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import tomllib
 import uuid
 from collections import deque
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any, TypedDict, TypeVar
 
 from aiohttp import web
@@ -76,6 +102,7 @@ POLL_HOLD_S = 2.0                   # how long job-take and job-stop hold an emp
 STOP_RESEND_S = 0.5                 # a stop signal is repeated this often while the worker
 STOP_GIVE_UP_S = 10.0               # may still hold the job, for at most this long
 WORKER_SEEN_S = 15.0                # a worker unheard of for longer is not counted by /health
+API_KEY_ENV = "LOCAL_ENDPOINT_API_KEY"  # the CLI's client key: environment, never argv
 
 IN_QUEUE = "IN_QUEUE"
 IN_PROGRESS = "IN_PROGRESS"
@@ -143,9 +170,10 @@ class LocalEndpoint:
 
     ``start()`` binds (``port=0`` picks a free port) and returns once it answers; ``stop()``
     ends it. ``base_url`` is what ``runpod.endpoint_url_base`` should be; ``worker_env(id)``
-    is the environment a worker process needs to take this endpoint's jobs. With ``api_key``
-    set, client routes refuse any other key with 401. Limits are bytes of request (and result)
-    body; retention and timeouts are seconds.
+    is the environment a worker process needs to take this endpoint's jobs, including the
+    worker secret that worker routes require. With ``api_key`` set, client routes refuse any
+    other key with 401; a ``host`` other than loopback requires one (ValueError otherwise).
+    Limits are bytes of request (and result) body; retention and timeouts are seconds.
     """
 
     def __init__(
@@ -162,18 +190,22 @@ class LocalEndpoint:
         execution_timeout_s: float | None = EXECUTION_TIMEOUT_S,
         poll_hold_s: float = POLL_HOLD_S,
     ) -> None:
+        if not api_key and not is_loopback(host):
+            raise ValueError(f"refusing to serve {host!r} without a client key: anyone who "
+                             "can reach it could run jobs; set an api_key, or bind 127.0.0.1")
         self.host = host
         self.port = port
         self.endpoint_id = endpoint_id
         self.pings = 0                       # heartbeats received (the SDK pings from a child)
-        self.api_key = api_key
+        self.api_key = api_key or None
         self.run_limit_bytes = run_limit_bytes
         self.runsync_limit_bytes = runsync_limit_bytes
         self.run_retention_s = run_retention_s
         self.runsync_retention_s = runsync_retention_s
         self.execution_timeout_s = execution_timeout_s
         self.poll_hold_s = poll_hold_s
-        self._worker_key = secrets.token_hex(16)
+        self._worker_key = secrets.token_urlsafe(32)     # handed to workers in worker_env
+        self._worker_keys = [self._worker_key]             # keys worker routes accept
         self._jobs: dict[str, _Job] = {}
         self._queue: deque[str] = deque()
         self._stops: dict[str, dict[str, float]] = {}  # worker id -> {job id: give up at}
@@ -253,6 +285,13 @@ class LocalEndpoint:
             "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
             "RUNPOD_SKIP_GPU_CHECK": "true",
         }
+
+    def accept_worker_key(self, key: str) -> None:
+        """Also accept ``key`` on worker routes (the SDK's config-file key; see the module)."""
+        if not key:
+            raise ValueError("an empty worker key would let any caller in")
+        if key not in self._worker_keys:
+            self._worker_keys.append(key)
 
     def wait_for_worker(self, worker_id: str, timeout_s: float = 30.0) -> bool:
         """True once ``worker_id`` has called any worker route; False after ``timeout_s``."""
@@ -410,10 +449,7 @@ class LocalEndpoint:
                                f"here; this local endpoint is {self.endpoint_id!r}")
         if self.api_key is None:
             return None
-        given = request.headers.get("Authorization", "").strip()
-        if given.lower().startswith("bearer "):
-            given = given[7:].strip()
-        if not secrets.compare_digest(given.encode(), self.api_key.encode()):
+        if not _key_matches(request, [self.api_key]):
             return _error(401, "unauthorized: send 'Authorization: Bearer <api key>' with the "
                                "key this endpoint was started with")
         return None
@@ -597,7 +633,13 @@ class LocalEndpoint:
 
     # ---------------------------------------------------------------------- worker routes
     def _worker(self, request: web.Request) -> str:
-        """Note the worker's contact, and forget stop signals for jobs it no longer holds."""
+        """Refuse (401) a caller without the worker secret; for a worker, note its contact and
+        forget stop signals for jobs it no longer holds. Every worker route calls this first,
+        before it reads a body or changes anything."""
+        if not _key_matches(request, self._worker_keys):
+            raise web.HTTPUnauthorized(
+                reason="unauthorized: worker routes need the worker secret this endpoint gave "
+                       "its worker in RUNPOD_AI_API_KEY")
         worker_id = request.match_info["worker_id"]
         self._seen[worker_id] = time.monotonic()
         pending = self._stops.get(worker_id)
@@ -729,6 +771,28 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _key_matches(request: web.Request, keys: Sequence[str]) -> bool:
+    """Whether the request's ``Authorization`` (raw, as the SDK's worker sends it, or
+    ``Bearer <key>``) is one of ``keys``. Every key is compared, in constant time."""
+    given = request.headers.get("Authorization", "").strip()
+    if given[:7].lower() == "bearer ":
+        given = given[7:].strip()
+    found = False
+    for key in keys:
+        found |= secrets.compare_digest(given.encode(), key.encode())
+    return found and bool(given)
+
+
 def _openai_error(status: int, message: str, kind: str = "invalid_request_error") -> web.Response:
     return web.json_response({"error": {"message": message, "type": kind, "param": None,
                                         "code": None}}, status=status)
@@ -785,13 +849,31 @@ async def _read_capped(request: web.Request, limit: int) -> bytes | None:
 
 
 # -------------------------------------------------------------------------------- workers
+def sdk_config_key(env: Mapping[str, str]) -> str | None:
+    """The key the runpod SDK in a process with ``env`` sends on job-take, job-done, job-stream
+    and job-stop instead of ``RUNPOD_AI_API_KEY``: the ``[default]`` profile's ``api_key`` in
+    ``$HOME/.runpod/config.toml`` ("" if the profile has none); None when it sends the variable
+    (no file, not TOML, no such profile). Mirrors ``runpod.http_client.get_auth_header``."""
+    home = env.get("HOME") or os.path.expanduser("~")
+    try:
+        with open(Path(home) / ".runpod" / "config.toml", "rb") as f:
+            profile = tomllib.load(f).get("default")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(profile, dict):
+        return None
+    return str(profile.get("api_key", ""))
+
+
 class WorkerProcess:
     """A worker command (e.g. ``python handler.py``) run against a LocalEndpoint.
 
     The process gets ``base_env`` (default: this process's environment) plus the endpoint's
     ``worker_env`` plus ``extra_env``. Its output goes to ``output`` (default: inherited, so a
     terminal sees it). ``stop()`` ends it the way RunPod does: SIGTERM, after which the SDK
-    takes no new job, lets in-flight jobs finish and post, and exits 0.
+    takes no new job, lets in-flight jobs finish and post, and exits 0. Where the SDK would
+    send a ``~/.runpod/config.toml`` key instead of the worker secret, the endpoint is told to
+    accept it (a profile with an empty key is refused: the SDK would send nothing).
     """
 
     def __init__(self, endpoint: LocalEndpoint, command: Sequence[str],
@@ -807,6 +889,13 @@ class WorkerProcess:
         self.output = output
         self.cwd = cwd
         self.process: subprocess.Popen[bytes] | None = None
+        config_key = sdk_config_key(self.env)
+        if config_key is not None:
+            if not config_key.strip():
+                raise ValueError("~/.runpod/config.toml has a [default] profile without an "
+                                 "api_key: the runpod SDK would send an empty key to the "
+                                 "endpoint; add the key or remove the profile")
+            endpoint.accept_worker_key(config_key.strip())
 
     def start(self) -> WorkerProcess:
         self.process = subprocess.Popen(self.command, env=self.env, cwd=self.cwd,
@@ -855,14 +944,30 @@ def _raise_shutdown(signum: int, frame: object) -> None:
     raise _Shutdown
 
 
-def usage_text(endpoint: LocalEndpoint, command: Sequence[str]) -> str:
-    """What the CLI prints once the worker is ready: how to call the endpoint."""
-    auth = " -H 'Authorization: Bearer <your --api-key>'" if endpoint.api_key else ""
-    key = '"<your --api-key>"' if endpoint.api_key else '"local"  # any key; none is checked'
+def usage_text(endpoint: LocalEndpoint, command: Sequence[str],
+               key_file: Path | None = None) -> str:
+    """What the CLI prints once the worker is ready: how to call the endpoint. It names where
+    the client key is (``key_file``, if it made one), never the key itself."""
+    if endpoint.api_key is None:
+        auth, key = "", '"local"  # any key; none is checked'
+    elif key_file is not None:
+        auth = f' -H "Authorization: Bearer $(cat {shlex.quote(str(key_file))})"'
+        key = f'open({str(key_file)!r}).read().strip()'
+    else:
+        auth = " -H 'Authorization: Bearer <your key>'"
+        key = '"<your key>"'
     url = f"{endpoint.base_url}/{endpoint.endpoint_id}"
-    return "\n".join([
+    lines = [
         f"Local RunPod endpoint {endpoint.endpoint_id!r} at {endpoint.base_url}",
         f"  worker: {shlex.join(command)}" if command else "  no worker started",
+    ]
+    if key_file is not None:
+        lines.append(f"  client key: made for this run, in {key_file} (mode 0600); "
+                     "clients send it as 'Authorization: Bearer <key>'")
+    elif endpoint.api_key is not None:
+        lines.append("  client key: the one you set; clients send 'Authorization: Bearer <key>'")
+    return "\n".join([
+        *lines,
         "Call it with curl:",
         f"  curl -s -X POST {url}/runsync -H 'Content-Type: application/json'{auth} "
         """-d '{"input": {"prompt": "Hello"}}'""",
@@ -875,6 +980,26 @@ def usage_text(endpoint: LocalEndpoint, command: Sequence[str]) -> str:
     ])
 
 
+def write_key_file(path: Path) -> str:
+    """Make a random client key and write it to ``path``, readable by this user only (0600).
+
+    The file is created under a temporary name with mode 0600 from the start, then renamed
+    over ``path``: the key is never readable by others, not even for a moment, and a symlink
+    planted at ``path`` is replaced rather than written through. The folder is created 0700.
+    """
+    key = secrets.token_urlsafe(32)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".key-")  # mkstemp: mode 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(key + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return key
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python local_endpoint.py [options] -- WORKER COMMAND``; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -884,13 +1009,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, command = args[:cut], args[cut + 1:]
     parser = argparse.ArgumentParser(
         prog="local_endpoint.py",
-        description="A local RunPod endpoint, and a worker started against it.",
+        description="A local RunPod endpoint, and a worker started against it. Clients must "
+                    f"send the key in ${API_KEY_ENV} when it is set (never pass a key as an "
+                    "argument: command lines are readable by every user of the machine).",
         epilog="Example: python local_endpoint.py --port 8000 -- python handler.py")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (127.0.0.1); any other needs a client key")
     parser.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks one")
     parser.add_argument("--endpoint-id", default="local", help="the id in /v2/<id>/...")
-    parser.add_argument("--api-key", default=None,
-                        help="refuse clients without this key (default: accept any)")
+    parser.add_argument("--key-file", type=Path, default=None,
+                        help=f"without ${API_KEY_ENV}: make a client key and write it to this "
+                             "file (mode 0600); the log names the file, never the key")
     parser.add_argument("--worker-id", default="local-worker", help="RUNPOD_POD_ID of the worker")
     parser.add_argument("--run-limit-mb", type=float, default=RUN_LIMIT_BYTES / MIB,
                         help="/run input and result limit, MiB (10)")
@@ -900,18 +1029,34 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="jobs running longer end TIMED_OUT, seconds (600); 0: never")
     opts = parser.parse_args(args)
 
-    endpoint = LocalEndpoint(
-        opts.host, opts.port, opts.endpoint_id, opts.api_key,
-        run_limit_bytes=int(opts.run_limit_mb * MIB),
-        runsync_limit_bytes=int(opts.runsync_limit_mb * MIB),
-        execution_timeout_s=opts.execution_timeout_s or None,
-    )
+    # Out of this process's environment at once: the worker started below inherits it.
+    api_key = os.environ.pop(API_KEY_ENV, "").strip() or None
+    key_file: Path | None = None
+    if api_key is None and opts.key_file is not None:
+        key_file = opts.key_file.expanduser().absolute()
+        try:
+            api_key = write_key_file(key_file)
+        except OSError as err:
+            print(f"local_endpoint: cannot write the client key to {key_file}: {err}; "
+                  "choose a writable --key-file", file=sys.stderr, flush=True)
+            return 1
+    try:
+        endpoint = LocalEndpoint(
+            opts.host, opts.port, opts.endpoint_id, api_key,
+            run_limit_bytes=int(opts.run_limit_mb * MIB),
+            runsync_limit_bytes=int(opts.runsync_limit_mb * MIB),
+            execution_timeout_s=opts.execution_timeout_s or None,
+        )
+    except ValueError as err:
+        print(f"local_endpoint: {err} (set {API_KEY_ENV}, or pass --key-file PATH to have "
+              "one made)", file=sys.stderr, flush=True)
+        return 2
     signal.signal(signal.SIGTERM, _raise_shutdown)
     worker: WorkerProcess | None = None
     try:
         endpoint.start()
         if not command:
-            print(usage_text(endpoint, command), flush=True)
+            print(usage_text(endpoint, command, key_file), flush=True)
             print("Start a worker with this environment:", flush=True)
             for name, value in endpoint.worker_env(opts.worker_id).items():
                 print(f"  export {name}={shlex.quote(value)}", flush=True)
@@ -919,12 +1064,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 time.sleep(3600)
         worker = WorkerProcess(endpoint, command, opts.worker_id).start()
         worker.wait_ready()
-        print(usage_text(endpoint, command), flush=True)
+        print(usage_text(endpoint, command, key_file), flush=True)
         assert worker.process is not None
         return worker.process.wait()
     except (KeyboardInterrupt, _Shutdown):
         return 0 if worker is None else worker.stop()
-    except RuntimeError as err:
+    except (RuntimeError, ValueError) as err:
         print(f"local_endpoint: {err}", file=sys.stderr, flush=True)
         return 1 if worker is None or worker.returncode is None else worker.returncode
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import start
 from config import LaunchSettings
 from errors import SettingsError
 from start import launch_command, main
@@ -40,21 +42,49 @@ class TestLaunchCommand:
         assert launch_command(settings, "py") == ["py", "-u", "handler.py"]
 
     def test_pod_runs_the_worker_behind_a_local_endpoint_on_all_interfaces(self):
-        settings = LaunchSettings.from_env({"WORKER_MODE": "pod"})
+        settings = LaunchSettings.from_env({"WORKER_MODE": "pod",
+                                            "WORKER_POD_KEY_FILE": "/keys/pod"})
         assert launch_command(settings, "py") == [
             "py", "-u", "local_endpoint.py", "--host", "0.0.0.0", "--port", "8000",
-            "--", "py", "-u", "handler.py"]
+            "--key-file", "/keys/pod", "--", "py", "-u", "handler.py"]
 
-    def test_pod_passes_the_port_and_the_key(self):
-        settings = LaunchSettings.from_env({"WORKER_MODE": "POD", "WORKER_POD_PORT": "9001",
-                                            "WORKER_POD_API_KEY": "k-123456"})
+    def test_the_pod_key_travels_in_the_environment_never_on_the_command_line(self):
+        env = {"WORKER_MODE": "POD", "WORKER_POD_PORT": "9001",
+               "WORKER_POD_API_KEY": "k-123456789", "PATH": "/bin"}
+        settings = LaunchSettings.from_env(env)
         command = launch_command(settings, "py")
         assert command[command.index("--port") + 1] == "9001"
-        assert command[command.index("--api-key") + 1] == "k-123456"
-        assert "k-123456" not in repr(settings)
+        assert not any("k-123456789" in part for part in command)
+        assert "k-123456789" not in repr(settings)
+        launched = start.launch_env(settings, env)
+        assert launched["LOCAL_ENDPOINT_API_KEY"] == "k-123456789"
+        assert "WORKER_POD_API_KEY" not in launched    # the endpoint removes its own variable
+        assert launched["PATH"] == "/bin"
+
+    def test_pod_mode_without_a_key_has_the_endpoint_make_one_in_the_key_file(self):
+        settings = LaunchSettings.from_env({"WORKER_MODE": "pod", "HOME": "/ignored"})
+        assert settings.pod_api_key is None
+        assert settings.pod_key_file == Path("~/.config/runpod-worker/pod-api-key").expanduser()
+        command = launch_command(settings, "py")
+        assert command[command.index("--key-file") + 1] == str(settings.pod_key_file)
+        assert "LOCAL_ENDPOINT_API_KEY" not in start.launch_env(
+            settings, {"LOCAL_ENDPOINT_API_KEY": "stale"})
+
+    @pytest.mark.parametrize(("env", "mode"), [
+        ({}, "serverless"),                                              # a laptop
+        ({"RUNPOD_POD_ID": "abc123"}, "pod"),                            # a RunPod pod
+        ({"RUNPOD_POD_ID": "abc123",                                     # a serverless worker
+          "RUNPOD_WEBHOOK_GET_JOB": "https://api.runpod.ai/v2/e/job-take/$ID"}, "serverless"),
+        ({"RUNPOD_POD_ID": "abc123", "WORKER_MODE": "serverless"}, "serverless"),
+        ({"RUNPOD_WEBHOOK_GET_JOB": "https://x/job-take", "WORKER_MODE": "pod"}, "pod"),
+        ({"WORKER_MODE": "auto"}, "serverless"),
+    ], ids=["laptop", "pod", "serverless-worker", "explicit-serverless-on-a-pod",
+            "explicit-pod", "explicit-auto"])
+    def test_the_mode_defaults_to_pod_on_a_runpod_pod_and_an_explicit_one_wins(self, env, mode):
+        assert LaunchSettings.from_env(env).mode == mode
 
     def test_an_unknown_mode_names_the_variable_and_the_choices(self):
-        with pytest.raises(SettingsError, match=r"WORKER_MODE='lambda'.*serverless, pod"):
+        with pytest.raises(SettingsError, match=r"WORKER_MODE='lambda'.*auto, serverless, pod"):
             LaunchSettings.from_env({"WORKER_MODE": "lambda"})
 
     def test_the_launcher_exits_1_on_a_bad_setting_before_loading_anything(self, capsys):
@@ -94,34 +124,57 @@ def _post(url: str, body: dict, key: str | None, timeout: float) -> dict:
         return json.loads(response.read())
 
 
+def _every_command_line() -> str:
+    """What any user of the machine can read: every process's command line."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            found.append(cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            continue
+    return "\n".join(found)
+
+
 @pytest.mark.slow
 class TestPodMode:
-    def test_pod_mode_serves_runpods_api_over_http_and_stops_on_sigterm(
+    def test_on_a_runpod_pod_the_image_serves_runpods_api_only_with_a_key_it_made(
             self, default_model_dir, tmp_path):
-        port, key = free_port(), "pod-key-12345678"
-        log = (tmp_path / "pod.log").open("w+")
+        """No WORKER_MODE, no key: what a pod started from the image with defaults does."""
+        port, key_file = free_port(), tmp_path / "keys" / "pod-api-key"
+        log_path = tmp_path / "pod.log"
+        log = log_path.open("w+")
         process = subprocess.Popen(
             [PY, "-u", "start.py"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-            env=_env(default_model_dir, WORKER_MODE="pod", WORKER_POD_PORT=str(port),
-                     WORKER_POD_API_KEY=key), start_new_session=True)
+            env=_env(default_model_dir, RUNPOD_POD_ID="podabc123", WORKER_POD_PORT=str(port),
+                     WORKER_POD_KEY_FILE=str(key_file)), start_new_session=True)
         url = f"http://127.0.0.1:{port}/v2/local/runsync"
         job = {"input": {"prompt": "The capital of France is", "max_new_tokens": 8}}
         try:
             deadline = time.monotonic() + 120
-            while True:                         # until the endpoint listens
+            while True:                         # until the endpoint listens: refused, not open
                 try:
-                    answer = _post(url, job, key, timeout=120)
+                    _post(url, job, None, timeout=10)
+                    raise AssertionError("pod mode without a key answered a keyless client")
+                except urllib.error.HTTPError as err:
+                    assert err.code == 401
                     break
-                except urllib.error.URLError as err:
-                    if isinstance(err, urllib.error.HTTPError) or time.monotonic() > deadline:
-                        raise
-                    assert process.poll() is None, log.seek(0) or log.read()[-3000:]
+                except urllib.error.URLError:
+                    assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+                    assert process.poll() is None, log_path.read_text()[-3000:]
                     time.sleep(0.5)
-            assert answer["status"] == "COMPLETED", answer
-            assert answer["output"][0]["finish_reason"] in ("stop", "length")
-            with pytest.raises(urllib.error.HTTPError) as refused:
-                _post(url, job, None, timeout=10)
-            assert refused.value.code == 401
+            key = key_file.read_text().strip()
+            assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+            for _ in range(2):                  # the worker keeps serving the endpoint's jobs
+                answer = _post(url, job, key, timeout=120)
+                assert answer["status"] == "COMPLETED", answer
+                assert answer["output"][0]["finish_reason"] in ("stop", "length")
+            # Still running: the worker took jobs from the endpoint instead of answering
+            # ./test_input.json and exiting, which a container restart policy would loop.
+            assert process.poll() is None
+            printed = log_path.read_text()
+            assert not any(line.startswith('{"output"') for line in printed.splitlines())
+            assert str(key_file) in printed and key not in printed
+            assert key not in _every_command_line()
         finally:
             process.send_signal(signal.SIGTERM)     # as `docker stop` does, to PID 1 only
             try:

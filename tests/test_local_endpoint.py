@@ -7,6 +7,7 @@ import asyncio
 import queue
 import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -19,7 +20,7 @@ import requests
 import runpod
 
 from config import PROJECT_ROOT
-from local_endpoint import LocalEndpoint
+from local_endpoint import LocalEndpoint, WorkerProcess
 from tests.support.endpoint import (
     API_KEY,
     ECHO_WORKER,
@@ -28,6 +29,8 @@ from tests.support.endpoint import (
     Service,
     call,
     sdk_client,
+    start_worker_service,
+    stop_service,
 )
 
 
@@ -216,6 +219,130 @@ class TestAuth:
         assert call(echo_service.endpoint, "GET", "health", auth=None)[0] == 401
 
 
+JOB_SECRET = "job-bucket-secret-0123456789"
+S3CONFIG = {"accessId": "AKIAJOB", "accessSecret": JOB_SECRET, "bucketName": "b",
+            "endpointUrl": "http://127.0.0.1:9"}
+# What an attacker sends: nothing, the client key (a client is not a worker), a guess, an empty
+# bearer, the raw client key as the SDK's worker would send its own.
+STRANGERS = {"no key": None, "the client key": f"Bearer {API_KEY}", "a guess": "Bearer guess",
+             "an empty bearer": "Bearer ", "the raw client key": API_KEY}
+
+
+def worker_auth(endpoint: LocalEndpoint) -> str:
+    """The worker secret, sent as the SDK sends it (a raw Authorization header)."""
+    return endpoint.worker_env()["RUNPOD_AI_API_KEY"]
+
+
+def submit(endpoint: LocalEndpoint) -> str:
+    status, body = call(endpoint, "POST", "run", {"input": {"echo": 1}, "s3Config": S3CONFIG})
+    assert status == 200, body
+    return body["id"]
+
+
+def take(endpoint: LocalEndpoint, worker_id: str = "w1") -> dict:
+    """Take the next job as the real worker would."""
+    status, job = call(endpoint, "GET", f"job-take/{worker_id}?gpu=local",
+                       auth=worker_auth(endpoint))
+    assert status == 200, job
+    return job
+
+
+class TestWorkerRoutesRefuseStrangers:
+    """An attacker who can reach the endpoint (pod mode publishes it) but holds no worker
+    secret: every worker route refuses them and nothing changes."""
+
+    @pytest.mark.parametrize("auth", list(STRANGERS.values()), ids=list(STRANGERS))
+    @pytest.mark.parametrize("route", ["job-take/attacker?gpu=local",
+                                       "job-take-batch/attacker?gpu=local&batch_size=8"])
+    def test_a_stranger_cannot_take_a_queued_job_nor_see_its_bucket_secret(
+            self, bare_endpoint: LocalEndpoint, route: str, auth: str | None) -> None:
+        job_id = submit(bare_endpoint)
+        status, body = call(bare_endpoint, "GET", route, auth=auth)
+        assert status == 401, body
+        assert JOB_SECRET not in str(body)
+        assert call(bare_endpoint, "GET", f"status/{job_id}")[1]["status"] == "IN_QUEUE"
+        health = call(bare_endpoint, "GET", "health")[1]
+        assert health["workers"]["idle"] == 0, "a refused caller was counted as a worker"
+        assert take(bare_endpoint)["s3Config"]["accessSecret"] == JOB_SECRET  # the real one can
+
+    @pytest.mark.parametrize("auth", list(STRANGERS.values()), ids=list(STRANGERS))
+    def test_a_stranger_cannot_forge_a_result_or_a_stream_chunk(
+            self, bare_endpoint: LocalEndpoint, auth: str | None) -> None:
+        submit(bare_endpoint)
+        job_id = take(bare_endpoint, "w1")["id"]
+        for route, body in ((f"job-stream/w1/{job_id}?gpu=local", {"output": "forged chunk"}),
+                            (f"job-done/w1/{job_id}?gpu=local", {"output": "forged answer"}),
+                            (f"job-done/w1/{job_id}?gpu=local&isStream=false",
+                             {"status": "IN_PROGRESS", "output": "forged progress"})):
+            status, answer = call(bare_endpoint, "POST", route, body, auth=auth)
+            assert status == 401, (route, answer)
+        _, state = call(bare_endpoint, "GET", f"status/{job_id}")
+        assert state["status"] == "IN_PROGRESS" and "output" not in state, state
+        assert call(bare_endpoint, "GET", f"stream/{job_id}")[1]["stream"] == []
+        status, _ = call(bare_endpoint, "POST", f"job-done/w1/{job_id}?gpu=local",
+                         {"output": "real"}, auth=worker_auth(bare_endpoint))
+        assert status == 200
+        assert call(bare_endpoint, "GET", f"status/{job_id}")[1]["output"] == "real"
+
+    @pytest.mark.parametrize("auth", list(STRANGERS.values()), ids=list(STRANGERS))
+    def test_a_stranger_cannot_clear_or_take_a_pending_cancel(
+            self, bare_endpoint: LocalEndpoint, auth: str | None) -> None:
+        submit(bare_endpoint)
+        job_id = take(bare_endpoint, "w1")["id"]
+        assert call(bare_endpoint, "POST", f"cancel/{job_id}")[1]["status"] == "CANCELLED"
+        for route in ("ping/w1?gpu=local&job_in_progress=0", "ping/w1?gpu=local&job_id=other",
+                      "job-stop/w1?gpu=local"):
+            status, answer = call(bare_endpoint, "GET", route, auth=auth)
+            assert status == 401, (route, answer)
+        status, stops = call(bare_endpoint, "GET", "job-stop/w1?gpu=local",
+                             auth=worker_auth(bare_endpoint))
+        assert (status, stops) == (200, {"jobsToStop": [job_id]})
+
+    def test_the_worker_secret_is_random_per_endpoint_and_not_the_client_key(self) -> None:
+        first, second = LocalEndpoint(api_key=API_KEY), LocalEndpoint(api_key=API_KEY)
+        keys = {worker_auth(first), worker_auth(second), API_KEY}
+        assert len(keys) == 3 and all(len(k) >= 32 for k in keys - {API_KEY})
+
+
+class TestNeverOpenBeyondLoopback:
+    @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10"])
+    def test_an_endpoint_on_another_address_without_a_client_key_refuses_to_start(
+            self, host: str) -> None:
+        with pytest.raises(ValueError, match="without a client key"):
+            LocalEndpoint(host=host)
+
+    @pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+    def test_loopback_may_stay_keyless_for_make_serve(self, host: str) -> None:
+        assert LocalEndpoint(host=host).api_key is None
+
+
+class TestSdkConfigFileKey:
+    """The SDK sends ~/.runpod/config.toml's key instead of RUNPOD_AI_API_KEY on its job
+    routes when that file has a [default] profile; the endpoint must still serve that worker."""
+
+    def test_a_worker_whose_sdk_reads_a_config_file_key_still_takes_jobs(
+            self, tmp_path: Path) -> None:
+        home = tmp_path / "home"
+        (home / ".runpod").mkdir(parents=True)
+        (home / ".runpod" / "config.toml").write_text('[default]\napi_key = "rpa_CONFIGKEY42"\n')
+        service = start_worker_service([sys.executable, str(ECHO_WORKER)],
+                                       tmp_path / "worker.log", "cfg-worker",
+                                       extra_env={"ECHO_WORKER_MODE": "echo", "HOME": str(home)})
+        try:
+            assert service.client.run_sync({"echo": "cfg"}, timeout=30)["echo"] == "cfg"
+            # ... and that key is a worker key, not a way in for clients
+            assert call(service.endpoint, "GET", "health", auth="rpa_CONFIGKEY42")[0] == 401
+        finally:
+            stop_service(service)
+
+    def test_a_config_file_profile_without_a_key_is_refused_before_the_worker_starts(
+            self, bare_endpoint: LocalEndpoint, tmp_path: Path) -> None:
+        (tmp_path / ".runpod").mkdir()
+        (tmp_path / ".runpod" / "config.toml").write_text("[default]\n")
+        with pytest.raises(ValueError, match="without an api_key"):
+            WorkerProcess(bare_endpoint, ["true"], base_env={"HOME": str(tmp_path)})
+
+
 class TestConcurrency:
     def test_three_two_second_jobs_run_in_parallel(self, echo_service: Service) -> None:
         # Serial would take >= 6 s. Parallel takes 2-3 s: the SDK counts a job it has taken
@@ -265,30 +392,126 @@ class TestSdkClientQuirks:
         asyncio.run(scenario())
 
 
-class TestCommandLine:
-    def test_cli_starts_the_worker_prints_how_to_call_and_stops_both_on_sigterm(self) -> None:
-        cli = subprocess.Popen(
-            [sys.executable, "local_endpoint.py", "--port", "0", "--", sys.executable,
-             str(ECHO_WORKER)],
+class Cli:
+    """``python local_endpoint.py ARGS -- echo worker``, its output read line by line."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "local_endpoint.py", *args, "--", sys.executable, str(ECHO_WORKER)],
             cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={"PATH": "/usr/bin:/bin", "RUNPOD_LOG_LEVEL": "ERROR"})
-        lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in cli.stdout],
+            env={"PATH": "/usr/bin:/bin", "RUNPOD_LOG_LEVEL": "ERROR", **(env or {})})
+        self.printed: list[str] = []
+        self._lines: queue.Queue[str] = queue.Queue()
+        assert self.process.stdout is not None
+        threading.Thread(target=lambda: [self._lines.put(line) for line in self.process.stdout],
                          daemon=True).start()
+
+    def runsync_url(self, timeout_s: float = 30.0) -> str:
+        """The /runsync URL the CLI prints once its worker is ready."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                line = self._lines.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            self.printed.append(line)
+            if match := re.search(r"curl -s -X POST (\S+/runsync)", line):
+                time.sleep(0.2)   # the rest of the usage text
+                while not self._lines.empty():
+                    self.printed.append(self._lines.get())
+                return match.group(1)
+        raise AssertionError("the CLI never printed how to call the endpoint:\n"
+                             + "".join(self.printed))
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(30)
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process under it (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
         try:
-            url = None
-            deadline = time.monotonic() + 30
-            while url is None and time.monotonic() < deadline:
-                try:
-                    line = lines.get(timeout=0.5)
-                except queue.Empty:
-                    continue
-                if match := re.search(r"curl -s -X POST (\S+/runsync)", line):
-                    url = match.group(1)
-            assert url, "the CLI never printed how to call the endpoint"
-            answer = requests.post(url, json={"input": {"echo": "cli"}}, timeout=30).json()
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat_file.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo.extend(children.get(found[-1], []))
+    return found
+
+
+def every_command_line() -> str:
+    """What any user of the machine can read: every process's command line."""
+    lines = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            lines.append(cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            continue
+    return "\n".join(lines)
+
+
+def ask(url: str, auth: str | None) -> int:
+    headers = {"Authorization": auth} if auth else {}
+    return requests.post(url, json={"input": {"echo": "cli"}}, headers=headers,
+                         timeout=30).status_code
+
+
+class TestCommandLine:
+    def test_a_client_key_from_the_environment_is_required_and_never_on_a_command_line(
+            self) -> None:
+        key = "cli-client-key-31415926535"
+        cli = Cli(["--port", "0"], env={"LOCAL_ENDPOINT_API_KEY": key})
+        try:
+            url = cli.runsync_url()
+            assert ask(url, None) == 401 and ask(url, "Bearer guess") == 401
+            assert ask(url, f"Bearer {key}") == 200
+            assert key not in every_command_line()
+            assert key not in "".join(cli.printed)
+            tree = descendants(cli.process.pid)
+            assert len(tree) >= 2, "no worker process under the CLI"
+            for pid in tree[1:]:     # the worker never holds the client key
+                assert key.encode() not in Path(f"/proc/{pid}/environ").read_bytes()
+        finally:
+            assert cli.stop() == 0
+
+    def test_without_a_key_a_key_file_gets_a_new_private_key_and_only_its_path_is_printed(
+            self, tmp_path: Path) -> None:
+        key_file = tmp_path / "keys" / "pod-api-key"
+        cli = Cli(["--port", "0", "--key-file", str(key_file)])
+        try:
+            url = cli.runsync_url()
+            key = key_file.read_text().strip()
+            assert len(key) >= 32
+            assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+            assert stat.S_IMODE(key_file.parent.stat().st_mode) == 0o700
+            assert ask(url, None) == 401
+            assert ask(url, f"Bearer {key}") == 200
+            printed = "".join(cli.printed)
+            assert str(key_file) in printed and key not in printed
+            assert key not in every_command_line()
+        finally:
+            assert cli.stop() == 0
+        assert [p.name for p in key_file.parent.iterdir()] == ["pod-api-key"]  # no temp file
+
+    def test_the_cli_refuses_to_listen_beyond_loopback_without_a_key(self) -> None:
+        done = subprocess.run(
+            [sys.executable, "local_endpoint.py", "--host", "0.0.0.0", "--port", "0", "--",
+             "true"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=30,
+            env={"PATH": "/usr/bin:/bin"})
+        assert done.returncode == 2, done.stderr
+        assert "without a client key" in done.stderr
+        assert "LOCAL_ENDPOINT_API_KEY" in done.stderr and "--key-file" in done.stderr
+
+    def test_cli_starts_the_worker_prints_how_to_call_and_stops_both_on_sigterm(self) -> None:
+        cli = Cli(["--port", "0"])
+        try:
+            answer = requests.post(cli.runsync_url(), json={"input": {"echo": "cli"}},
+                                   timeout=30).json()
             assert answer["output"]["echo"] == "cli"
         finally:
-            cli.send_signal(signal.SIGTERM)
-            rc = cli.wait(30)
-        assert rc == 0
+            assert cli.stop() == 0
