@@ -292,6 +292,9 @@ BUCKET_UPLOAD_CONCURRENCY = _var("storage", "BUCKET_UPLOAD_CONCURRENCY", "8",
                                  "Parts uploaded in parallel, 1..64")
 BUCKET_TIMEOUT_SECONDS = _var("storage", "BUCKET_TIMEOUT_SECONDS", "60",
                               "Connect and read timeout of each storage request (s)")
+BUCKET_UPLOAD_TIMEOUT_SECONDS = _var("storage", "BUCKET_UPLOAD_TIMEOUT_SECONDS", "300",
+                                     "Time limit for one whole upload or link, retries and "
+                                     "check included, 1..86400 s; enforced on the connections")
 BUCKET_RETRY_ATTEMPTS = _var("storage", "BUCKET_RETRY_ATTEMPTS", "4",
                              "Tries per upload before a transient failure becomes an error, 1..10")
 BUCKET_RETRY_DELAY_SECONDS = _var("storage", "BUCKET_RETRY_DELAY_SECONDS", "1",
@@ -353,6 +356,7 @@ class StorageSettings:
     part_size_bytes: int                     # multipart part size (and threshold)
     upload_concurrency: int                  # parallel parts
     timeout_s: float                         # per request, connect and read
+    upload_timeout_s: float                  # per upload or link, total
     retry_attempts: int                      # tries per upload, first included
     retry_delay_s: float                     # first backoff; doubles
     local_dir: Path | None                   # OUTPUT_LOCAL_DIR
@@ -398,6 +402,7 @@ class StorageSettings:
             part_size_bytes=r.integer(BUCKET_PART_SIZE_MB, 5, 512) * 1024 * 1024,
             upload_concurrency=r.integer(BUCKET_UPLOAD_CONCURRENCY, 1, 64),
             timeout_s=r.number(BUCKET_TIMEOUT_SECONDS, 1, 3600),
+            upload_timeout_s=r.number(BUCKET_UPLOAD_TIMEOUT_SECONDS, 1, 86400),
             retry_attempts=r.integer(BUCKET_RETRY_ATTEMPTS, 1, 10),
             retry_delay_s=r.number(BUCKET_RETRY_DELAY_SECONDS, 0, 60),
             local_dir=Path(local_dir).expanduser().resolve() if local_dir else None,
@@ -410,14 +415,18 @@ class StorageSettings:
 # Downloads: inputs fetched by URL, e.g. a batch_url pointing at a JSONL file (downloads.py)
 # --------------------------------------------------------------------------------------------
 DOWNLOAD_ALLOW_PRIVATE = _var("download", "DOWNLOAD_ALLOW_PRIVATE", "false",
-                              "Allow URLs that resolve to private, loopback or link-local "
-                              "addresses (local tests, same-VPC servers); off in production")
+                              "Allow URLs, and a job's s3Config endpoint, that resolve to "
+                              "private, loopback or link-local addresses (local tests, same-VPC "
+                              "servers); off in production")
 DOWNLOAD_MAX_BYTES = _var("download", "DOWNLOAD_MAX_BYTES", "1000000000",
                           "Largest download accepted (bytes)")
 DOWNLOAD_TIMEOUT_SECONDS = _var("download", "DOWNLOAD_TIMEOUT_SECONDS", "300",
                                 "Time limit for one whole download, redirects included (s)")
 BATCH_MAX_ITEMS = _var("download", "BATCH_MAX_ITEMS", "10000",
                        "Most items read from one JSONL batch file")
+BATCH_URL_S3_PREFIX = _var("download", "BATCH_URL_S3_PREFIX", None,
+                           "Folder of the worker's bucket that batch_url s3:// may read, e.g. "
+                           "inputs; unset: none (any client could read any other's objects)")
 
 
 @dataclass(frozen=True)
@@ -428,6 +437,7 @@ class DownloadSettings:
     max_bytes: int                           # per download
     timeout_s: float                         # per download, total
     max_items: int                           # per JSONL file
+    s3_prefix: str | None = None             # readable folder of the worker's bucket; None: none
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> DownloadSettings:
@@ -437,7 +447,26 @@ class DownloadSettings:
             max_bytes=r.integer(DOWNLOAD_MAX_BYTES, 1, 1 << 40),
             timeout_s=r.number(DOWNLOAD_TIMEOUT_SECONDS, 0.1, 86400),
             max_items=r.integer(BATCH_MAX_ITEMS, 1, 10_000_000),
+            s3_prefix=_check_read_prefix(r.text(BATCH_URL_S3_PREFIX),
+                                         (r.text(BUCKET_PREFIX) or "").strip("/")),
         )
+
+
+def _check_read_prefix(raw: str | None, answers: str) -> str | None:
+    """A folder of the bucket (no leading or trailing "/"), never the whole bucket nor the
+    folder of answers (``answers``, BUCKET_PREFIX): those are every job's answers."""
+    if raw is None:
+        return None
+    prefix = raw.strip("/")
+    if not prefix or any(part in ("", ".", "..") for part in prefix.split("/")):
+        raise SettingsError(f"BATCH_URL_S3_PREFIX={raw!r} must name a folder of the bucket, "
+                            "e.g. inputs; the whole bucket cannot be opened to every client")
+    if answers and (f"{prefix}/".startswith(f"{answers}/")
+                    or f"{answers}/".startswith(f"{prefix}/")):
+        raise SettingsError(f"BATCH_URL_S3_PREFIX={raw!r} overlaps BUCKET_PREFIX={answers!r}, "
+                            "where every job's answers are; use a folder of its own, e.g. "
+                            "inputs")
+    return prefix
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,145 +1,184 @@
 """Safe downloads of inputs given by URL (e.g. a ``batch_url`` JSONL file), and a JSONL reader.
 
 A job's URL is attacker-controlled: fetched naively it can reach cloud metadata
-(169.254.169.254), the worker's own services, or exhaust memory and disk. So:
+(169.254.169.254), the worker's own services, or exhaust memory, disk, time and threads. So:
 
-- Schemes: ``http``, ``https``, and ``s3://<bucket>/<key>`` for the storage's own bucket only
-  (read with the storage's credentials). Credentials in the URL are refused.
-- Addresses: the host is resolved once, every address must be public (not private, loopback,
-  link-local, CGNAT, reserved, multicast, unspecified, or an IPv4-mapped form of those), and the
-  connection is made to that validated address (pinned: no second lookup to rebind). TLS still
-  checks the certificate against the host name. ``DOWNLOAD_ALLOW_PRIVATE=true`` lifts the address
-  rule (local tests, same-VPC servers); every other rule still applies.
+- Schemes: ``http``, ``https``, and ``s3://<bucket>/<key>`` for the storage's own bucket only.
+  Credentials in the URL are refused; a URL that does not parse, or whose host is not a valid
+  host name or IP address, is refused before any lookup. Non-ASCII paths are percent-encoded.
+- Addresses (netguard.py): the host is resolved once, every address must be public (IPv6 forms
+  that embed a private IPv4 address count as private), and the connection is made to that
+  validated address (pinned: no second lookup to rebind). TLS still checks the certificate
+  against the host name. ``DOWNLOAD_ALLOW_PRIVATE=true`` lifts the address rule (local tests,
+  same-VPC servers); every other rule still applies.
+- ``s3://`` in the worker's own bucket (read with the worker's credentials, for any client) is
+  limited to keys under ``BATCH_URL_S3_PREFIX`` and off when it is unset; in a job's own
+  ``s3Config`` bucket (the job's credentials) any key may be read. A missing object and one
+  the credentials may not read give the same answer.
 - Redirects (at most 5) are followed by hand, each hop checked like the first.
-- Size: ``DOWNLOAD_MAX_BYTES``, checked against Content-Length and while reading. Time:
-  ``DOWNLOAD_TIMEOUT_SECONDS`` for the whole download, redirects included (DNS lookups aside).
+- Size: ``DOWNLOAD_MAX_BYTES``, checked against Content-Length and while reading; a body that
+  ends before its Content-Length is a failure, not a short success. Time:
+  ``DOWNLOAD_TIMEOUT_SECONDS`` for the whole download, redirects included, enforced by a
+  watchdog that shuts the connection at the deadline (a server dribbling its headers one byte
+  at a time is cut off like any other). DNS lookups are bounded by the system resolver's own
+  timeout.
 - Environment proxies (HTTP_PROXY...) are not used: a proxy would resolve the name itself.
+- JSON Lines: each line at most ``max_item_bytes`` (the worker passes WORKER_MAX_INPUT_BYTES),
+  checked before the line is parsed; a line nested too deeply to parse is an input error naming
+  the line. Errors name the line but never echo the file's content or column positions.
 
 Each refusal is a DownloadError whose message names the rule and the setting; messages show a
 URL without its query (which may hold a signature). We do not reuse the SDK's ``rp_ssrf``: it
 reads its switch from ``os.environ`` at call time rather than from our settings, and importing
 runpod costs ~2 s and reconfigures logging. Its design (pin, re-check, cap) is the same.
 
-Everything here blocks (network, disk): from async code run it in a thread. Never imports torch.
+Everything here blocks (network, disk): from async code run it in a thread of its own pool
+(worker.py's download pool). Never imports torch.
 """
 
 from __future__ import annotations
 
 import http.client
-import ipaddress
 import json
 import socket
 import ssl
 import tempfile
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, quote, urljoin, urlsplit
 
 from config import DownloadSettings
 from errors import DownloadError, InputError, PayloadTooLarge, StorageError
+from netguard import (
+    AddressPolicy,
+    AddressRefused,
+    Deadline,
+    IPAddress,
+    ascii_host,
+    resolve,
+)
+from netguard import address_policy as _policy_for
+from netguard import is_public_address as is_public_address  # re-exported: the one rule
 from storage import S3Storage, Storage
 
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset((301, 302, 303, 307, 308))
 _CHUNK = 1024 * 1024
-# CGNAT (RFC 6598): not is_private before CPython 3.12.4.
-_EXTRA_BLOCKED = (ipaddress.ip_network("100.64.0.0/10"),)
+_SHOWN_URL_CHARS = 200
+# Characters a request target keeps as they are; everything else (spaces, non-ASCII, controls)
+# is percent-encoded. "%" is kept so an already-encoded URL is not encoded twice.
+_URL_SAFE = "!#$%&'()*+,/:;=?@[]~"
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-AddressPolicy = Callable[[IPAddress], bool]
-
-
-def is_public_address(address: IPAddress) -> bool:
-    """True only for a globally routable unicast address (IPv4-mapped IPv6 unwrapped)."""
-    mapped = getattr(address, "ipv4_mapped", None)
-    if mapped is not None:
-        address = mapped
-    if any(address in net for net in _EXTRA_BLOCKED):
-        return False
-    return not (address.is_private or address.is_loopback or address.is_link_local
-                or address.is_reserved or address.is_multicast or address.is_unspecified
-                ) and address.is_global
-
-
-def _any_address(address: IPAddress) -> bool:
-    return True
+__all__ = ["IPAddress", "address_policy", "display_url", "download_bytes", "download_to",
+           "is_public_address", "load_jsonl_url", "read_jsonl"]
 
 
 def address_policy(settings: DownloadSettings) -> AddressPolicy:
     """Which resolved addresses may be connected to under ``settings``."""
-    return _any_address if settings.allow_private else is_public_address
+    return _policy_for(settings.allow_private)
 
 
 def display_url(url: str) -> str:
     """``url`` without query, fragment or credentials: what messages may show."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError:
+        return "the URL"
     if ":" in host:
         host = f"[{host}]"
     try:
         port = f":{parts.port}" if parts.port else ""
     except ValueError:
         port = ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
+    shown = f"{parts.scheme}://{host}{port}{parts.path}"
+    if len(shown) > _SHOWN_URL_CHARS:
+        shown = shown[:_SHOWN_URL_CHARS] + "..."
+    return shown
+
+
+def _split(url: str, shown: str) -> SplitResult:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises on a malformed port)
+    except ValueError:
+        raise DownloadError(f"{'the URL' if shown == 'the URL' else shown} does not parse; "
+                            "check the host (an IPv6 address in brackets) and the port "
+                            "(1..65535)") from None
+    return parts
 
 
 def download_to(url: str, out: BinaryIO, settings: DownloadSettings, *,
-                storage: Storage | None = None,
+                storage: Storage | None = None, job_storage: bool = False,
                 allow_address: AddressPolicy | None = None) -> int:
     """Download ``url`` into the binary file ``out`` under every rule above; returns the size.
 
-    ``storage`` is needed for ``s3://`` URLs and must be an S3Storage whose bucket the URL names.
-    ``allow_address`` overrides the address rule from ``settings`` (tests use it to treat one
-    loopback server as public). Raises DownloadError.
+    ``storage`` is needed for ``s3://`` URLs and must be an S3Storage whose bucket the URL names;
+    ``job_storage`` says it is the job's own (s3Config), whose every key may be read; otherwise
+    it is the worker's bucket and only keys under BATCH_URL_S3_PREFIX are. ``allow_address``
+    overrides the address rule from ``settings`` (tests use it to treat one loopback server as
+    public). Raises DownloadError, or InputError for a job's storage the rules refuse.
     """
-    deadline = time.monotonic() + settings.timeout_s
-    scheme = urlsplit(url).scheme.lower()
-    if scheme == "s3":
-        return _download_s3(url, out, settings, storage, deadline)
-    policy = allow_address or address_policy(settings)
-    current = url
-    for _hop in range(MAX_REDIRECTS + 1):
-        location = _fetch_http(current, out, settings, policy, deadline)
-        if location is None:
-            return out.tell()
-        current = urljoin(current, location)
-    raise DownloadError(f"{display_url(url)} redirected more than {MAX_REDIRECTS} times")
+    with Deadline(settings.timeout_s) as deadline:
+        if url[:5].lower() == "s3://":
+            return _download_s3(url, out, settings, storage, job_storage, deadline)
+        policy = allow_address or address_policy(settings)
+        current = url
+        for _hop in range(MAX_REDIRECTS + 1):
+            location = _fetch_http(current, out, settings, policy, deadline)
+            if location is None:
+                return out.tell()
+            try:
+                current = urljoin(current, location)
+            except ValueError:
+                raise DownloadError(f"{display_url(current)}: redirected to an invalid "
+                                    "URL") from None
+        raise DownloadError(f"{display_url(url)} redirected more than {MAX_REDIRECTS} times")
 
 
 def download_bytes(url: str, settings: DownloadSettings, *, storage: Storage | None = None,
+                   job_storage: bool = False,
                    allow_address: AddressPolicy | None = None) -> bytes:
     """``download_to`` into memory: for inputs small enough to hold (the size cap applies)."""
     with tempfile.SpooledTemporaryFile(max_size=16 * 1024 * 1024) as f:
-        download_to(url, f, settings, storage=storage, allow_address=allow_address)  # type: ignore[arg-type]
+        download_to(url, f, settings, storage=storage, job_storage=job_storage,  # type: ignore[arg-type]
+                    allow_address=allow_address)
         f.seek(0)
         return f.read()
 
 
 def load_jsonl_url(url: str, settings: DownloadSettings, *, storage: Storage | None = None,
-                   field: str = "batch_url",
+                   job_storage: bool = False, field: str = "batch_url",
+                   max_item_bytes: int | None = None,
                    allow_address: AddressPolicy | None = None) -> list[Any]:
     """Download a JSON Lines file (spooled to disk) and return its items, at most
-    ``settings.max_items``. DownloadError for the fetch, InputError naming ``field`` and the
-    line for content."""
+    ``settings.max_items``, each line at most ``max_item_bytes``. DownloadError for the fetch,
+    InputError naming ``field`` and the line for content."""
     with tempfile.TemporaryFile() as f:
-        download_to(url, f, settings, storage=storage, allow_address=allow_address)
+        download_to(url, f, settings, storage=storage, job_storage=job_storage,
+                    allow_address=allow_address)
         f.seek(0)
-        return list(read_jsonl(f, max_items=settings.max_items, field=field))
+        return list(read_jsonl(f, max_items=settings.max_items, field=field,
+                               max_item_bytes=max_item_bytes))
 
 
-def read_jsonl(lines: Iterable[bytes], *, max_items: int, field: str = "batch_url"
-               ) -> Iterator[Any]:
+def read_jsonl(lines: Iterable[bytes], *, max_items: int, field: str = "batch_url",
+               max_item_bytes: int | None = None) -> Iterator[Any]:
     """Parse JSON Lines: one JSON value per non-blank line, UTF-8 (a leading BOM is allowed).
 
-    Yields each value. Raises InputError naming ``field`` and the 1-based line number for a line
-    that is not UTF-8 or not JSON, and PayloadTooLarge past ``max_items`` items
-    (BATCH_MAX_ITEMS).
+    Yields each value. Raises PayloadTooLarge naming ``field`` and the 1-based line number for a
+    line over ``max_item_bytes`` (before parsing it, and from a file object without reading
+    more of it than that), InputError for a line that is not UTF-8, not JSON or nested too
+    deeply to parse, and PayloadTooLarge past ``max_items`` items (BATCH_MAX_ITEMS). Messages
+    never quote the line: it may be someone else's content.
     """
     count = 0
-    for number, raw in enumerate(lines, start=1):
+    for number, raw in enumerate(_bounded_lines(lines, max_item_bytes), start=1):
         if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
+        if max_item_bytes is not None and len(raw.rstrip(b"\r\n")) > max_item_bytes:
+            raise PayloadTooLarge(f"line {number} is over the limit of {max_item_bytes:,} "
+                                  "bytes for one item (WORKER_MAX_INPUT_BYTES)", field=field)
         if not raw.strip():
             continue
         try:
@@ -148,9 +187,11 @@ def read_jsonl(lines: Iterable[bytes], *, max_items: int, field: str = "batch_ur
             raise InputError(f"line {number} is not UTF-8 text", field=field) from None
         try:
             item = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise InputError(f"line {number} is not valid JSON ({err.msg} at column "
-                             f"{err.colno})", field=field) from None
+        except json.JSONDecodeError:
+            raise InputError(f"line {number} is not valid JSON", field=field) from None
+        except RecursionError:
+            raise InputError(f"line {number} is nested too deeply to read", field=field
+                             ) from None
         count += 1
         if count > max_items:
             raise PayloadTooLarge(f"more than {max_items:,} items; the limit is "
@@ -158,70 +199,77 @@ def read_jsonl(lines: Iterable[bytes], *, max_items: int, field: str = "batch_ur
         yield item
 
 
+def _bounded_lines(lines: Iterable[bytes], limit: int | None) -> Iterator[bytes]:
+    """Lines of a file object, read at most ``limit`` + 6 bytes at a time: enough for an
+    accepted line with its BOM and CR LF, and for one byte more than a line may hold, so a line
+    too long to accept is seen as such without being read whole into memory."""
+    readline = getattr(lines, "readline", None)
+    if limit is None or readline is None:
+        yield from lines
+        return
+    while line := readline(limit + 6):
+        yield line
+
+
 # --------------------------------------------------------------------------------------------
 # http(s): resolve, check, pin, fetch one hop
 # --------------------------------------------------------------------------------------------
 class _PinnedHTTP(http.client.HTTPConnection):
-    """Connects to a pre-validated address; the Host header keeps the URL's host."""
+    """Connects to a pre-validated address under the download's deadline; the Host header
+    keeps the URL's host."""
 
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
+    def __init__(self, host: str, port: int, address: str, deadline: Deadline,
+                 timeout: float) -> None:
         super().__init__(host, port, timeout=timeout)
         self._address = address
+        self._deadline = deadline
         self.pinned_sock: socket.socket | None = None
 
+    def _connect_pinned(self) -> socket.socket:
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self._deadline.watch(sock)      # from here on, the watchdog ends every wait at once
+        return sock
+
     def connect(self) -> None:
-        self.sock = self.pinned_sock = socket.create_connection((self._address, self.port),
-                                                                self.timeout)
+        self.sock = self.pinned_sock = self._connect_pinned()
 
 
-class _PinnedHTTPS(http.client.HTTPSConnection):
+class _PinnedHTTPS(_PinnedHTTP, http.client.HTTPSConnection):
     """TLS to a pre-validated address; SNI and certificate check use the URL's host."""
 
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+    def __init__(self, host: str, port: int, address: str, deadline: Deadline,
+                 timeout: float) -> None:
+        http.client.HTTPSConnection.__init__(self, host, port, timeout=timeout,
+                                             context=ssl.create_default_context())
         self._address = address
-        self.pinned_sock: socket.socket | None = None
+        self._deadline = deadline
+        self.pinned_sock = None
 
     def connect(self) -> None:
-        sock = socket.create_connection((self._address, self.port), self.timeout)
+        # The handshake runs on the watched connection: a dribbled handshake is cut off too.
         self.sock = self.pinned_sock = self._context.wrap_socket(  # type: ignore[attr-defined]
-            sock, server_hostname=self.host)
+            self._connect_pinned(), server_hostname=self.host)
 
 
-def _resolve(host: str, port: int, policy: AddressPolicy, shown: str) -> list[str]:
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
-        raise DownloadError(f"{shown}: the host name does not resolve") from None
-    addresses: list[str] = []
-    for info in infos:
-        ip = str(info[4][0]).split("%", 1)[0]  # drop an IPv6 zone id
-        if ip not in addresses:
-            addresses.append(ip)
-    for ip in addresses:
-        # A host with any non-public address is refused whole (no picking the public one).
-        if not policy(ipaddress.ip_address(ip)):
-            raise DownloadError(f"{shown}: the host resolves to a private or reserved address "
-                                f"({ip}); such URLs are refused unless DOWNLOAD_ALLOW_PRIVATE="
-                                "true")
-    if not addresses:
-        raise DownloadError(f"{shown}: the host name does not resolve")
-    return addresses
+def _timed_out(settings: DownloadSettings, shown: str) -> DownloadError:
+    return DownloadError(f"{shown}: the download took longer than {settings.timeout_s:g} s "
+                         "(DOWNLOAD_TIMEOUT_SECONDS)")
 
 
-def _remaining(deadline: float, settings: DownloadSettings, shown: str) -> float:
-    left = deadline - time.monotonic()
+def _remaining(deadline: Deadline, settings: DownloadSettings, shown: str) -> float:
+    """Time left for one wait; DownloadError once there is none (never 0: that would make the
+    socket non-blocking)."""
+    left = deadline.remaining()
     if left <= 0:
-        raise DownloadError(f"{shown}: the download took longer than {settings.timeout_s:g} s "
-                            "(DOWNLOAD_TIMEOUT_SECONDS)")
+        raise _timed_out(settings, shown)
     return left
 
 
 def _fetch_http(url: str, out: BinaryIO, settings: DownloadSettings, policy: AddressPolicy,
-                deadline: float) -> str | None:
+                deadline: Deadline) -> str | None:
     """Fetch one hop into ``out``; return the redirect target, or None when done."""
     shown = display_url(url)
-    parts = urlsplit(url)
+    parts = _split(url, shown)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise DownloadError(f"{shown}: only http, https and s3 URLs are accepted")
@@ -229,31 +277,41 @@ def _fetch_http(url: str, out: BinaryIO, settings: DownloadSettings, policy: Add
         raise DownloadError(f"{shown}: the URL has no host")
     if parts.username is not None or parts.password is not None:
         raise DownloadError(f"{shown}: URLs with credentials are refused")
+    host = ascii_host(parts.hostname)
+    if host is None:
+        raise DownloadError(f"{shown}: the URL's host is not a valid host name or IP address")
+    port = parts.port or (443 if scheme == "https" else 80)
     try:
-        port = parts.port or (443 if scheme == "https" else 80)
-    except ValueError:
-        raise DownloadError(f"{shown}: the URL has an invalid port") from None
-    addresses = _resolve(parts.hostname, port, policy, shown)
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        addresses = resolve(host, port, policy)
+    except AddressRefused:
+        # The resolved address is not shown: for an internal name it is internal information.
+        raise DownloadError(f"{shown}: the host is or resolves to a private or reserved "
+                            "address; such URLs are refused unless DOWNLOAD_ALLOW_PRIVATE=true"
+                            ) from None
+    except OSError:
+        raise DownloadError(f"{shown}: the host name does not resolve") from None
+    # http.client sends the target as ASCII: spaces and non-ASCII characters are escaped.
+    target = quote(parts.path or "/", safe=_URL_SAFE) + (
+        f"?{quote(parts.query, safe=_URL_SAFE)}" if parts.query else "")
     conn_cls = _PinnedHTTPS if scheme == "https" else _PinnedHTTP
-    last: OSError | None = None
+    last: BaseException | None = None
     for address in addresses:
-        conn = conn_cls(parts.hostname, port, address, _remaining(deadline, settings, shown))
+        conn = conn_cls(host, port, address, deadline, _remaining(deadline, settings, shown))
         try:
             conn.request("GET", target, headers={"Accept-Encoding": "identity",
                                                  "User-Agent": "runpod-model-worker"})
             response = conn.getresponse()
-        except ssl.SSLError:
-            conn.close()
-            raise DownloadError(f"{shown}: the TLS certificate or handshake failed") from None
-        except TimeoutError:
-            conn.close()
-            _remaining(deadline, settings, shown)
-            raise DownloadError(f"{shown}: the server did not answer in time "
-                                "(DOWNLOAD_TIMEOUT_SECONDS)") from None
         except (OSError, http.client.HTTPException) as err:
             conn.close()
-            last = err if isinstance(err, OSError) else OSError(str(err))
+            if deadline.passed():
+                raise _timed_out(settings, shown) from None
+            if isinstance(err, ssl.SSLError | ssl.CertificateError):
+                raise DownloadError(f"{shown}: the TLS certificate or handshake failed"
+                                    ) from None
+            if isinstance(err, TimeoutError):
+                raise DownloadError(f"{shown}: the server did not answer in time "
+                                    "(DOWNLOAD_TIMEOUT_SECONDS)") from None
+            last = err
             continue  # next validated address (dual-stack hosts)
         try:
             return _read_response(response, conn, out, settings, deadline, shown)
@@ -265,9 +323,12 @@ def _fetch_http(url: str, out: BinaryIO, settings: DownloadSettings, policy: Add
     raise DownloadError(f"{shown}: could not connect ({type(last).__name__})")
 
 
-def _read_response(response: http.client.HTTPResponse, conn: _PinnedHTTP | _PinnedHTTPS,
-                   out: BinaryIO, settings: DownloadSettings, deadline: float,
+def _read_response(response: http.client.HTTPResponse, conn: _PinnedHTTP,
+                   out: BinaryIO, settings: DownloadSettings, deadline: Deadline,
                    shown: str) -> str | None:
+    # The watchdog may have cut the headers short: what was parsed is not an answer.
+    if deadline.passed():
+        raise _timed_out(settings, shown)
     if response.status in _REDIRECTS:
         location = response.getheader("Location")
         if not location:
@@ -287,7 +348,7 @@ def _read_response(response: http.client.HTTPResponse, conn: _PinnedHTTP | _Pinn
             # conn.sock is None once a closing response owns the socket; ours is kept.
             assert conn.pinned_sock is not None
             conn.pinned_sock.settimeout(_remaining(deadline, settings, shown))
-            chunk = response.read1(_CHUNK) if hasattr(response, "read1") else response.read(_CHUNK)
+            chunk = response.read1(_CHUNK)
             if not chunk:
                 break
             total += len(chunk)
@@ -295,12 +356,14 @@ def _read_response(response: http.client.HTTPResponse, conn: _PinnedHTTP | _Pinn
                 raise DownloadError(f"{shown}: over the download limit of "
                                     f"{settings.max_bytes:,} bytes (DOWNLOAD_MAX_BYTES)")
             out.write(chunk)
-    except TimeoutError:
-        raise DownloadError(f"{shown}: the download took longer than {settings.timeout_s:g} s "
-                            "(DOWNLOAD_TIMEOUT_SECONDS)") from None
     except (OSError, http.client.HTTPException):
+        if deadline.passed():
+            raise _timed_out(settings, shown) from None
         raise DownloadError(f"{shown}: the connection broke during the download") from None
-    _remaining(deadline, settings, shown)
+    if deadline.passed():
+        raise _timed_out(settings, shown)
+    if response.length:    # http.client ends a cut Content-Length body quietly: not a success
+        raise DownloadError(f"{shown}: the connection broke during the download")
     return None
 
 
@@ -308,19 +371,37 @@ def _read_response(response: http.client.HTTPResponse, conn: _PinnedHTTP | _Pinn
 # s3://bucket/key in the storage's own bucket
 # --------------------------------------------------------------------------------------------
 def _download_s3(url: str, out: BinaryIO, settings: DownloadSettings, storage: Storage | None,
-                 deadline: float) -> int:
-    parts = urlsplit(url)
-    bucket, key = parts.netloc, parts.path.lstrip("/")
+                 job_storage: bool, deadline: Deadline) -> int:
+    # Split by hand: in an S3 key, "?", "#" and "%" are characters like any other.
+    bucket, _, key = url[5:].partition("/")
+    shown = display_url(f"s3://{bucket}/{key}")
     if not isinstance(storage, S3Storage):
         raise DownloadError("s3:// URLs need S3 storage on the worker (BUCKET_*) or in the "
                             "job's s3Config")
     if bucket != storage.bucket:
         raise DownloadError("s3:// URLs may only name the worker's own bucket; use an "
                             "https:// (e.g. presigned) URL for any other")
-    if not key:
-        raise DownloadError("the s3:// URL names no object key")
+    if not _plain_key(key):
+        raise DownloadError(f"{shown}: not an object key (empty, '.' or '..' parts, or a "
+                            "leading '/')")
+    if not job_storage:
+        # The worker's credentials read for any client: only where the operator put inputs.
+        prefix = settings.s3_prefix
+        if prefix is None:
+            raise DownloadError(f"{shown}: reading the worker's own bucket is off "
+                                "(BATCH_URL_S3_PREFIX is unset); send a presigned https:// URL, "
+                                "or the job's own s3Config")
+        if not key.startswith(prefix + "/"):
+            raise DownloadError(f"{shown}: only keys under {prefix}/ may be read from the "
+                                "worker's bucket (BATCH_URL_S3_PREFIX)")
     try:
         return storage.read_to(key, out, settings.max_bytes, deadline)
     except StorageError as err:
-        raise DownloadError(f"s3://{bucket}/{key}: {err} (DOWNLOAD_MAX_BYTES, "
-                            "DOWNLOAD_TIMEOUT_SECONDS)") from None
+        if deadline.passed():
+            raise _timed_out(settings, shown) from None
+        raise DownloadError(f"{shown}: {err}") from None
+
+
+def _plain_key(key: str) -> bool:
+    """A key with no empty, '.' or '..' parts: some servers map keys to paths."""
+    return bool(key) and all(part not in ("", ".", "..") for part in key.split("/"))

@@ -25,7 +25,18 @@ Guarantees:
   once for a permanent failure (credentials, missing bucket), ``StorageError`` says why.
 - No secret appears in an error, a log line or a ``repr``: messages are composed here from the
   error code and the endpoint's scheme://host:port, never from botocore's text (which may hold
-  signed URLs).
+  signed URLs). Nor does anything the server sent: an error code outside the known S3 codes is
+  shown as its HTTP status only. Reading a missing object and one the credentials may not read
+  give the same error.
+- Every operation (an upload with its retries and check, a link, a read) runs on connections
+  of its own, under a total time limit (``BUCKET_UPLOAD_TIMEOUT_SECONDS``, or the caller's
+  deadline for reads) that a watchdog enforces by shutting those connections: a server that
+  answers one byte at a time cannot hold it longer, whatever the per-request timeout.
+- A job's own ``s3Config`` endpoint obeys the address rule of downloads (netguard.py): it must
+  be public unless ``DOWNLOAD_ALLOW_PRIVATE=true``. The check is made where the connection is
+  made: the name is resolved, every address checked, and the socket connected to a checked
+  address, before anything is sent. A malformed endpoint is an InputError naming
+  ``s3Config.endpointUrl``. The worker's own ``BUCKET_*`` endpoint is the operator's and exempt.
 - ``LocalStorage`` links are ``file://`` URLs, valid only on the machine that ran the job, and
   carry ``expires_at: null``. Use it for local runs, never in production.
 
@@ -45,21 +56,43 @@ import mimetypes
 import os
 import random
 import re
+import socket
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, NoReturn, Protocol, TypedDict, TypeVar
+from typing import Any, BinaryIO, ClassVar, NoReturn, Protocol, TypedDict, TypeVar
 from urllib.parse import urlsplit
 
 import boto3
 import botocore.config
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
+from botocore.awsrequest import (
+    AWSHTTPConnection,
+    AWSHTTPConnectionPool,
+    AWSHTTPSConnection,
+    AWSHTTPSConnectionPool,
+)
+from botocore.httpsession import URLLib3Session
+from urllib3 import PoolManager
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 
 from config import StorageSettings
 from errors import InputError, StorageError
+from netguard import (
+    AddressPolicy,
+    AddressRefused,
+    Deadline,
+    address_policy,
+    allow_any_address,
+    ascii_host,
+    parse_ip,
+    resolve,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +112,17 @@ _PERMANENT_CODES = {
     "InvalidBucketName": "the bucket name is not valid for this storage",
     "PermanentRedirect": "the bucket is in another region or needs another endpoint",
 }
+# Transient codes worth naming; any other code a server sends is shown as its HTTP status only
+# (a code is the server's text, and a job's server may be anyone's).
+_KNOWN_TRANSIENT_CODES = frozenset(("SlowDown", "RequestTimeout", "InternalError",
+                                    "ServiceUnavailable", "RequestTimeTooSkewed"))
+# Reading: "no such object" and "not yours to read" must look alike to the caller.
+_UNREADABLE_CODES = frozenset(("NoSuchKey", "NotFound", "AccessDenied", "AllAccessDisabled"))
+_UNREADABLE = "cannot be read: there is no such object, or no permission to read it"
+_PRIVATE_ENDPOINT = ("the host is or resolves to a private or reserved address; a job's storage "
+                     "must be at a public address unless the worker sets "
+                     "DOWNLOAD_ALLOW_PRIVATE=true")
+_ENDPOINT_FIELD = "s3Config.endpointUrl"
 
 
 class Link(TypedDict):
@@ -202,35 +246,148 @@ class _Transient(Exception):
 T = TypeVar("T")
 
 
-def _with_retries(what: str, attempts: int, delay_s: float, fn: Callable[[], T]) -> T:
-    """Run ``fn``; retry on _Transient with jittered exponential backoff; then StorageError."""
+def _with_retries(what: str, attempts: int, delay_s: float, fn: Callable[[], T],
+                  deadline: Deadline) -> T:
+    """Run ``fn``; retry on _Transient with jittered exponential backoff; then StorageError.
+
+    Nothing runs past ``deadline``: neither an attempt (its connections are shut) nor a pause.
+    """
     for attempt in range(1, attempts + 1):
         try:
+            if deadline.passed():
+                raise _Transient("out of time")
             return fn()
         except _Transient as err:
+            if deadline.passed():
+                raise StorageError(f"{what} did not finish within {deadline.seconds:g} s "
+                                   "(BUCKET_UPLOAD_TIMEOUT_SECONDS)") from None
             if attempt == attempts:
                 raise StorageError(f"{what} failed after {attempts} attempt"
                                    f"{'s' if attempts > 1 else ''}: {err}") from None
             pause = min(_MAX_BACKOFF_S, delay_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            pause = min(pause, deadline.remaining())
             log.warning("%s failed (%s); retry %d/%d in %.2f s",
                         what, err, attempt, attempts - 1, pause)
             time.sleep(pause)
     raise AssertionError("unreachable")
 
 
+# --------------------------------------------------------------------------------------------
+# Connections: botocore's, with the address rule and the operation's deadline
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Guard:
+    allow_address: AddressPolicy
+    deadline: Deadline
+
+
+class _GuardedConnection:
+    """Mixin for botocore's urllib3 connections: resolve the host once, refuse it unless every
+    address passes ``guard.allow_address``, connect to a checked address (no second lookup),
+    and put the socket under ``guard.deadline``'s watchdog."""
+
+    guard: ClassVar[_Guard]
+    _dns_host: str
+    host: str
+    port: int
+    timeout: Any
+
+    def _new_conn(self) -> socket.socket:
+        guard = self.guard
+        if guard.deadline.passed():
+            raise ConnectTimeoutError(self, "the operation's time limit is up")
+        name = self._dns_host
+        try:
+            addresses = resolve(name, self.port, guard.allow_address)   # AddressRefused passes
+        except socket.gaierror as err:
+            raise NameResolutionError(self.host, self, err) from None  # type: ignore[arg-type]
+        timeout = self.timeout
+        if isinstance(timeout, int | float):
+            self.timeout = max(0.001, min(timeout, guard.deadline.remaining()))
+        sock: socket.socket | None = None
+        last: Exception | None = None
+        try:
+            for address in addresses:
+                self._dns_host = address          # urllib3 connects to exactly this address
+                try:
+                    sock = super()._new_conn()    # type: ignore[misc]
+                    break
+                except NewConnectionError as err:
+                    last = err
+        finally:
+            self._dns_host, self.timeout = name, timeout
+        if sock is None:
+            raise last or NewConnectionError(self, "no address to connect to")  # type: ignore[arg-type]
+        guard.deadline.watch(sock)
+        return sock
+
+
+def _guard_connections(client: Any, allow_address: AddressPolicy, deadline: Deadline) -> None:
+    """Make every connection ``client`` opens a guarded one (see _GuardedConnection).
+
+    botocore has no public hook at the connection level, so its session's pool classes are
+    replaced before the first request. If a botocore release moves them, this refuses to go on
+    rather than connect unguarded.
+    """
+    http = getattr(getattr(client, "_endpoint", None), "http_session", None)
+    manager = getattr(http, "_manager", None)
+    if not isinstance(http, URLLib3Session) or not isinstance(manager, PoolManager) or \
+            not hasattr(http, "_pool_classes_by_scheme"):
+        raise StorageError("this botocore version does not expose its connection pools; "
+                           "storage is refused rather than used without its address and time "
+                           "rules")
+    attrs = {"guard": _Guard(allow_address, deadline)}
+    pools = {
+        "http": type("GuardedHTTPConnectionPool", (AWSHTTPConnectionPool,), {
+            "ConnectionCls": type("GuardedHTTPConnection",
+                                  (_GuardedConnection, AWSHTTPConnection), attrs)}),
+        "https": type("GuardedHTTPSConnectionPool", (AWSHTTPSConnectionPool,), {
+            "ConnectionCls": type("GuardedHTTPSConnection",
+                                  (_GuardedConnection, AWSHTTPSConnection), attrs)}),
+    }
+    http._pool_classes_by_scheme = pools
+    manager.pool_classes_by_scheme = pools
+
+
+def _find(err: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """``err`` or the first exception of ``kind`` it wraps (causes, contexts, and botocore's
+    ``error`` keyword), or None."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, kind):
+            return current
+        wrapped = getattr(current, "kwargs", None)
+        todo += [current.__cause__, current.__context__,
+                 wrapped.get("error") if isinstance(wrapped, dict) else None]
+    return None
+
+
 class S3Storage:
-    """An S3-compatible bucket (AWS S3, Cloudflare R2, MinIO, Backblaze B2, RunPod S3 API)."""
+    """An S3-compatible bucket (AWS S3, Cloudflare R2, MinIO, Backblaze B2, RunPod S3 API).
+
+    ``allow_address`` is None for the worker's own bucket (the operator's endpoint: any address,
+    environment proxies honoured) and the address rule for a job's own ``s3Config`` (no
+    proxies: a proxy would resolve the name itself, past the rule).
+    """
 
     kind = "s3"
 
     def __init__(self, *, endpoint_url: str, access_key_id: str, secret_access_key: str,
-                 bucket: str, settings: StorageSettings) -> None:
+                 bucket: str, settings: StorageSettings,
+                 allow_address: AddressPolicy | None = None) -> None:
         self.endpoint_url = endpoint_url
         self.bucket = bucket
         self.prefix = settings.prefix
         self.link_expiry_s = settings.link_expiry_s
         self.retry_attempts = settings.retry_attempts
         self.retry_delay_s = settings.retry_delay_s
+        self.transfer_timeout_s = settings.upload_timeout_s
+        self._allow_address = allow_address
         self._endpoint = endpoint_label(endpoint_url)
         self._transfer = TransferConfig(
             multipart_threshold=settings.part_size_bytes,
@@ -238,7 +395,7 @@ class S3Storage:
             max_concurrency=settings.upload_concurrency,
             use_threads=True,
         )
-        config = botocore.config.Config(
+        self._config = botocore.config.Config(
             region_name=settings.region,
             signature_version="s3v4",  # presigned links default to SigV2 on path-style otherwise
             s3={"addressing_style": settings.addressing_style},
@@ -250,12 +407,14 @@ class S3Storage:
             connect_timeout=settings.timeout_s,
             read_timeout=settings.timeout_s,
             max_pool_connections=max(10, settings.upload_concurrency + 2),
+            proxies={} if allow_address is not None else None,
         )
         # A private session: no ~/.aws, AWS_* variables or profiles change what we sign with.
-        session = boto3.session.Session(aws_access_key_id=access_key_id,
-                                        aws_secret_access_key=secret_access_key,
-                                        region_name=settings.region)
-        self._client = session.client("s3", endpoint_url=endpoint_url, config=config)
+        self._session = boto3.session.Session(aws_access_key_id=access_key_id,
+                                              aws_secret_access_key=secret_access_key,
+                                              region_name=settings.region)
+        self._session_lock = threading.Lock()   # boto3 sessions are not thread-safe
+        self._new_client().close()   # a malformed endpoint fails here, not on first use
 
     def __repr__(self) -> str:
         return f"S3Storage(endpoint={self._endpoint!r}, bucket={self.bucket!r})"
@@ -272,6 +431,26 @@ class S3Storage:
                    secret_access_key=settings.secret_access_key, bucket=settings.bucket,
                    settings=settings)
 
+    def _new_client(self) -> Any:
+        with self._session_lock:
+            return self._session.client("s3", endpoint_url=self.endpoint_url,
+                                        config=self._config)
+
+    @contextmanager
+    def _client(self, deadline: Deadline) -> Iterator[Any]:
+        """A client for one operation: connections of its own, guarded, shut at ``deadline``.
+
+        One client per operation (about 5 ms to make) is what lets the watchdog shut exactly
+        that operation's connections, those of multipart worker threads included, and never a
+        pooled connection another job is using.
+        """
+        client = self._new_client()
+        try:
+            _guard_connections(client, self._allow_address or allow_any_address, deadline)
+            yield client
+        finally:
+            client.close()
+
     def key_for(self, job_id: str, filename: str) -> str:
         return object_key(self.prefix, job_id, filename)
 
@@ -280,74 +459,98 @@ class S3Storage:
         size, sha256 = _digest(data)
         extra = {"ContentType": content_type, "Metadata": {_SHA256_META: sha256}}
 
-        def attempt() -> StoredObject:
-            try:
-                if isinstance(data, Path):
-                    self._client.upload_file(str(data), self.bucket, key, ExtraArgs=extra,
-                                             Config=self._transfer)
-                else:
-                    self._client.upload_fileobj(io.BytesIO(data), self.bucket, key,
-                                                ExtraArgs=extra, Config=self._transfer)
-            except Exception as err:  # noqa: BLE001  (classified, never shown raw)
-                self._raise_classified(err)
-            return self._verified(key, size, sha256)
+        with Deadline(self.transfer_timeout_s) as deadline:
+            def attempt() -> StoredObject:
+                with self._client(deadline) as client:
+                    try:
+                        if isinstance(data, Path):
+                            client.upload_file(str(data), self.bucket, key, ExtraArgs=extra,
+                                               Config=self._transfer)
+                        else:
+                            client.upload_fileobj(io.BytesIO(data), self.bucket, key,
+                                                  ExtraArgs=extra, Config=self._transfer)
+                    except Exception as err:  # noqa: BLE001  (classified, never shown raw)
+                        self._raise_classified(err, deadline)
+                    return self._verified(client, deadline, key, size, sha256)
 
-        return _with_retries(f"upload of {key!r} to bucket {self.bucket!r} at {self._endpoint}",
-                             self.retry_attempts, self.retry_delay_s, attempt)
+            return _with_retries(f"upload of {key!r} to bucket {self.bucket!r} at "
+                                 f"{self._endpoint}", self.retry_attempts, self.retry_delay_s,
+                                 attempt, deadline)
 
     def link(self, key: str) -> StoredObject:
         _check_key(key)
+        with Deadline(self.transfer_timeout_s) as deadline:
+            def attempt() -> StoredObject:
+                with self._client(deadline) as client:
+                    return self._verified(client, deadline, key, None, None)
 
-        def attempt() -> StoredObject:
-            return self._verified(key, None, None)
-
-        return _with_retries(f"link to {key!r} in bucket {self.bucket!r} at {self._endpoint}",
-                             self.retry_attempts, self.retry_delay_s, attempt)
+            return _with_retries(f"link to {key!r} in bucket {self.bucket!r} at "
+                                 f"{self._endpoint}", self.retry_attempts, self.retry_delay_s,
+                                 attempt, deadline)
 
     def read_to(self, key: str, out: BinaryIO, max_bytes: int,
-                deadline: float | None = None) -> int:
+                deadline: Deadline | None = None) -> int:
         """Copy object ``key`` into ``out``; StorageError if larger than ``max_bytes``.
 
-        ``deadline`` is a ``time.monotonic()`` value after which reading stops. Returns the size.
-        Used by downloads.py for ``s3://`` inputs in this bucket.
+        ``deadline`` bounds the whole read (default: ``BUCKET_UPLOAD_TIMEOUT_SECONDS`` from
+        now). Returns the size. A missing object and a forbidden one give the same error.
+        Used by downloads.py for ``s3://`` inputs, whose messages name DOWNLOAD_MAX_BYTES.
         """
         _check_key(key)
+        own = Deadline(self.transfer_timeout_s) if deadline is None else None
+        limit = deadline or own
+        assert limit is not None
         try:
-            obj = self._client.get_object(Bucket=self.bucket, Key=key)
-        except Exception as err:  # noqa: BLE001
-            try:
-                self._raise_classified(err)
-            except _Transient as transient:
-                raise StorageError(f"reading {key!r} failed: {transient}") from None
+            with self._client(limit) as client:
+                try:
+                    obj = client.get_object(Bucket=self.bucket, Key=key)
+                except Exception as err:  # noqa: BLE001
+                    if _unreadable(err):
+                        raise StorageError(_UNREADABLE) from None
+                    try:
+                        self._raise_classified(err, limit)
+                    except _Transient as transient:
+                        raise StorageError(f"reading failed: {transient}") from None
+                return self._copy_body(obj, out, max_bytes, limit)
+        finally:
+            if own is not None:
+                own.close()
+
+    def _copy_body(self, obj: Mapping[str, Any], out: BinaryIO, max_bytes: int,
+                   deadline: Deadline) -> int:
         body = obj["Body"]
+        too_large = StorageError(f"the object is over the download limit of {max_bytes:,} "
+                                 "bytes (DOWNLOAD_MAX_BYTES)")
         try:
             if obj.get("ContentLength", 0) > max_bytes:
-                raise StorageError(f"object is {obj['ContentLength']} bytes, over the "
-                                   f"limit of {max_bytes}")
+                raise too_large
             total = 0
             for chunk in body.iter_chunks(1024 * 1024):
                 total += len(chunk)
                 if total > max_bytes:
-                    raise StorageError(f"object is over the limit of {max_bytes} bytes")
-                if deadline is not None and time.monotonic() > deadline:
-                    raise StorageError("reading the object took too long")
+                    raise too_large
                 out.write(chunk)
-            return total
         except (botocore.exceptions.BotoCoreError, OSError):
-            raise StorageError(f"reading {key!r} was interrupted") from None
+            if deadline.passed():
+                raise StorageError("reading the object ran out of time") from None
+            raise StorageError("reading the object was interrupted") from None
         finally:
             body.close()
+        if deadline.passed():    # the watchdog may have ended the body early: not a success
+            raise StorageError("reading the object ran out of time")
+        return total
 
-    def _verified(self, key: str, size: int | None, sha256: str | None) -> StoredObject:
+    def _verified(self, client: Any, deadline: Deadline, key: str, size: int | None,
+                  sha256: str | None) -> StoredObject:
         """HEAD the object, compare size and sha256 metadata, and presign a GET."""
         try:
-            head = self._client.head_object(Bucket=self.bucket, Key=key)
+            head = client.head_object(Bucket=self.bucket, Key=key)
         except Exception as err:  # noqa: BLE001
             if _error_code(err) in ("404", "NoSuchKey", "NotFound"):
                 if size is None:
                     raise StorageError(f"no object {key!r} in bucket {self.bucket!r}") from None
                 raise _Transient("the object was not found after upload") from None
-            self._raise_classified(err)
+            self._raise_classified(err, deadline)
         stored_size = int(head.get("ContentLength", -1))
         meta = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
         stored_sha = meta.get(_SHA256_META, "")
@@ -359,29 +562,33 @@ class S3Storage:
             raise StorageError(f"object {key!r} has no sha256 metadata; it was not written "
                                "by this worker")
         expires = _expiry(self.link_expiry_s)
-        url = self._client.generate_presigned_url(
+        url = client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key},
             ExpiresIn=self.link_expiry_s)
         return StoredObject(url=url, key=key, size=stored_size, sha256=stored_sha,
                             content_type=head.get("ContentType") or "application/octet-stream",
                             expires_at=expires)
 
-    def _raise_classified(self, err: BaseException) -> NoReturn:
-        """Re-raise a boto error as _Transient (retry) or StorageError (permanent), sanitised."""
+    def _raise_classified(self, err: BaseException, deadline: Deadline) -> NoReturn:
+        """Re-raise a boto error as _Transient (retry), StorageError (permanent), or
+        InputError (a job's endpoint the address rule refuses), sanitised."""
+        if _find(err, AddressRefused) is not None:
+            raise InputError(_PRIVATE_ENDPOINT, field=_ENDPOINT_FIELD) from None
+        if deadline.passed():
+            # Whatever broke, it broke because the watchdog shut the connection.
+            raise _Transient("out of time") from None
         # boto3's upload_file wraps ClientError in S3UploadFailedError (implicit context).
-        inner = err
-        while not isinstance(inner, botocore.exceptions.ClientError) and (
-                inner.__cause__ or inner.__context__):
-            inner = inner.__cause__ or inner.__context__  # type: ignore[assignment]
+        inner = _find(err, botocore.exceptions.ClientError)
         if isinstance(inner, botocore.exceptions.ClientError):
             code = _error_code(inner)
             status = inner.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             if code in _PERMANENT_CODES:
                 raise StorageError(f"{_PERMANENT_CODES[code]} ({code} from {self._endpoint}, "
                                    f"bucket {self.bucket!r})") from None
+            shown = code if code in _KNOWN_TRANSIENT_CODES else f"HTTP {status}"
             if status >= 500 or status in (408, 429) or code in ("SlowDown", "RequestTimeout"):
-                raise _Transient(f"the storage answered {code or status}") from None
-            raise StorageError(f"the storage at {self._endpoint} answered {code or status} "
+                raise _Transient(f"the storage answered {shown}") from None
+            raise StorageError(f"the storage at {self._endpoint} answered {shown} "
                                f"for bucket {self.bucket!r}") from None
         if isinstance(err, botocore.exceptions.ConnectTimeoutError | botocore.exceptions.
                       ReadTimeoutError):
@@ -396,6 +603,14 @@ class S3Storage:
         log.error("unexpected storage failure at %s: %s", self._endpoint, type(err).__name__)
         raise StorageError(f"unexpected storage failure ({type(err).__name__}) at "
                            f"{self._endpoint}") from None
+
+
+def _unreadable(err: BaseException) -> bool:
+    """A read refused as missing or forbidden (told apart by neither code nor status)."""
+    if not isinstance(err, botocore.exceptions.ClientError):
+        return False
+    status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return _error_code(err) in _UNREADABLE_CODES or status in (403, 404)
 
 
 def _error_code(err: BaseException) -> str:
@@ -482,17 +697,22 @@ def storage_from_settings(settings: StorageSettings) -> Storage | None:
 
 
 _S3CONFIG_FIELDS = ("accessId", "accessSecret", "bucketName", "endpointUrl")
+_BUCKET_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
 
 
 def storage_for_job(job: Mapping[str, Any], settings: StorageSettings,
-                    default: Storage | None = None) -> Storage | None:
+                    default: Storage | None = None, *, allow_private: bool = False
+                    ) -> Storage | None:
     """The storage for one job: its own ``s3Config`` if it sent one, else ``default``.
 
     ``default`` is the worker's storage built once at startup; when omitted it is built from
     ``settings`` (a new client per call). An ``s3Config`` that is not an object with the four
     string fields ``accessId``, ``accessSecret``, ``bucketName`` and ``endpointUrl`` is an
-    InputError naming the field; values are never echoed. Region, prefix, link lifetime,
-    part size and retries come from ``settings``.
+    InputError naming the field; values are never echoed. ``endpointUrl`` must be an http(s)
+    URL with a valid host and port; its address must be public unless ``allow_private``
+    (DOWNLOAD_ALLOW_PRIVATE): an IP address is checked here, a name where each connection is
+    made. Region, prefix, link lifetime, part size, retries and time limits come from
+    ``settings``.
     """
     cfg = job.get("s3Config")
     if cfg is None:
@@ -504,12 +724,46 @@ def storage_for_job(job: Mapping[str, Any], settings: StorageSettings,
         value = cfg.get(name)
         if not isinstance(value, str) or not value.strip():
             raise InputError("is missing or not a non-empty string", field=f"s3Config.{name}")
-    endpoint = cfg["endpointUrl"].strip().rstrip("/")
-    parts = urlsplit(endpoint)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username \
-            or parts.password or parts.query:
-        raise InputError("must be an http(s) URL with a host and no credentials or query",
-                         field="s3Config.endpointUrl")
-    return S3Storage(endpoint_url=endpoint, access_key_id=cfg["accessId"].strip(),
-                     secret_access_key=cfg["accessSecret"].strip(),
-                     bucket=cfg["bucketName"].strip(), settings=settings)
+    for name in ("accessId", "accessSecret"):
+        # Sent in a signed header: printable ASCII only (a newline would end the header).
+        if not cfg[name].strip().isascii() or not cfg[name].strip().isprintable():
+            raise InputError("must be printable ASCII", field=f"s3Config.{name}")
+    bucket = cfg["bucketName"].strip()
+    if not 3 <= len(bucket) <= 255 or not set(bucket) <= _BUCKET_CHARS:
+        raise InputError("is not a bucket name; use 3..255 letters, digits, '.', '-' or '_'",
+                         field="s3Config.bucketName")
+    policy = address_policy(allow_private)
+    endpoint = _job_endpoint(cfg["endpointUrl"], policy)
+    try:
+        return S3Storage(endpoint_url=endpoint, access_key_id=cfg["accessId"].strip(),
+                         secret_access_key=cfg["accessSecret"].strip(), bucket=bucket,
+                         settings=settings, allow_address=policy)
+    except ValueError:   # botocore's own endpoint check, should ours ever let one through
+        raise InputError("is not a valid endpoint URL", field=_ENDPOINT_FIELD) from None
+
+
+def _job_endpoint(raw: str, policy: AddressPolicy) -> str:
+    """A job's endpoint URL, checked: InputError naming s3Config.endpointUrl (never echoing
+    it) for anything botocore or the address rule would not take."""
+    endpoint = raw.strip().rstrip("/")
+    try:
+        parts = urlsplit(endpoint)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        raise InputError("is not a valid URL; check the host and the port (1..65535)",
+                         field=_ENDPOINT_FIELD) from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise InputError("must be an http:// or https:// URL with a host",
+                         field=_ENDPOINT_FIELD)
+    if parts.username is not None or parts.password is not None or parts.query \
+            or parts.fragment:
+        raise InputError("must not carry credentials, a query or a fragment; send the keys in "
+                         "accessId and accessSecret", field=_ENDPOINT_FIELD)
+    if port == 0 or not endpoint.isascii() or not endpoint.isprintable() \
+            or ascii_host(host) != host:
+        raise InputError("has an invalid host or port; use an ASCII host name or IP address "
+                         "and a port in 1..65535", field=_ENDPOINT_FIELD)
+    ip = parse_ip(host)
+    if ip is not None and not policy(ip):   # known now: refuse before the job does any work
+        raise InputError(_PRIVATE_ENDPOINT, field=_ENDPOINT_FIELD)
+    return endpoint

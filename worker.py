@@ -21,15 +21,22 @@ Fields every job may carry beside the task's own::
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from config import DownloadSettings, ModelSettings, StorageSettings, WorkerSettings
-from delivery import check_output_mode, deliver_files, deliver_output, measure_answer
+from delivery import (
+    check_output_mode,
+    deliver_files,
+    deliver_output,
+    measure_answer,
+)
 from downloads import load_jsonl_url
 from errors import InputError, PayloadTooLarge, WorkerError, error_response
 from model_loader import LoadedModel, load_task
@@ -65,6 +72,15 @@ class Worker:
     storage: Storage | None          # the worker's own storage; a job's s3Config overrides it
     task: Task
     openai: OpenAIRoutes
+    # Downloads and uploads wait on the network, up to their time limits: each kind has its own
+    # pool, one thread per job in flight, so they never hold the default pool's threads, which
+    # every inline answer needs to be delivered.
+    downloads: ThreadPoolExecutor = field(init=False, repr=False)
+    uploads: ThreadPoolExecutor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.downloads = ThreadPoolExecutor(self.settings.concurrency, "download")
+        self.uploads = ThreadPoolExecutor(self.settings.concurrency, "upload")
 
     @property
     def loaded(self) -> LoadedModel:
@@ -93,7 +109,7 @@ class Worker:
             context = self._context(job, job_id, progress)
             if "batch" in job_input or "batch_url" in job_input:
                 answer = await self._batch(job, job_input, context)
-                yield await asyncio.to_thread(self._deliver_batch, answer, job, mode)
+                yield await self._delivered(self._deliver_batch, answer, job, mode)
                 return
             request = self.task.parse(job_input)
             if getattr(request, "stream", False):
@@ -104,7 +120,7 @@ class Worker:
                     yield chunk
                 return
             answer = dict(await self.task.answer(request, context))
-            yield await asyncio.to_thread(self._deliver, answer, job, mode)
+            yield await self._delivered(self._deliver, answer, job, mode)
         except Exception as exc:  # noqa: BLE001 - the job boundary: every failure is answered
             answer = error_response(exc, openai=openai)
             if answer["error_code"] == "internal":
@@ -129,7 +145,9 @@ class Worker:
             timeout_s=self.settings.job_timeout_s,
             downloads=self.download_settings,
             storage=lambda: self._storage_for(job),
-            progress=report)
+            progress=report,
+            own_storage=isinstance(job, Mapping) and job.get("s3Config") is not None,
+            transfers=self.downloads)
 
     @property
     def needs_refresh(self) -> bool:
@@ -143,8 +161,22 @@ class Worker:
     # ------------------------------------------------------------------------------------------
     # Delivery: blocking (uploads), so called in a thread
     # ------------------------------------------------------------------------------------------
+    async def _delivered(self, deliver: Callable[[Any, Mapping[str, Any], str], Any],
+                         answer: Any, job: Mapping[str, Any], mode: str) -> Any:
+        """``deliver(answer, job, mode)`` in a thread: of the upload pool when it uploads, else
+        of the default pool, where no upload can keep it waiting."""
+        uploads = await asyncio.to_thread(self._uploads, answer, mode)
+        return await asyncio.get_running_loop().run_in_executor(
+            self.uploads if uploads else None, deliver, answer, job, mode)
+
+    def _uploads(self, answer: Any, mode: str) -> bool:
+        """Whether delivering ``answer`` in ``mode`` uploads it (measuring it is CPU work)."""
+        return mode == "link" or (mode == "auto" and measure_answer(answer)
+                                  > self.storage_settings.inline_limit_bytes)
+
     def _storage_for(self, job: Mapping[str, Any]) -> Storage | None:
-        return storage_for_job(job, self.storage_settings, self.storage)
+        return storage_for_job(job, self.storage_settings, self.storage,
+                               allow_private=self.download_settings.allow_private)
 
     def _deliver(self, answer: Any, job: Mapping[str, Any], mode: str) -> Any:
         # The storage is built only when something is uploaded (a job's s3Config builds a client).
@@ -221,8 +253,11 @@ class Worker:
             if not isinstance(url, str):
                 raise InputError("must be an https:// or s3:// URL", field="input.batch_url")
             storage = await asyncio.to_thread(self._storage_for, job)
-            items = await asyncio.to_thread(load_jsonl_url, url, self.download_settings,
-                                            storage=storage, field="input.batch_url")
+            items = await asyncio.get_running_loop().run_in_executor(
+                self.downloads, functools.partial(
+                    load_jsonl_url, url, self.download_settings, storage=storage,
+                    job_storage=job.get("s3Config") is not None, field="input.batch_url",
+                    max_item_bytes=self.settings.max_input_bytes))
             if not items:
                 raise InputError("holds no items", field="input.batch_url")
         if len(items) > limit:

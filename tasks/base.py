@@ -36,6 +36,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -72,6 +73,8 @@ class JobContext:
     progress: ProgressFn | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     name_prefix: str = ""                              # batch items: "3-", so names differ
+    own_storage: bool = False                          # the job sent s3Config (read any key)
+    transfers: Executor | None = None                  # the worker's download pool
 
     def store(self, data: bytes, content_type: str, name: str) -> Artefact:
         """A file for the answer: put the result where the file belongs in the answer dict.
@@ -92,11 +95,12 @@ class JobContext:
 
         def fetch() -> bytes:
             storage = self.storage() if url.lower().startswith("s3://") else None
-            return download_bytes(url, settings, storage=storage)
+            return download_bytes(url, settings, storage=storage, job_storage=self.own_storage)
 
         if not isinstance(url, str) or "://" not in url:
             raise InputError("must be an https:// or s3:// URL", field=field)
-        return await asyncio.to_thread(fetch)
+        # Downloads wait on the network: never in the default pool, which delivers answers.
+        return await asyncio.get_running_loop().run_in_executor(self.transfers, fetch)
 
     def report(self, progress: dict[str, Any]) -> None:
         """Send a progress update (shown by /status while the job runs); never fails the job."""
@@ -114,8 +118,7 @@ class JobContext:
 
     def for_item(self, index: int) -> JobContext:
         """The context of item ``index`` of a batch job: same job, its own file names."""
-        return JobContext(self.job_id, self.deadline, self.timeout_s, self.downloads,
-                          self.storage, None, self.cancelled, f"{self.name_prefix}{index}-")
+        return replace(self, progress=None, name_prefix=f"{self.name_prefix}{index}-")
 
 
 class Task:

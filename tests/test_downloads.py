@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import ipaddress
+import socket
+import threading
 
 import pytest
 
@@ -35,10 +37,12 @@ class TestAddresses:
                                                 "DOWNLOAD_ALLOW_PRIVATE"):
             download_bytes(http_server.url("/data/10"), DownloadSettings.from_env({}))
 
-    def test_a_name_resolving_to_loopback_is_refused_by_default(self, http_server) -> None:
-        with pytest.raises(DownloadError, match=r"127\.0\.0\.1"):
+    def test_a_name_resolving_to_loopback_is_refused_without_saying_its_address(
+            self, http_server) -> None:
+        with pytest.raises(DownloadError, match="resolves to a private") as err:
             download_bytes(http_server.url("/data/10", host="localhost"),
                            DownloadSettings.from_env({}))
+        assert "127.0.0.1" not in str(err.value)   # an internal name's address stays internal
 
     @pytest.mark.parametrize("url", ["http://169.254.169.254/latest/meta-data/",
                                      "http://10.1.2.3/", "http://[::ffff:192.168.0.1]/",
@@ -105,6 +109,18 @@ class TestRules:
             download_bytes(http_server.url("/status/404?X-Amz-Signature=abc123"), settings())
         assert "abc123" not in str(err.value)
 
+    def test_a_body_cut_before_its_declared_length_is_not_a_success(self) -> None:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            def serve() -> None:
+                conn, _ = listener.accept()
+                with conn:
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+            threading.Thread(target=serve, daemon=True).start()
+            port = listener.getsockname()[1]
+            with pytest.raises(DownloadError, match="connection broke"):
+                download_bytes(f"http://127.0.0.1:{port}/cut", settings())
+
     def test_a_refused_connection_is_a_download_error(self) -> None:
         from tests.support.s3 import free_port
         with pytest.raises(DownloadError, match="could not connect"):
@@ -112,11 +128,21 @@ class TestRules:
 
 
 class TestS3Urls:
-    def test_an_object_in_our_bucket_is_read(self, s3_settings_env) -> None:
+    def test_an_object_in_our_bucket_is_read_under_the_allowed_prefix(
+            self, s3_settings_env) -> None:
         storage = storage_from_settings(StorageSettings.from_env(s3_settings_env))
         stored = storage.put("inputs/batch.jsonl", b'{"a": 1}\n{"a": 2}\n', "application/jsonl")
         url = f"s3://{storage.bucket}/{stored.key}"
-        assert load_jsonl_url(url, settings(), storage=storage) == [{"a": 1}, {"a": 2}]
+        assert load_jsonl_url(url, settings(BATCH_URL_S3_PREFIX="inputs"),
+                              storage=storage) == [{"a": 1}, {"a": 2}]
+        with pytest.raises(DownloadError, match="BATCH_URL_S3_PREFIX is unset"):
+            load_jsonl_url(url, settings(), storage=storage)
+
+    def test_a_jobs_own_bucket_is_read_anywhere(self, s3_settings_env) -> None:
+        storage = storage_from_settings(StorageSettings.from_env(s3_settings_env))
+        storage.put("anywhere/batch.jsonl", b'{"a": 1}\n', "application/jsonl")
+        url = f"s3://{storage.bucket}/anywhere/batch.jsonl"
+        assert load_jsonl_url(url, settings(), storage=storage, job_storage=True) == [{"a": 1}]
 
     def test_another_bucket_is_refused(self, s3_settings_env) -> None:
         storage = storage_from_settings(StorageSettings.from_env(s3_settings_env))
@@ -130,9 +156,11 @@ class TestS3Urls:
     def test_an_object_over_the_cap_is_refused(self, s3_settings_env) -> None:
         storage = storage_from_settings(StorageSettings.from_env(s3_settings_env))
         storage.put("inputs/big.bin", b"x" * 5000, "application/octet-stream")
-        with pytest.raises(DownloadError, match="over the limit of 1000"):
+        with pytest.raises(DownloadError, match="over the download limit of 1,000 bytes "
+                                                r"\(DOWNLOAD_MAX_BYTES\)"):
             download_to(f"s3://{storage.bucket}/inputs/big.bin", io.BytesIO(),
-                        settings(DOWNLOAD_MAX_BYTES="1000"), storage=storage)
+                        settings(DOWNLOAD_MAX_BYTES="1000", BATCH_URL_S3_PREFIX="inputs"),
+                        storage=storage)
 
 
 class TestJsonLines:
@@ -147,6 +175,23 @@ class TestJsonLines:
         assert err.value.field == "batch_url"
         with pytest.raises(InputError, match="line 1 is not UTF-8"):
             list(read_jsonl([b"\xff\xfe"], max_items=10))
+
+    def test_a_line_is_measured_before_it_is_parsed(self) -> None:
+        limit = 1024
+        exact = b'"' + b"a" * (limit - 2) + b'"'
+        lines = io.BytesIO(b"\xef\xbb\xbf" + exact + b"\r\n" + exact + b"\n")
+        assert list(read_jsonl(lines, max_items=10, max_item_bytes=limit)) == ["a" * 1022] * 2
+        cut = io.BytesIO(b"{}\n" + b'{"prompt": "' + b"a" * 5000)   # over the limit, not JSON
+        with pytest.raises(PayloadTooLarge, match="line 2 is over the limit of 1,024 bytes "
+                                                  r"for one item \(WORKER_MAX_INPUT_BYTES\)"):
+            list(read_jsonl(cut, max_items=10, max_item_bytes=limit))
+
+    def test_errors_name_the_line_but_never_quote_it(self) -> None:
+        with pytest.raises(InputError) as err:
+            list(read_jsonl([b'{"token": secret-value}\n'], max_items=10))
+        assert str(err.value) == "batch_url: line 1 is not valid JSON"
+        with pytest.raises(InputError, match="line 2 is nested too deeply"):
+            list(read_jsonl([b"1\n", b"[" * 100_000 + b"]" * 100_000], max_items=10))
 
     def test_more_items_than_the_limit_is_refused(self) -> None:
         lines = [b"1\n"] * 4

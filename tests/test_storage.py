@@ -153,7 +153,7 @@ class TestS3Failures:
                  s3_server.env(s3_bucket)),
             ]:
                 settings = StorageSettings.from_env(env)
-                storage = storage_for_job(job, settings)
+                storage = storage_for_job(job, settings, allow_private=True)
                 texts += [repr(settings), repr(storage)]
                 try:
                     texts.append(str(store_output(storage, job["id"], b"x", "text/plain")))
@@ -175,7 +175,7 @@ class TestPerJobConfig:
                                             "endpointUrl": s3_server.endpoint + "/"}}
         settings = StorageSettings.from_env(s3_server.env(s3_bucket))
         default = storage_from_settings(settings)
-        storage = storage_for_job(job, settings, default)
+        storage = storage_for_job(job, settings, default, allow_private=True)
         assert storage is not default
         link = store_output(storage, job["id"], b"mine", "text/plain")
         assert (s3_server.root / own / link["key"]).read_bytes() == b"mine"
@@ -184,12 +184,18 @@ class TestPerJobConfig:
 
     @pytest.mark.parametrize(("cfg", "field"), [
         ("not-an-object", "s3Config"),
-        ({"accessId": "k", "accessSecret": "", "bucketName": "b", "endpointUrl": "http://x"},
+        ({"accessId": "k", "accessSecret": "", "bucketName": "bkt", "endpointUrl": "http://x"},
          "s3Config.accessSecret"),
-        ({"accessId": "k", "accessSecret": "hunter2", "bucketName": "b"},
+        ({"accessId": "k", "accessSecret": "hunter2", "bucketName": "bkt"},
          "s3Config.endpointUrl"),
-        ({"accessId": "k", "accessSecret": "hunter2", "bucketName": "b",
+        ({"accessId": "k", "accessSecret": "hunter2", "bucketName": "bkt",
           "endpointUrl": "ftp://x"}, "s3Config.endpointUrl"),
+        ({"accessId": "k", "accessSecret": "hunter2", "bucketName": "b/../x",
+          "endpointUrl": "https://s3.example.com"}, "s3Config.bucketName"),
+        ({"accessId": "k\nX-Injected: 1", "accessSecret": "hunter2", "bucketName": "bkt",
+          "endpointUrl": "https://s3.example.com"}, "s3Config.accessId"),
+        ({"accessId": "k", "accessSecret": "hunter2", "bucketName": "bkt",
+          "endpointUrl": "https://user:hunter2@s3.example.com"}, "s3Config.endpointUrl"),
     ])
     def test_a_bad_s3config_names_the_field_not_the_value(self, cfg, field: str) -> None:
         with pytest.raises(InputError) as err:

@@ -68,6 +68,23 @@ class TestInvalidValues:
     def test_secret_is_not_in_repr(self) -> None:
         assert FULL["BUCKET_SECRET_ACCESS_KEY"] not in repr(StorageSettings.from_env(FULL))
 
+    @pytest.mark.parametrize("value", ["/", "a/../b", "outputs", "outputs/mine", "//"])
+    def test_the_batch_url_prefix_is_a_folder_apart_from_the_answers(self, value: str) -> None:
+        with pytest.raises(SettingsError, match="BATCH_URL_S3_PREFIX"):
+            DownloadSettings.from_env({"BATCH_URL_S3_PREFIX": value})
+
+    def test_the_batch_url_prefix_is_off_unless_set(self) -> None:
+        assert DownloadSettings.from_env({}).s3_prefix is None
+        assert DownloadSettings.from_env({"BATCH_URL_S3_PREFIX": "/inputs/"}).s3_prefix == \
+            "inputs"
+        assert DownloadSettings.from_env({"BATCH_URL_S3_PREFIX": "outputs",
+                                          "BUCKET_PREFIX": "answers"}).s3_prefix == "outputs"
+
+    def test_an_upload_has_a_total_time_limit(self) -> None:
+        assert StorageSettings.from_env({}).upload_timeout_s == 300
+        with pytest.raises(SettingsError, match="BUCKET_UPLOAD_TIMEOUT_SECONDS"):
+            StorageSettings.from_env({"BUCKET_UPLOAD_TIMEOUT_SECONDS": "0"})
+
     def test_download_flag_must_be_boolean(self) -> None:
         with pytest.raises(SettingsError, match="DOWNLOAD_ALLOW_PRIVATE"):
             DownloadSettings.from_env({"DOWNLOAD_ALLOW_PRIVATE": "maybe"})

@@ -107,7 +107,9 @@ class TestInlineOrLink:
         job = {"s3Config": {"accessId": s3_server.access_key,
                             "accessSecret": s3_server.secret_key,
                             "bucketName": own, "endpointUrl": s3_server.endpoint}}
-        out = only(loop, worker, {**CAPITAL, "output_mode": "link"}, job)
+        # The test server is on loopback: allowed here, refused by default (test_hostile_io).
+        allowed = with_storage(worker, {"DOWNLOAD_ALLOW_PRIVATE": "true"})
+        out = only(loop, allowed, {**CAPITAL, "output_mode": "link"}, job)
         assert f"/{own}/" in out["output_link"]["url"]
         check_link(out["output_link"])
 
@@ -159,7 +161,8 @@ class TestBatchJobs:
                               aws_access_key_id=s3_server.access_key,
                               aws_secret_access_key=s3_server.secret_key)
         client.put_object(Bucket=s3_bucket, Key="in/batch.jsonl", Body=lines.encode())
-        small = with_storage(worker, s3_server.env(s3_bucket, OUTPUT_INLINE_LIMIT_BYTES="300"))
+        small = with_storage(worker, s3_server.env(s3_bucket, OUTPUT_INLINE_LIMIT_BYTES="300",
+                                                   BATCH_URL_S3_PREFIX="in"))
         out = only(loop, small, {"batch_url": f"s3://{s3_bucket}/in/batch.jsonl"})
         assert out["count"] == 6 and out["model"] == worker.loaded.served_name
         body = check_link(out["output_link"])

@@ -1,0 +1,541 @@
+"""Jobs as an attacker would send them, aimed at storage and downloads.
+
+Each test sends the attack through the real job wiring (or the public download and storage
+calls) and passes only when the worker refuses it cleanly: no connection where none is allowed,
+no remote content echoed, no time or thread held past its limit, no generic internal error.
+
+Nothing here leaves loopback. An audit hook (``connections``) records every socket connect while
+a test runs and blocks any that is not to loopback, so an address that must be refused is never
+sent a packet even when the code under test gets it wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import ipaddress
+import json
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import boto3
+import pytest
+
+from config import DownloadSettings, StorageSettings, WorkerSettings
+from downloads import download_bytes, is_public_address
+from errors import DownloadError
+from storage import storage_for_job, storage_from_settings
+from tests.support.s3 import ACCESS_KEY, SECRET_KEY, free_port
+from tests.support.worker import LoopThread, chat
+from worker import Worker
+
+pytestmark = pytest.mark.slow
+
+SHORT = chat("Say hi.", max_new_tokens=2)
+DID_NOT_HANG_S = 30          # generous: every limit under test is 1 or 2 s
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers: a worker with other settings, one job's answer, and the loopback servers we need
+# --------------------------------------------------------------------------------------------
+def configured(worker: Worker, **env: str) -> Worker:
+    """The same loaded model and task under the settings in ``env``."""
+    storage_settings = StorageSettings.from_env(env)
+    return dataclasses.replace(worker, settings=WorkerSettings.from_env(env),
+                               storage_settings=storage_settings,
+                               storage=storage_from_settings(storage_settings),
+                               download_settings=DownloadSettings.from_env(env))
+
+
+def answer(loop: LoopThread, worker: Worker, job_input: dict[str, Any],
+           timeout: float = DID_NOT_HANG_S, **job_fields: Any) -> dict[str, Any]:
+    async def run() -> list[Any]:
+        job = {"id": "hostile-1", "input": job_input, **job_fields}
+        return [item async for item in worker.handle(job)]
+
+    items = loop.run(run(), timeout=timeout)
+    assert len(items) == 1, items
+    return items[0]
+
+
+def s3_config(endpoint: str, bucket: str = "bucket") -> dict[str, str]:
+    return {"accessId": ACCESS_KEY, "accessSecret": SECRET_KEY, "bucketName": bucket,
+            "endpointUrl": endpoint}
+
+
+def bucket_env(endpoint: str, bucket: str = "bucket", **extra: str) -> dict[str, str]:
+    """The worker's own storage at ``endpoint``, retrying fast."""
+    return {"BUCKET_ENDPOINT_URL": endpoint, "BUCKET_ACCESS_KEY_ID": ACCESS_KEY,
+            "BUCKET_SECRET_ACCESS_KEY": SECRET_KEY, "BUCKET_NAME": bucket,
+            "BUCKET_RETRY_ATTEMPTS": "3", "BUCKET_RETRY_DELAY_SECONDS": "0.01",
+            "BUCKET_TIMEOUT_SECONDS": "5", **extra}
+
+
+def put_object(server: Any, bucket: str, key: str, body: bytes) -> None:
+    client = boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1",
+                          aws_access_key_id=server.access_key,
+                          aws_secret_access_key=server.secret_key)
+    client.put_object(Bucket=bucket, Key=key, Body=body)
+    client.close()
+
+
+class _ConnectLog:
+    """Every socket.connect while armed; a connect to anything but loopback is blocked."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.seen: list[Any] = []
+
+    def hook(self, event: str, args: tuple[Any, ...]) -> None:
+        if not self.armed:
+            return
+        if event == "socket.getaddrinfo":    # no name lookups that could leave the machine
+            host = args[0].decode() if isinstance(args[0], bytes) else str(args[0])
+            if host != "localhost" and not _is_ip(host):
+                raise socket.gaierror(socket.EAI_NONAME, f"test guard: no lookup of {host!r}")
+        if event != "socket.connect":
+            return
+        address = args[1]
+        self.seen.append(address)
+        host = address[0] if isinstance(address, tuple) else str(address)
+        if not (_is_ip(host) and ipaddress.ip_address(host.split("%", 1)[0]).is_loopback):
+            raise PermissionError(f"test guard: no connection to {host} from the tests")
+
+    def hosts(self) -> list[str]:
+        return [a[0] if isinstance(a, tuple) else str(a) for a in self.seen]
+
+    def ports(self) -> list[int]:
+        return [a[1] for a in self.seen if isinstance(a, tuple)]
+
+    def clear(self) -> None:
+        """Forget the test's own setup (making buckets, putting objects)."""
+        self.seen = []
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+        return True
+    except ValueError:
+        return False
+
+
+_CONNECT_LOG = _ConnectLog()
+_HOOKED = False
+
+
+@pytest.fixture(autouse=True)
+def connections() -> Iterator[_ConnectLog]:
+    global _HOOKED
+    if not _HOOKED:          # audit hooks cannot be removed: install one, arm it per test
+        sys.addaudithook(_CONNECT_LOG.hook)
+        _HOOKED = True
+    _CONNECT_LOG.seen = []
+    _CONNECT_LOG.armed = True
+    yield _CONNECT_LOG
+    _CONNECT_LOG.armed = False
+
+
+HTTP_HEADER = (b"HTTP/1.1 200 OK\r\nX-Slow: ", b"a")
+TLS_RECORD = (b"\x16\x03\x03\x40\x00", b"\x02")    # a 16 KiB handshake record, then its body
+
+
+class Dribbler:
+    """A TCP server on loopback that holds every connection it accepts.
+
+    ``silent``: reads the request and never answers. Otherwise it sends ``greeting`` and then
+    ``drip`` every 0.05 s, for as long as it runs (by default: a status line, then a header one
+    byte at a time): every single read the client makes succeeds, so only a limit on the whole
+    transfer ends it.
+    """
+
+    def __init__(self, silent: bool = False,
+                 greeting: tuple[bytes, bytes] = HTTP_HEADER) -> None:
+        self.silent = silent
+        self.greeting, self.drip = greeting
+        self.stopping = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.open = 0
+        self.most_open = 0
+        self.accepted = 0
+        self._lock = threading.Lock()
+        self._clients: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def port(self) -> int:
+        return int(self.listener.getsockname()[1])
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            with self._lock:
+                self._clients.append(client)
+                self.accepted += 1
+                self.open += 1
+                self.most_open = max(self.most_open, self.open)
+            threading.Thread(target=self._hold, args=(client,), daemon=True).start()
+
+    def _hold(self, client: socket.socket) -> None:
+        try:
+            client.settimeout(1)
+            with contextlib.suppress(TimeoutError):
+                client.recv(65536)
+            if not self.silent:
+                client.sendall(self.greeting)
+            while not self.stopping.wait(0.05):
+                if not self.silent:
+                    client.sendall(self.drip)
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                self.open -= 1
+            with contextlib.suppress(OSError):
+                client.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.listener.close()
+        with self._lock:
+            clients = list(self._clients)
+        for client in clients:
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def dribbler() -> Iterator[Dribbler]:
+    server = Dribbler()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def silent_server() -> Iterator[Dribbler]:
+    server = Dribbler(silent=True)
+    yield server
+    server.stop()
+
+
+class _FakeS3Handler(BaseHTTPRequestHandler):
+    """Answers every request with the status and S3 error code set for its key, or a body."""
+
+    server: Any
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _answer(self, with_body: bool) -> None:
+        key = self.path.split("?", 1)[0].split("/", 2)[-1]
+        status, code, body = self.server.routes.get(key, (404, "NoSuchKey", b""))
+        if code:
+            body = (f"<?xml version=\"1.0\"?><Error><Code>{code}</Code><Message>{code} "
+                    f"message</Message></Error>").encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/xml" if code else "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if with_body:
+            self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._answer(True)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._answer(False)
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self._answer(True)
+
+
+@pytest.fixture
+def fake_s3() -> Iterator[Any]:
+    """A loopback server speaking just enough S3 to answer chosen errors and bodies."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeS3Handler)
+    server.daemon_threads = True
+    server.routes = {}
+    server.endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                     daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def in_thread(fn: Any, *args: Any, **kwargs: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run ``fn`` in a daemon thread; the dict gets its "result" or "error"."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn(*args, **kwargs)
+        except BaseException as err:  # noqa: BLE001 - handed to the test
+            out["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+# --------------------------------------------------------------------------------------------
+# 1. A job's s3Config obeys the address rule, for reads and for uploads
+# --------------------------------------------------------------------------------------------
+class TestJobStorageAddresses:
+    def test_a_jobs_s3config_cannot_read_a_batch_from_loopback(
+            self, loop, worker, s3_server, s3_bucket, connections) -> None:
+        put_object(s3_server, s3_bucket, "in/batch.jsonl", json.dumps(SHORT).encode())
+        connections.clear()
+        out = answer(loop, worker, {"batch_url": f"s3://{s3_bucket}/in/batch.jsonl",
+                                    "output_mode": "link"},
+                     s3Config=s3_config(s3_server.endpoint, s3_bucket))
+        assert out.get("error_code") == "invalid_input", out
+        assert out["error"].startswith("s3Config.endpointUrl: ")
+        assert "DOWNLOAD_ALLOW_PRIVATE" in out["error"]
+        assert s3_server.port not in connections.ports()
+
+    def test_a_jobs_s3config_cannot_receive_an_answer_on_loopback(
+            self, loop, worker, s3_server, s3_bucket, connections) -> None:
+        connections.clear()
+        out = answer(loop, worker, {**SHORT, "output_mode": "link"},
+                     s3Config=s3_config(s3_server.endpoint, s3_bucket))
+        assert out.get("error_code") == "invalid_input", out
+        assert out["error"].startswith("s3Config.endpointUrl: ")
+        assert s3_server.port not in connections.ports()
+        assert not [p for p in (s3_server.root / s3_bucket).rglob("*") if p.is_file()]
+
+    def test_the_metadata_service_is_never_contacted(self, loop, worker, connections) -> None:
+        out = answer(loop, worker, {"batch_url": "s3://latest/meta-data/iam/role",
+                                    "output_mode": "link"},
+                     s3Config=s3_config("http://169.254.169.254", "latest"))
+        assert out.get("error_code") == "invalid_input", out
+        assert out["error"].startswith("s3Config.endpointUrl: ")
+        assert "169.254.169.254" not in connections.hosts()
+
+    def test_an_open_and_a_closed_private_port_give_the_same_answer(
+            self, loop, worker, s3_server, s3_bucket, connections) -> None:
+        job = {"batch_url": f"s3://{s3_bucket}/in/batch.jsonl"}
+        closed = free_port()
+        connections.clear()
+        errors = [answer(loop, worker, job, s3Config=s3_config(
+                      f"http://127.0.0.1:{port}", s3_bucket)).get("error", "")
+                  for port in (s3_server.port, closed)]
+        assert errors[0] and errors[0].replace(str(s3_server.port), "PORT") == \
+            errors[1].replace(str(closed), "PORT")
+        assert s3_server.port not in connections.ports()
+
+    @pytest.mark.parametrize("endpoint", ["http://x:99999", "http://[::1", "http://a b.example",
+                                          "http://host:abc", "http://exa mple.com:9000",
+                                          "http://[fe80::1%25eth0]:9000/"])
+    def test_a_malformed_endpoint_is_an_input_error_naming_the_field(
+            self, loop, worker, endpoint: str, connections) -> None:
+        out = answer(loop, worker, {"batch_url": "s3://bucket/in.jsonl"},
+                     s3Config=s3_config(endpoint))
+        assert out.get("error_code") == "invalid_input", out
+        assert out["error"].startswith("s3Config.endpointUrl: ")
+        assert connections.seen == []
+
+    def test_storage_errors_do_not_echo_what_the_server_said(self, loop, worker,
+                                                              fake_s3) -> None:
+        fake_s3.routes["in/a.jsonl"] = (400, "role-name-from-the-server", b"")
+        fake_s3.routes["in/b.jsonl"] = (200, "", b'\n\n{"Code": "Success", "Token": "tok3n\n')
+        allowed = configured(worker, DOWNLOAD_ALLOW_PRIVATE="true")
+        for key in ("in/a.jsonl", "in/b.jsonl"):
+            out = answer(loop, allowed, {"batch_url": f"s3://bucket/{key}"},
+                         s3Config=s3_config(fake_s3.endpoint))
+            assert out.get("error_code") in ("download_failed", "invalid_input"), out
+            for remote in ("role-name-from-the-server", "tok3n", "Success", "column"):
+                assert remote not in out["error"]
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Time limits are total, and transfers cannot take the threads answers need
+# --------------------------------------------------------------------------------------------
+class TestTotalTimeLimits:
+    def test_a_server_dribbling_headers_cannot_hold_a_download(self, dribbler) -> None:
+        settings = DownloadSettings.from_env({"DOWNLOAD_ALLOW_PRIVATE": "true",
+                                              "DOWNLOAD_TIMEOUT_SECONDS": "1"})
+        thread, out = in_thread(download_bytes, f"{dribbler.endpoint}/items.jsonl", settings)
+        thread.join(DID_NOT_HANG_S)
+        assert not thread.is_alive(), "the download outlived its time limit"
+        assert isinstance(out.get("error"), DownloadError), out
+        assert "DOWNLOAD_TIMEOUT_SECONDS" in str(out["error"])
+
+    def test_a_server_dribbling_its_tls_handshake_cannot_hold_a_download(self) -> None:
+        server = Dribbler(greeting=TLS_RECORD)
+        try:
+            settings = DownloadSettings.from_env({"DOWNLOAD_ALLOW_PRIVATE": "true",
+                                                  "DOWNLOAD_TIMEOUT_SECONDS": "1"})
+            thread, out = in_thread(download_bytes, f"https://localhost:{server.port}/x",
+                                    settings)
+            thread.join(DID_NOT_HANG_S)
+            assert not thread.is_alive(), "the handshake outlived the download's time limit"
+            assert "DOWNLOAD_TIMEOUT_SECONDS" in str(out.get("error")), out
+        finally:
+            server.stop()
+
+    def test_a_storage_dribbling_headers_cannot_hold_a_batch_read(self, loop, worker,
+                                                                  dribbler) -> None:
+        slow = configured(worker, DOWNLOAD_TIMEOUT_SECONDS="1", BATCH_URL_S3_PREFIX="in",
+                          **bucket_env(dribbler.endpoint))
+        out = answer(loop, slow, {"batch_url": "s3://bucket/in/batch.jsonl"})
+        assert out.get("error_code") == "download_failed", out
+        assert "DOWNLOAD_TIMEOUT_SECONDS" in out["error"]
+
+    def test_a_storage_dribbling_headers_cannot_hold_an_upload(self, loop, worker,
+                                                               dribbler) -> None:
+        slow = configured(worker, BUCKET_UPLOAD_TIMEOUT_SECONDS="2",
+                          **bucket_env(dribbler.endpoint))
+        out = answer(loop, slow, {**SHORT, "output_mode": "link"})
+        assert out.get("error_code") == "storage_failed", out
+        assert "BUCKET_UPLOAD_TIMEOUT_SECONDS" in out["error"]
+
+    def test_stalled_downloads_cannot_starve_an_inline_answer(self, worker,
+                                                             silent_server) -> None:
+        stalled = configured(worker, WORKER_CONCURRENCY="2", DOWNLOAD_ALLOW_PRIVATE="true",
+                             DOWNLOAD_TIMEOUT_SECONDS="120")
+        own_loop = LoopThread()      # a fresh default thread pool, as in a fresh worker
+        try:
+            hostile = [asyncio_job(own_loop, stalled, {
+                "batch_url": f"{silent_server.endpoint}/stall-{i}.jsonl"}) for i in range(40)]
+            deadline = time.monotonic() + DID_NOT_HANG_S
+            while silent_server.accepted < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert silent_server.accepted >= 2
+            inline = answer(own_loop, stalled, SHORT)
+            assert inline.get("text"), inline
+            assert silent_server.most_open <= 2    # downloads run in a pool of WORKER_CONCURRENCY
+            silent_server.stop()
+            for future in hostile:
+                assert future.result(DID_NOT_HANG_S)[0]["error_code"] == "download_failed"
+        finally:
+            silent_server.stop()
+            own_loop.close()
+
+
+def asyncio_job(loop: LoopThread, worker: Worker, job_input: dict[str, Any]) -> Any:
+    """Start one job on ``loop`` without waiting: a concurrent.futures.Future of its items."""
+    import asyncio
+
+    async def run() -> list[Any]:
+        return [item async for item in worker.handle({"id": "stall", "input": job_input})]
+
+    return asyncio.run_coroutine_threadsafe(run(), loop.loop)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Limits before work on batch_url items
+# --------------------------------------------------------------------------------------------
+class TestBatchUrlItems:
+    def test_an_item_over_the_input_limit_is_refused_before_it_runs(self, loop, worker,
+                                                                   http_server) -> None:
+        big = json.dumps({"prompt": "word " * 400, "max_new_tokens": 1})
+        http_server.files["big"] = (json.dumps(SHORT) + "\n" + big + "\n").encode()
+        small = configured(worker, DOWNLOAD_ALLOW_PRIVATE="true", WORKER_MAX_INPUT_BYTES="1024")
+        out = answer(loop, small, {"batch_url": http_server.url("/jsonl/big")})
+        assert out.get("error_code") == "payload_too_large", out
+        assert "line 2" in out["error"] and "WORKER_MAX_INPUT_BYTES" in out["error"]
+
+    def test_a_deeply_nested_item_is_an_input_error_naming_the_line(self, loop, worker,
+                                                                   http_server) -> None:
+        http_server.files["deep"] = b"{}\n" + b"[" * 5000 + b"]" * 5000 + b"\n"
+        allowed = configured(worker, DOWNLOAD_ALLOW_PRIVATE="true")
+        out = answer(loop, allowed, {"batch_url": http_server.url("/jsonl/deep")})
+        assert out.get("error_code") == "invalid_input", out
+        assert out["error"].startswith("input.batch_url: line 2 ")
+
+    def test_a_non_ascii_path_is_fetched_percent_encoded(self, loop, worker,
+                                                        http_server) -> None:
+        http_server.files["d%C3%A4t%C3%A4%20%E2%9C%93.jsonl"] = json.dumps(SHORT).encode()
+        allowed = configured(worker, DOWNLOAD_ALLOW_PRIVATE="true")
+        out = answer(loop, allowed, {"batch_url": http_server.url("/jsonl/dätä ✓.jsonl")})
+        assert out.get("failed") == 0, out
+
+    @pytest.mark.parametrize("url", ["http://[::1", "http://[::1]:99999/x", "https://a b/x",
+                                     "http://127.0.0.1:abc/x", "s3://", "\x00http://x/"])
+    def test_a_malformed_batch_url_is_a_clean_refusal(self, loop, worker, url: str,
+                                                      connections) -> None:
+        out = answer(loop, worker, {"batch_url": url})
+        assert out.get("error_code") in ("download_failed", "invalid_input"), out
+
+
+# --------------------------------------------------------------------------------------------
+# 4. One client cannot read another's objects from the worker's bucket
+# --------------------------------------------------------------------------------------------
+class TestWorkerBucketReads:
+    def test_another_jobs_answer_cannot_be_read_through_batch_url(
+            self, loop, worker, s3_server, s3_bucket) -> None:
+        own = configured(worker, **s3_server.env(s3_bucket))
+        linked = answer(loop, own, {**SHORT, "output_mode": "link"})
+        key = linked["output_link"]["key"]
+        out = answer(loop, own, {"batch_url": f"s3://{s3_bucket}/{key}"})
+        assert out.get("error_code") == "download_failed", out
+        assert "BATCH_URL_S3_PREFIX" in out["error"]
+
+    def test_only_keys_under_the_allowed_prefix_are_read(self, loop, worker, s3_server,
+                                                         s3_bucket) -> None:
+        put_object(s3_server, s3_bucket, "inputs/mine.jsonl", json.dumps(SHORT).encode())
+        put_object(s3_server, s3_bucket, "inputs-other/x.jsonl", json.dumps(SHORT).encode())
+        put_object(s3_server, s3_bucket, "outputs/x.jsonl", json.dumps(SHORT).encode())
+        own = configured(worker, BATCH_URL_S3_PREFIX="inputs", **s3_server.env(s3_bucket))
+        assert answer(loop, own, {"batch_url": f"s3://{s3_bucket}/inputs/mine.jsonl"}
+                      ).get("failed") == 0
+        for key in ("outputs/x.jsonl", "inputs/../outputs/x.jsonl", "inputs-other/x.jsonl",
+                    "inputs//../outputs/x.jsonl"):
+            out = answer(loop, own, {"batch_url": f"s3://{s3_bucket}/{key}"})
+            assert out.get("error_code") == "download_failed", (key, out)
+
+    def test_a_missing_and_a_forbidden_object_look_alike(self, loop, worker, fake_s3) -> None:
+        fake_s3.routes["inputs/forbidden.jsonl"] = (403, "AccessDenied", b"")
+        fake_s3.routes["inputs/missing.jsonl"] = (404, "NoSuchKey", b"")
+        own = configured(worker, BATCH_URL_S3_PREFIX="inputs", **bucket_env(fake_s3.endpoint))
+        errors = [answer(loop, own, {"batch_url": f"s3://bucket/inputs/{name}.jsonl"})
+                  for name in ("forbidden", "missing")]
+        assert errors[0].get("error_code") == errors[1].get("error_code") == "download_failed"
+        assert errors[0]["error"].replace("forbidden", "NAME") == \
+            errors[1]["error"].replace("missing", "NAME")
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Addresses that embed a private IPv4 address, and site-local IPv6
+# --------------------------------------------------------------------------------------------
+class TestEmbeddedAddresses:
+    @pytest.mark.parametrize("address", [
+        "2002:7f00:1::1",                   # 6to4 of 127.0.0.1
+        "2002:a9fe:a9fe::1",                # 6to4 of 169.254.169.254
+        "fec0::1",                          # site-local
+        "64:ff9b::7f00:1",                  # NAT64 of 127.0.0.1
+        "64:ff9b::a9fe:a9fe",               # NAT64 of 169.254.169.254
+        "64:ff9b:1::a00:1",                 # local-use NAT64
+        "2001:0:4136:e378:8000:63bf:80ff:fffe",  # Teredo, client 127.0.0.1
+        "::ffff:10.0.0.1", "::ffff:169.254.169.254", "::127.0.0.1",
+    ])
+    def test_an_address_embedding_a_private_one_is_not_public(self, address: str) -> None:
+        assert not is_public_address(ipaddress.ip_address(address))
+
+    def test_a_6to4_url_to_loopback_is_refused_before_connecting(self, connections) -> None:
+        with pytest.raises(DownloadError, match="private or reserved"):
+            download_bytes("http://[2002:7f00:1::1]:8080/x", DownloadSettings.from_env({}))
+        assert connections.seen == []
+
+    def test_a_site_local_s3config_is_refused_before_connecting(self, connections) -> None:
+        job = {"id": "j", "s3Config": s3_config("http://[fec0::1]:9000")}
+        with pytest.raises(Exception) as err:
+            storage = storage_for_job(job, StorageSettings.from_env({}))
+            storage.put("outputs/j/a.json", b"{}", "application/json")
+        assert str(err.value).startswith("s3Config.endpointUrl: ")
+        assert connections.seen == []
