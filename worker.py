@@ -35,6 +35,7 @@ from delivery import (
     check_output_mode,
     deliver_files,
     deliver_output,
+    inline_size,
     measure_answer,
 )
 from downloads import load_jsonl_url
@@ -171,7 +172,7 @@ class Worker:
 
     def _uploads(self, answer: Any, mode: str) -> bool:
         """Whether delivering ``answer`` in ``mode`` uploads it (measuring it is CPU work)."""
-        return mode == "link" or (mode == "auto" and measure_answer(answer)
+        return mode == "link" or (mode == "auto" and inline_size(answer)
                                   > self.storage_settings.inline_limit_bytes)
 
     def _storage_for(self, job: Mapping[str, Any]) -> Storage | None:
