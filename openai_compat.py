@@ -41,7 +41,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from errors import InputError, UnknownModel
+from errors import InputError, UnknownModel, excerpt
 from tasks import Task
 from validation import StrictInput, parse_input
 
@@ -127,9 +127,9 @@ class OpenAIRoutes:
         extra = sorted(set(job_input) - {"openai_route", "openai_input"})
         if extra:
             raise InputError(f"unknown field beside openai_route and openai_input: "
-                             f"{', '.join(extra)}", field="input")
+                             f"{_names(extra)}", field="input")
         if route not in ROUTES:
-            raise InputError(f"{route!r} is not served; routes: {', '.join(ROUTES)}",
+            raise InputError(f"{excerpt(route)} is not served; routes: {', '.join(ROUTES)}",
                              field="openai_route")
         if route == "/v1/models":
             yield self.models()
@@ -167,8 +167,8 @@ class OpenAIRoutes:
 
     def _check_model(self, model: str) -> None:
         if model != self.served_name:
-            raise UnknownModel(f"the model {model!r} is not served here; this worker serves "
-                               f"{self.served_name!r} (MODEL_SERVED_NAME)", field="model")
+            raise UnknownModel(f"the model {excerpt(model)} is not served here; this worker "
+                               f"serves {self.served_name!r} (MODEL_SERVED_NAME)", field="model")
 
     # ----------------------------------------------------------------------------- /v1/models
     def models(self) -> dict[str, Any]:
@@ -278,9 +278,15 @@ def _without_unsupported(body: dict[str, Any]) -> dict[str, Any]:
     of one is refused by name. Unknown fields stay, for the request model to refuse."""
     for name, off in _UNSUPPORTED_GENERATION.items():
         if name in body and body[name] is not None and body[name] not in off:
-            raise InputError(f"is not supported by this worker (got {body[name]!r}); "
+            raise InputError(f"is not supported by this worker (got {excerpt(body[name])}); "
                              "remove it", field=name)
     return {k: v for k, v in body.items() if k not in _UNSUPPORTED_GENERATION}
+
+
+def _names(names: list[str]) -> str:
+    """Field names the caller sent, for a message: a few, each an excerpt, and a count."""
+    shown = ", ".join(excerpt(name) for name in names[:5])
+    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def _renamed(exc: InputError, request: ChatRequest | CompletionRequest) -> InputError:
