@@ -146,16 +146,19 @@ class OpenAIRoutes:
                               _without_unsupported(body), {}, prefix="")
         self._check_model(request.model)
         native = self._native_input(request, chat)
+        # The task's errors (from parsing, and from tokenizing before any output) name its own
+        # fields; a client knows them by the names it sent.
         try:
             parsed = self.task.parse(native)
+            if request.stream:
+                include_usage = bool(request.stream_options
+                                     and request.stream_options.include_usage)
+                async for event in self._stream(parsed, chat, include_usage):
+                    yield event
+            else:
+                yield self._whole(await self.task.answer(parsed), chat)
         except InputError as exc:
             raise _renamed(exc, request) from None
-        if request.stream:
-            include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            async for event in self._stream(parsed, chat, include_usage):
-                yield event
-        else:
-            yield self._whole(await self.task.answer(parsed), chat)
 
     # ------------------------------------------------------------------------------- checks
     def _check_task(self, route: str) -> None:
@@ -184,11 +187,13 @@ class OpenAIRoutes:
         if not texts or len(texts) > limit:
             raise InputError(f"has {len(texts)} texts; send 1..{limit} (WORKER_MAX_TEXTS)",
                              field="input")
-        embed_request = self.task.tokenize(  # type: ignore[attr-defined]
+        embed_request = self.task.request(  # type: ignore[attr-defined]
             texts, normalize=True, dimensions=request.dimensions, truncate=False,
             field="input", dimensions_field="dimensions")
-        matrix: torch.Tensor = await self.task.vectors(embed_request)  # type: ignore[attr-defined]
-        tokens = sum(len(ids) for ids in embed_request.token_ids)
+        token_ids = await self.task.tokens(embed_request)  # type: ignore[attr-defined]
+        matrix: torch.Tensor = await self.task.vectors(  # type: ignore[attr-defined]
+            embed_request, token_ids)
+        tokens = sum(len(ids) for ids in token_ids)
         if request.encoding_format == "base64":
             # The openai client's default: little-endian float32 bytes, base64-encoded.
             rows: list[Any] = [base64.b64encode(row.numpy().astype("<f4").tobytes()).decode()

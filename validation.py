@@ -6,12 +6,17 @@ large, not nested beyond reason, valid Unicode) and the conversion of pydantic's
 ``parse_input`` and never format errors themselves. A message quotes the caller's input only
 as ``errors.excerpt`` does (short, escaped), and lists at most ``MAX_LISTED_PROBLEMS`` problems.
 
-Never imports torch, runpod or boto3.
+Also owns where tokenizing runs: ``in_tokenizer_thread`` (see ``TOKENIZER_THREAD``), never on
+the event loop. Never imports torch, runpod or boto3.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -19,8 +24,24 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from errors import EXCERPT_CHARS, InputError, PayloadTooLarge, cut, field_part
 
 Model = TypeVar("Model", bound=BaseModel)
+Result = TypeVar("Result")
 
 MAX_LISTED_PROBLEMS = 5        # problems named in one message; the rest are counted
+
+# Tokenizing and chat-template rendering run on this thread. Not on the event loop: a prompt of
+# megabytes takes seconds to tokenize, and meanwhile no job could be taken, streamed or
+# cancelled. Not on model_loader.DEVICE_THREAD: that thread must be free for the model, and
+# tokenizers are Rust (they release the GIL and create no torch thread pool, so a second thread
+# costs the device thread nothing). One thread, so that a tokenizer's truncation setting, which
+# transformers sets on the shared Rust tokenizer per call, never changes under a concurrent call.
+TOKENIZER_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+
+
+async def in_tokenizer_thread(fn: Callable[..., Result], *args: Any, **kwargs: Any) -> Result:
+    """``fn(*args, **kwargs)`` on TOKENIZER_THREAD, awaited from the event loop."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(TOKENIZER_THREAD, functools.partial(fn, *args, **kwargs))
+
 
 class StrictInput(BaseModel):
     """Base of every task input model: unknown fields are refused by name, never ignored."""

@@ -201,3 +201,9 @@ class TestErrors:
         assert openai_error(answer)["param"] == "tools"
         answer = one(loop, worker, {"openai_route": "/v1/" + "r" * 100_000, "openai_input": {}})
         assert len(answer["error"]) < 2000, len(answer["error"])
+
+    def test_a_prompt_over_the_bound_is_named_as_the_client_sent_it(self, loop, worker):
+        error = openai_error(one(loop, worker, route("/v1/completions", {
+            "model": worker.loaded.served_name, "prompt": "word " * 800_000})))
+        assert error["param"] == "prompt"
+        assert error["message"].startswith("prompt: is 4,000,000 characters"), error["message"]
