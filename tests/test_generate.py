@@ -347,3 +347,108 @@ class TestModelContext:
         out = answer(loop, tiny_gpt2, {"prompt": "word " * 50})
         assert "error" not in out, out
         assert out["usage"]["prompt_tokens"] + out["usage"]["completion_tokens"] <= 64
+
+
+class TestBatchFailures:
+    """A failure inside a batch is charged to the row that causes it, never to its neighbours.
+
+    The fault is raised at the device edge: a hook on the real model's forward that fails any
+    pass fed the token <gh_stars> (id 7), as an out-of-range lookup would.
+    """
+
+    POISON = "Once upon a time <gh_stars>"
+
+    @staticmethod
+    def poison_hook(model):
+        def hook(module, args, kwargs):
+            if bool((kwargs["input_ids"] == 7).any()):
+                raise RuntimeError("index 7 is out of bounds for dimension 0")
+        return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def test_a_row_that_breaks_its_batch_fails_alone(self, loop, worker):
+        own = fresh_worker(worker)
+        clean = {"prompt": "Once upon a time", "max_new_tokens": 8}
+        alone = answer(loop, own, clean)["text"]
+        handle = self.poison_hook(own.loaded.model)
+        try:
+            async def together():
+                return await asyncio.gather(
+                    collect(own, {"prompt": self.POISON, "max_new_tokens": 8}),
+                    collect(own, clean))
+            (bad,), (good,) = loop.run(together())
+        finally:
+            handle.remove()
+        assert bad["error_code"] == "internal", bad
+        assert good.get("text") == alone, good
+        assert own.task.batcher.isolated >= 2
+
+    def test_a_streaming_neighbour_resumes_where_it_was_and_loses_nothing(self, loop, worker):
+        own = fresh_worker(worker)
+        job = {"prompt": "Count: 1, 2, 3,", "max_new_tokens": 80}
+        alone = answer(loop, own, job)["text"]
+        handle = self.poison_hook(own.loaded.model)
+        try:
+            async def stream_then_poison():
+                first_chunk = asyncio.Event()
+
+                async def stream():
+                    chunks = []
+                    async for item in own.handle({"id": "s", "input": {**job, "stream": True}}):
+                        chunks.append(item)
+                        first_chunk.set()
+                    return chunks
+
+                streaming = asyncio.ensure_future(stream())
+                await first_chunk.wait()
+                bad = await collect(own, {"prompt": self.POISON, "max_new_tokens": 4})
+                return bad, await streaming
+            (bad,), chunks = loop.run(stream_then_poison())
+        finally:
+            handle.remove()
+        assert bad["error_code"] == "internal", bad
+        assert all("error" not in c for c in chunks), chunks[-1]
+        assert "".join(c["text"] for c in chunks) == alone
+        assert own.task.batcher.isolated >= 1
+
+    def test_the_batcher_answers_every_job_when_releasing_memory_fails(
+            self, loop, worker, monkeypatch):
+        own = fresh_worker(worker)
+
+        def hook(module, args, kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        def empty_cache():
+            raise RuntimeError("the caching allocator is in an unexpected state")
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
+        handle = own.loaded.model.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            out = loop.run(collect(own, chat(CAPITAL, max_new_tokens=4)), timeout=60)[0]
+        finally:
+            handle.remove()
+            monkeypatch.undo()
+        assert out["error_code"] == "out_of_memory", out
+        assert "Paris" in answer(loop, own, chat(CAPITAL, max_new_tokens=12))["text"]
+
+    def test_the_batcher_survives_an_exception_that_breaks_its_own_error_handling(
+            self, loop, worker):
+        own = fresh_worker(worker)
+
+        class Unprintable(RuntimeError):
+            def __str__(self) -> str:
+                raise ValueError("cannot describe this failure")
+
+        def hook(module, args, kwargs):
+            raise Unprintable()
+
+        handle = own.loaded.model.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            async def two():
+                return await asyncio.gather(collect(own, chat(CAPITAL, max_new_tokens=4)),
+                                            collect(own, chat("Say hi.", max_new_tokens=4)))
+            results = loop.run(two(), timeout=60)
+        finally:
+            handle.remove()
+        assert [items[0]["error_code"] for items in results] == ["internal", "internal"]
+        assert "Paris" in answer(loop, own, chat(CAPITAL, max_new_tokens=12))["text"]
