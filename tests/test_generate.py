@@ -6,11 +6,13 @@ import asyncio
 import dataclasses
 import shutil
 import threading
+import time
 
 import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
+from model_loader import DEVICE_THREAD
 from tasks.generate import GenerateTask
 from tests.support.worker import LoopThread, chat, collect
 from worker import Worker, build_worker
@@ -452,3 +454,57 @@ class TestBatchFailures:
             handle.remove()
         assert [items[0]["error_code"] for items in results] == ["internal", "internal"]
         assert "Paris" in answer(loop, own, chat(CAPITAL, max_new_tokens=12))["text"]
+
+
+class TestWholeJobDeadline:
+    def test_a_batch_job_as_a_whole_ends_at_the_time_limit_and_frees_its_rows(
+            self, loop, worker):
+        own = fresh_worker(worker, job_timeout_s=1.0, max_batch_size=4)
+        started = time.monotonic()
+        out = answer(loop, own, {"batch": [{"prompt": f"Story {i}:", "max_new_tokens": 64}
+                                           for i in range(64)]})
+        assert out.get("error_code") == "timeout", {k: str(v)[:200] for k, v in out.items()}
+        assert "WORKER_JOB_TIMEOUT_S" in out["error"]
+        assert time.monotonic() - started < 30
+
+        async def rows_freed():
+            for _ in range(100):
+                if not own.task.batcher.running and not own.task.batcher._queue:
+                    return True
+                await asyncio.sleep(0.1)
+            return False
+
+        assert loop.run(rows_freed()), "the timed-out batch kept its rows"
+
+    def test_a_job_waiting_for_a_busy_device_ends_at_the_time_limit(self, loop, worker):
+        own = fresh_worker(worker, job_timeout_s=1.0)
+        release = threading.Event()
+        busy = DEVICE_THREAD.submit(release.wait, 30)
+        try:
+            started = time.monotonic()
+            out = answer(loop, own, chat(CAPITAL, max_new_tokens=4))
+            elapsed = time.monotonic() - started
+        finally:
+            release.set()
+            busy.result()
+        assert out["error_code"] == "timeout", out
+        assert "WORKER_JOB_TIMEOUT_S" in out["error"]
+        assert elapsed < 15
+
+
+class TestBatchJobs:
+    def test_one_batch_job_leaves_decode_rows_for_other_jobs(self, loop, worker):
+        own = fresh_worker(worker, max_batch_size=4)
+        out = answer(loop, own, {"batch": [{"prompt": f"Item {i}:", "max_new_tokens": 6}
+                                           for i in range(8)]})
+        assert out["failed"] == 0
+        assert own.task.batcher.largest_batch <= 2
+
+    def test_a_batch_whose_every_item_failed_completes_with_the_errors(self, loop, worker):
+        out = answer(loop, worker, {"batch": [{"prompt": "x", "temprature": 1},
+                                              {"prompt": "word " * 800_000}]})
+        assert "error" not in out, "a top-level error would make RunPod mark the job FAILED"
+        assert out["failed"] == 2
+        assert [r["index"] for r in out["results"]] == [0, 1]
+        assert all(r["error_code"] == "invalid_input" for r in out["results"])
+        assert out["results"][1]["error"].startswith("input.batch.1.prompt: is 4,000,000 char")
