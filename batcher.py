@@ -4,9 +4,14 @@ Owns the queue between the asyncio side (jobs) and the engine thread (the device
 device is idle, the first sequence to arrive waits up to ``wait_ms`` for others; while a batch
 decodes, new arrivals join it between steps (continuous batching), up to ``max_batch_size``
 rows. One dedicated thread runs the device, so the event loop stays free for job intake, cancel
-signals and the heartbeat. Each job is answered as soon as its own sequence finishes. A failing
-batch fails only its own jobs; out of memory halves the batch and retries the items that have
-not streamed anything yet.
+signals and the heartbeat. Each job is answered as soon as its own sequence finishes.
+
+A failure is charged to the item that causes it, never to its batch-mates: out of memory halves
+the batch and retries; any other failure (not a device fault) retries every item of the batch
+alone, each in a batch of its own, so only an item that still fails alone fails. A retried
+sequence resumes from the tokens it has (``engine.Sequence.reset_for_retry``). A device fault
+fails everything and marks the worker for replacement. Whatever goes wrong, even in this
+module's own handling of a failure, every job the batcher holds is answered and it serves on.
 
 It knows its work only through two small protocols. An engine's ``run(items, admit, max_rows)``
 writes results into the items; an engine with ``continuous = True`` (``engine.Engine``, which
@@ -39,7 +44,7 @@ class Item(Protocol):
     on_done: Callable[[], None] | None
 
     def reset_for_retry(self) -> bool:
-        """Forget partial results before a retry; False if it cannot be retried (it streamed)."""
+        """Get ready to run again after its batch failed; False if it cannot be retried."""
         ...
 
 
@@ -55,6 +60,7 @@ class _Entry:
     seq: Item
     done: asyncio.Future[None]
     arrived: float
+    alone: bool = False         # retried in a batch of its own after its batch failed
 
 
 class Batcher:
@@ -74,7 +80,9 @@ class Batcher:
         self.batches_run = 0            # counters for tests and benchmarks
         self.largest_batch = 0
         self.oom_retries = 0            # batches split after running out of memory
+        self.isolated = 0               # items retried alone after their batch failed
         self.device_fault: str | None = None   # set once the device is unusable
+        self._solo = False              # the device runs one isolated item: admit no others
 
     @property
     def running(self) -> int:
@@ -119,14 +127,28 @@ class Batcher:
             entry.done.set_exception(error)
 
     def _take(self, n: int) -> list[_Entry]:
+        """Up to ``n`` entries from the head of the queue, in order.
+
+        An item to be retried alone is taken only onto an idle device, and by itself; until
+        then nothing behind it is taken either (first come, first served), so the running
+        batch drains and the isolated item cannot starve under load.
+        """
         with self._lock:
-            taken = [self._queue.popleft() for _ in range(min(n, len(self._queue)))]
+            taken: list[_Entry] = []
+            if self._queue and self._queue[0].alone:
+                if not self._in_flight and n > 0:
+                    taken.append(self._queue.popleft())
+            else:
+                while self._queue and len(taken) < n and not self._queue[0].alone:
+                    taken.append(self._queue.popleft())
             self._in_flight.extend(taken)
             self.largest_batch = max(self.largest_batch, len(self._in_flight))
         return taken
 
     def _admit(self, free: int) -> list[Any]:
         """Called by the engine between steps (engine thread): arrivals that may join."""
+        if self._solo:
+            return []
         return [e.seq for e in self._take(min(free, self._capacity))]
 
     async def _run_forever(self) -> None:
@@ -134,20 +156,40 @@ class Batcher:
         while True:
             await self._arrival.wait()
             self._arrival.clear()
-            if not self._queue:
-                continue
-            # The device is idle: give batch-mates until the batch is full or wait_s passed.
-            deadline = self._queue[0].arrived + self.wait_s
-            while len(self._queue) < self._capacity:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    await asyncio.wait_for(self._arrival.wait(), remaining)
-                    self._arrival.clear()
-                except TimeoutError:
-                    break
-            await self._run_batch(self._take(self._capacity))
+            try:
+                await self._serve()
+            except Exception as exc:  # noqa: BLE001 - the batcher must outlive any failure
+                log.exception("the batcher failed; failing the jobs it held and serving on")
+                with self._lock:
+                    held, self._in_flight = list(self._in_flight), []
+                for e in held:
+                    self._resolve(e, exc)
+                if self._queue:
+                    self._arrival.set()
+            finally:
+                self._solo = False
+
+    async def _serve(self) -> None:
+        """Run one batch when there is work: gather batch-mates, then decode."""
+        assert self._arrival is not None
+        if not self._queue:
+            return
+        # The device is idle: give batch-mates until the batch is full or wait_s passed.
+        deadline = self._queue[0].arrived + self.wait_s
+        while len(self._queue) < self._capacity and not self._queue[0].alone:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(self._arrival.wait(), remaining)
+                self._arrival.clear()
+            except TimeoutError:
+                break
+        batch = self._take(self._capacity)
+        if not batch:
+            return
+        self._solo = batch[0].alone
+        await self._run_batch(batch)
 
     async def _run_batch(self, first: list[_Entry]) -> None:
         loop = asyncio.get_running_loop()
@@ -162,22 +204,15 @@ class Batcher:
         except Exception as exc:  # noqa: BLE001 - every job's future must be completed
             with self._lock:
                 failed, self._in_flight = list(self._in_flight), []
-            if is_out_of_memory(exc):
-                await loop.run_in_executor(self._device, release_memory)
-                self._after_oom(failed)
-            elif is_device_fault(exc):
-                # Every later job would fail the same way: fail them all and ask for a new
-                # worker (handler.py sets refresh_worker) instead of failing jobs forever.
-                log.error("device fault, this worker must be replaced: %s", exc)
-                self.device_fault = ("the GPU of this worker failed and it is being replaced; "
-                                     "send the job again")
+            try:
+                await self._after_failure(exc, failed)
+            except Exception:  # noqa: BLE001 - handling the failure failed: answer every job
+                log.exception("handling a failed batch of %d failed; failing its jobs",
+                              len(failed))
                 with self._lock:
-                    failed += list(self._queue)
-                    self._queue.clear()
-                for e in failed:
-                    self._resolve(e, DeviceFault(self.device_fault))
-            else:
-                log.exception("batch of %d failed", len(failed))
+                    for e in failed:
+                        if e in self._queue:
+                            self._queue.remove(e)
                 for e in failed:
                     self._resolve(e, exc)
         else:
@@ -190,8 +225,59 @@ class Batcher:
             assert self._arrival is not None
             self._arrival.set()
 
+    async def _after_failure(self, exc: Exception, failed: list[_Entry]) -> None:
+        """Answer or retry every entry of a batch that raised ``exc``."""
+        loop = asyncio.get_running_loop()
+        if is_out_of_memory(exc):
+            try:
+                await loop.run_in_executor(self._device, release_memory)
+            except Exception as release_exc:  # noqa: BLE001 - the jobs still need answers
+                if is_device_fault(release_exc):
+                    self._fail_device(release_exc, failed)
+                    return
+                log.warning("releasing memory after running out of it failed: %s",
+                            release_exc, exc_info=release_exc)
+            self._after_oom(failed)
+        elif is_device_fault(exc):
+            self._fail_device(exc, failed)
+        else:
+            self._isolate(exc, failed)
+
+    def _fail_device(self, exc: BaseException, failed: list[_Entry]) -> None:
+        """Every later job would fail the same way: fail them all and ask for a new worker
+        (handler.py sets refresh_worker) instead of failing jobs forever."""
+        log.error("device fault, this worker must be replaced: %s", exc)
+        self.device_fault = ("the GPU of this worker failed and it is being replaced; "
+                             "send the job again")
+        with self._lock:
+            failed = failed + list(self._queue)
+            self._queue.clear()
+        for e in failed:
+            self._resolve(e, DeviceFault(self.device_fault))
+
+    def _isolate(self, exc: Exception, failed: list[_Entry]) -> None:
+        """Retry each item of a failed batch alone; an item that failed alone fails."""
+        pending = [e for e in failed if not e.done.done()]
+        if len(pending) <= 1 or any(e.alone for e in pending):
+            log.error("a batch item failed on its own", exc_info=exc)
+            for e in pending:
+                self._resolve(e, exc)
+            return
+        retry = []
+        for e in pending:
+            if e.seq.reset_for_retry():
+                e.alone = True
+                retry.append(e)
+            else:
+                self._resolve(e, exc)
+        self.isolated += len(retry)
+        log.warning("a batch of %d failed (%s); retrying each item alone to find the one that "
+                    "fails", len(pending), type(exc).__name__)
+        with self._lock:
+            self._queue.extendleft(reversed(retry))
+
     def _after_oom(self, batch: list[_Entry]) -> None:
-        """Retry with half the rows; an item that streamed, or ran alone, fails."""
+        """Retry with half the rows; an item that cannot be retried, or ran alone, fails."""
         retry = []
         for e in batch:
             if e.done.done():

@@ -220,6 +220,15 @@ WORKER_JOB_TIMEOUT_S = _var("worker", "WORKER_JOB_TIMEOUT_S", "600",
                             "A job still running after this many seconds fails; 1..86400")
 
 
+# A prompt's characters are bounded before it is tokenized (tokenizing megabytes costs seconds
+# and hundreds of MB): at most this many per token of its token limit (the smaller of
+# WORKER_MAX_PROMPT_TOKENS and the model's own). Text averages 3 to 5 characters per token,
+# code and tables up to about 10; 32 refuses only input no tokenizer compresses that well, and
+# keeps the worst case at 32 characters per token (128 Ki characters for 4096 tokens, about
+# 0.15 s to tokenize). Derived, not a setting: the token limit is the one to tune.
+PROMPT_CHARS_PER_TOKEN = 32
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     """How many jobs run at once, how they are batched, and what one job may ask for."""

@@ -62,11 +62,12 @@ class Sequence:
         return self.finish_reason is not None
 
     def reset_for_retry(self) -> bool:
-        """Start over after out of memory; impossible once text was streamed to the client."""
-        if self.emitted > 0:
-            return False
-        self.generated.clear()
-        self.text, self.finish_reason = "", None
+        """Get ready to run again after its batch failed: always possible, nothing is lost.
+
+        The next prefill feeds the prompt and every token generated so far (see
+        ``Engine._prefill``), so the sequence resumes where it stopped: a stream goes on from
+        the text its client already has, and a seeded sequence keeps its random generator.
+        """
         return True
 
 
@@ -144,7 +145,9 @@ class Engine:
                 self._step(running)
 
     def _finished_before_start(self, s: Sequence) -> bool:
-        if s.cancelled.is_set():
+        if s.done:
+            pass                # finished before its batch failed: answer it, do not resume
+        elif s.cancelled.is_set():
             s.finish_reason = "cancelled"
         elif s.deadline is not None and time.monotonic() > s.deadline:
             s.finish_reason = "timeout"
@@ -158,18 +161,22 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------
     def _prefill(self, seqs: list[Sequence]) -> _Running:
-        """Run the prompts (left-padded) and pick each one's first token."""
+        """Run the prompts (left-padded) and pick each one's next token.
+
+        A sequence retried after its batch failed feeds its generated tokens too, and resumes.
+        """
         for s in seqs:
-            if s.params.temperature > 0:
+            if s.params.temperature > 0 and s.generator is None:
                 seed = s.params.seed if s.params.seed is not None else int.from_bytes(
                     os.urandom(8), "little") >> 1
                 s.generator = torch.Generator(device=self.device).manual_seed(seed)
-        width = max(len(s.prompt_ids) for s in seqs)
+        rows = [s.prompt_ids + s.generated for s in seqs]
+        width = max(len(tokens) for tokens in rows)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, s in enumerate(seqs):
-            n = len(s.prompt_ids)
-            ids[row, width - n:] = torch.tensor(s.prompt_ids, dtype=torch.long)
+        for row, tokens in enumerate(rows):
+            n = len(tokens)
+            ids[row, width - n:] = torch.tensor(tokens, dtype=torch.long)
             mask[row, width - n:] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)

@@ -17,7 +17,10 @@ Every failure a caller can see is one of these. ``str(err)`` is always safe to s
     └── DeviceFault                  device_fault     the device is unusable; the worker is replaced
 
 ``error_response`` converts any exception into the job answer; nothing else in the project
-builds an ``{"error": ...}`` dict. For OpenAI-compatible routes (``openai=True``) the error
+builds an ``{"error": ...}`` dict. An error answer is always small, whatever the input: a
+message is cut to ``MAX_ERROR_CHARS`` (RunPod drops a result over its payload limit, and a
+dropped error would read as success), and a message that quotes the caller's input quotes only
+``excerpt(value)``, a short escaped cut. For OpenAI-compatible routes (``openai=True``) the error
 string is OpenAI's error object as JSON, ``{"error": {"message", "type", "param", "code"}}``:
 the job still FAILS (RunPod fails a job only on a string ``error``, and a generator handler's
 answer keeps nothing but that string), and a proxy or client can parse it back. Unexpected
@@ -28,7 +31,56 @@ that leaks nothing.
 from __future__ import annotations
 
 import json
+import reprlib
 from typing import Any, TypedDict
+
+EXCERPT_CHARS = 40          # most characters of an input value an error message quotes
+MAX_FIELD_CHARS = 120       # most characters of a field path (paths hold the caller's keys)
+MAX_ERROR_CHARS = 1000      # most characters of any error message; as JSON under 16 KB
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple = 2, 3, 3, 3
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = EXCERPT_CHARS
+
+
+def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
+    """``value`` as an error message may quote it: on one line, quoted, at most ``limit`` chars.
+
+    Strings are quoted and escaped as Python's repr does (a newline cannot split the message);
+    a longer string is cut and says how long it was. Other values are shown by ``reprlib``,
+    which never descends more than two levels, so a deeply nested or huge value costs nothing.
+    """
+    if isinstance(value, str):
+        if len(value) <= limit:
+            return repr(value)
+        return f"{value[:limit]!r}... ({len(value):,} characters)"
+    text = _REPR.repr(value)
+    return text if len(text) <= limit + 10 else text[:limit] + "..."
+
+
+def cut(text: str, limit: int) -> str:
+    """``text`` on one line and at most ``limit`` characters, saying so when it was cut.
+
+    Characters that are not printable (newlines, controls) are escaped, so a caller's key or
+    value quoted in a message can never split or forge the one-line error.
+    """
+    flat = text[:limit]
+    if not flat.isprintable():
+        flat = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                       for c in flat)
+    if len(text) <= limit and len(flat) <= limit:
+        return flat
+    note = f"... (cut; {len(text):,} characters in all)"
+    return flat[:max(0, limit - len(note))] + note
+
+
+def field_part(name: object) -> str:
+    """One part of a field path: a short printable key as is, any other key as an excerpt."""
+    text = str(name) if isinstance(name, str | int) else excerpt(name)
+    if len(text) <= EXCERPT_CHARS and text.isprintable() and "." not in text:
+        return text
+    return excerpt(name, EXCERPT_CHARS)
 
 
 class ErrorAnswer(TypedDict, total=False):
@@ -58,6 +110,8 @@ class InputError(WorkerError):
     code = "invalid_input"
 
     def __init__(self, message: str, field: str | None = None) -> None:
+        # Paths carry the caller's keys: a 200 KB key must not become a 200 KB message.
+        field = cut(field, MAX_FIELD_CHARS) if field else field
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
 
@@ -131,9 +185,10 @@ def error_response(exc: BaseException, openai: bool = False) -> ErrorAnswer:
     Known errors answer their own safe message and code. Anything else answers a generic message:
     the caller must log the traceback, since the exception text may hold paths or secrets.
     With ``openai``, ``error`` holds OpenAI's error object as JSON text (see the docstring above).
+    Every message is cut to MAX_ERROR_CHARS, so no error answer can exceed a payload limit.
     """
     if isinstance(exc, WorkerError):
-        answer: ErrorAnswer = {"error": str(exc), "error_code": exc.code}
+        answer: ErrorAnswer = {"error": cut(str(exc), MAX_ERROR_CHARS), "error_code": exc.code}
         if isinstance(exc, DeviceFault):
             # Asks RunPod to replace this worker instead of failing every later job on it.
             answer["refresh_worker"] = True
@@ -147,7 +202,8 @@ def error_response(exc: BaseException, openai: bool = False) -> ErrorAnswer:
 def openai_error(exc: BaseException, message: str) -> dict[str, Any]:
     """OpenAI's error object for ``exc``: its type says whose fault, ``param`` names the field."""
     if isinstance(exc, InputError):
-        return {"message": message, "type": "invalid_request_error", "param": exc.field,
+        param = cut(exc.field, MAX_FIELD_CHARS) if exc.field else None
+        return {"message": message, "type": "invalid_request_error", "param": param,
                 "code": exc.code if isinstance(exc, UnknownModel) else None}
     code = exc.code if isinstance(exc, WorkerError) else "internal"
     return {"message": message, "type": "server_error", "param": None, "code": code}

@@ -41,7 +41,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from errors import InputError, UnknownModel
+from errors import InputError, UnknownModel, excerpt
 from tasks import Task
 from validation import StrictInput, parse_input
 
@@ -127,9 +127,9 @@ class OpenAIRoutes:
         extra = sorted(set(job_input) - {"openai_route", "openai_input"})
         if extra:
             raise InputError(f"unknown field beside openai_route and openai_input: "
-                             f"{', '.join(extra)}", field="input")
+                             f"{_names(extra)}", field="input")
         if route not in ROUTES:
-            raise InputError(f"{route!r} is not served; routes: {', '.join(ROUTES)}",
+            raise InputError(f"{excerpt(route)} is not served; routes: {', '.join(ROUTES)}",
                              field="openai_route")
         if route == "/v1/models":
             yield self.models()
@@ -146,16 +146,19 @@ class OpenAIRoutes:
                               _without_unsupported(body), {}, prefix="")
         self._check_model(request.model)
         native = self._native_input(request, chat)
+        # The task's errors (from parsing, and from tokenizing before any output) name its own
+        # fields; a client knows them by the names it sent.
         try:
             parsed = self.task.parse(native)
+            if request.stream:
+                include_usage = bool(request.stream_options
+                                     and request.stream_options.include_usage)
+                async for event in self._stream(parsed, chat, include_usage):
+                    yield event
+            else:
+                yield self._whole(await self.task.answer(parsed), chat)
         except InputError as exc:
             raise _renamed(exc, request) from None
-        if request.stream:
-            include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            async for event in self._stream(parsed, chat, include_usage):
-                yield event
-        else:
-            yield self._whole(await self.task.answer(parsed), chat)
 
     # ------------------------------------------------------------------------------- checks
     def _check_task(self, route: str) -> None:
@@ -171,8 +174,8 @@ class OpenAIRoutes:
 
     def _check_model(self, model: str) -> None:
         if model != self.served_name:
-            raise UnknownModel(f"the model {model!r} is not served here; this worker serves "
-                               f"{self.served_name!r} (MODEL_SERVED_NAME)", field="model")
+            raise UnknownModel(f"the model {excerpt(model)} is not served here; this worker "
+                               f"serves {self.served_name!r} (MODEL_SERVED_NAME)", field="model")
 
     # ----------------------------------------------------------------------------- /v1/models
     def models(self) -> dict[str, Any]:
@@ -188,11 +191,13 @@ class OpenAIRoutes:
         if not texts or len(texts) > limit:
             raise InputError(f"has {len(texts)} texts; send 1..{limit} (WORKER_MAX_TEXTS)",
                              field="input")
-        embed_request = self.task.tokenize(  # type: ignore[attr-defined]
+        embed_request = self.task.request(  # type: ignore[attr-defined]
             texts, normalize=True, dimensions=request.dimensions, truncate=False,
             field="input", dimensions_field="dimensions")
-        matrix: torch.Tensor = await self.task.vectors(embed_request)  # type: ignore[attr-defined]
-        tokens = sum(len(ids) for ids in embed_request.token_ids)
+        token_ids = await self.task.tokens(embed_request)  # type: ignore[attr-defined]
+        matrix: torch.Tensor = await self.task.vectors(  # type: ignore[attr-defined]
+            embed_request, token_ids)
+        tokens = sum(len(ids) for ids in token_ids)
         if request.encoding_format == "base64":
             # The openai client's default: little-endian float32 bytes, base64-encoded.
             rows: list[Any] = [base64.b64encode(row.numpy().astype("<f4").tobytes()).decode()
@@ -282,9 +287,15 @@ def _without_unsupported(body: dict[str, Any]) -> dict[str, Any]:
     of one is refused by name. Unknown fields stay, for the request model to refuse."""
     for name, off in _UNSUPPORTED_GENERATION.items():
         if name in body and body[name] is not None and body[name] not in off:
-            raise InputError(f"is not supported by this worker (got {body[name]!r}); "
+            raise InputError(f"is not supported by this worker (got {excerpt(body[name])}); "
                              "remove it", field=name)
     return {k: v for k, v in body.items() if k not in _UNSUPPORTED_GENERATION}
+
+
+def _names(names: list[str]) -> str:
+    """Field names the caller sent, for a message: a few, each an excerpt, and a count."""
+    shown = ", ".join(excerpt(name) for name in names[:5])
+    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def _renamed(exc: InputError, request: ChatRequest | CompletionRequest) -> InputError:

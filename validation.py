@@ -1,20 +1,46 @@
 """Untrusted job input → typed request, with errors that name the field and the fix.
 
 Owns the checks every job passes before any task sees it (an object, not empty, not absurdly
-large) and the conversion of pydantic's errors into one ``InputError`` message. Task modules
-declare their own pydantic models; they call ``parse_input`` and never format errors themselves.
+large, not nested beyond reason, valid Unicode) and the conversion of pydantic's errors into one
+``InputError`` message. Task modules declare their own pydantic models; they call
+``parse_input`` and never format errors themselves. A message quotes the caller's input only
+as ``errors.excerpt`` does (short, escaped), and lists at most ``MAX_LISTED_PROBLEMS`` problems.
+
+Also owns where tokenizing runs: ``in_tokenizer_thread`` (see ``TOKENIZER_THREAD``), never on
+the event loop. Never imports torch, runpod or boto3.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from errors import InputError, PayloadTooLarge
+from errors import EXCERPT_CHARS, InputError, PayloadTooLarge, cut, field_part
 
 Model = TypeVar("Model", bound=BaseModel)
+Result = TypeVar("Result")
+
+MAX_LISTED_PROBLEMS = 5        # problems named in one message; the rest are counted
+
+# Tokenizing and chat-template rendering run on this thread. Not on the event loop: a prompt of
+# megabytes takes seconds to tokenize, and meanwhile no job could be taken, streamed or
+# cancelled. Not on model_loader.DEVICE_THREAD: that thread must be free for the model, and
+# tokenizers are Rust (they release the GIL and create no torch thread pool, so a second thread
+# costs the device thread nothing). One thread, so that a tokenizer's truncation setting, which
+# transformers sets on the shared Rust tokenizer per call, never changes under a concurrent call.
+TOKENIZER_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+
+
+async def in_tokenizer_thread(fn: Callable[..., Result], *args: Any, **kwargs: Any) -> Result:
+    """``fn(*args, **kwargs)`` on TOKENIZER_THREAD, awaited from the event loop."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(TOKENIZER_THREAD, functools.partial(fn, *args, **kwargs))
 
 
 class StrictInput(BaseModel):
@@ -36,6 +62,13 @@ def check_job_input(job: Any, max_bytes: int) -> dict[str, Any]:
         raise InputError("is empty; see the README for the fields a job takes", field="input")
     try:
         size = len(json.dumps(job_input, ensure_ascii=False).encode())
+    except UnicodeEncodeError:
+        # JSON's "\ud800" escape parses to a lone surrogate, which no tokenizer can take.
+        raise InputError("holds text that is not valid Unicode (an unpaired surrogate such as "
+                         "\\ud800); send UTF-8 text", field="input") from None
+    except RecursionError:
+        raise InputError("is nested too deeply; no field of a job is nested more than a few "
+                         "levels", field="input") from None
     except (TypeError, ValueError):
         raise InputError("is not valid JSON", field="input") from None
     if size > max_bytes:
@@ -51,12 +84,19 @@ def parse_input(model: type[Model], data: dict[str, Any], context: dict[str, Any
     try:
         return model.model_validate(data, context=context)
     except ValidationError as exc:
-        raise InputError("; ".join(_describe(err, prefix, model) for err in exc.errors(
-            include_url=False))) from None
+        problems = exc.errors(include_url=False)
+        listed = [_describe(err, prefix, model) for err in problems[:MAX_LISTED_PROBLEMS]]
+        more = len(problems) - len(listed)
+        if more:
+            listed.append(f"and {more} more problems")
+        raise InputError("; ".join(listed)) from None
+    except RecursionError:
+        raise InputError("is nested too deeply", field=prefix or None) from None
 
 
 def _describe(err: Any, prefix: str, model: type[BaseModel]) -> str:
-    path = ".".join([*([prefix] if prefix else []), *(str(part) for part in err["loc"])])
+    path = ".".join([*([prefix] if prefix else []), *(field_part(part) for part in err["loc"])])
+    path = cut(path, 4 * EXCERPT_CHARS)
     kind = err["type"]
     if kind == "extra_forbidden":
         allowed = ", ".join(sorted(model.model_fields)) if len(err["loc"]) == 1 else None
@@ -64,7 +104,7 @@ def _describe(err: Any, prefix: str, model: type[BaseModel]) -> str:
         return f"{path}: unknown field{hint}"
     if kind == "missing":
         return f"{path}: is required"
-    message = err["msg"].removeprefix("Value error, ")
+    message = cut(err["msg"].removeprefix("Value error, "), 4 * EXCERPT_CHARS)
     if kind.endswith("_type") or kind.endswith("_parsing"):
         message += f", got {_json_type(err.get('input'))}"
     return f"{path}: {message[0].lower()}{message[1:]}"

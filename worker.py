@@ -39,7 +39,7 @@ from delivery import (
     measure_answer,
 )
 from downloads import load_jsonl_url
-from errors import InputError, PayloadTooLarge, WorkerError, error_response
+from errors import InputError, JobTimeout, PayloadTooLarge, WorkerError, error_response
 from model_loader import LoadedModel, load_task
 from openai_compat import OpenAIRoutes, is_openai_job
 from storage import Storage, storage_for_job, storage_from_settings
@@ -89,7 +89,36 @@ class Worker:
 
     async def handle(self, job: Any, progress: ProgressFn | None = None
                      ) -> AsyncIterator[dict[str, Any] | str]:
-        """Answer one RunPod job: yields stream chunks, or one answer, or one error answer."""
+        """Answer one RunPod job: yields stream chunks, or one answer, or one error answer.
+
+        The whole job (tokenizing, every batch item, delivery) ends at WORKER_JOB_TIMEOUT_S:
+        what it awaits then is cancelled (its sequences leave the device) and it answers
+        JobTimeout. The limit is checked while the job works, not while a chunk is delivered.
+        """
+        answers = self._handle(job, progress)
+        deadline = asyncio.get_running_loop().time() + self.settings.job_timeout_s
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        item = await anext(answers)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    timeout = JobTimeout(
+                        f"the job ran past {self.settings.job_timeout_s:g}s "
+                        "(WORKER_JOB_TIMEOUT_S); send less work per job (fewer items, texts or "
+                        "max_new_tokens)")
+                    log.info("job %s failed: %s", job.get("id") if isinstance(job, dict)
+                             else "job", timeout)
+                    yield dict(error_response(timeout, openai=is_openai_job(job)))
+                    return
+                yield item
+        finally:
+            await answers.aclose()
+
+    async def _handle(self, job: Any, progress: ProgressFn | None
+                      ) -> AsyncIterator[dict[str, Any] | str]:
         job_id = str(job.get("id", "job")) if isinstance(job, dict) else "job"
         openai = is_openai_job(job)
         try:
@@ -207,8 +236,8 @@ class Worker:
         items = await self._batch_items(job, job_input)
         total, done = len(items), 0
         last_report = time.monotonic()
-        # Bounded in flight, so one large batch job leaves room for other jobs' sequences.
-        gate = asyncio.Semaphore(max(1, self.settings.max_batch_size))
+        # At most half the decode rows in flight, so one large batch job leaves room for others.
+        gate = asyncio.Semaphore(max(1, self.settings.max_batch_size // 2))
 
         async def run_item(index: int, item: Any) -> dict[str, Any]:
             nonlocal done, last_report

@@ -16,6 +16,9 @@ Input (``job["input"]``)::
 
 The token limit of one text is the smaller of the model's own (``max_seq_length`` of
 ``sentence_bert_config.json``, else ``max_position_embeddings``) and WORKER_MAX_PROMPT_TOKENS.
+A text's characters are bounded before it is tokenized (PROMPT_CHARS_PER_TOKEN per token of
+that limit): refused, or with ``truncate`` cut to the bound first. Tokenizing runs in the
+tokenizer thread (``validation.in_tokenizer_thread``), never on the event loop.
 
 Answer: ``{"embeddings": [[float, ...], ...], "dim", "usage": {"prompt_tokens"}, "model"}``,
 one vector per text in input order; ``prompt_tokens`` counts every token, special ones included.
@@ -41,13 +44,14 @@ from transformers import AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
 from batcher import Batcher
-from config import ModelSettings, WorkerSettings
+from config import PROMPT_CHARS_PER_TOKEN, ModelSettings, WorkerSettings
 from errors import InputError, JobTimeout, ModelNotFound
 from model_loader import LoadedModel, ModelFiles, place_model
 from tasks.base import JobContext, Task
-from validation import StrictInput, parse_input
+from validation import StrictInput, in_tokenizer_thread, parse_input
 
 POOLING_MODES = ("mean", "cls", "max")
+TOKENIZE_SLICE_CHARS = 256 * 1024   # characters tokenized in one call to the tokenizer thread
 _BASE_MODEL_CLASSES = frozenset(MODEL_MAPPING_NAMES.values())
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 
@@ -93,9 +97,13 @@ class EmbedAnswer(TypedDict):
 
 @dataclass(frozen=True)
 class EmbedRequest:
-    token_ids: list[list[int]]
+    """A checked job, not yet tokenized: ``EmbedTask.tokens`` tokenizes it off the loop."""
+
+    texts: list[str]               # already cut to the character bound when truncating
     normalize: bool
     dimensions: int | None
+    truncate: bool
+    field: str                     # "input.texts" (errors add [i]) or "input.text"
     stream: bool = False           # embeddings are answered whole
 
 
@@ -232,37 +240,79 @@ class EmbedTask(Task):
         self.pooling = read_pooling(loaded.source.path)
         self.dim = int(loaded.model.config.hidden_size)
         self.max_tokens = min(model_token_limit(loaded), settings.max_prompt_tokens)
+        self.max_chars = self.max_tokens * PROMPT_CHARS_PER_TOKEN
         self.batcher = Batcher(EmbedEngine(loaded, self.pooling), settings.embed_batch_size,
                                settings.batch_wait_ms)
 
     def parse(self, job_input: dict[str, Any], where: str = "input") -> EmbedRequest:
-        """Validate and tokenize; raises InputError naming the field (and the text's index)."""
+        """Validate and bound the texts' lengths; raises InputError naming the field (and the
+        text's index). Cheap enough for the event loop: tokenizing waits for ``tokens``."""
         data = parse_input(EmbedInput, job_input, {"limits": self.settings}, prefix=where)
-        return self.tokenize(data.texts if data.texts is not None else [data.text or ""],
-                             normalize=data.normalize, dimensions=data.dimensions,
-                             truncate=data.truncate,
-                             field=f"{where}.texts" if data.texts is not None else f"{where}.text",
-                             dimensions_field=f"{where}.dimensions")
+        return self.request(data.texts if data.texts is not None else [data.text or ""],
+                            normalize=data.normalize, dimensions=data.dimensions,
+                            truncate=data.truncate,
+                            field=f"{where}.texts" if data.texts is not None else f"{where}.text",
+                            dimensions_field=f"{where}.dimensions")
 
-    def tokenize(self, texts: list[str], *, normalize: bool, dimensions: int | None,
-                 truncate: bool, field: str, dimensions_field: str) -> EmbedRequest:
-        """The request for ``texts``; errors name ``field`` (``field[i]`` for one text)."""
+    def request(self, texts: list[str], *, normalize: bool, dimensions: int | None,
+                truncate: bool, field: str, dimensions_field: str) -> EmbedRequest:
+        """The request for ``texts``; errors name ``field`` (``field[i]`` for one text).
+
+        A text longer than PROMPT_CHARS_PER_TOKEN characters per token of the limit is refused
+        before it is tokenized, or with ``truncate`` cut to that many characters first. The cut
+        changes the tokens kept only if the kept part averages more than that many characters
+        per token (long runs of spaces, which tokenizers drop): not real text.
+        """
         if dimensions is not None and dimensions > self.dim:
             raise InputError(f"{dimensions} is more than the model's {self.dim} dimensions",
                              field=dimensions_field)
-        ids = self.tokenizer(texts, truncation=truncate, max_length=self.max_tokens if truncate
-                             else None)["input_ids"]
+        limit = self.max_chars
+        if truncate:
+            texts = [t[:limit] for t in texts]
+        else:
+            for index, text in enumerate(texts):
+                if len(text) > limit:
+                    raise InputError(
+                        f"is {len(text):,} characters, over the limit of {limit:,} "
+                        f"({PROMPT_CHARS_PER_TOKEN} per token of the {self.max_tokens}-token "
+                        "limit); shorten it or send \"truncate\": true",
+                        field=self._text_field(field, index))
+        return EmbedRequest(texts, normalize, dimensions, truncate, field)
+
+    @staticmethod
+    def _text_field(field: str, index: int) -> str:
+        return f"{field}[{index}]" if field.endswith("s") else field
+
+    async def tokens(self, request: EmbedRequest) -> list[list[int]]:
+        """Each text's token ids, tokenized in the tokenizer thread a slice at a time (so one
+        large job never holds the thread for long), checked against the token limit."""
+        ids: list[list[int]] = []
+        start = 0
+        while start < len(request.texts):
+            end, chars = start, 0
+            while end < len(request.texts) and (end == start or chars < TOKENIZE_SLICE_CHARS):
+                chars += len(request.texts[end])
+                end += 1
+            ids += await in_tokenizer_thread(self._tokenize, request.texts[start:end],
+                                             request.truncate)
+            start = end
         for index, row in enumerate(ids):
             if len(row) > self.max_tokens:
-                where = f"{field}[{index}]" if field.endswith("s") else field
                 raise InputError(f"is {len(row)} tokens, over the limit of {self.max_tokens} "
                                  "(the model's max_seq_length, or WORKER_MAX_PROMPT_TOKENS); "
-                                 "shorten it or send \"truncate\": true", field=where)
-        return EmbedRequest([list(r) for r in ids], normalize, dimensions)
+                                 "shorten it or send \"truncate\": true",
+                                 field=self._text_field(request.field, index))
+        return ids
 
-    async def vectors(self, request: EmbedRequest) -> torch.Tensor:
+    def _tokenize(self, texts: list[str], truncate: bool) -> list[list[int]]:
+        """Token ids of ``texts`` (runs in the tokenizer thread)."""
+        ids = self.tokenizer(texts, truncation=truncate,
+                             max_length=self.max_tokens if truncate else None)["input_ids"]
+        return [list(row) for row in ids]
+
+    async def vectors(self, request: EmbedRequest, token_ids: list[list[int]]) -> torch.Tensor:
         """One row per text, pooled, cut to ``dimensions`` and normalized as asked."""
-        items = [EmbedItem(ids) for ids in request.token_ids]
+        items = [EmbedItem(ids) for ids in token_ids]
         try:
             # Cancelling the submissions skips texts not yet on the device; a forward pass
             # already running ends on its own (it cannot be cut short).
@@ -280,11 +330,12 @@ class EmbedTask(Task):
 
     async def answer(self, request: EmbedRequest,  # type: ignore[override]
                      job: JobContext | None = None) -> EmbedAnswer:
-        matrix = await self.vectors(request)
+        token_ids = await self.tokens(request)
+        matrix = await self.vectors(request, token_ids)
         return {
             "embeddings": matrix.tolist(),
             "dim": int(matrix.shape[1]),
-            "usage": {"prompt_tokens": sum(len(r) for r in request.token_ids)},
+            "usage": {"prompt_tokens": sum(len(r) for r in token_ids)},
             "model": self.loaded.served_name,
         }
 

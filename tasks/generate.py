@@ -19,11 +19,21 @@ Input (``job["input"]``)::
 Answer: ``{"text", "finish_reason": "stop"|"length", "usage": {"prompt_tokens",
 "completion_tokens"}, "model"}``. A stream's last chunk carries ``finish_reason``, ``usage``
 and ``model`` too. ``completion_tokens`` counts every token the model produced, end token included.
+
+Costs are bounded before they are paid, and a refusal never reaches a batch: ``parse`` (on the
+event loop) checks the fields and the prompt's length in characters (``PROMPT_CHARS_PER_TOKEN``
+per token of the prompt limit); ``prepare`` tokenizes in the tokenizer thread
+(``validation.in_tokenizer_thread``) and checks the prompt's tokens against
+WORKER_MAX_PROMPT_TOKENS and prompt + max_new_tokens against the model's context
+(``model_context``). An explicit max_new_tokens the context cannot hold is refused; the default
+shrinks to what the context leaves. A chat template that refuses the messages (jinja's
+``raise_exception``) is an input error naming the messages field.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -31,17 +41,18 @@ from typing import Any, Literal, TypedDict
 
 import torch
 import transformers
+from jinja2 import TemplateError
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from transformers import AutoTokenizer, GenerationConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from batcher import Batcher
-from config import ModelSettings, WorkerSettings
+from config import PROMPT_CHARS_PER_TOKEN, ModelSettings, WorkerSettings
 from engine import Engine, SamplingParams, Sequence
-from errors import InputError, JobTimeout
+from errors import InputError, JobTimeout, excerpt
 from model_loader import LoadedModel, ModelFiles, place_model
 from tasks.base import JobContext, Task
-from validation import StrictInput, parse_input
+from validation import StrictInput, in_tokenizer_thread, parse_input
 
 MAX_STOP_CHARS = 256
 
@@ -122,12 +133,39 @@ class GenerateAnswer(TypedDict):
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    prompt_ids: list[int]
-    params: SamplingParams
+    """A checked job, not yet tokenized: ``GenerateTask.prepare`` tokenizes it off the loop."""
+
+    messages: list[dict[str, str]] | None    # exactly one of messages and prompt
+    prompt: str | None
+    params: SamplingParams                   # max_new_tokens: as asked, else the default
+    asked_max_new_tokens: bool               # False: the default, which the context may shrink
     stream: bool
+    where: str = "input"                     # field prefix for errors ("input.batch.3")
+
+    @property
+    def field(self) -> str:
+        return f"{self.where}.messages" if self.messages is not None else f"{self.where}.prompt"
 
 
 _DONE = object()
+
+
+def model_context(loaded: LoadedModel) -> int | None:
+    """Most tokens (prompt and generated together) the model has positions for, if it says.
+
+    ``max_position_embeddings`` (``n_positions`` for GPT-2 style configs, which transformers
+    maps to it). With absolute positions it is a hard limit: one more position indexes past the
+    embedding table and fails the whole forward pass (a device-side assert on CUDA). Rotary
+    models have no table, but they were trained up to it and their quality falls apart beyond
+    it, so the same limit is applied to them too (as vLLM's max_model_len does).
+    """
+    config = loaded.model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(text_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 _CAUSAL_LM_CLASSES = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
@@ -172,6 +210,9 @@ class GenerateTask(Task):
         super().__init__(loaded, settings)
         self.tokenizer = loaded.tokenizer
         self.batcher = Batcher(Engine(loaded), settings.max_batch_size, settings.batch_wait_ms)
+        self.context = model_context(loaded)
+        prompt_tokens = min(settings.max_prompt_tokens, self.context or settings.max_prompt_tokens)
+        self.max_prompt_chars = prompt_tokens * PROMPT_CHARS_PER_TOKEN
         gc = loaded.generation_config or GenerationConfig()
         sampling = bool(getattr(gc, "do_sample", False))
         # Defaults from the model's generation config; greedy when it does not ask to sample.
@@ -184,25 +225,23 @@ class GenerateTask(Task):
 
     # ------------------------------------------------------------------------------------------
     def parse(self, job_input: dict[str, Any], where: str = "input") -> GenerateRequest:
-        """Validate and tokenize; raises InputError naming the field (under ``where``)."""
+        """Validate, and bound the prompt's length; raises InputError naming the field.
+
+        Cheap enough for the event loop: tokenizing waits for ``prepare``, in its own thread.
+        """
         data = parse_input(GenerateInput, job_input, {"limits": self.settings}, prefix=where)
         if data.messages is not None:
             if not self.tokenizer.chat_template:
                 raise InputError("this model has no chat template; send 'prompt' instead",
                                  field=f"{where}.messages")
-            ids = self.tokenizer.apply_chat_template(
-                [m.model_dump() for m in data.messages], add_generation_prompt=True,
-                tokenize=True, return_dict=True)["input_ids"]
-            field = f"{where}.messages"
+            chars, field = sum(len(m.content) for m in data.messages), f"{where}.messages"
         else:
-            ids = self.tokenizer(data.prompt)["input_ids"]
-            field = f"{where}.prompt"
-        if not ids:
-            raise InputError("is empty after tokenization", field=field)
-        if len(ids) > self.settings.max_prompt_tokens:
-            raise InputError(f"is {len(ids)} tokens, over the limit of "
-                             f"{self.settings.max_prompt_tokens} (WORKER_MAX_PROMPT_TOKENS)",
-                             field=field)
+            chars, field = len(data.prompt or ""), f"{where}.prompt"
+        if chars > self.max_prompt_chars:
+            raise InputError(
+                f"is {chars:,} characters, over the limit of {self.max_prompt_chars:,} "
+                f"({PROMPT_CHARS_PER_TOKEN} per token of the prompt's token limit, "
+                "WORKER_MAX_PROMPT_TOKENS or the model's context); shorten it", field=field)
         d = self.defaults
         params = SamplingParams(
             max_new_tokens=data.max_new_tokens or self.settings.default_max_new_tokens,
@@ -214,16 +253,70 @@ class GenerateTask(Task):
             seed=data.seed,
             stop=tuple(data.stop or ()),
         )
-        return GenerateRequest(list(ids), params, data.stream)
+        messages = None if data.messages is None else [m.model_dump() for m in data.messages]
+        return GenerateRequest(messages, data.prompt if messages is None else None, params,
+                               data.max_new_tokens is not None, data.stream, where)
 
     @property
     def device_fault(self) -> str | None:
         return self.batcher.device_fault
 
-    def _sequence(self, request: GenerateRequest, job: JobContext | None) -> Sequence:
+    async def prepare(self, request: GenerateRequest, job: JobContext | None = None) -> Sequence:
+        """Tokenize (in the tokenizer thread) and check the request against the model's limits.
+
+        Every refusal here happens before the sequence is admitted to a batch, so it can never
+        fail the jobs it would have been batched with.
+        """
+        ids = await in_tokenizer_thread(self._tokenize, request)
+        field = request.field
+        if not ids:
+            raise InputError("is empty after tokenization", field=field)
+        if len(ids) > self.settings.max_prompt_tokens:
+            raise InputError(f"is {len(ids)} tokens, over the limit of "
+                             f"{self.settings.max_prompt_tokens} (WORKER_MAX_PROMPT_TOKENS)",
+                             field=field)
+        params = request.params
+        max_new = self._fit_context(len(ids), request)
+        if max_new != params.max_new_tokens:
+            params = dataclasses.replace(params, max_new_tokens=max_new)
         deadline = job.deadline if job is not None else (
             time.monotonic() + self.settings.job_timeout_s)
-        return Sequence(request.prompt_ids, request.params, deadline=deadline)
+        return Sequence(list(ids), params, deadline=deadline)
+
+    def _tokenize(self, request: GenerateRequest) -> list[int]:
+        """The prompt's token ids (runs in the tokenizer thread)."""
+        if request.messages is None:
+            return list(self.tokenizer(request.prompt)["input_ids"])
+        try:
+            return list(self.tokenizer.apply_chat_template(
+                request.messages, add_generation_prompt=True, tokenize=True,
+                return_dict=True)["input_ids"])
+        except TemplateError as exc:
+            # The template's own refusal (raise_exception: roles must alternate, ...) is about
+            # these messages, not the worker; its text is the model author's, cut short.
+            raise InputError(f"the model's chat template refused these messages: "
+                             f"{excerpt(str(exc), 200)}", field=request.field) from None
+
+    def _fit_context(self, prompt_tokens: int, request: GenerateRequest) -> int:
+        """max_new_tokens for this prompt within the model's context, or an InputError."""
+        asked = request.params.max_new_tokens
+        if self.context is None:
+            return asked
+        room = self.context - prompt_tokens
+        if room < 1:
+            raise InputError(
+                f"is {prompt_tokens:,} tokens, and the model's context of {self.context:,} "
+                "tokens (max_position_embeddings) must hold the prompt and at least one new "
+                "token; shorten it", field=request.field)
+        if asked <= room:
+            return asked
+        if not request.asked_max_new_tokens:
+            return room         # the default gives way to the context; an explicit ask does not
+        raise InputError(
+            f"{asked} is more than the model's context leaves: the prompt is "
+            f"{prompt_tokens:,} tokens and the context of {self.context:,} tokens "
+            f"(max_position_embeddings) holds {room:,} more; ask for at most {room:,} or "
+            f"shorten {request.field}", field=f"{request.where}.max_new_tokens")
 
     def _answer(self, seq: Sequence) -> GenerateAnswer:
         if seq.finish_reason == "timeout":
@@ -240,7 +333,7 @@ class GenerateTask(Task):
     async def answer(self, request: GenerateRequest,  # type: ignore[override]
                      job: JobContext | None = None) -> GenerateAnswer:
         """Generate the whole text, batched with whatever else is in flight."""
-        seq = self._sequence(request, job)
+        seq = await self.prepare(request, job)
         await self.batcher.submit(seq)
         return self._answer(seq)
 
@@ -251,9 +344,9 @@ class GenerateTask(Task):
         Deltas that arrive while a chunk is being delivered are joined into the next chunk, so a
         slow stream endpoint gets fewer, larger chunks instead of falling behind.
         """
+        seq = await self.prepare(request, job)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
-        seq = self._sequence(request, job)
         seq.on_text = lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta)
         task = asyncio.ensure_future(self.batcher.submit(seq))
         task.add_done_callback(lambda _: queue.put_nowait(_DONE))

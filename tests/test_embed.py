@@ -186,3 +186,41 @@ class TestLargeEmbeddingAnswers:
             answer = json.loads(f.read())
         assert len(answer["embeddings"]) == 1000 and answer["dim"] == 384
         assert link["bytes"] > settings.inline_limit_bytes
+
+
+class TestInputCosts:
+    def test_a_4_mb_text_is_refused_by_its_length_before_it_is_tokenized(self, loop,
+                                                                        embed_worker):
+        out = answer(loop, embed_worker, {"texts": ["short", "word " * 800_000]})
+        assert out["error_code"] == "invalid_input"
+        assert out["error"].startswith(
+            "input.texts[1]: is 4,000,000 characters, over the limit of 8,192"), out["error"]
+
+    def test_truncate_cuts_a_4_mb_text_to_the_token_limit(self, loop, embed_worker):
+        out = answer(loop, embed_worker, {"text": "word " * 800_000, "truncate": True})
+        short = answer(loop, embed_worker, {"text": "word " * 300, "truncate": True})
+        assert out["usage"]["prompt_tokens"] == 256
+        assert torch.allclose(torch.tensor(out["embeddings"]), torch.tensor(short["embeddings"]))
+
+    def test_tokenizing_runs_off_the_event_loop_and_off_the_device_thread(self, loop,
+                                                                         embed_worker):
+        class Recording:
+            def __init__(self, inner) -> None:
+                self._inner, self.threads = inner, []
+
+            def __getattr__(self, name: str):
+                return getattr(self._inner, name)
+
+            def __call__(self, *args, **kwargs):
+                self.threads.append(threading.current_thread())
+                return self._inner(*args, **kwargs)
+
+        recording = Recording(embed_worker.loaded.tokenizer)
+        loaded = dataclasses.replace(embed_worker.loaded, tokenizer=recording)
+        spied = dataclasses.replace(embed_worker, loaded=loaded,
+                                    task=EmbedTask(loaded, embed_worker.settings))
+        assert len(answer(loop, spied, {"texts": TEXTS})["embeddings"]) == len(TEXTS)
+        names = [t.name for t in recording.threads]
+        assert names, "the tokenizer was never called"
+        assert loop.thread not in recording.threads, names
+        assert not any(name.startswith("device") for name in names), names

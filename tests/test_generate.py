@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import shutil
+import threading
+import time
 
 import pytest
 import torch
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
+from model_loader import DEVICE_THREAD
+from tasks.generate import GenerateTask
 from tests.support.worker import LoopThread, chat, collect
-from worker import Worker
+from worker import Worker, build_worker
 
 pytestmark = pytest.mark.slow
 
@@ -203,3 +210,301 @@ class TestSamplingEdges:
         greedy = answer(loop, worker, chat(CAPITAL, max_new_tokens=12))
         tiny = answer(loop, worker, chat(CAPITAL, max_new_tokens=12, temperature=1e-300))
         assert tiny["text"] == greedy["text"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Every cost of a job is bounded before it is paid, and one job never hurts another
+# ----------------------------------------------------------------------------------------------
+def fresh_worker(worker: Worker, loaded=None, **limits) -> Worker:
+    """The same model with its own task and batcher (and settings), so a fault stays here."""
+    settings = dataclasses.replace(worker.settings, **limits)
+    loaded = loaded or worker.loaded
+    task = GenerateTask(loaded, settings)
+    return dataclasses.replace(worker, settings=settings, loaded=loaded, task=task,
+                               openai=type(worker.openai)(task, loaded.served_name))
+
+
+class RecordingTokenizer:
+    """The real tokenizer, noting the thread of every tokenize and chat-template call."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+        self.threads: list[threading.Thread] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def __call__(self, *args, **kwargs):
+        self.threads.append(threading.current_thread())
+        return self._inner(*args, **kwargs)
+
+    def apply_chat_template(self, *args, **kwargs):
+        self.threads.append(threading.current_thread())
+        return self._inner.apply_chat_template(*args, **kwargs)
+
+
+class TestInputCosts:
+    def test_a_4_mb_prompt_is_refused_by_its_length_before_it_is_tokenized(self, loop, worker):
+        out = answer(loop, worker, {"prompt": "word " * 800_000})
+        assert out["error_code"] == "invalid_input"
+        assert out["error"].startswith(
+            "input.prompt: is 4,000,000 characters, over the limit of 131,072"), out["error"]
+        assert "WORKER_MAX_PROMPT_TOKENS" in out["error"]
+
+    def test_many_long_messages_count_together_against_the_same_bound(self, loop, worker):
+        messages = [{"role": "user", "content": "x" * 50_000}] * 3
+        out = answer(loop, worker, {"messages": messages})
+        assert out["error"].startswith("input.messages: is 150,000 characters"), out["error"]
+
+    def test_tokenizing_runs_off_the_event_loop_and_off_the_device_thread(self, loop, worker):
+        recording = RecordingTokenizer(worker.loaded.tokenizer)
+        spied = fresh_worker(worker, dataclasses.replace(worker.loaded, tokenizer=recording))
+        assert "Paris" in answer(loop, spied, chat(CAPITAL, max_new_tokens=12))["text"]
+        assert answer(loop, spied, {"prompt": "Once upon a time", "max_new_tokens": 2})["text"]
+        names = [t.name for t in recording.threads]
+        assert len(names) >= 2, names
+        assert loop.thread not in recording.threads, names
+        assert not any(name.startswith("device") for name in names), names
+
+
+STRICT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}"
+    "{% if m['content'].startswith('!') %}{{ raise_exception('refused: ' + m['content']) }}"
+    "{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}<|im_start|>assistant\n")
+
+
+@pytest.fixture(scope="module")
+def strict(worker, default_model_dir) -> Worker:
+    """The default model with a chat template that refuses some conversations."""
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    tokenizer.chat_template = STRICT_TEMPLATE
+    return fresh_worker(worker, dataclasses.replace(worker.loaded, tokenizer=tokenizer))
+
+
+class TestChatTemplates:
+    def test_a_template_that_refuses_the_roles_is_an_input_error_naming_messages(
+            self, loop, strict):
+        out = answer(loop, strict, {"messages": [{"role": "user", "content": "a"},
+                                                 {"role": "user", "content": "b"}],
+                                    "max_new_tokens": 2})
+        assert out["error_code"] == "invalid_input", out
+        assert out["error"].startswith("input.messages: the model's chat template refused")
+        assert "roles must alternate" in out["error"]
+
+    def test_the_templates_own_message_is_cut_short(self, loop, strict):
+        out = answer(loop, strict, {"messages": [{"role": "user", "content": "!" * 100_000}]})
+        assert out["error_code"] == "invalid_input"
+        assert "refused: !!!" in out["error"] and len(out["error"]) < 600
+
+    def test_messages_the_template_accepts_are_answered(self, loop, strict):
+        assert "Paris" in answer(loop, strict, chat(CAPITAL, max_new_tokens=12))["text"]
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(default_model_dir, tmp_path_factory) -> Worker:
+    """A random GPT-2 with absolute positions and a 64-token context, saved as safetensors."""
+    out = tmp_path_factory.mktemp("tiny-gpt2")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(default_model_dir / name, out / name)
+    vocab = len(AutoTokenizer.from_pretrained(out))
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    GPT2LMHeadModel(config).save_pretrained(out)
+    assert (out / "model.safetensors").is_file()
+    return build_worker({"MODEL_PATH": str(out), "MODEL_NAME": "tiny/gpt2",
+                         "WORKER_BATCH_WAIT_MS": "50"})
+
+
+class TestModelContext:
+    def test_a_prompt_plus_max_new_tokens_over_the_context_is_refused_and_a_neighbour_runs(
+            self, loop, tiny_gpt2):
+        long_job = {"prompt": "word " * 40, "max_new_tokens": 40}
+        short_job = {"prompt": "Hello there", "max_new_tokens": 5}
+
+        async def together():
+            return await asyncio.gather(collect(tiny_gpt2, long_job),
+                                        collect(tiny_gpt2, short_job))
+
+        (long_out,), (short_out,) = loop.run(together())
+        assert long_out["error_code"] == "invalid_input", long_out
+        assert long_out["error"].startswith("input.max_new_tokens: "), long_out["error"]
+        assert "context of 64 tokens" in long_out["error"] and "40" in long_out["error"]
+        assert "error" not in short_out, short_out
+        assert short_out["usage"]["completion_tokens"] >= 1
+
+    def test_a_prompt_longer_than_the_context_names_the_prompt(self, loop, tiny_gpt2):
+        out = answer(loop, tiny_gpt2, {"prompt": "word " * 100, "max_new_tokens": 1})
+        assert out["error"].startswith("input.prompt: is 10"), out["error"]
+        assert "context of 64 tokens" in out["error"]
+        out = answer(loop, tiny_gpt2, {"messages": [{"role": "user", "content": "word " * 100}]})
+        assert out["error"].startswith("input.messages: is "), out["error"]
+
+    def test_without_max_new_tokens_the_answer_ends_where_the_context_does(self, loop, tiny_gpt2):
+        out = answer(loop, tiny_gpt2, {"prompt": "word " * 50})
+        assert "error" not in out, out
+        assert out["usage"]["prompt_tokens"] + out["usage"]["completion_tokens"] <= 64
+
+
+class TestBatchFailures:
+    """A failure inside a batch is charged to the row that causes it, never to its neighbours.
+
+    The fault is raised at the device edge: a hook on the real model's forward that fails any
+    pass fed the token <gh_stars> (id 7), as an out-of-range lookup would.
+    """
+
+    POISON = "Once upon a time <gh_stars>"
+
+    @staticmethod
+    def poison_hook(model):
+        def hook(module, args, kwargs):
+            if bool((kwargs["input_ids"] == 7).any()):
+                raise RuntimeError("index 7 is out of bounds for dimension 0")
+        return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def test_a_row_that_breaks_its_batch_fails_alone(self, loop, worker):
+        own = fresh_worker(worker)
+        clean = {"prompt": "Once upon a time", "max_new_tokens": 8}
+        alone = answer(loop, own, clean)["text"]
+        handle = self.poison_hook(own.loaded.model)
+        try:
+            async def together():
+                return await asyncio.gather(
+                    collect(own, {"prompt": self.POISON, "max_new_tokens": 8}),
+                    collect(own, clean))
+            (bad,), (good,) = loop.run(together())
+        finally:
+            handle.remove()
+        assert bad["error_code"] == "internal", bad
+        assert good.get("text") == alone, good
+        assert own.task.batcher.isolated >= 2
+
+    def test_a_streaming_neighbour_resumes_where_it_was_and_loses_nothing(self, loop, worker):
+        own = fresh_worker(worker)
+        job = {"prompt": "Count: 1, 2, 3,", "max_new_tokens": 80}
+        alone = answer(loop, own, job)["text"]
+        handle = self.poison_hook(own.loaded.model)
+        try:
+            async def stream_then_poison():
+                first_chunk = asyncio.Event()
+
+                async def stream():
+                    chunks = []
+                    async for item in own.handle({"id": "s", "input": {**job, "stream": True}}):
+                        chunks.append(item)
+                        first_chunk.set()
+                    return chunks
+
+                streaming = asyncio.ensure_future(stream())
+                await first_chunk.wait()
+                bad = await collect(own, {"prompt": self.POISON, "max_new_tokens": 4})
+                return bad, await streaming
+            (bad,), chunks = loop.run(stream_then_poison())
+        finally:
+            handle.remove()
+        assert bad["error_code"] == "internal", bad
+        assert all("error" not in c for c in chunks), chunks[-1]
+        assert "".join(c["text"] for c in chunks) == alone
+        assert own.task.batcher.isolated >= 1
+
+    def test_the_batcher_answers_every_job_when_releasing_memory_fails(
+            self, loop, worker, monkeypatch):
+        own = fresh_worker(worker)
+
+        def hook(module, args, kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        def empty_cache():
+            raise RuntimeError("the caching allocator is in an unexpected state")
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
+        handle = own.loaded.model.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            out = loop.run(collect(own, chat(CAPITAL, max_new_tokens=4)), timeout=60)[0]
+        finally:
+            handle.remove()
+            monkeypatch.undo()
+        assert out["error_code"] == "out_of_memory", out
+        assert "Paris" in answer(loop, own, chat(CAPITAL, max_new_tokens=12))["text"]
+
+    def test_the_batcher_survives_an_exception_that_breaks_its_own_error_handling(
+            self, loop, worker):
+        own = fresh_worker(worker)
+
+        class Unprintable(RuntimeError):
+            def __str__(self) -> str:
+                raise ValueError("cannot describe this failure")
+
+        def hook(module, args, kwargs):
+            raise Unprintable()
+
+        handle = own.loaded.model.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            async def two():
+                return await asyncio.gather(collect(own, chat(CAPITAL, max_new_tokens=4)),
+                                            collect(own, chat("Say hi.", max_new_tokens=4)))
+            results = loop.run(two(), timeout=60)
+        finally:
+            handle.remove()
+        assert [items[0]["error_code"] for items in results] == ["internal", "internal"]
+        assert "Paris" in answer(loop, own, chat(CAPITAL, max_new_tokens=12))["text"]
+
+
+class TestWholeJobDeadline:
+    def test_a_batch_job_as_a_whole_ends_at_the_time_limit_and_frees_its_rows(
+            self, loop, worker):
+        own = fresh_worker(worker, job_timeout_s=1.0, max_batch_size=4)
+        started = time.monotonic()
+        out = answer(loop, own, {"batch": [{"prompt": f"Story {i}:", "max_new_tokens": 64}
+                                           for i in range(64)]})
+        assert out.get("error_code") == "timeout", {k: str(v)[:200] for k, v in out.items()}
+        assert "WORKER_JOB_TIMEOUT_S" in out["error"]
+        assert time.monotonic() - started < 30
+
+        async def rows_freed():
+            for _ in range(100):
+                if not own.task.batcher.running and not own.task.batcher._queue:
+                    return True
+                await asyncio.sleep(0.1)
+            return False
+
+        assert loop.run(rows_freed()), "the timed-out batch kept its rows"
+
+    def test_a_job_waiting_for_a_busy_device_ends_at_the_time_limit(self, loop, worker):
+        own = fresh_worker(worker, job_timeout_s=1.0)
+        release = threading.Event()
+        busy = DEVICE_THREAD.submit(release.wait, 30)
+        try:
+            started = time.monotonic()
+            out = answer(loop, own, chat(CAPITAL, max_new_tokens=4))
+            elapsed = time.monotonic() - started
+        finally:
+            release.set()
+            busy.result()
+        assert out["error_code"] == "timeout", out
+        assert "WORKER_JOB_TIMEOUT_S" in out["error"]
+        assert elapsed < 15
+
+
+class TestBatchJobs:
+    def test_one_batch_job_leaves_decode_rows_for_other_jobs(self, loop, worker):
+        own = fresh_worker(worker, max_batch_size=4)
+        out = answer(loop, own, {"batch": [{"prompt": f"Item {i}:", "max_new_tokens": 6}
+                                           for i in range(8)]})
+        assert out["failed"] == 0
+        assert own.task.batcher.largest_batch <= 2
+
+    def test_a_batch_whose_every_item_failed_completes_with_the_errors(self, loop, worker):
+        out = answer(loop, worker, {"batch": [{"prompt": "x", "temprature": 1},
+                                              {"prompt": "word " * 800_000}]})
+        assert "error" not in out, "a top-level error would make RunPod mark the job FAILED"
+        assert out["failed"] == 2
+        assert [r["index"] for r in out["results"]] == [0, 1]
+        assert all(r["error_code"] == "invalid_input" for r in out["results"])
+        assert out["results"][1]["error"].startswith("input.batch.1.prompt: is 4,000,000 char")

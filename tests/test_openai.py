@@ -186,3 +186,24 @@ class TestErrors:
     def test_unknown_route_lists_the_routes(self, loop, worker):
         error = openai_error(one(loop, worker, route("/v1/images/generations", {})))
         assert error["param"] == "openai_route" and "/v1/chat/completions" in error["message"]
+
+    def test_a_huge_model_name_comes_back_as_a_short_excerpt(self, loop, worker):
+        answer = one(loop, worker, route("/v1/chat/completions", {**chat(worker),
+                                                                   "model": "m" * 200_000}))
+        assert len(answer["error"]) < 2000, len(answer["error"])
+        assert openai_error(answer)["code"] == "model_not_found"
+
+    def test_huge_values_of_refused_parameters_are_not_echoed(self, loop, worker):
+        answer = one(loop, worker, route("/v1/chat/completions", {
+            **chat(worker), "tools": [{"type": "function", "x": "y" * 200_000}],
+            "z" * 100_000: 1}))
+        assert len(answer["error"]) < 2000, len(answer["error"])
+        assert openai_error(answer)["param"] == "tools"
+        answer = one(loop, worker, {"openai_route": "/v1/" + "r" * 100_000, "openai_input": {}})
+        assert len(answer["error"]) < 2000, len(answer["error"])
+
+    def test_a_prompt_over_the_bound_is_named_as_the_client_sent_it(self, loop, worker):
+        error = openai_error(one(loop, worker, route("/v1/completions", {
+            "model": worker.loaded.served_name, "prompt": "word " * 800_000})))
+        assert error["param"] == "prompt"
+        assert error["message"].startswith("prompt: is 4,000,000 characters"), error["message"]

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from config import WorkerSettings
-from errors import InputError, PayloadTooLarge
+from errors import (
+    MAX_ERROR_CHARS,
+    DownloadError,
+    InputError,
+    JobTimeout,
+    PayloadTooLarge,
+    StorageError,
+    error_response,
+    excerpt,
+)
 from tasks.generate import GenerateInput
 from validation import check_job_input, parse_input
 
@@ -84,3 +95,73 @@ class TestGenerateFields:
 
     def test_a_single_stop_string_is_accepted(self):
         assert parse({"prompt": "x", "stop": "\n"}).stop == ["\n"]
+
+
+class TestErrorsEchoOnlyAnExcerpt:
+    """An attacker's input comes back, if at all, as a short cut excerpt; never in full."""
+
+    def test_an_unknown_field_name_of_200_kb_comes_back_cut(self):
+        name = "x" * 200_000
+        message = error_of({"prompt": "hi", name: 1})
+        assert len(message) < 600, len(message)
+        assert message.startswith("input.'xxxx")
+        assert "(200,000 characters): unknown field" in message
+
+    def test_a_field_name_with_a_newline_cannot_split_the_error_line(self):
+        message = error_of({"prompt": "hi", "a\nb": 1})
+        assert "\n" not in message
+
+    def test_thousands_of_bad_items_list_a_few_problems_and_count_the_rest(self):
+        message = error_of({"messages": [{"role": "bot", "content": 1}] * 2000})
+        assert len(message) < 1500, len(message)
+        assert "more problems" in message
+
+    def test_excerpt_cuts_quotes_and_escapes(self):
+        assert excerpt("gpt-4o") == "'gpt-4o'"
+        cut = excerpt("a" * 10_000)
+        assert cut.startswith("'aaaa") and len(cut) < 100 and "10,000 characters" in cut
+        assert "\n" not in excerpt("one\ntwo")
+        deep: list = []
+        for _ in range(5000):
+            deep = [deep]
+        assert len(excerpt(deep)) < 100
+        assert len(excerpt({"k" * 10_000: ["v" * 10_000] * 10_000})) < 100
+
+
+class TestErrorAnswersAreAlwaysSmall:
+    def test_an_error_of_10_mb_is_answered_cut_to_the_bound(self):
+        answer = error_response(InputError("y" * 10_000_000, field="input.prompt"))
+        assert answer["error_code"] == "invalid_input"
+        assert answer["error"].startswith("input.prompt: yyy")
+        assert len(answer["error"]) <= MAX_ERROR_CHARS
+
+    def test_the_openai_error_object_stays_valid_json_and_small(self):
+        answer = error_response(InputError("\u2603" * 1_000_000, field="m" * 100_000),
+                                openai=True)
+        body = json.loads(answer["error"])["error"]
+        assert len(body["message"]) <= MAX_ERROR_CHARS
+        assert len(body["param"]) < 200
+        assert len(json.dumps(answer)) < 16_000
+
+    def test_every_kind_of_error_is_bounded(self):
+        for exc in (StorageError("s" * 100_000), DownloadError("d" * 100_000),
+                    JobTimeout("t" * 100_000), RuntimeError("r" * 100_000)):
+            assert len(json.dumps(error_response(exc))) < 16_000
+
+
+class TestHostileJobShapes:
+    def test_an_unpaired_surrogate_is_an_input_error_that_says_so(self):
+        with pytest.raises(InputError, match="^input: holds text that is not valid Unicode"):
+            check_job_input({"id": "j", "input": {"prompt": "\ud800"}}, 10_000)
+
+    def test_deep_nesting_is_an_input_error_not_a_crash(self):
+        deep: list = []
+        for _ in range(100_000):
+            deep = [deep]
+        with pytest.raises(InputError, match="^input: is nested too deeply"):
+            check_job_input({"id": "j", "input": {"prompt": deep}}, 10_000_000)
+
+    def test_an_error_is_always_one_line(self):
+        answer = error_response(InputError("bad\nforged: line", field="input.a\nb"))
+        assert "\n" not in answer["error"]
+        assert answer["error"] == "input.a\\nb: bad\\nforged: line"
