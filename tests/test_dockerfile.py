@@ -262,9 +262,31 @@ class TestContinuousIntegration:
         assert "push" in triggers
         steps = self.workflow["jobs"]["test"]["steps"]
         assert any(step.get("run") == "bash .ci/run" for step in steps)
-        ci = (ROOT / ".ci" / "run").read_text()
-        assert "make lint" in ci and "make test" in ci
-        assert "`make test`" in (ROOT / "README.md").read_text()
+        ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+              if line.strip().startswith("make ")]
+        # The image is built and answers jobs after the tests, as its own step.
+        assert ci == ["make lint", "make test", "make image-check"]
+        readme = (ROOT / "README.md").read_text()
+        assert "`make test`" in readme and "`make image-check`" in readme
+        assert "image-check:" in (ROOT / "Makefile").read_text()
+
+    def test_the_tests_run_on_each_supported_python(self):
+        versions = self.workflow["jobs"]["test"]["strategy"]["matrix"]["python-version"]
+        assert versions == ["3.11", "3.12"]
+        setup = next(s for s in self.workflow["jobs"]["test"]["steps"]
+                     if s.get("uses", "").startswith("actions/setup-python"))
+        assert setup["with"]["python-version"] == "${{ matrix.python-version }}"
+
+    def test_actions_are_on_their_node_24_majors(self):
+        oldest = {"actions/checkout": 5, "actions/setup-python": 6,
+                  "docker/setup-buildx-action": 4, "docker/login-action": 4,
+                  "docker/metadata-action": 6, "docker/build-push-action": 7}
+        used = [s["uses"] for job in self.workflow["jobs"].values() for s in job["steps"]
+                if "uses" in s]
+        assert {u.split("@")[0] for u in used} == set(oldest)
+        for use in used:
+            action, version = use.split("@")
+            assert int(version.lstrip("v")) >= oldest[action], f"{use} runs on Node 20"
 
     def test_the_image_is_built_on_tags_with_the_token_as_a_secret(self):
         job = self.workflow["jobs"]["image"]
@@ -274,3 +296,12 @@ class TestContinuousIntegration:
             "docker/build-push-action"))
         assert "HF_TOKEN=" in build["with"]["secrets"]
         assert "TOKEN" not in build["with"]["build-args"]
+
+    def test_the_released_image_bakes_from_the_hub_or_fails(self):
+        job = self.workflow["jobs"]["image"]
+        build = next(s for s in job["steps"] if s.get("uses", "").startswith(
+            "docker/build-push-action"))
+        args = build["with"]["build-args"]
+        # Never the offline GGUF fallback, and no model named here: unset means the default.
+        assert "MODEL_SOURCE=hub" in args.splitlines()
+        assert "MODEL_NAME=${{ vars.MODEL_NAME }}" in args.splitlines()
