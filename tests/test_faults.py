@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from redaction import MASK, RedactingStream, redact, secret_values
 from tasks.generate import GenerateTask
@@ -74,6 +75,7 @@ class TestStartupFaults:
         message = self.failure_line(self.start({"MODEL_PATH": str(broken)}, tmp_path))
         assert "could not be loaded" in message and "make model" in message
 
+    @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
     def test_asking_for_a_gpu_on_a_machine_without_one(self, tmp_path, default_model_dir):
         message = self.failure_line(self.start(
             {"MODEL_PATH": str(default_model_dir), "MODEL_DEVICE": "cuda"}, tmp_path))
