@@ -52,3 +52,10 @@ gpu-check:
 
 clean:
 	rm -rf $(VENV) models .pytest_cache .ruff_cache
+
+# Build the Dockerfile on a stand-in base (Debian, CPU torch) and answer jobs with the image:
+# serverless through the real worker loop, then pod mode. Needs root (installs docker.io and
+# debootstrap when missing, starts dockerd). Its own CI step after `make test`, never in pytest.
+.PHONY: image-check
+image-check: setup
+	$(PY) -m scripts.image_check

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from builder.defaults import DEFAULT_MODEL_ID
 from errors import SettingsError
 
 PROJECT_ROOT = Path(__file__).resolve().parent
@@ -95,8 +96,7 @@ class _Reader:
 # --------------------------------------------------------------------------------------------
 # Model: which weights, where they come from, on which device (model_loader.py)
 # --------------------------------------------------------------------------------------------
-DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
+# DEFAULT_MODEL_ID lives in builder/defaults.py: the build and the runtime read the same one.
 MODEL_PATH = _var("model", "MODEL_PATH", None,
                   "A model directory to serve; when set, nothing else is searched")
 MODEL_NAME = _var("model", "MODEL_NAME", DEFAULT_MODEL_ID,

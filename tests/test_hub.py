@@ -1,8 +1,9 @@
-"""The RunPod Hub files agree with the code: settings, defaults, limits and the test job."""
+"""The RunPod Hub files agree with the code: settings, defaults, limits, disk and the test job."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,24 @@ def _hub_text(value: Any) -> str:
     return str(value)
 
 
+# Settings read together (the default must not exceed the limit): a value offered for one is
+# checked with the other at its most permissive legal value, as a user would set both.
+PARTNERS = {"WORKER_MAX_NEW_TOKENS": {"WORKER_DEFAULT_MAX_NEW_TOKENS": "1"},
+            "WORKER_DEFAULT_MAX_NEW_TOKENS": {"WORKER_MAX_NEW_TOKENS": "131072"}}
+
+# What "/" holds in a worker besides the weights: the unpacked base image
+# (pytorch/pytorch:2.13.0-cuda12.6-cudnn9-runtime: torch with its CUDA and cuDNN libraries,
+# an upper estimate) and the packages of requirements.txt.
+BASE_IMAGE_GB = 8.0
+PACKAGES_GB = 1.0
+# runpod's SDK exits a worker whose "/" has less than this share free (RUNPOD_MIN_DISK_PERCENT).
+SDK_MIN_FREE = 0.10
+
+
 def _reads(name: str, value: str) -> bool:
     """Whether the settings class of ``name`` accepts ``value`` for it."""
     try:
-        READERS[config.VARS[name].group].from_env({name: value})
+        READERS[config.VARS[name].group].from_env({**PARTNERS.get(name, {}), name: value})
     except SettingsError:
         return False
     return True
@@ -50,6 +65,18 @@ class TestHubListing:
         assert isinstance(cfg["containerDiskInGb"], int)
         assert all(v >= "12.6" for v in cfg["allowedCudaVersions"]), (
             "the base image is built for CUDA 12.6: older drivers cannot run it")
+
+    def test_the_container_disk_holds_the_image_and_twice_the_weights(self, default_model_dir):
+        # Twice: room for a second copy of the weights (a download to a cache, a conversion)
+        # on top of the baked one, and still the SDK's free share left over.
+        weights_gb = sum(p.stat().st_size for p in default_model_dir.glob("*.safetensors")) / 1e9
+        needed = (BASE_IMAGE_GB + PACKAGES_GB + 2 * weights_gb) / (1 - SDK_MIN_FREE)
+        disk = HUB["config"]["containerDiskInGb"]
+        assert disk >= needed, (
+            f"containerDiskInGb {disk} is too small for a {weights_gb:.1f} GB model: set it to "
+            f"at least {needed:.0f} in .runpod/hub.json (and the README's Container disk)")
+        readme = (ROOT / "README.md").read_text()
+        assert f"**Container disk**: {disk} GB" in readme, "say the same in the README"
 
     @pytest.mark.parametrize("entry", INPUTS, ids=[e["key"] for e in INPUTS])
     def test_each_input_is_a_declared_setting_with_its_default_and_meaning(self, entry):
@@ -75,6 +102,17 @@ class TestHubListing:
             assert not _reads(name, str(field["min"] - 1)), f"{name}: min is not the limit"
             assert not _reads(name, str(field["max"] + 1)), f"{name}: max is not the limit"
 
+    @pytest.mark.parametrize("entry", INPUTS, ids=[e["key"] for e in INPUTS])
+    def test_a_number_is_bounded_as_its_description_says(self, entry):
+        field = entry["input"]
+        if field["type"] != "number":
+            return
+        assert "min" in field and "max" in field, f"{entry['key']}: give it a min and a max"
+        said = re.search(r"(\d+)\.\.(\d+)", field["description"])
+        if said:
+            assert (field["min"], field["max"]) == (int(said[1]), int(said[2])), (
+                f"{entry['key']}: min/max disagree with the description")
+
     def test_the_launch_switch_is_not_offered_on_serverless(self):
         assert not {"WORKER_MODE", "WORKER_POD_PORT", "WORKER_POD_API_KEY"} & {
             e["key"] for e in HUB["config"]["env"]}
@@ -85,7 +123,9 @@ class TestHubTests:
         limits = config.WorkerSettings.from_env({})
         for test in TESTS["tests"]:
             parse_input(GenerateInput, test["input"], {"limits": limits})
-            assert 10_000 <= test["timeout"] <= 600_000, "milliseconds, room for a cold start"
+            # Milliseconds. A first job on a new worker waits for the image pull and the model
+            # load: 300 s, as worker-vllm allows.
+            assert 300_000 <= test["timeout"] <= 600_000, "room for a cold start"
 
     def test_the_test_job_is_the_readme_smoke_job(self):
         smoke = json.loads((ROOT / "test_input.json").read_text())["input"]

