@@ -219,7 +219,7 @@ class TestInputCosts:
 
         recording = Recording(embed_worker.loaded.tokenizer)
         loaded = dataclasses.replace(embed_worker.loaded, tokenizer=recording)
-        spied = dataclasses.replace(embed_worker, loaded=loaded,
+        spied = dataclasses.replace(embed_worker,
                                     task=EmbedTask(loaded, embed_worker.settings))
         assert len(answer(loop, spied, {"texts": TEXTS})["embeddings"]) == len(TEXTS)
         names = [t.name for t in recording.threads]

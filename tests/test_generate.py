@@ -220,7 +220,7 @@ def fresh_worker(worker: Worker, loaded=None, **limits) -> Worker:
     settings = dataclasses.replace(worker.settings, **limits)
     loaded = loaded or worker.loaded
     task = GenerateTask(loaded, settings)
-    return dataclasses.replace(worker, settings=settings, loaded=loaded, task=task,
+    return dataclasses.replace(worker, settings=settings, task=task,
                                openai=type(worker.openai)(task, loaded.served_name))
 
 
