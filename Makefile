@@ -35,7 +35,7 @@ run: model
 	$(PY) handler.py --test_input '{"input": {"messages": [{"role": "user", "content": "$(QUESTION)"}], "max_new_tokens": 64}}'
 
 serve: model
-	$(PY) local_endpoint.py --port 8000 -- $(PY) handler.py
+	$(PY) -m dev.local_endpoint --port 8000 -- $(PY) handler.py
 
 test: model
 	$(PY) -m pytest

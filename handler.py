@@ -8,7 +8,7 @@ Run it:
     python handler.py                                  the RunPod worker loop (production), or
                                                        ./test_input.json when run locally
     python handler.py --test_input '{"input": {...}}'  one job, printed; exit 1 if it failed
-    python local_endpoint.py -- python handler.py      a local endpoint that behaves like RunPod
+    python -m dev.local_endpoint -- python handler.py  a local endpoint that behaves like RunPod
 
 A startup failure (bad setting, no model) prints one line saying what and how to fix it and
 exits 1 before any job is taken. Never imports boto3; job handling lives in ``worker.py``.
@@ -25,7 +25,7 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
-import redaction
+from serving import redaction
 
 # The SDK's default log level, DEBUG, prints whole jobs and answers (a job's s3Config, presigned
 # links); INFO prints job ids and states. And whatever prints goes through the secret filter.
@@ -34,9 +34,9 @@ redaction.install()
 
 import runpod  # noqa: E402
 
-from errors import WorkerError  # noqa: E402
-from model_loader import check_device  # noqa: E402
-from worker import Worker, build_worker, configure_logging  # noqa: E402
+from serving.device import check_device  # noqa: E402
+from serving.errors import WorkerError  # noqa: E402
+from serving.worker import Worker, build_worker, configure_logging  # noqa: E402
 
 log = logging.getLogger("worker")
 
@@ -94,7 +94,7 @@ if WORKER is not None:
     def device_is_usable() -> None:
         """Runs before the first job on RunPod: a broken GPU exits instead of failing jobs."""
         assert WORKER is not None
-        check_device(WORKER.loaded)
+        check_device(WORKER.loaded.device)
 
 
 def _local_test_job(argv: list[str]) -> dict[str, Any] | None:

@@ -25,13 +25,11 @@ MODEL_SERVED_NAME when set; else, for MODEL_PATH, the name recorded in the direc
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import resource
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,8 +45,9 @@ from transformers import (  # noqa: E402
 )
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from config import ModelSettings, WorkerSettings  # noqa: E402
-from errors import ModelNotFound, SettingsError, UnsupportedModel  # noqa: E402
+from serving.config import ModelSettings, WorkerSettings  # noqa: E402
+from serving.device import DEVICE_THREAD, is_out_of_memory  # noqa: E402
+from serving.errors import ModelNotFound, SettingsError, UnsupportedModel  # noqa: E402
 
 if TYPE_CHECKING:
     from tasks.base import Task
@@ -360,11 +359,6 @@ def _peak_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-# Every computation on the model runs on this one thread: loading, warm-up, every batch. Each
-# thread that calls torch gets its own OpenMP pool, and two pools on the same cores slow each
-# other down for good (measured on 2 cores: an 8-row decode took 5.6 s instead of 4.6 s once
-# a second thread had run torch).
-DEVICE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
 
 
 def place_model(model: ModelFiles, settings: ModelSettings, model_class: Any,
@@ -463,45 +457,3 @@ def load_model(settings: ModelSettings, warmup: bool | None = None,
         tasks = TASKS
     worker_settings = WorkerSettings.from_env({})
     return load_task(settings, worker_settings, tasks, warmup).loaded
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for the device (or host allocator) running out of memory."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("out of memory" in text
-                                              or "can't allocate memory" in text)
-
-
-def is_device_fault(exc: BaseException) -> bool:
-    """True for a CUDA error that leaves the device unusable for every later job."""
-    if is_out_of_memory(exc):
-        return False
-    accelerator_error = getattr(torch, "AcceleratorError", None)
-    if accelerator_error is not None and isinstance(exc, accelerator_error):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and any(marker in text for marker in (
-        "CUDA error", "device-side assert", "illegal memory access", "CUBLAS_STATUS",
-        "cuDNN error", "NCCL error"))
-
-
-def check_device(loaded: LoadedModel) -> None:
-    """A tiny computation on the model's device (on the device thread); raises if unusable."""
-    DEVICE_THREAD.submit(_check_device, loaded).result()
-
-
-def _check_device(loaded: LoadedModel) -> None:
-    x = torch.ones((8, 8), device=loaded.device)
-    if float((x @ x).sum().item()) != 512.0:
-        raise RuntimeError(f"the device {loaded.device} computed a wrong result")
-    if loaded.device.type == "cuda":
-        torch.cuda.synchronize(loaded.device)
-
-
-def release_memory() -> None:
-    """Give cached blocks back after a failure, so the next job starts from a clean pool."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

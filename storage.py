@@ -81,9 +81,9 @@ from botocore.httpsession import URLLib3Session
 from urllib3 import PoolManager
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 
-from config import StorageSettings
-from errors import InputError, StorageError
-from netguard import (
+from serving.config import StorageSettings
+from serving.errors import InputError, StorageError
+from serving.netguard import (
     AddressPolicy,
     AddressRefused,
     Deadline,

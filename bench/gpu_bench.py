@@ -87,10 +87,10 @@ def copy_seconds(nbytes: int) -> tuple[float, float]:
 
 
 def run(model_dir: Path, levels: list[int], new_tokens: int) -> dict[str, Any]:
-    from batcher import Batcher
-    from config import ModelSettings
-    from engine import Engine, SamplingParams, Sequence
     from model_loader import load_model
+    from serving.batcher import Batcher
+    from serving.config import ModelSettings
+    from serving.engine import Engine, SamplingParams, Sequence
 
     loaded = load_model(ModelSettings.from_env({"MODEL_PATH": str(model_dir)}))
     stats = loaded.stats
@@ -172,9 +172,9 @@ def first_batch(model_dir: Path) -> dict[str, Any]:
     (``cudaMalloc`` calls); ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` is the
     experiment to compare (gpu_check.sh runs both).
     """
-    from config import ModelSettings
-    from engine import Engine, SamplingParams, Sequence
     from model_loader import load_model
+    from serving.config import ModelSettings
+    from serving.engine import Engine, SamplingParams, Sequence
 
     cuda = torch.cuda.is_available()
     loaded = load_model(ModelSettings.from_env({"MODEL_PATH": str(model_dir)}))

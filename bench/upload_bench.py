@@ -28,7 +28,7 @@ import botocore.config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a script, not a test
 
-from config import StorageSettings  # noqa: E402
+from serving.config import StorageSettings  # noqa: E402
 from storage import S3Storage  # noqa: E402
 from tests.support.s3 import S3Server, free_port  # noqa: E402
 

@@ -108,8 +108,8 @@ def bench_overhead(path: Path, repeat: int) -> dict[str, Any]:
     """A one-token job through Worker.handle vs model.generate of one token."""
     import torch
 
-    from model_loader import DEVICE_THREAD
-    from worker import build_worker
+    from serving.device import DEVICE_THREAD
+    from serving.worker import build_worker
 
     w = build_worker({"MODEL_PATH": str(path), "WORKER_BATCH_WAIT_MS": "0"})
     tok, model = w.loaded.tokenizer, w.loaded.model
@@ -155,7 +155,7 @@ def bench_throughput(path: Path, levels: list[int], max_new_tokens: int, repeat:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from local_endpoint import LocalEndpoint, WorkerProcess
+    from dev.local_endpoint import LocalEndpoint, WorkerProcess
     from model_loader import choose_dtype
 
     # The ceiling runs where the worker runs, in the dtype the worker picks there.

@@ -69,8 +69,8 @@ from builder.defaults import (
     BUNDLED_GGUF_PACKAGE,
     BUNDLED_GGUF_REQUIREMENT,
 )
-from config import ModelSettings
-from errors import SettingsError
+from serving.config import ModelSettings
+from serving.errors import SettingsError
 
 BUILDER_VERSION = 1                      # bump when the output layout or conversion changes
 MANIFEST = "builder.json"

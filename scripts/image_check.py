@@ -62,7 +62,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from builder.defaults import BUNDLED_GGUF_MODEL_ID, DEFAULT_MODEL_ID
-from local_endpoint import LocalEndpoint
+from dev.local_endpoint import LocalEndpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 DEBIAN_SUITE = "bookworm"

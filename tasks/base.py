@@ -40,18 +40,12 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from config import DownloadSettings, ModelSettings, WorkerSettings
-from delivery import Artefact
-from downloads import download_bytes
-from errors import DeviceFault, InputError, JobTimeout, OutOfMemory
-from model_loader import (
-    DEVICE_THREAD,
-    LoadedModel,
-    ModelFiles,
-    is_device_fault,
-    is_out_of_memory,
-    release_memory,
-)
+from model_loader import LoadedModel, ModelFiles
+from serving.config import DownloadSettings, ModelSettings, WorkerSettings
+from serving.delivery import Artefact
+from serving.device import DEVICE_THREAD, is_device_fault, is_out_of_memory, release_memory
+from serving.downloads import download_bytes
+from serving.errors import DeviceFault, InputError, JobTimeout, OutOfMemory
 
 if TYPE_CHECKING:
     from storage import Storage

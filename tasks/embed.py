@@ -43,12 +43,12 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from transformers import AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-from batcher import Batcher
-from config import PROMPT_CHARS_PER_TOKEN, ModelSettings, WorkerSettings
-from errors import InputError, JobTimeout, ModelNotFound
 from model_loader import LoadedModel, ModelFiles, place_model
+from serving.batcher import Batcher
+from serving.config import PROMPT_CHARS_PER_TOKEN, ModelSettings, WorkerSettings
+from serving.errors import InputError, JobTimeout, ModelNotFound
+from serving.validation import StrictInput, in_tokenizer_thread, parse_input
 from tasks.base import JobContext, Task
-from validation import StrictInput, in_tokenizer_thread, parse_input
 
 POOLING_MODES = ("mean", "cls", "max")
 TOKENIZE_SLICE_CHARS = 256 * 1024   # characters tokenized in one call to the tokenizer thread

@@ -46,13 +46,13 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from transformers import AutoTokenizer, GenerationConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from batcher import Batcher
-from config import PROMPT_CHARS_PER_TOKEN, ModelSettings, WorkerSettings
-from engine import Engine, SamplingParams, Sequence
-from errors import InputError, JobTimeout, excerpt
 from model_loader import LoadedModel, ModelFiles, place_model
+from serving.batcher import Batcher
+from serving.config import PROMPT_CHARS_PER_TOKEN, ModelSettings, WorkerSettings
+from serving.engine import Engine, SamplingParams, Sequence
+from serving.errors import InputError, JobTimeout, excerpt
+from serving.validation import StrictInput, in_tokenizer_thread, parse_input
 from tasks.base import JobContext, Task
-from validation import StrictInput, in_tokenizer_thread, parse_input
 
 MAX_STOP_CHARS = 256
 

@@ -41,12 +41,12 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import field_validator
 from transformers import AutoImageProcessor
 
-from batcher import Batcher
-from config import ModelSettings, WorkerSettings
-from errors import InputError, JobTimeout
 from model_loader import LoadedModel, ModelFiles, place_model
+from serving.batcher import Batcher
+from serving.config import ModelSettings, WorkerSettings
+from serving.errors import InputError, JobTimeout
+from serving.validation import StrictInput, parse_input
 from tasks.base import JobContext, Task
-from validation import StrictInput, parse_input
 
 FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"),
            "webp": ("WEBP", "image/webp")}

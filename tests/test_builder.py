@@ -10,7 +10,7 @@ import pytest
 from safetensors import safe_open
 
 from builder.fetch_model import MANIFEST, BuildError, main, select_model_files
-from config import DEFAULT_MODEL_ID
+from serving.config import DEFAULT_MODEL_ID
 from tests.support.fake_hub import FakeHub
 
 PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

@@ -13,9 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import config
 from builder import defaults
 from builder.defaults import BUNDLED_GGUF_MODEL_ID, DEFAULT_MODEL_ID
+from serving import config
 
 ROOT = Path(__file__).resolve().parent.parent
 # Files that may spell the id out, each checked below; recorded benchmark output is history.
@@ -68,12 +68,14 @@ def _closed_port_url() -> str:
 
 
 def _fork(tmp_path: Path, default: str) -> Path:
-    """What the builder step of a fork's image sees: its builder/, config.py and errors.py,
+    """What the builder step of a fork's image sees: its builder/, serving/config.py and
+    serving/errors.py,
     with builder/defaults.py's DEFAULT_MODEL_ID changed as a fork changes it."""
     fork = tmp_path / "fork"
     shutil.copytree(ROOT / "builder", fork / "builder",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("config.py", "errors.py"):
+    (fork / "serving").mkdir()
+    for name in ("serving/__init__.py", "serving/config.py", "serving/errors.py"):
         shutil.copy(ROOT / name, fork / name)
     source = (fork / "builder" / "defaults.py").read_text()
     line = f'DEFAULT_MODEL_ID = "{DEFAULT_MODEL_ID}"'

@@ -8,9 +8,9 @@ import urllib.request
 
 import pytest
 
-from config import StorageSettings
-from delivery import deliver_output, measure_answer
-from errors import InputError, PayloadTooLarge, error_response
+from serving.config import StorageSettings
+from serving.delivery import deliver_output, measure_answer
+from serving.errors import InputError, PayloadTooLarge, error_response
 from storage import LocalStorage, storage_from_settings
 
 

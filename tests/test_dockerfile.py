@@ -20,7 +20,7 @@ import yaml
 
 from builder import fetch_model
 from builder.defaults import BUNDLED_GGUF_REQUIREMENT, DEFAULT_MODEL_ID
-from config import ModelSettings
+from serving.config import ModelSettings
 from tests.support.dockerfile import (
     ROOT,
     arg_defaults,
@@ -60,6 +60,22 @@ def _env() -> dict[str, tuple[int, str]]:
     return found
 
 
+def _module_files(name: str) -> list[Path]:
+    """The project files importing dotted ``name`` runs: each package's ``__init__.py`` on the
+    way, and the module itself; none for a module outside the project."""
+    parts, found = name.split("."), []
+    for i in range(1, len(parts) + 1):
+        base = ROOT.joinpath(*parts[:i])
+        if base.with_suffix(".py").is_file():
+            found.append(base.with_suffix(".py"))
+            break
+        if (base / "__init__.py").is_file():
+            found.append(base / "__init__.py")
+        elif not base.is_dir():
+            break
+    return found
+
+
 def _local_imports(path: Path) -> set[str]:
     """Project modules ``path`` imports, and theirs, as paths relative to the project root."""
     seen: set[str] = set()
@@ -67,18 +83,19 @@ def _local_imports(path: Path) -> set[str]:
     while todo:
         tree = ast.parse(todo.pop().read_text())
         for node in ast.walk(tree):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                     [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                # ``from serving import config`` imports the module serving.config.
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                names = []
             for name in names:
-                top = name.split(".")[0]
-                for candidate in (ROOT / f"{top}.py", ROOT / top):
+                for candidate in _module_files(name):
                     rel = candidate.relative_to(ROOT).as_posix()
-                    if candidate.exists() and rel not in seen:
+                    if rel not in seen:
                         seen.add(rel)
-                        if candidate.is_file():
-                            todo.append(candidate)
-                        else:
-                            todo.extend(candidate.rglob("*.py"))
+                        todo.append(candidate)
     return seen
 
 
@@ -135,16 +152,20 @@ class TestCopies:
     def test_only_what_the_builder_imports_is_copied_before_the_model_step(self):
         before = [s.rstrip("/") for c in instructions()[:_builder_run()] if c.cmd == "COPY"
                   for s in c.value[:-1]]
-        needed = _local_imports(ROOT / "builder" / "fetch_model.py") | {"builder"}
+        needed = {rel for rel in _local_imports(ROOT / "builder" / "fetch_model.py")
+                  if not rel.startswith("builder/")} | {"builder"}
         assert set(before) == needed | {"requirements.txt", "requirements-build.txt"}, (
             "copy exactly the builder's own imports before the model step: anything more "
             "invalidates the weights layer when it changes, anything less breaks the build")
 
     def test_the_worker_and_its_imports_reach_the_image(self):
-        entry = image_command()[-1]
+        command = image_command()
+        entry = (command[command.index("-m") + 1].replace(".", "/") + ".py" if "-m" in command
+                 else command[-1])
         shipped = (_local_imports(ROOT / entry) | _local_imports(ROOT / "handler.py")
-                   | _local_imports(ROOT / "local_endpoint.py"))
-        for rel in sorted(shipped | {entry, "handler.py", "local_endpoint.py", "test_input.json"}):
+                   | _local_imports(ROOT / "dev" / "local_endpoint.py"))
+        needed = {entry, "handler.py", "dev/local_endpoint.py", "test_input.json"}
+        for rel in sorted(shipped | needed):
             assert not _dockerignored(rel), f"{rel} is needed in the image but dockerignored"
 
     def test_dockerignore_keeps_out_the_heavy_and_the_private(self):
@@ -250,8 +271,8 @@ class TestRunTime:
         assert "expandable_segments:True" in _env()["PYTORCH_CUDA_ALLOC_CONF"][1]
 
     def test_the_image_runs_the_launcher_unbuffered(self):
-        # tests/test_launch.py runs exactly this command, and start.py's choice of program.
-        assert image_command() == ["python", "-u", "start.py"]
+        # tests/test_launch.py runs exactly this command, and serving/launch.py's choice.
+        assert image_command() == ["python", "-u", "-m", "serving.launch"]
 
 
 class TestContinuousIntegration:

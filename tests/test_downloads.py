@@ -9,15 +9,15 @@ import threading
 
 import pytest
 
-from config import DownloadSettings, StorageSettings
-from downloads import (
+from serving.config import DownloadSettings, StorageSettings
+from serving.downloads import (
     download_bytes,
     download_to,
     is_public_address,
     load_jsonl_url,
     read_jsonl,
 )
-from errors import DownloadError, InputError, PayloadTooLarge
+from serving.errors import DownloadError, InputError, PayloadTooLarge
 from storage import storage_from_settings
 from tests.support.http_server import pattern
 

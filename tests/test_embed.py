@@ -13,11 +13,11 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from errors import ModelNotFound
-from model_loader import DEVICE_THREAD
+from serving.device import DEVICE_THREAD
+from serving.errors import ModelNotFound
+from serving.worker import Worker
 from tasks.embed import EmbedTask, read_pooling
 from tests.support.worker import MINILM_NAME, LoopThread, collect
-from worker import Worker
 
 pytestmark = pytest.mark.slow
 
@@ -172,7 +172,7 @@ class TestLargeEmbeddingAnswers:
         import dataclasses
         import urllib.request
 
-        from config import StorageSettings
+        from serving.config import StorageSettings
         from storage import storage_from_settings
 
         settings = StorageSettings.from_env({"OUTPUT_LOCAL_DIR": str(tmp_path)})

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from redaction import MASK, RedactingStream, redact, secret_values
+from serving.redaction import MASK, RedactingStream, redact, secret_values
+from serving.worker import Worker
 from tasks.generate import GenerateTask
 from tests.support.endpoint import call, start_handler_service, stop_service
 from tests.support.worker import chat, collect
-from worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPITAL = chat("What is the capital of France?", max_new_tokens=20)

@@ -19,11 +19,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from config import StorageSettings
-from errors import MAX_ERROR_CHARS
+from serving.config import StorageSettings
+from serving.errors import MAX_ERROR_CHARS
+from serving.worker import Worker
 from tasks.generate import GenerateTask
 from tests.support.worker import chat
-from worker import Worker
 
 pytestmark = pytest.mark.slow
 

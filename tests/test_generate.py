@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from model_loader import DEVICE_THREAD
+from serving.device import DEVICE_THREAD
+from serving.worker import Worker, build_worker
 from tasks.generate import GenerateTask
 from tests.support.worker import LoopThread, chat, collect
-from worker import Worker, build_worker
 
 pytestmark = pytest.mark.slow
 

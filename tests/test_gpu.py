@@ -41,8 +41,8 @@ def _rss_anon_bytes() -> int:
 
 
 def _load(path: str = MODEL, **env: str):
-    from config import ModelSettings
     from model_loader import load_model
+    from serving.config import ModelSettings
 
     return load_model(ModelSettings.from_env({"MODEL_PATH": path, **env}))
 
@@ -61,7 +61,7 @@ def loaded_fp32(loaded):
 
 def _greedy(loaded, prompts: list[list[int]], max_new_tokens: int = 16) -> list[list[int]]:
     """Greedy tokens of ``prompts`` decoded together; every sequence runs its full length."""
-    from engine import Engine, SamplingParams, Sequence
+    from serving.engine import Engine, SamplingParams, Sequence
 
     engine = Engine(loaded)
     engine.eos_ids = set()
@@ -144,7 +144,7 @@ def test_batched_greedy_decoding_equals_each_sequence_alone_in_fp32(loaded_fp32)
 
 
 def test_sequences_joining_a_running_batch_decode_as_alone_in_fp32(loaded_fp32):
-    from engine import Engine, SamplingParams, Sequence
+    from serving.engine import Engine, SamplingParams, Sequence
 
     ids = _prompt_ids(loaded_fp32)
     alone = [_greedy(loaded_fp32, [p])[0] for p in ids]
@@ -202,7 +202,7 @@ def test_a_model_spread_over_several_gpus_decodes_as_on_one(loaded_fp32):
 
 
 def test_seeded_sampling_is_reproducible_on_the_gpu(loaded):
-    from engine import Engine, SamplingParams, Sequence
+    from serving.engine import Engine, SamplingParams, Sequence
 
     engine = Engine(loaded)
     ids = loaded.tokenizer("Once upon a time")["input_ids"]
@@ -216,9 +216,9 @@ def test_seeded_sampling_is_reproducible_on_the_gpu(loaded):
 def test_out_of_memory_splits_the_batch_and_the_worker_keeps_serving(loaded):
     """A real CUDA out-of-memory, under a per-process memory cap: the batch is split and every
     job still finishes; a job that cannot fit alone fails alone; memory is given back."""
-    from batcher import Batcher
-    from engine import Engine, SamplingParams, Sequence
-    from errors import OutOfMemory
+    from serving.batcher import Batcher
+    from serving.engine import Engine, SamplingParams, Sequence
+    from serving.errors import OutOfMemory
 
     config = loaded.model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -292,7 +292,7 @@ def test_embedding_jobs_on_the_gpu_match_the_cpu(tmp_path):
     pytest.importorskip("boto3")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    from worker import build_worker
+    from serving.worker import build_worker
 
     source = _embed_source()
     if source is None or not (source / "config.json").exists():
@@ -331,7 +331,7 @@ def test_a_generation_job_through_the_worker_on_the_gpu():
     pytest.importorskip("boto3")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    from worker import build_worker
+    from serving.worker import build_worker
 
     w = build_worker({"MODEL_PATH": MODEL})
     assert w.loaded.device.type == "cuda"
@@ -361,8 +361,8 @@ def test_upscale_jobs_on_the_gpu_match_fp32_on_the_cpu(tmp_path):
     import numpy as np
     from PIL import Image
 
+    from serving.worker import build_worker
     from tests.support.model_dir import make_swin2sr_dir
-    from worker import build_worker
 
     model_dir = make_swin2sr_dir(tmp_path / "swin2sr")
     rng = np.random.default_rng(0)

@@ -26,13 +26,13 @@ from typing import Any
 import boto3
 import pytest
 
-from config import DownloadSettings, StorageSettings, WorkerSettings
-from downloads import download_bytes, is_public_address
-from errors import DownloadError
+from serving.config import DownloadSettings, StorageSettings, WorkerSettings
+from serving.downloads import download_bytes, is_public_address
+from serving.errors import DownloadError
+from serving.worker import Worker
 from storage import storage_for_job, storage_from_settings
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY, free_port
 from tests.support.worker import LoopThread, chat
-from worker import Worker
 
 pytestmark = pytest.mark.slow
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-import config
-from errors import SettingsError
+from serving import config
+from serving.errors import SettingsError
+from serving.validation import parse_input
 from tasks.generate import GenerateInput
-from validation import parse_input
 
 ROOT = Path(__file__).resolve().parent.parent
 HUB = json.loads((ROOT / ".runpod" / "hub.json").read_text())

@@ -1,4 +1,5 @@
-"""What the image runs: start.py's choice, the image's command for real, and handler.py's test mode.
+"""What the image runs: serving/launch.py's choice, the image's command for real, and
+handler.py's test mode.
 
 The slow tests run the real default model in subprocesses, as the container would: the image's
 command (from the Dockerfile) answering ./test_input.json, a failing job exiting 1, and pod mode
@@ -20,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-import start
-from config import LaunchSettings
-from errors import SettingsError
-from start import launch_command, main
+from serving import launch as start
+from serving.config import LaunchSettings
+from serving.errors import SettingsError
+from serving.launch import launch_command, main
 from tests.support.dockerfile import ROOT, image_command
 from tests.support.s3 import free_port
 
@@ -45,7 +46,7 @@ class TestLaunchCommand:
         settings = LaunchSettings.from_env({"WORKER_MODE": "pod",
                                             "WORKER_POD_KEY_FILE": "/keys/pod"})
         assert launch_command(settings, "py") == [
-            "py", "-u", "local_endpoint.py", "--host", "0.0.0.0", "--port", "8000",
+            "py", "-u", "-m", "dev.local_endpoint", "--host", "0.0.0.0", "--port", "8000",
             "--key-file", "/keys/pod", "--", "py", "-u", "handler.py"]
 
     def test_the_pod_key_travels_in_the_environment_never_on_the_command_line(self):
@@ -97,7 +98,8 @@ class TestLaunchCommand:
 @pytest.mark.slow
 class TestImageCommand:
     def test_the_image_command_answers_test_input_json(self, default_model_dir):
-        """`python -u start.py` in the project root, no RunPod variables: the SDK's local test."""
+        """`python -u -m serving.launch` in the project root, no RunPod variables: the SDK's
+        local test."""
         command = [PY if part == "python" else part for part in image_command()]
         done = subprocess.run(command, cwd=ROOT, env=_env(default_model_dir),
                               capture_output=True, text=True, timeout=180)
@@ -144,7 +146,7 @@ class TestPodMode:
         log_path = tmp_path / "pod.log"
         log = log_path.open("w+")
         process = subprocess.Popen(
-            [PY, "-u", "start.py"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            [PY, "-u", "-m", "serving.launch"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
             env=_env(default_model_dir, RUNPOD_POD_ID="podabc123", WORKER_POD_PORT=str(port),
                      WORKER_POD_KEY_FILE=str(key_file)), start_new_session=True)
         url = f"http://127.0.0.1:{port}/v2/local/runsync"

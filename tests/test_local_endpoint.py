@@ -19,8 +19,8 @@ import pytest
 import requests
 import runpod
 
-from config import PROJECT_ROOT
-from local_endpoint import LocalEndpoint, WorkerProcess
+from dev.local_endpoint import LocalEndpoint, WorkerProcess
+from serving.config import PROJECT_ROOT
 from tests.support.endpoint import (
     API_KEY,
     ECHO_WORKER,
@@ -399,11 +399,12 @@ class TestSdkClientQuirks:
 
 
 class Cli:
-    """``python local_endpoint.py ARGS -- echo worker``, its output read line by line."""
+    """``python -m dev.local_endpoint ARGS -- echo worker``, its output read line by line."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "local_endpoint.py", *args, "--", sys.executable, str(ECHO_WORKER)],
+            [sys.executable, "-m", "dev.local_endpoint", *args, "--", sys.executable,
+             str(ECHO_WORKER)],
             cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={"PATH": "/usr/bin:/bin", "RUNPOD_LOG_LEVEL": "ERROR", **(env or {})})
         self.printed: list[str] = []
@@ -506,7 +507,7 @@ class TestCommandLine:
 
     def test_the_cli_refuses_to_listen_beyond_loopback_without_a_key(self) -> None:
         done = subprocess.run(
-            [sys.executable, "local_endpoint.py", "--host", "0.0.0.0", "--port", "0", "--",
+            [sys.executable, "-m", "dev.local_endpoint", "--host", "0.0.0.0", "--port", "0", "--",
              "true"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=30,
             env={"PATH": "/usr/bin:/bin"})
         assert done.returncode == 2, done.stderr

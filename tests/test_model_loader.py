@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from config import ModelSettings
-from errors import ModelNotFound, SettingsError
 from model_loader import (
     choose_device,
     choose_device_map,
@@ -17,6 +15,8 @@ from model_loader import (
     describe_placement,
     resolve_model_source,
 )
+from serving.config import ModelSettings
+from serving.errors import ModelNotFound, SettingsError
 
 NAME = "org/tiny-model"
 # These assert what happens without a GPU; on a CUDA machine the answer is rightly different.

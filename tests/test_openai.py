@@ -13,8 +13,8 @@ import pytest
 from openai.types import Completion, CreateEmbeddingResponse, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from serving.worker import Worker
 from tests.support.worker import MINILM_NAME, LoopThread, collect
-from worker import Worker
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from config import PROJECT_ROOT
-from redaction import MASK, redact, secret_values
+from serving.config import PROJECT_ROOT
+from serving.redaction import MASK, redact, secret_values
 from tests.conftest import _ENV_PREFIXES
 
 # A bucket secret setting that contains a quote: JSON log lines print it as bucket\"...
@@ -26,7 +26,7 @@ ENV_SECRET = 'bucket"env-secret-9f3k'
 
 _LOG_EVERY_LINE = """
 import json, logging, sys
-import redaction
+from serving import redaction
 redaction.install()                      # as handler.py does, before anything logs
 import runpod
 sdk = runpod.RunPodLogger()

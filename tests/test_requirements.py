@@ -1,11 +1,11 @@
 """requirements.txt holds what the running worker imports, and only that; the model converter
 is build-time only (requirements-build.txt), installed in the Dockerfile's weights stage.
 
-"The running worker" is what the image's entry points (start.py, handler.py, local_endpoint.py
-for pod mode) import, directly or through the project's own modules, at the top of a file or
-inside a function. A requirement is also allowed when a package the worker imports needs it at
-run time without saying so in its own metadata (REASONS), or to pin a dependency the worker's
-packages declare.
+"The running worker" is what the image's entry points (serving/launch.py, handler.py,
+dev/local_endpoint.py for pod mode) import, directly or through the project's own modules, at
+the top of a file or inside a function. A requirement is also allowed when a package the worker
+imports needs it at run time without saying so in its own metadata (REASONS), or to pin a
+dependency the worker's packages declare.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ENTRY_POINTS = ("start.py", "handler.py", "local_endpoint.py")
+ENTRY_POINTS = ("serving/launch.py", "handler.py", "dev/local_endpoint.py")
 # Needed at run time although the worker never imports it by name: say why.
 REASONS = {"accelerate": "model_loader passes device_map to from_pretrained, which needs it"}
 

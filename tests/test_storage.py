@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from config import StorageSettings
-from errors import InputError, StorageError
+from serving.config import StorageSettings
+from serving.errors import InputError, StorageError
 from storage import (
     LocalStorage,
     S3Storage,

@@ -9,8 +9,8 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
-from config import StorageSettings
-from errors import StorageError
+from serving.config import StorageSettings
+from serving.errors import StorageError
 from storage import S3Storage, store_output
 from tests.support.faulty_proxy import FaultyProxy
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from config import DownloadSettings, StorageSettings
-from errors import SettingsError
+from serving.config import DownloadSettings, StorageSettings
+from serving.errors import SettingsError
 
 FULL = {"BUCKET_ENDPOINT_URL": "https://example.r2.cloudflarestorage.com",
         "BUCKET_ACCESS_KEY_ID": "AKIAEXAMPLE", "BUCKET_SECRET_ACCESS_KEY": "s3cr3t-value-xyz",

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from transformers import ViTConfig, ViTForImageClassification
 
-from config import ModelSettings
-from errors import SettingsError, UnsupportedModel
 from model_loader import ModelSource, pick_task, read_model_files, served_name
+from serving.config import ModelSettings
+from serving.errors import SettingsError, UnsupportedModel
+from serving.worker import build_worker
 from tasks import TASKS
 from tests.support.dockerfile import ROOT
 from tests.support.worker import collect
-from worker import build_worker
 
 
 def files(path: Path, origin: str = "MODEL_PATH"):

@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, Swin2SRForImageSuperResolution
 
+from serving.worker import build_worker
 from tests.support.worker import collect
-from worker import build_worker
 
 pytestmark = pytest.mark.slow
 

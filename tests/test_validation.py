@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from config import WorkerSettings
-from errors import (
+from serving.config import WorkerSettings
+from serving.errors import (
     MAX_ERROR_CHARS,
     DownloadError,
     InputError,
@@ -17,8 +17,8 @@ from errors import (
     error_response,
     excerpt,
 )
+from serving.validation import check_job_input, parse_input
 from tasks.generate import GenerateInput
-from validation import check_job_input, parse_input
 
 LIMITS = WorkerSettings.from_env({})
 

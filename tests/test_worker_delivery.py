@@ -10,11 +10,11 @@ import urllib.request
 
 import pytest
 
-from config import DownloadSettings, StorageSettings
-from delivery import measure_answer
+from serving.config import DownloadSettings, StorageSettings
+from serving.delivery import measure_answer
+from serving.worker import Worker
 from storage import storage_from_settings
 from tests.support.worker import chat
-from worker import Worker
 
 pytestmark = pytest.mark.slow
 

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from config import PROJECT_ROOT
-from local_endpoint import LocalEndpoint, WorkerProcess
+from dev.local_endpoint import LocalEndpoint, WorkerProcess
+from serving.config import PROJECT_ROOT
 from tests.conftest import _ENV_PREFIXES
 
 if TYPE_CHECKING:

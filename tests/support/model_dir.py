@@ -15,7 +15,7 @@ import pytest
 
 from builder.defaults import BUNDLED_GGUF_MODEL_ID
 from builder.fetch_model import gguf_request, is_up_to_date, main
-from config import ModelSettings
+from serving.config import ModelSettings
 
 
 @pytest.fixture(scope="session")

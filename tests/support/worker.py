@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from worker import Worker, build_worker
+from serving.worker import Worker, build_worker
 
 
 class LoopThread:

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, TextIO
 from urllib.parse import quote, quote_plus
 
-import config
+from serving import config
 
 MASK = "***"
 MIN_SECRET_LENGTH = 6       # shorter values would mask ordinary words

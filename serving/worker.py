@@ -30,21 +30,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from config import DownloadSettings, ModelSettings, StorageSettings, WorkerSettings
-from delivery import (
+from model_loader import LoadedModel, load_task
+from serving.config import DownloadSettings, ModelSettings, StorageSettings, WorkerSettings
+from serving.delivery import (
     check_output_mode,
     deliver_files,
     deliver_output,
     inline_size,
     measure_answer,
 )
-from downloads import load_jsonl_url
-from errors import InputError, JobTimeout, PayloadTooLarge, WorkerError, error_response
-from model_loader import LoadedModel, load_task
-from openai_compat import OpenAIRoutes, is_openai_job
+from serving.downloads import load_jsonl_url
+from serving.errors import InputError, JobTimeout, PayloadTooLarge, WorkerError, error_response
+from serving.openai_compat import OpenAIRoutes, is_openai_job
+from serving.validation import check_job_input
 from storage import Storage, storage_for_job, storage_from_settings
 from tasks import TASKS, JobContext, Task
-from validation import check_job_input
 
 log = logging.getLogger("worker")
 

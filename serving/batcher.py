@@ -31,8 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from errors import DeviceFault, OutOfMemory
-from model_loader import DEVICE_THREAD, is_device_fault, is_out_of_memory, release_memory
+from serving.device import DEVICE_THREAD, is_device_fault, is_out_of_memory, release_memory
+from serving.errors import DeviceFault, OutOfMemory
 
 log = logging.getLogger("worker.batcher")
 

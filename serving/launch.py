@@ -1,11 +1,12 @@
 """Container entry point: ``WORKER_MODE`` picks what the image runs, and nothing else does.
 
-The Dockerfile's ``CMD`` is ``python -u start.py``; this replaces itself (``exec``) with one of::
+The Dockerfile's ``CMD`` is ``python -u -m serving.launch``; this replaces itself (``exec``)
+with one of::
 
     WORKER_MODE=serverless            python -u handler.py
         the RunPod worker loop; on a laptop without RunPod's variables, one job from
         ./test_input.json, as RunPod's docs describe
-    WORKER_MODE=pod                   python -u local_endpoint.py --host 0.0.0.0 \\
+    WORKER_MODE=pod                   python -u -m dev.local_endpoint --host 0.0.0.0 \\
                                           --port WORKER_POD_PORT (8000) \\
                                           --key-file WORKER_POD_KEY_FILE \\
                                           -- python -u handler.py
@@ -36,9 +37,9 @@ import os
 import sys
 from collections.abc import Mapping
 
-from config import PROJECT_ROOT, WORKER_POD_API_KEY, LaunchSettings
-from errors import SettingsError
-from local_endpoint import API_KEY_ENV
+from dev.local_endpoint import API_KEY_ENV
+from serving.config import PROJECT_ROOT, WORKER_POD_API_KEY, LaunchSettings
+from serving.errors import SettingsError
 
 
 def launch_command(settings: LaunchSettings, python: str = sys.executable) -> list[str]:
@@ -47,7 +48,7 @@ def launch_command(settings: LaunchSettings, python: str = sys.executable) -> li
     worker = [python, "-u", "handler.py"]
     if settings.mode == "serverless":
         return worker
-    return [python, "-u", "local_endpoint.py", "--host", "0.0.0.0",
+    return [python, "-u", "-m", "dev.local_endpoint", "--host", "0.0.0.0",
             "--port", str(settings.pod_port), "--key-file", str(settings.pod_key_file),
             "--", *worker]
 

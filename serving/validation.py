@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from errors import EXCERPT_CHARS, InputError, PayloadTooLarge, cut, field_part
+from serving.errors import EXCERPT_CHARS, InputError, PayloadTooLarge, cut, field_part
 
 Model = TypeVar("Model", bound=BaseModel)
 Result = TypeVar("Result")

@@ -47,9 +47,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
 from urllib.parse import SplitResult, quote, urljoin, urlsplit
 
-from config import DownloadSettings
-from errors import DownloadError, InputError, PayloadTooLarge, StorageError
-from netguard import (
+from serving.config import DownloadSettings
+from serving.errors import DownloadError, InputError, PayloadTooLarge, StorageError
+from serving.netguard import (
     AddressPolicy,
     AddressRefused,
     Deadline,
@@ -57,8 +57,8 @@ from netguard import (
     ascii_host,
     resolve,
 )
-from netguard import address_policy as _policy_for
-from netguard import is_public_address as is_public_address  # re-exported: the one rule
+from serving.netguard import address_policy as _policy_for
+from serving.netguard import is_public_address as is_public_address  # re-exported: the one rule
 from storage import S3Storage, Storage
 
 MAX_REDIRECTS = 5

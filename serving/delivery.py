@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict
 
-from errors import InputError, PayloadTooLarge
+from serving.errors import InputError, PayloadTooLarge
 from storage import Link, Storage
 
 OutputMode = Literal["inline", "link", "auto"]

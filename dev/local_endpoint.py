@@ -50,7 +50,7 @@ the error string in one; a stream that fails midway ends with a ``data: {"error"
 
 Use it from tests with ``LocalEndpoint(...).start()`` and ``WorkerProcess``, or from a shell::
 
-    python local_endpoint.py [--host 127.0.0.1] [--port 8000] [--endpoint-id local] \\
+    python -m dev.local_endpoint [--host 127.0.0.1] [--port 8000] [--endpoint-id local] \\
         [--key-file PATH] -- python handler.py
 
 The CLI takes the client key from the environment (``LOCAL_ENDPOINT_API_KEY``), never from its
@@ -1001,18 +1001,18 @@ def write_key_file(path: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python local_endpoint.py [options] -- WORKER COMMAND``; returns the exit code."""
+    """``python -m dev.local_endpoint [options] -- WORKER COMMAND``; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     command: list[str] = []
     if "--" in args:
         cut = args.index("--")
         args, command = args[:cut], args[cut + 1:]
     parser = argparse.ArgumentParser(
-        prog="local_endpoint.py",
+        prog="python -m dev.local_endpoint",
         description="A local RunPod endpoint, and a worker started against it. Clients must "
                     f"send the key in ${API_KEY_ENV} when it is set (never pass a key as an "
                     "argument: command lines are readable by every user of the machine).",
-        epilog="Example: python local_endpoint.py --port 8000 -- python handler.py")
+        epilog="Example: python -m dev.local_endpoint --port 8000 -- python handler.py")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (127.0.0.1); any other needs a client key")
     parser.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks one")

@@ -19,9 +19,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from builder.defaults import DEFAULT_MODEL_ID
-from errors import SettingsError
+from serving.errors import SettingsError
 
-PROJECT_ROOT = Path(__file__).resolve().parent
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -479,14 +479,14 @@ def _check_read_prefix(raw: str | None, answers: str) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Launch: what the container runs (start.py). One image serves RunPod serverless and, for
+# Launch: what the container runs (serving/launch.py). One image serves RunPod serverless and, for
 # development on a GPU pod, the same worker behind a local endpoint reachable over HTTP.
 # --------------------------------------------------------------------------------------------
 WORKER_MODE = _var("launch", "WORKER_MODE", "auto",
                    "serverless (the RunPod worker loop), pod (the worker behind a local endpoint "
                    "on 0.0.0.0:WORKER_POD_PORT, for development on a GPU pod), or auto: pod on a "
                    "RunPod pod (RUNPOD_POD_ID set, no RUNPOD_WEBHOOK_GET_JOB), else serverless; "
-                   "see start.py")
+                   "see serving/launch.py")
 WORKER_POD_PORT = _var("launch", "WORKER_POD_PORT", "8000",
                        "pod mode only: the port the local endpoint listens on (expose it as "
                        "<port>/http on the pod); 1..65535")
@@ -503,7 +503,7 @@ WORKER_MODES = ("auto", "serverless", "pod")
 
 @dataclass(frozen=True)
 class LaunchSettings:
-    """Which program the container starts (see start.py)."""
+    """Which program the container starts (see serving/launch.py)."""
 
     mode: str                                # serverless | pod (auto is resolved here)
     pod_port: int                            # pod mode: where the local endpoint listens

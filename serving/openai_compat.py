@@ -41,9 +41,9 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from errors import InputError, UnknownModel, excerpt
+from serving.errors import InputError, UnknownModel, excerpt
+from serving.validation import StrictInput, parse_input
 from tasks import Task
-from validation import StrictInput, parse_input
 
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
 OWNER = "runpod-model-worker"

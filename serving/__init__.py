@@ -1,0 +1,27 @@
+"""The serving internals: everything between RunPod's job and a task, the same for every model.
+
+A forker changes the files at the top of the repository (``handler.py``, ``model_loader.py``,
+``storage.py``, ``tasks/``, ``builder/``, ``Dockerfile``) and rarely anything here. What lives
+here, one concern per module:
+
+    worker.py         job -> task -> answer: validation of the envelope, output_mode, batch jobs,
+                      the whole-job time limit, delivery, and the error boundary
+    engine.py         the decode loop of the generate task (sampling, stop strings, KV cache)
+    batcher.py        work from concurrent jobs gathered into shared forward passes
+    device.py         the one device thread, and what an out-of-memory or device fault means
+    config.py         every setting, read from the environment in one typed place
+    errors.py         the error tree, and the one place an exception becomes a job answer
+    validation.py     the job envelope and pydantic input helpers tasks use
+    delivery.py       inline answers, or links to stored answers and files
+    downloads.py      safe downloads of job inputs (http(s), s3), under total deadlines
+    netguard.py       the address rule every job-directed connection obeys, and a watchdog
+    redaction.py      secrets masked in everything the process prints
+    openai_compat.py  RunPod's OpenAI-compatible routes, translated onto the task
+    launch.py         what the container runs: the worker loop, or pod mode
+
+The seam, stated once: modules here import the forker's modules (``model_loader``, ``storage``,
+``tasks``) only through ``tasks.TASKS``, the ``tasks.base.Task`` interface, ``model_loader``'s
+loading functions and ``storage``'s ``Storage``; the forker's modules import from here only
+``config``, ``errors``, ``device``, ``validation``, ``batcher``, ``delivery`` and
+``downloads`` (the helpers a task uses). Nothing here imports ``dev/``.
+"""
