@@ -3,7 +3,7 @@
 A fork changes ``DEFAULT_MODEL_ID`` here and nowhere else: config.py's ``MODEL_NAME`` default
 imports it, the Dockerfile's ``ARG MODEL_NAME`` is empty (meaning this default), CI passes no
 model unless a repository variable names one, and tests/test_default_model.py checks the few
-texts that must name it (README, .runpod/hub.json) and says which file to change.
+texts that must name it (README, docs/, .runpod/hub.json) and says which file to change.
 
 Why here and not in config.py: builder/ is what the Dockerfile copies before its weights step,
 and the builder is where a wrong default does damage (it decides what gets baked and under which
