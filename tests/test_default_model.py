@@ -19,7 +19,8 @@ from serving import config
 
 ROOT = Path(__file__).resolve().parent.parent
 # Files that may spell the id out, each checked below; recorded benchmark output is history.
-NAMED_IN = {"builder/defaults.py", "README.md", ".runpod/hub.json"}
+NAMED_IN = {"builder/defaults.py", "README.md", ".runpod/hub.json",
+            "docs/configuration.md", "docs/openai.md"}
 SKIPPED_DIRS = {".git", ".venv", "models", "bench", "__pycache__", ".pytest_cache",
                 ".ruff_cache", "gpu-results"}
 TEXT_SUFFIXES = {".py", ".md", ".json", ".yml", ".yaml", ".toml", ".txt", ".sh", ".jinja", ""}

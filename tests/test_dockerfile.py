@@ -201,8 +201,8 @@ class TestModelLayer:
         assert "--mount=type=secret,id=HF_TOKEN,env=HF_TOKEN" in run.flags
         assert not [n for n in arg_defaults() if "TOKEN" in n.upper()]
         assert not [n for n in _env() if "TOKEN" in n.upper()]
-        readme = (ROOT / "README.md").read_text()
-        assert "--secret id=HF_TOKEN,env=HF_TOKEN" in readme
+        guide = (ROOT / "docs" / "deploy.md").read_text()
+        assert "--secret id=HF_TOKEN,env=HF_TOKEN" in guide
 
     def test_weights_are_built_after_the_requirements_and_before_the_code(self):
         pip = _index(lambda c: c.cmd == "RUN" and "pip install -r requirements.txt" in c.value[0])
@@ -288,7 +288,8 @@ class TestContinuousIntegration:
         # The image is built and answers jobs after the tests, as its own step.
         assert ci == ["make lint", "make test", "make image-check"]
         readme = (ROOT / "README.md").read_text()
-        assert "`make test`" in readme and "`make image-check`" in readme
+        testing = (ROOT / "docs" / "testing.md").read_text()
+        assert "`make test`" in readme and "`make image-check`" in testing
         assert "image-check:" in (ROOT / "Makefile").read_text()
 
     def test_the_tests_run_on_each_supported_python(self):

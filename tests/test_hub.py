@@ -74,9 +74,9 @@ class TestHubListing:
         disk = HUB["config"]["containerDiskInGb"]
         assert disk >= needed, (
             f"containerDiskInGb {disk} is too small for a {weights_gb:.1f} GB model: set it to "
-            f"at least {needed:.0f} in .runpod/hub.json (and the README's Container disk)")
-        readme = (ROOT / "README.md").read_text()
-        assert f"**Container disk**: {disk} GB" in readme, "say the same in the README"
+            f"at least {needed:.0f} in .runpod/hub.json (and docs/deploy.md's Container disk)")
+        guide = (ROOT / "docs" / "deploy.md").read_text()
+        assert f"**Container disk**: {disk} GB" in guide, "say the same in docs/deploy.md"
 
     @pytest.mark.parametrize("entry", INPUTS, ids=[e["key"] for e in INPUTS])
     def test_each_input_is_a_declared_setting_with_its_default_and_meaning(self, entry):

@@ -1,4 +1,5 @@
-"""The README's shell commands work as written: every ```bash block runs, unless marked.
+"""The documentation's shell commands work as written: every ```bash block of README.md and of
+every docs/*.md runs, unless marked.
 
 A block is marked by an HTML comment on the line before its fence (invisible on GitHub)::
 
@@ -11,7 +12,7 @@ A block is marked by an HTML comment on the line before its fence (invisible on 
     <!-- readme-test: client ... -->            run only with the server before it
 
 Any other block runs in the project root with ``bash -euo pipefail`` and must exit 0. Two
-adaptations, both no-ops in CI: the README's ``.venv/bin/python`` is the interpreter running
+adaptations, both no-ops in CI: the pages' ``.venv/bin/python`` is the interpreter running
 the tests, and ``MODEL_PATH`` points at the session's default model (a fresh checkout has no
 ``models/default`` until ``make run`` builds it).
 """
@@ -32,12 +33,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text()
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MARKER = re.compile(r"<!-- readme-test: (.+?) -->")
 
 
 @dataclass
 class Block:
+    page: str                   # the file, relative to the project root
     line: int                   # where the fence opens, 1-based
     code: str
     marker: list[str]           # the marker's comma-separated words; [] when unmarked
@@ -47,12 +49,12 @@ class Block:
         return self.marker[0].split()[0] if self.marker else "run"
 
     def __str__(self) -> str:
-        return f"README.md:{self.line}"
+        return f"{self.page}:{self.line}"
 
 
-def readme_blocks() -> list[Block]:
+def page_blocks(page: Path) -> list[Block]:
     blocks: list[Block] = []
-    lines = README.splitlines()
+    lines = page.read_text().splitlines()
     i = 0
     while i < len(lines):
         if lines[i].strip() == "```bash":
@@ -60,13 +62,14 @@ def readme_blocks() -> list[Block]:
             before = next((x for x in reversed(lines[:i]) if x.strip()), "")
             found = MARKER.fullmatch(before.strip())
             marker = [w.strip() for w in found.group(1).split(",")] if found else []
-            blocks.append(Block(i + 1, "\n".join(lines[i + 1:end]), marker))
+            blocks.append(Block(page.relative_to(ROOT).as_posix(), i + 1,
+                                "\n".join(lines[i + 1:end]), marker))
             i = end
         i += 1
     return blocks
 
 
-BLOCKS = readme_blocks()
+BLOCKS = [block for page in PAGES for block in page_blocks(page)]
 RUNNABLE = [b for b in BLOCKS if b.kind in ("run", "needs-setup") and "server" not in
             " ".join(b.marker)]
 SERVERS = [b for b in BLOCKS if any(w.startswith("server ") for w in b.marker)]
@@ -104,10 +107,16 @@ class TestMarkers:
     def test_each_server_is_followed_by_its_client(self):
         for server in SERVERS:
             after = BLOCKS[BLOCKS.index(server) + 1]
-            assert after.kind == "client", f"{server}: the next block must be its client"
-        assert [b for b in BLOCKS if b.kind == "client"], "the README shows how to call it"
+            assert after.kind == "client" and after.page == server.page, (
+                f"{server}: the next block, on the same page, must be its client")
+        assert [b for b in BLOCKS if b.kind == "client" and b.page == "README.md"], (
+            "the README shows how to call it")
 
-    def test_the_readme_has_commands_that_run_here(self):
+    def test_every_page_is_read(self):
+        assert {b.page for b in BLOCKS} >= {"README.md", "docs/deploy.md", "docs/gpu-pod.md",
+                                            "docs/job-contract.md"}
+
+    def test_the_pages_have_commands_that_run_here(self):
         assert [b for b in RUNNABLE if b.kind == "run"]
 
 
