@@ -26,17 +26,19 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from config import DownloadSettings, ModelSettings, StorageSettings, WorkerSettings
 from delivery import check_output_mode, deliver_files, deliver_output, measure_answer
 from downloads import load_jsonl_url
 from errors import InputError, PayloadTooLarge, WorkerError, error_response
 from model_loader import LoadedModel, load_task
-from openai_compat import OpenAIRoutes, is_openai_job
 from storage import Storage, storage_for_job, storage_from_settings
 from tasks import TASKS, JobContext, Task
 from validation import check_job_input
+
+if TYPE_CHECKING:
+    from openai_compat import OpenAIRoutes
 
 log = logging.getLogger("worker")
 
@@ -64,7 +66,7 @@ class Worker:
     download_settings: DownloadSettings
     storage: Storage | None          # the worker's own storage; a job's s3Config overrides it
     task: Task
-    openai: OpenAIRoutes
+    openai: OpenAIRoutes | None = None   # made by the first OpenAI job: openai_compat loads then
 
     @property
     def loaded(self) -> LoadedModel:
@@ -78,7 +80,7 @@ class Worker:
         try:
             job_input = dict(check_job_input(job, self.settings.max_input_bytes))
             if openai:  # RunPod's OpenAI-compatible routes (openai_compat.py)
-                async for item in self.openai.handle(job_input):
+                async for item in self._openai_routes().handle(job_input):
                     # OpenAI clients cannot follow a link: too large fails, never half-delivers.
                     size = measure_answer(item)
                     if size > self.storage_settings.inline_limit_bytes:
@@ -112,6 +114,12 @@ class Worker:
             else:
                 log.info("job %s failed: %s", job_id, answer["error"])
             yield dict(answer)
+
+    def _openai_routes(self) -> OpenAIRoutes:
+        if self.openai is None:
+            from openai_compat import OpenAIRoutes
+            self.openai = OpenAIRoutes(self.task, self.loaded.served_name)
+        return self.openai
 
     def _context(self, job: Any, job_id: str, progress: ProgressFn | None) -> JobContext:
         """What the task knows of this job (tasks/base.py)."""
@@ -231,6 +239,12 @@ class Worker:
         return items
 
 
+def is_openai_job(job: Any) -> bool:
+    """True for a job RunPod forwarded from its OpenAI-compatible endpoint (openai_compat.py)."""
+    return (isinstance(job, dict) and isinstance(job.get("input"), dict)
+            and "openai_route" in job["input"])
+
+
 def sum_usage(results: list[dict[str, Any]]) -> dict[str, int]:
     """The batch's usage: each numeric ``usage`` field of the items' answers, summed."""
     total: dict[str, int] = {}
@@ -251,5 +265,4 @@ def build_worker(env: Mapping[str, str] | None = None) -> Worker:
     storage = storage_from_settings(storage_settings)   # builds a client; no network
     task = load_task(ModelSettings.from_env(env), settings, TASKS)
     return Worker(settings=settings, storage_settings=storage_settings,
-                  download_settings=download_settings, storage=storage, task=task,
-                  openai=OpenAIRoutes(task, task.loaded.served_name))
+                  download_settings=download_settings, storage=storage, task=task)
