@@ -14,7 +14,8 @@ A startup failure (bad setting, no model) prints one line saying what and how to
 exits 1 before any job is taken. Never imports boto3; job handling lives in ``worker.py``.
 
 Start-up imports what the path in use needs: the test mode never imports the runpod SDK; the
-worker loop imports it in a thread while the model loads (``sdk.py``).
+worker loop imports it in a thread while the model loads (``sdk.py``) and takes jobs through
+``intake.py`` (WORKER_INTAKE).
 """
 
 from __future__ import annotations
@@ -147,6 +148,9 @@ def main() -> None:
     runpod = _SDK.result() if _SDK is not None else import_sdk()
     if WORKER is not None:
         runpod.serverless.register_fitness_check(device_is_usable)
+        if WORKER.settings.intake == "fast":
+            from intake import install
+            install()
     runpod.serverless.start(START_CONFIG)
 
 
