@@ -144,7 +144,13 @@ async def run_test_job(job: dict[str, Any]) -> int:
 
 def main() -> None:
     if TEST_JOB is not None:
-        sys.exit(asyncio.run(run_test_job(TEST_JOB)))
+        code = asyncio.run(run_test_job(TEST_JOB))
+        # The answer is printed; the interpreter's teardown of torch and transformers (1 s or
+        # more on two cores) has nothing left to do, so it is skipped once everything is out.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     runpod = _SDK.result() if _SDK is not None else import_sdk()
     if WORKER is not None:
         runpod.serverless.register_fitness_check(device_is_usable)
