@@ -42,6 +42,8 @@ test: model
 
 bench: model
 	$(PY) -m bench.worker_bench
+	$(PY) -m bench.intake_bench
+	$(PY) -m bench.peer_bench
 	$(PY) -m bench.upscale_bench
 
 lint: setup

@@ -12,6 +12,10 @@ Run it:
 
 A startup failure (bad setting, no model) prints one line saying what and how to fix it and
 exits 1 before any job is taken. Never imports boto3; job handling lives in ``worker.py``.
+
+Start-up imports what the path in use needs: the test mode never imports the runpod SDK; the
+worker loop imports it in a thread while the model loads (``serving/sdk.py``) and takes jobs through
+``serving/intake.py`` (WORKER_INTAKE).
 """
 
 from __future__ import annotations
@@ -32,10 +36,9 @@ from serving import redaction
 os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
 redaction.install()
 
-import runpod  # noqa: E402
-
 from serving.device import check_device  # noqa: E402
 from serving.errors import WorkerError  # noqa: E402
+from serving.sdk import BackgroundImport, import_sdk  # noqa: E402
 from serving.worker import Worker, build_worker, configure_logging  # noqa: E402
 
 log = logging.getLogger("worker")
@@ -50,10 +53,34 @@ def _in_child_process() -> bool:
     return __name__ == "__mp_main__" or multiprocessing.parent_process() is not None
 
 
+def _local_test_job(argv: list[str]) -> dict[str, Any] | None:
+    """The job of the SDK's local test mode (--test_input or ./test_input.json), if any."""
+    if os.environ.get("RUNPOD_WEBHOOK_GET_JOB") or "--rp_serve_api" in argv:
+        return None
+    if "--test_input" in argv:
+        raw = argv[argv.index("--test_input") + 1]
+    elif os.path.exists("test_input.json"):
+        with open("test_input.json", encoding="utf-8") as f:
+            raw = f.read()
+    else:
+        return None
+    job = json.loads(raw)
+    job.setdefault("id", "local_test")
+    return job
+
+
+# The job of the test mode, when this process is one: then the runpod SDK is never imported.
+TEST_JOB = _local_test_job(sys.argv[1:]) if __name__ == "__main__" else None
+_SDK: BackgroundImport | None = None
+
+
 def _load_in_main_process() -> Worker | None:
+    global _SDK
     if _in_child_process():
         return None          # the SDK's heartbeat child: it never needs the model
     configure_logging()
+    if TEST_JOB is None:     # the worker loop: the SDK imports while the model loads
+        _SDK = BackgroundImport()
     try:
         return build_worker()
     except WorkerError as exc:
@@ -67,7 +94,9 @@ WORKER = _load_in_main_process()
 async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any] | str]:
     """RunPod's handler: an async generator, so ``"stream": true`` jobs can stream."""
     assert WORKER is not None, "handler called outside the main process"
-    async for item in WORKER.handle(job, progress=runpod.serverless.progress_update):
+    from runpod.serverless import progress_update  # imported by main(), before any job
+
+    async for item in WORKER.handle(job, progress=progress_update):
         yield item
     if WORKER.needs_refresh:
         # A generator handler cannot return refresh_worker; the SDK reads it from the config
@@ -89,28 +118,10 @@ START_CONFIG: dict[str, Any] = {
 }
 
 
-if WORKER is not None:
-    @runpod.serverless.register_fitness_check
-    def device_is_usable() -> None:
-        """Runs before the first job on RunPod: a broken GPU exits instead of failing jobs."""
-        assert WORKER is not None
-        check_device(WORKER.loaded.device)
-
-
-def _local_test_job(argv: list[str]) -> dict[str, Any] | None:
-    """The job of the SDK's local test mode (--test_input or ./test_input.json), if any."""
-    if os.environ.get("RUNPOD_WEBHOOK_GET_JOB") or "--rp_serve_api" in argv:
-        return None
-    if "--test_input" in argv:
-        raw = argv[argv.index("--test_input") + 1]
-    elif os.path.exists("test_input.json"):
-        with open("test_input.json", encoding="utf-8") as f:
-            raw = f.read()
-    else:
-        return None
-    job = json.loads(raw)
-    job.setdefault("id", "local_test")
-    return job
+def device_is_usable() -> None:
+    """Runs before the first job on RunPod: a broken GPU exits instead of failing jobs."""
+    assert WORKER is not None
+    check_device(WORKER.loaded.device)
 
 
 async def run_test_job(job: dict[str, Any]) -> int:
@@ -132,9 +143,20 @@ async def run_test_job(job: dict[str, Any]) -> int:
 
 
 def main() -> None:
-    job = _local_test_job(sys.argv[1:])
-    if job is not None:
-        sys.exit(asyncio.run(run_test_job(job)))
+    if TEST_JOB is not None:
+        code = asyncio.run(run_test_job(TEST_JOB))
+        # The answer is printed; the interpreter's teardown of torch and transformers (1 s or
+        # more on two cores) has nothing left to do, so it is skipped once everything is out.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    runpod = _SDK.result() if _SDK is not None else import_sdk()
+    if WORKER is not None:
+        runpod.serverless.register_fitness_check(device_is_usable)
+        if WORKER.settings.intake == "fast":
+            from serving.intake import install
+            install()
     runpod.serverless.start(START_CONFIG)
 
 

@@ -3,8 +3,9 @@ the device itself can do, measured in the same run. Not a test; needs a CUDA dev
 
 Needs only torch, transformers and safetensors (a GPU machine may have nothing else), and a
 model directory: ``--make-model DIR`` writes one with random weights in the default model's
-architecture (or a larger one with ``--arch 1b``), taking config and tokenizer from
-``models/default`` (weights are not needed there, only its small json and tokenizer files).
+architecture (a larger one with ``--arch 1b``, a ~3M one with ``--arch tiny``), taking config
+and tokenizer from ``models/default`` (weights are not needed there, only its small json and
+tokenizer files).
 
     python -m bench.gpu_bench --make-model /tmp/gpu-model --arch 1b
     python -m bench.gpu_bench --model /tmp/gpu-model --out gpu-results/bench.json
@@ -35,9 +36,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "chat_template.jinja", "special_tokens_map.json")
-ARCHS = {  # extra config for a larger model of the same family, ~1.1B parameters
-    "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+ARCHS = {  # extra config for other models of the same family
+    "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,  # ~1.1B
            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64},
+    # ~3M parameters (mostly the embedding): a decode step costs on two CPU cores about what
+    # the default model's costs on a GPU, so what is left is the per-job path around it.
+    "tiny": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16},
 }
 
 

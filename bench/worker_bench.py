@@ -5,9 +5,11 @@ measured in the same run (absolute times on a shared machine are noise). Not a t
     .venv/bin/python -m bench.worker_bench --only throughput --concurrency 1 8
 
 What is measured, and against what:
-- cold start: a fresh process from start to ready-for-jobs (import, weight read, placement,
-  warm-up, from the startup line), against the floor: a fresh process that only loads the same
-  safetensors files with ``safetensors.torch.load_file``.
+- cold start: ``python handler.py --test_input`` with a one-token job, start to exit, and the
+  worker loop's first answer (``handler.py`` behind the local endpoint, the job queued before it
+  starts), against the floor: a fresh process that only imports torch and loads the same
+  safetensors files with ``safetensors.torch.load_file``. Median of ``--repeat``, interleaved;
+  with the import-time budget of the test mode by package (``python -X importtime``).
 - per-job overhead: a one-token job through ``Worker.handle`` (validation, tokenizing, batcher,
   engine, delivery) against ``model.generate`` of one token on the same prompt, in-process.
 - throughput: N concurrent jobs through the local endpoint and the real runpod worker loop,
@@ -25,11 +27,13 @@ import asyncio
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -66,41 +70,107 @@ def percentile(values: list[float], q: float) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
+ONE_TOKEN_JOB = {"input": {"prompt": "Hello", "max_new_tokens": 1, "temperature": 0}}
+STARTUP_LINE = re.compile(r"import ([\d.]+)s, read ([\d.]+)s .*place ([\d.]+)s, "
+                          r"warm-up ([\d.]+)s")
+
+
 def bench_cold_start(path: Path, repeat: int) -> dict[str, Any]:
-    """Fresh processes: the worker's startup vs only reading the safetensors files."""
-    worker_code = (
-        "import time,json;t=time.perf_counter();import worker;"
-        f"w=worker.build_worker({{'MODEL_PATH':{str(path)!r}}});s=w.loaded.stats;"
-        "print(json.dumps({'total':time.perf_counter()-t,'import':s.import_s,'read':s.read_s,"
-        "'place':s.place_s,'warmup':s.warmup_s,'bytes':s.weight_bytes}))")
-    # The floor reads the same bytes onto the same device (the GPU's, with its CUDA start).
+    """Fresh processes, interleaved: the floor, the test mode, the worker loop's first answer.
+
+    - floor: a process that only imports torch and reads the same safetensors files onto the
+      device (``safetensors.torch.load_file``);
+    - test mode: ``python handler.py --test_input`` with a one-token job, start to exit;
+    - worker loop: ``python handler.py`` behind the local endpoint with the same job already
+      queued, from process start to the job's answer (what a RunPod cold start costs the
+      first caller, less the platform's own container start).
+    """
+    from dev.local_endpoint import COMPLETED, LocalEndpoint, WorkerProcess
+
     floor_code = (
-        "import time,json,glob;t=time.perf_counter();import torch;"
-        "from safetensors.torch import load_file;"
+        "import glob,torch;from safetensors.torch import load_file;"
         "d='cuda' if torch.cuda.is_available() else 'cpu';"
         f"[load_file(f,device=d) for f in glob.glob({str(path / '*.safetensors')!r})];"
-        "torch.cuda.synchronize() if d=='cuda' else None;"
-        "print(json.dumps({'total':time.perf_counter()-t}))")
+        "torch.cuda.synchronize() if d=='cuda' else None")
+    env = {**os.environ, "MODEL_PATH": str(path)}
 
-    def run(code: str) -> dict[str, float]:
-        # time to a result inside the process, plus the interpreter start measured outside
+    def process(args: list[str]) -> tuple[float, str]:
         start = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                             text=True, check=True)
-        data = json.loads(out.stdout.strip().splitlines()[-1])
-        data["process"] = time.perf_counter() - start
-        return data
+        done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True,
+                              text=True, check=True, env=env)
+        return time.perf_counter() - start, done.stderr
 
-    workers, floors = [], []
-    for _ in range(repeat):
-        floors.append(run(floor_code))
-        workers.append(run(worker_code))
-    med = {k: statistics.median(w[k] for w in workers) for k in workers[0]}
-    floor = statistics.median(f["process"] for f in floors)
-    return {"worker_process_s": med["process"], "import_s": med["import"],
-            "read_s": med["read"], "place_s": med["place"], "warmup_s": med["warmup"],
-            "weight_bytes": int(med["bytes"]), "floor_process_s": floor,
-            "ratio_to_floor": med["process"] / floor}
+    def worker_loop() -> float:
+        endpoint = LocalEndpoint().start()
+        try:
+            request = urllib.request.Request(
+                f"{endpoint.base_url}/{endpoint.endpoint_id}/run", method="POST",
+                data=json.dumps(ONE_TOKEN_JOB).encode(),
+                headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                job_id = json.loads(response.read())["id"]          # queued before the worker runs
+            start = time.perf_counter()
+            worker = WorkerProcess(endpoint, [sys.executable, "handler.py"], "cold", cwd=str(ROOT),
+                                   output=subprocess.DEVNULL,
+                                   extra_env={"MODEL_PATH": str(path),
+                                              "RUNPOD_LOG_LEVEL": "ERROR"}).start()
+            try:
+                status = endpoint.wait_for_status(job_id, timeout_s=600)
+                elapsed = time.perf_counter() - start
+                assert status["status"] == COMPLETED, status
+            finally:
+                worker.stop(60)
+            return elapsed
+        finally:
+            endpoint.stop()
+
+    test_mode = ["handler.py", "--test_input", json.dumps(ONE_TOKEN_JOB)]
+    floors, tests, loops, phases = [], [], [], []
+    for _ in range(repeat):              # interleaved, so drift hits all three alike
+        floors.append(process(["-c", floor_code])[0])
+        seconds, stderr = process(test_mode)
+        tests.append(seconds)
+        if found := STARTUP_LINE.search(stderr):
+            phases.append([float(x) for x in found.groups()])
+        loops.append(worker_loop())
+    floor = statistics.median(floors)
+    result: dict[str, Any] = {
+        "repeat": repeat, "floor_process_s": floor,
+        "test_mode_process_s": statistics.median(tests),
+        "worker_loop_first_answer_s": statistics.median(loops),
+        "ratio_to_floor": statistics.median(tests) / floor,
+        "worker_loop_ratio_to_floor": statistics.median(loops) / floor,
+        "runs_s": {"floor": floors, "test_mode": tests, "worker_loop": loops}}
+    if phases:
+        keys = ("import_s", "read_s", "place_s", "warmup_s")
+        result["startup_line"] = {k: statistics.median(p[i] for p in phases)
+                                  for i, k in enumerate(keys)}
+    _, stderr = process(["-X", "importtime", *test_mode])
+    result["import_budget"] = import_budget(stderr)
+    return result
+
+
+def import_budget(importtime_stderr: str, top: int = 12) -> dict[str, Any]:
+    """``python -X importtime``'s report, summed: the seconds each top-level package took
+    (its modules' own time, so nothing counts twice), and the slowest imports of the handler
+    itself (cumulative: each with everything it pulled in)."""
+    by_package: dict[str, float] = {}
+    direct: dict[str, float] = {}
+    for line in importtime_stderr.splitlines():
+        if not line.startswith("import time:") or "|" not in line:
+            continue
+        _, own, cumulative, name = (part for part in re.split(r"[:|]", line, maxsplit=3))
+        if not own.strip().isdigit():
+            continue                      # the header line
+        package = name.strip().split(".")[0]
+        by_package[package] = by_package.get(package, 0.0) + int(own) / 1e6
+        if not name.startswith("  "):     # imported by the handler itself, not by a module
+            direct[name.strip()] = int(cumulative) / 1e6
+    ranked = sorted(by_package.items(), key=lambda kv: -kv[1])
+    return {"total_s": sum(by_package.values()),
+            "by_package_s": dict(ranked[:top]),
+            "handler_imports_cumulative_s": dict(sorted(direct.items(),
+                                                         key=lambda kv: -kv[1])[:top])}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,6 +214,73 @@ def bench_overhead(path: Path, repeat: int) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
+class DirectGenerate:
+    """The ceiling: one direct batched ``model.generate`` of the bench's prompts, in-process,
+    on the device and in the dtype the worker picks there."""
+
+    def __init__(self, path: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from model_loader import choose_dtype
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.tok.padding_side = "left"
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=choose_dtype("auto", self.device), device_map={"": self.device}).eval()
+        with torch.inference_mode():                 # warm-up, as the worker had
+            self.model.generate(**self.tok("Hello", return_tensors="pt").to(self.device),
+                                max_new_tokens=4, pad_token_id=self.tok.pad_token_id)
+
+    def tokens_per_s(self, n: int, max_new_tokens: int) -> float:
+        """Tokens/s of one batched generate of the first n prompts (EOS ends a row, as in
+        jobs; prompts repeat past len(PROMPTS), as the jobs' do)."""
+        import torch
+
+        tok = self.tok
+        texts = [tok.apply_chat_template(job(i, 0)["messages"], add_generation_prompt=True,
+                                         tokenize=False) for i in range(n)]
+        batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = batch.to(self.device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                      pad_token_id=tok.pad_token_id)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        new = out[:, batch["input_ids"].shape[1]:]
+        produced = sum(min(max_new_tokens, int((r != tok.pad_token_id).sum()) + 1) for r in new)
+        return produced / elapsed
+
+
+def post_concurrently(urls_and_bodies: list[tuple[str, dict[str, Any]]], timeout_s: float = 600
+                      ) -> tuple[float, list[tuple[float, Any]]]:
+    """POST all at once from one event loop (a light client: it shares the machine); returns
+    the wall time and each request's (latency, parsed JSON answer)."""
+    import aiohttp
+
+    async def run() -> tuple[float, list[tuple[float, Any]]]:
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout,
+                                         connector=aiohttp.TCPConnector(limit=0)) as session:
+            async def one(url: str, body: dict[str, Any]) -> tuple[float, Any]:
+                start = time.perf_counter()
+                async with session.post(url, json=body) as response:
+                    answer = await response.json(content_type=None)
+                    if response.status != 200:
+                        raise RuntimeError(f"{url}: HTTP {response.status}: {answer}")
+                return time.perf_counter() - start, answer
+
+            start = time.perf_counter()
+            results = await asyncio.gather(*(one(u, b) for u, b in urls_and_bodies))
+            return time.perf_counter() - start, list(results)
+
+    return asyncio.run(run())
+
+
+# ----------------------------------------------------------------------------------------------
 def bench_throughput(path: Path, levels: list[int], max_new_tokens: int, repeat: int,
                      worker_env: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """N concurrent jobs through the local endpoint and real worker loop, vs baselines.
@@ -152,38 +289,12 @@ def bench_throughput(path: Path, levels: list[int], max_new_tokens: int, repeat:
     worker idles) alternate ``repeat`` times and medians are compared, so the machine's drift
     over minutes hits both alike.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from dev.local_endpoint import LocalEndpoint, WorkerProcess
-    from model_loader import choose_dtype
 
-    # The ceiling runs where the worker runs, in the dtype the worker picks there.
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=choose_dtype("auto", device), device_map={"": device}).eval()
-    with torch.inference_mode():                 # warm-up, as the worker had
-        model.generate(**tok("Hello", return_tensors="pt").to(device), max_new_tokens=4,
-                       pad_token_id=tok.pad_token_id)
+    ceiling = DirectGenerate(path)
 
     def direct(n: int) -> float:
-        """Tokens/s of one batched generate of the same n prompts (EOS ends a row, as in jobs)."""
-        texts = [tok.apply_chat_template(job(i, 0)["messages"], add_generation_prompt=True,
-                                         tokenize=False) for i in range(n)]
-        batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        batch = batch.to(device)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        new = out[:, batch["input_ids"].shape[1]:]
-        produced = sum(min(max_new_tokens, int((r != tok.pad_token_id).sum()) + 1) for r in new)
-        return produced / elapsed
+        return ceiling.tokens_per_s(n, max_new_tokens)
 
     rows = []
     endpoint = LocalEndpoint().start()
@@ -303,8 +414,18 @@ def main() -> None:
         result["gpu"] = torch.cuda.get_device_name(0)
     if "cold" in only:
         print("cold start ...", flush=True)
-        result["cold_start"] = bench_cold_start(path, args.repeat)
-        print(json.dumps(result["cold_start"], indent=2))
+        result["cold_start"] = cold = bench_cold_start(path, args.repeat)
+        print(f"  floor (import torch + load_file): {cold['floor_process_s']:.2f} s\n"
+              f"  test mode, one-token job:         {cold['test_mode_process_s']:.2f} s "
+              f"= x{cold['ratio_to_floor']:.2f} the floor\n"
+              f"  worker loop, first answer:        {cold['worker_loop_first_answer_s']:.2f} s "
+              f"= x{cold['worker_loop_ratio_to_floor']:.2f} the floor  (median of {args.repeat})")
+        budget = cold["import_budget"]
+        print(f"  import time of the test mode, {budget['total_s']:.2f} s, by package: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in budget["by_package_s"].items()))
+        print("  handler's imports, cumulative: "
+              + ", ".join(f"{k} {v:.2f}"
+                          for k, v in budget["handler_imports_cumulative_s"].items()))
     if "overhead" in only:
         print("per-job overhead ...", flush=True)
         result["overhead"] = bench_overhead(path, max(args.repeat * 7, 20))

@@ -191,6 +191,10 @@ class ModelSettings:
 # --------------------------------------------------------------------------------------------
 WORKER_CONCURRENCY = _var("worker", "WORKER_CONCURRENCY", "16",
                           "Jobs one worker takes at once (RunPod concurrency_modifier); 1..256")
+WORKER_INTAKE = _var("worker", "WORKER_INTAKE", "fast",
+                     "How the runpod worker loop takes jobs: fast (a freed slot is refilled at "
+                     "once, each taken job counted once; see serving/intake.py) or sdk (the "
+                     "SDK's own, which can pause 1 s after a burst)")
 WORKER_MAX_BATCH_SIZE = _var("worker", "WORKER_MAX_BATCH_SIZE", "16",
                              "Most sequences decoded (or images upscaled) together in one "
                              "forward pass; 1..256")
@@ -246,6 +250,7 @@ class WorkerSettings:
     embed_batch_size: int         # texts per embedding forward pass
     job_timeout_s: float          # per-job time limit, seconds
     max_image_pixels: int = 1048576   # input image size limit, pixels
+    intake: str = "fast"              # fast | sdk: how the runpod loop takes jobs (intake.py)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -265,6 +270,7 @@ class WorkerSettings:
             embed_batch_size=r.integer(WORKER_EMBED_BATCH_SIZE, 1, 4096),
             job_timeout_s=r.number(WORKER_JOB_TIMEOUT_S, 1, 86400),
             max_image_pixels=r.integer(WORKER_MAX_IMAGE_PIXELS, 1, 268435456),
+            intake=r.choice(WORKER_INTAKE, ("fast", "sdk")),
         )
 
 

@@ -106,12 +106,6 @@ class EmbeddingRequest(StrictInput):
     user: str | None = None
 
 
-def is_openai_job(job: Any) -> bool:
-    """True for a job RunPod forwarded from its OpenAI-compatible endpoint."""
-    return (isinstance(job, dict) and isinstance(job.get("input"), dict)
-            and "openai_route" in job["input"])
-
-
 class OpenAIRoutes:
     """Answers RunPod's OpenAI-style jobs with the worker's task."""
 

@@ -28,7 +28,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from model_loader import LoadedModel, load_task
 from serving.config import DownloadSettings, ModelSettings, StorageSettings, WorkerSettings
@@ -41,10 +41,12 @@ from serving.delivery import (
 )
 from serving.downloads import load_jsonl_url
 from serving.errors import InputError, JobTimeout, PayloadTooLarge, WorkerError, error_response
-from serving.openai_compat import OpenAIRoutes, is_openai_job
 from serving.validation import check_job_input
 from storage import Storage, storage_for_job, storage_from_settings
 from tasks import TASKS, JobContext, Task
+
+if TYPE_CHECKING:
+    from serving.openai_compat import OpenAIRoutes
 
 log = logging.getLogger("worker")
 
@@ -72,7 +74,7 @@ class Worker:
     download_settings: DownloadSettings
     storage: Storage | None          # the worker's own storage; a job's s3Config overrides it
     task: Task
-    openai: OpenAIRoutes
+    openai: OpenAIRoutes | None = None   # made by the first OpenAI job: openai_compat loads then
     # Downloads and uploads wait on the network, up to their time limits: each kind has its own
     # pool, one thread per job in flight, so they never hold the default pool's threads, which
     # every inline answer needs to be delivered.
@@ -124,7 +126,7 @@ class Worker:
         try:
             job_input = dict(check_job_input(job, self.settings.max_input_bytes))
             if openai:  # RunPod's OpenAI-compatible routes (openai_compat.py)
-                async for item in self.openai.handle(job_input):
+                async for item in self._openai_routes().handle(job_input):
                     # OpenAI clients cannot follow a link: too large fails, never half-delivers.
                     size = measure_answer(item)
                     if size > self.storage_settings.inline_limit_bytes:
@@ -158,6 +160,12 @@ class Worker:
             else:
                 log.info("job %s failed: %s", job_id, answer["error"])
             yield dict(answer)
+
+    def _openai_routes(self) -> OpenAIRoutes:
+        if self.openai is None:
+            from serving.openai_compat import OpenAIRoutes
+            self.openai = OpenAIRoutes(self.task, self.loaded.served_name)
+        return self.openai
 
     def _context(self, job: Any, job_id: str, progress: ProgressFn | None) -> JobContext:
         """What the task knows of this job (tasks/base.py)."""
@@ -296,6 +304,12 @@ class Worker:
         return items
 
 
+def is_openai_job(job: Any) -> bool:
+    """True for a job RunPod forwarded from its OpenAI-compatible endpoint (openai_compat.py)."""
+    return (isinstance(job, dict) and isinstance(job.get("input"), dict)
+            and "openai_route" in job["input"])
+
+
 def sum_usage(results: list[dict[str, Any]]) -> dict[str, int]:
     """The batch's usage: each numeric ``usage`` field of the items' answers, summed."""
     total: dict[str, int] = {}
@@ -316,5 +330,4 @@ def build_worker(env: Mapping[str, str] | None = None) -> Worker:
     storage = storage_from_settings(storage_settings)   # builds a client; no network
     task = load_task(ModelSettings.from_env(env), settings, TASKS)
     return Worker(settings=settings, storage_settings=storage_settings,
-                  download_settings=download_settings, storage=storage, task=task,
-                  openai=OpenAIRoutes(task, task.loaded.served_name))
+                  download_settings=download_settings, storage=storage, task=task)

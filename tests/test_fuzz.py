@@ -132,8 +132,9 @@ def small(worker) -> Worker:
     storage = StorageSettings.from_env({"BUCKET_RETRY_ATTEMPTS": "1",
                                         "BUCKET_TIMEOUT_SECONDS": "2"})
     task = GenerateTask(worker.loaded, limits)
+    # openai=None: the OpenAI routes are built again, for the small task, by the first such job
     return dataclasses.replace(worker, settings=limits, storage_settings=storage, task=task,
-                               openai=type(worker.openai)(task, worker.loaded.served_name))
+                               openai=None)
 
 
 def check_clean(loop, small: Worker, job: dict) -> None:

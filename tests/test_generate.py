@@ -221,7 +221,7 @@ def fresh_worker(worker: Worker, loaded=None, **limits) -> Worker:
     loaded = loaded or worker.loaded
     task = GenerateTask(loaded, settings)
     return dataclasses.replace(worker, settings=settings, task=task,
-                               openai=type(worker.openai)(task, loaded.served_name))
+                               openai=None)
 
 
 class RecordingTokenizer:
