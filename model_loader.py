@@ -28,32 +28,13 @@ from __future__ import annotations
 import json
 import logging
 import resource
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-
-def _import_accelerate_without_boto3() -> None:
-    """accelerate, which transformers' loading code imports, imports boto3 whenever it is
-    installed (for its SageMaker config wizard): 0.2 s of a cold start, for a module a worker
-    without storage never uses. Hidden for that one import (a None entry in sys.modules makes
-    find_spec answer None); storage.py imports boto3 itself when a bucket is used."""
-    if "accelerate" in sys.modules or "boto3" in sys.modules:
-        return
-    sys.modules["boto3"] = None  # type: ignore[assignment]
-    try:
-        import accelerate  # noqa: F401
-    except ImportError:
-        pass              # transformers loads without it on one device
-    finally:
-        del sys.modules["boto3"]
-
-
 _t_import = time.perf_counter()
-_import_accelerate_without_boto3()   # imports torch
 import torch  # noqa: E402
 import transformers  # noqa: E402, F401 - timed here: IMPORT_SECONDS covers it
 from transformers import (  # noqa: E402
