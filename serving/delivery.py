@@ -223,8 +223,8 @@ def deliver_files(answer: Any, *, job_id: str, storage: StorageGetter, inline_li
     except RecursionError:                 # circular, or too deep to be JSON
         raise TypeError("the answer is not JSON-serialisable: it nests too deep") from None
     limit = inline_limit_bytes
-    if mode == "inline" or (mode == "auto" and inline_size(answer) <= limit):
-        size = inline_size(answer)
+    size = inline_size(answer)
+    if mode == "inline" or (mode == "auto" and size <= limit):
         if size > limit:
             raise PayloadTooLarge(
                 f"the answer with its files inline is {size:,} bytes of JSON, over the inline "
@@ -237,7 +237,7 @@ def deliver_files(answer: Any, *, job_id: str, storage: StorageGetter, inline_li
             raise InputError(f"'link' needs storage, and none is configured: "
                              f"{STORAGE_SETTINGS_HINT}", field="input.output_mode")
         raise PayloadTooLarge(
-            f"the answer with its files inline is {inline_size(answer):,} bytes of JSON, over "
+            f"the answer with its files inline is {size:,} bytes of JSON, over "
             f"the inline limit of {limit:,} bytes (OUTPUT_INLINE_LIMIT_BYTES), and no storage "
             f"is configured to send the files as links: {STORAGE_SETTINGS_HINT}")
     linked = replace_artefacts(answer, lambda a: target.put(

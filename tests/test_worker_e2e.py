@@ -115,7 +115,8 @@ class TestFailures:
 class TestLoadedOnce:
     def test_model_loads_once_although_the_heartbeat_child_imports_handler_again(
             self, default_model_dir, tmp_path):
-        """Under spawn the SDK's heartbeat process re-runs handler.py's top level (CONTEXT.md)."""
+        """Under spawn the SDK's heartbeat process re-runs handler.py's top level (as measured
+        against runpod 1.12.0)."""
         spawn_main = ("import multiprocessing, runpy; multiprocessing.set_start_method('spawn'); "
                       "runpy.run_path('handler.py', run_name='__main__')")
         log = tmp_path / "worker.log"
