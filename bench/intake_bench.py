@@ -9,6 +9,11 @@ JobScaler) and once with ``fast`` (serving/intake.py), each as a ratio to one di
 Both workers take 32 jobs at a time; 64 jobs at once make them refill slots as jobs end. The
 endpoint's timings say where a job's time went: waiting to be taken, then running.
 
+The model computes on one thread everywhere (the workers and the ceiling): the per-job path is
+Python on one core, and the second core is left to the endpoint, the client and the other
+worker. Two OpenMP threads on a shared two-core machine made every round hostage to whatever
+else ran (the same config measured from 140 to 1450 tokens/s); one thread varied by 10 %.
+
     .venv/bin/python -m bench.intake_bench                      # ~3 min on 2 CPU cores
     .venv/bin/python -m bench.intake_bench --concurrency 32 --repeat 5
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -50,10 +56,13 @@ def tiny_model(out: Path) -> Path:
 
 def run(path: Path, levels: list[int], max_new_tokens: int, repeat: int, worker_jobs: int
         ) -> dict[str, Any]:
+    import torch
+
     from dev.local_endpoint import LocalEndpoint, WorkerProcess
 
+    torch.set_num_threads(1)
     ceiling = DirectGenerate(path)
-    settings = {"MODEL_PATH": str(path), "RUNPOD_LOG_LEVEL": "ERROR",
+    settings = {"MODEL_PATH": str(path), "RUNPOD_LOG_LEVEL": "ERROR", "OMP_NUM_THREADS": "1",
                 "WORKER_CONCURRENCY": str(worker_jobs), "WORKER_MAX_BATCH_SIZE": str(worker_jobs)}
     # One worker per mode, both alive; rounds alternate between them and the direct generate,
     # so the machine's drift hits all three alike.
@@ -90,11 +99,12 @@ def run(path: Path, levels: list[int], max_new_tokens: int, repeat: int, worker_
                     latencies[mode] += lat
                 direct.append(ceiling.tokens_per_s(n, max_new_tokens))
             row: dict[str, Any] = {"concurrency": n, "repeat": repeat,
-                                   "direct_batched_tokens_per_s": statistics.median(direct)}
+                                   "direct_batched_tokens_per_s": statistics.median(direct),
+                                   "direct_rounds_tokens_per_s": direct}
             for mode in MODES:
                 waits, runs = zip(*endpoints[mode].timings(since), strict=True)
                 rate = statistics.median(rates[mode])
-                row[mode] = {"tokens_per_s": rate,
+                row[mode] = {"tokens_per_s": rate, "rounds_tokens_per_s": rates[mode],
                              "ratio_to_direct_batched": rate / row["direct_batched_tokens_per_s"],
                              "p50_s": percentile(latencies[mode], 0.5),
                              "p95_s": percentile(latencies[mode], 0.95),
@@ -121,7 +131,7 @@ def main() -> None:
     parser.add_argument("--worker-jobs", type=int, default=32,
                         help="WORKER_CONCURRENCY and WORKER_MAX_BATCH_SIZE of both workers")
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--model", type=Path, default=None,
                         help="a model directory (default: the tiny random model, made here)")
     parser.add_argument("--out", type=Path, default=None)
@@ -134,9 +144,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or tiny_model(Path(tmp) / "tiny")
         print(f"intake: {path.name} model, {args.max_new_tokens} new tokens per job", flush=True)
+        load_before = round(os.getloadavg()[0], 2)    # the machine's 1-minute load average
         result = {"device": device, "machine": platform.machine(), "model": path.name,
                   "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  **run(path, args.concurrency, args.max_new_tokens, args.repeat, args.worker_jobs)}
+                  **run(path, args.concurrency, args.max_new_tokens, args.repeat, args.worker_jobs),
+                  "load_before": load_before, "load_after": round(os.getloadavg()[0], 2)}
     out = args.out or RESULTS / f"{device}-intake.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -139,9 +139,11 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     path = model_dir()
     print(f"peer: {path.name}, greedy, at most {args.max_tokens} tokens a request", flush=True)
+    load_before = round(os.getloadavg()[0], 2)        # the machine's 1-minute load average
     result = {"device": device, "machine": platform.machine(), "cpus": os.cpu_count(),
               "model": path.name, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              **run(path, args.concurrency, args.max_tokens, args.repeat)}
+              **run(path, args.concurrency, args.max_tokens, args.repeat),
+              "load_before": load_before, "load_after": round(os.getloadavg()[0], 2)}
     out = args.out or RESULTS / f"{device}-peer.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -407,14 +407,30 @@ def main() -> None:
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
     only = set(args.only or ["cold", "overhead", "throughput"])
-    result: dict[str, Any] = {"device": device, "machine": platform.machine(),
-                              "cpus": os.cpu_count(), "model": str(path.name),
-                              "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    out = args.out or RESULTS / f"{device}.json"
+    # With --only, the sections not run are kept from the results file: each has its own
+    # time and the machine's load (1-minute average) before and after, so a section measured
+    # while the shared machine was busy can be measured again on its own.
+    result: dict[str, Any] = json.loads(out.read_text()) if args.only and out.exists() else {}
+    result.update({"device": device, "machine": platform.machine(), "cpus": os.cpu_count(),
+                   "model": str(path.name)})
+    result.setdefault("sections", {})
     if device == "cuda":
         result["gpu"] = torch.cuda.get_device_name(0)
+
+    def begin(section: str) -> None:
+        result["sections"][section] = {
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "load_before": round(os.getloadavg()[0], 2)}
+
+    def end(section: str) -> None:
+        result["sections"][section]["load_after"] = round(os.getloadavg()[0], 2)
+
     if "cold" in only:
         print("cold start ...", flush=True)
+        begin("cold")
         result["cold_start"] = cold = bench_cold_start(path, args.repeat)
+        end("cold")
         print(f"  floor (import torch + load_file): {cold['floor_process_s']:.2f} s\n"
               f"  test mode, one-token job:         {cold['test_mode_process_s']:.2f} s "
               f"= x{cold['ratio_to_floor']:.2f} the floor\n"
@@ -428,13 +444,17 @@ def main() -> None:
                           for k, v in budget["handler_imports_cumulative_s"].items()))
     if "overhead" in only:
         print("per-job overhead ...", flush=True)
+        begin("overhead")
         result["overhead"] = bench_overhead(path, max(args.repeat * 7, 20))
+        end("overhead")
         print(json.dumps(result["overhead"], indent=2))
     if "throughput" in only:
         print("throughput ...", flush=True)
         worker_env = dict(item.split("=", 1) for item in args.worker_env)
+        begin("throughput")
         rows = bench_throughput(path, args.concurrency, args.max_new_tokens, args.repeat,
                                 worker_env)
+        end("throughput")
         result["worker_env"] = worker_env
         result["throughput"] = {"max_new_tokens": args.max_new_tokens, "rows": rows}
         for row in rows:
@@ -442,7 +462,6 @@ def main() -> None:
                   f"x{row['ratio_to_one_at_a_time']:.2f} one-at-a-time, "
                   f"x{row['ratio_to_direct_batched']:.2f} of direct batched; "
                   f"p50 {row['p50_s']:.2f}s p95 {row['p95_s']:.2f}s")
-    out = args.out or RESULTS / f"{device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     if "throughput" in result:
