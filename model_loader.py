@@ -308,6 +308,7 @@ class LoadStats:
     peak_bytes: int
     placement: str
     task: str = "generate"
+    note: str = ""                # what the task adds, e.g. which decode path it runs
 
     def line(self, source: ModelSource, name: str) -> str:
         gib = 1024**3
@@ -315,7 +316,8 @@ class LoadStats:
                 f"import {self.import_s:.2f}s, read {self.read_s:.2f}s "
                 f"({self.weight_bytes / gib:.2f} GiB), place {self.place_s:.2f}s, "
                 f"warm-up {self.warmup_s:.2f}s | device {self.device} ({self.placement}), "
-                f"dtype {self.dtype}, peak memory {self.peak_bytes / gib:.2f} GiB")
+                f"dtype {self.dtype}, peak memory {self.peak_bytes / gib:.2f} GiB"
+                + (f" | {self.note}" if self.note else ""))
 
 
 @dataclass

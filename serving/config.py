@@ -222,6 +222,16 @@ WORKER_MAX_IMAGE_PIXELS = _var("worker", "WORKER_MAX_IMAGE_PIXELS", "1048576",
                                "header before decoding; 1..268435456")
 WORKER_JOB_TIMEOUT_S = _var("worker", "WORKER_JOB_TIMEOUT_S", "600",
                             "A job still running after this many seconds fails; 1..86400")
+WORKER_DECODE = _var("worker", "WORKER_DECODE", "auto",
+                     "How generation decodes: compiled (a static KV cache and one compiled "
+                     "step, a CUDA graph on a GPU; see serving/graphs.py), eager (one kernel "
+                     "launch at a time, any model), or auto (compiled on CUDA when the model "
+                     "allows it, else eager); the startup line says which")
+WORKER_COMPILE_CACHE_DIR = _var("worker", "WORKER_COMPILE_CACHE_DIR", "auto",
+                                "Where compiled decode steps are cached for the next worker: "
+                                "a directory, or auto (/runpod-volume/torch-compile-cache when "
+                                "a network volume is mounted, else "
+                                "~/.cache/runpod-worker/torch-compile)")
 
 
 # A prompt's characters are bounded before it is tokenized (tokenizing megabytes costs seconds
@@ -251,6 +261,8 @@ class WorkerSettings:
     job_timeout_s: float          # per-job time limit, seconds
     max_image_pixels: int = 1048576   # input image size limit, pixels
     intake: str = "fast"              # fast | sdk: how the runpod loop takes jobs (intake.py)
+    decode: str = "auto"              # auto | compiled | eager (serving/graphs.py)
+    compile_cache_dir: str | None = None   # torch.compile's on-disk caches (None: torch's own)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -271,7 +283,22 @@ class WorkerSettings:
             job_timeout_s=r.number(WORKER_JOB_TIMEOUT_S, 1, 86400),
             max_image_pixels=r.integer(WORKER_MAX_IMAGE_PIXELS, 1, 268435456),
             intake=r.choice(WORKER_INTAKE, ("fast", "sdk")),
+            decode=r.choice(WORKER_DECODE, ("auto", "compiled", "eager")),
+            compile_cache_dir=_compile_cache_dir(r.text(WORKER_COMPILE_CACHE_DIR)),
         )
+
+
+VOLUME = Path("/runpod-volume")      # where RunPod mounts an endpoint's network volume
+
+
+def _compile_cache_dir(value: str | None) -> str | None:
+    """``auto``: the network volume when one is mounted (every worker of the endpoint shares
+    it, so one compile serves them all), else a directory in the container."""
+    if value is None or value != "auto":
+        return value
+    if VOLUME.is_dir():
+        return str(VOLUME / "torch-compile-cache")
+    return str(Path("~/.cache/runpod-worker/torch-compile").expanduser())
 
 
 # --------------------------------------------------------------------------------------------

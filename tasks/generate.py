@@ -2,7 +2,8 @@
 
 Owns the job contract for causal language models: the input fields and their limits, the
 defaults taken from the model's generation config, and the answer and stream-chunk shapes. The
-decoding itself is ``engine.py``'s, the batching across jobs ``batcher.py``'s.
+decoding itself is ``serving/engine.py``'s (or ``serving/graphs.py``'s compiled one, as
+WORKER_DECODE picks), the batching across jobs ``serving/batcher.py``'s.
 
 Input (``job["input"]``)::
 
@@ -34,12 +35,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
-import torch
 import transformers
 from jinja2 import TemplateError
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -49,12 +50,15 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from model_loader import LoadedModel, ModelFiles, place_model
 from serving.batcher import Batcher
 from serving.config import PROMPT_CHARS_PER_TOKEN, ModelSettings, WorkerSettings
+from serving.device import is_device_fault
 from serving.engine import Engine, SamplingParams, Sequence
 from serving.errors import InputError, JobTimeout, excerpt
+from serving.graphs import GraphEngine, choose_engine
 from serving.validation import StrictInput, in_tokenizer_thread, parse_input
 from tasks.base import JobContext, Task
 
 MAX_STOP_CHARS = 256
+log = logging.getLogger("worker.generate")
 
 
 class Message(StrictInput):
@@ -200,17 +204,37 @@ class GenerateTask(Task):
         return loaded
 
     def warm_up(self) -> None:
-        """One short greedy generation: the first job pays no kernel or allocator start-up."""
-        inputs = self.tokenizer("Hello", return_tensors="pt").to(self.loaded.device)
-        with torch.inference_mode():
-            self.loaded.model.generate(**inputs, max_new_tokens=4, do_sample=False,
-                                       pad_token_id=self.tokenizer.pad_token_id)
+        """Short greedy runs through the engine jobs use, so the first job pays no start-up.
+
+        The compiled engine compiles (or loads its compiled step from the compile cache) and
+        captures its graph here, and runs its prefill at one row and at every slot. On CUDA the
+        eager engine runs one row and a full batch (the allocator grows, the kernels for both
+        shapes load); on a CPU one row, since there is nothing to grow or load.
+        """
+        ids = list(self.tokenizer("Hello")["input_ids"])
+        engine = self.batcher.engine
+        if isinstance(engine, GraphEngine):
+            try:
+                engine.warm_up(ids)
+            except Exception as exc:
+                if self.settings.decode == "compiled" or is_device_fault(exc):
+                    raise
+                log.warning("compiling the decode step failed; decoding eagerly", exc_info=exc)
+                reason = excerpt(str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                                 80)
+                self._use(Engine(self.loaded), f"decode eager (compiling failed: {reason})")
+            else:
+                return                   # the startup line's warm-up time is the compile's
+        rows = (1, self.settings.max_batch_size) if self.loaded.device.type == "cuda" else (1,)
+        params = SamplingParams(max_new_tokens=4)
+        for n in rows:
+            self.batcher.engine.run([Sequence(list(ids), params) for _ in range(n)])
 
     def __init__(self, loaded: LoadedModel, settings: WorkerSettings) -> None:
         super().__init__(loaded, settings)
         self.tokenizer = loaded.tokenizer
-        self.batcher = Batcher(Engine(loaded), settings.max_batch_size, settings.batch_wait_ms)
         self.context = model_context(loaded)
+        self._use(*choose_engine(loaded, settings, self.context))
         prompt_tokens = min(settings.max_prompt_tokens, self.context or settings.max_prompt_tokens)
         self.max_prompt_chars = prompt_tokens * PROMPT_CHARS_PER_TOKEN
         gc = loaded.generation_config or GenerationConfig()
@@ -222,6 +246,10 @@ class GenerateTask(Task):
             "top_k": int(gc.top_k) if sampling and gc.top_k is not None else 0,
             "repetition_penalty": float(gc.repetition_penalty or 1.0),
         }
+
+    def _use(self, engine: Engine, note: str) -> None:
+        self.batcher = Batcher(engine, self.settings.max_batch_size, self.settings.batch_wait_ms)
+        self.loaded.stats.note = note          # the startup line says which decode path runs
 
     # ------------------------------------------------------------------------------------------
     def parse(self, job_input: dict[str, Any], where: str = "input") -> GenerateRequest:
