@@ -1,7 +1,9 @@
 """Where bytes go: an S3-compatible bucket, or a local directory for local runs.
 
 This module owns uploads, object keys and download links. It never imports torch or runpod, and
-it never decides *whether* an answer is stored (delivery.py does).
+it never decides *whether* an answer is stored (delivery.py does). boto3 and botocore are
+imported with the first ``S3Storage`` (a bucket configured, or a job's ``s3Config``): a worker
+without storage never loads them.
 
 For forkers, one call stores any file and gives back the link object clients receive::
 
@@ -66,20 +68,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, NoReturn, Protocol, TypedDict, TypeVar
 from urllib.parse import urlsplit
-
-import boto3
-import botocore.config
-import botocore.exceptions
-from boto3.s3.transfer import TransferConfig
-from botocore.awsrequest import (
-    AWSHTTPConnection,
-    AWSHTTPConnectionPool,
-    AWSHTTPSConnection,
-    AWSHTTPSConnectionPool,
-)
-from botocore.httpsession import URLLib3Session
-from urllib3 import PoolManager
-from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 
 from serving.config import StorageSettings
 from serving.errors import InputError, StorageError
@@ -293,6 +281,8 @@ class _GuardedConnection:
     timeout: Any
 
     def _new_conn(self) -> socket.socket:
+        from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+
         guard = self.guard
         if guard.deadline.passed():
             raise ConnectTimeoutError(self, "the operation's time limit is up")
@@ -329,6 +319,15 @@ def _guard_connections(client: Any, allow_address: AddressPolicy, deadline: Dead
     replaced before the first request. If a botocore release moves them, this refuses to go on
     rather than connect unguarded.
     """
+    from botocore.awsrequest import (
+        AWSHTTPConnection,
+        AWSHTTPConnectionPool,
+        AWSHTTPSConnection,
+        AWSHTTPSConnectionPool,
+    )
+    from botocore.httpsession import URLLib3Session
+    from urllib3 import PoolManager
+
     http = getattr(getattr(client, "_endpoint", None), "http_session", None)
     manager = getattr(http, "_manager", None)
     if not isinstance(http, URLLib3Session) or not isinstance(manager, PoolManager) or \
@@ -380,6 +379,11 @@ class S3Storage:
     def __init__(self, *, endpoint_url: str, access_key_id: str, secret_access_key: str,
                  bucket: str, settings: StorageSettings,
                  allow_address: AddressPolicy | None = None) -> None:
+        # boto3 loads here, with the first bucket, not with this module (see the docstring).
+        import boto3
+        import botocore.config
+        from boto3.s3.transfer import TransferConfig
+
         self.endpoint_url = endpoint_url
         self.bucket = bucket
         self.prefix = settings.prefix
@@ -518,6 +522,8 @@ class S3Storage:
 
     def _copy_body(self, obj: Mapping[str, Any], out: BinaryIO, max_bytes: int,
                    deadline: Deadline) -> int:
+        from botocore.exceptions import BotoCoreError
+
         body = obj["Body"]
         too_large = StorageError(f"the object is over the download limit of {max_bytes:,} "
                                  "bytes (DOWNLOAD_MAX_BYTES)")
@@ -530,7 +536,7 @@ class S3Storage:
                 if total > max_bytes:
                     raise too_large
                 out.write(chunk)
-        except (botocore.exceptions.BotoCoreError, OSError):
+        except (BotoCoreError, OSError):
             if deadline.passed():
                 raise StorageError("reading the object ran out of time") from None
             raise StorageError("reading the object was interrupted") from None
@@ -572,6 +578,8 @@ class S3Storage:
     def _raise_classified(self, err: BaseException, deadline: Deadline) -> NoReturn:
         """Re-raise a boto error as _Transient (retry), StorageError (permanent), or
         InputError (a job's endpoint the address rule refuses), sanitised."""
+        import botocore.exceptions
+
         if _find(err, AddressRefused) is not None:
             raise InputError(_PRIVATE_ENDPOINT, field=_ENDPOINT_FIELD) from None
         if deadline.passed():
@@ -607,6 +615,8 @@ class S3Storage:
 
 def _unreadable(err: BaseException) -> bool:
     """A read refused as missing or forbidden (told apart by neither code nor status)."""
+    import botocore.exceptions
+
     if not isinstance(err, botocore.exceptions.ClientError):
         return False
     status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
@@ -614,6 +624,8 @@ def _unreadable(err: BaseException) -> bool:
 
 
 def _error_code(err: BaseException) -> str:
+    import botocore.exceptions
+
     if isinstance(err, botocore.exceptions.ClientError):
         return str(err.response.get("Error", {}).get("Code", ""))
     return ""
