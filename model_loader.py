@@ -28,13 +28,35 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+
+def _import_accelerate_without_boto3() -> None:
+    """Import accelerate (transformers' loading code imports it) without boto3.
+
+    accelerate imports boto3 whenever it is installed, for its SageMaker config wizard, which a
+    worker never runs: about 0.2 s of every cold start, and boto3 is for storage, which loads it
+    with the first bucket (storage.py). Hidden for that one import: a None entry in sys.modules
+    makes ``importlib.util.find_spec`` answer None, so accelerate takes boto3 for absent.
+    """
+    if "accelerate" in sys.modules or "boto3" in sys.modules:
+        return
+    sys.modules["boto3"] = None  # type: ignore[assignment]
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        pass              # transformers loads models without it on one device
+    finally:
+        del sys.modules["boto3"]
+
+
 _t_import = time.perf_counter()
+_import_accelerate_without_boto3()   # imports torch
 import torch  # noqa: E402
 import transformers  # noqa: E402, F401 - timed here: IMPORT_SECONDS covers it
 from transformers import (  # noqa: E402

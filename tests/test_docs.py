@@ -57,7 +57,9 @@ class TestSettingsTable:
             where = path.relative_to(ROOT).as_posix()
             worker_code = path.relative_to(ROOT).parts[0] not in TOOLING
             text = path.read_text()
-            for match in re.finditer(r"os\.(?:environ(?:\.get)?|getenv)\b[\[(]\s*\"(\w+)\"", text):
+            # Reads only: handing a value on to a library (os.environ["X"] = ...) is not one.
+            reads = r"os\.(?:environ(?:\.get)?|getenv)\b[\[(]\s*\"(\w+)\"(?!\]\s*=[^=])"
+            for match in re.finditer(reads, text):
                 name = match.group(1)
                 # The SDK's own variables are the SDK's business; ours are declared.
                 if worker_code and path.name != "config.py" and not name.startswith("RUNPOD_"):
