@@ -181,7 +181,9 @@ class GraphEngine(Engine):
         width = fresh.mask.shape[1]
         if all(s is None for s in self.rows):
             self.cur = width
-        elif width > self.cur:
+        else:
+            self.joins += len(fresh.seqs)        # into a running batch, as Engine counts
+        if width > self.cur:
             self._shift(width - self.cur)
         free = [i for i, s in enumerate(self.rows) if s is None][:len(fresh.seqs)]
         index = torch.tensor(free, dtype=torch.long, device=self.device)
@@ -197,7 +199,6 @@ class GraphEngine(Engine):
         for slot, s in zip(free, fresh.seqs, strict=True):
             self.rows[slot] = s
         self._index = None
-        self.joins += len(fresh.seqs)
         self._set_write_column()
 
     def _shift(self, by: int) -> None:

@@ -1,4 +1,4 @@
-"""The GPU path: placement, dtype, warm-up, batched decoding and out of memory on a CUDA device.
+"""The GPU path: placement, dtype, warm-up, batched and compiled decoding, out of memory, on CUDA.
 
 Deselected by default (marker ``gpu``); ``make gpu-check`` runs them on a CUDA machine, where only
 torch, transformers and safetensors may be installed, so it runs with ``--noconftest`` and only
@@ -187,6 +187,81 @@ def test_batched_greedy_in_bf16_departs_from_alone_only_at_near_ties(loaded, loa
             f"of {gap:.4f}, more than bfloat16's error ({noise:.4f}) explains")
     print(f"bf16: {same}/{len(PROMPTS)} sequences identical alone and batched; "
           "the rest departed at near-ties")
+
+
+def _compiled(loaded, slots: int = 8, columns: int = 256):
+    """The graph-captured engine (serving/graphs.py), compiled and captured, end tokens off."""
+    from serving.graphs import GraphEngine
+
+    engine = GraphEngine(loaded, slots=slots, columns=columns)
+    engine.eos_ids = set()
+    engine.warm_up(loaded.tokenizer("Hello")["input_ids"])
+    return engine
+
+
+def _staggered(engine, ids: list[list[int]], max_new_tokens: int = 16) -> list[list[int]]:
+    """Two sequences first, then two more every third step, as jobs arrive."""
+    from serving.engine import SamplingParams, Sequence
+
+    seqs = [Sequence(p, SamplingParams(max_new_tokens=max_new_tokens)) for p in ids]
+    pending, calls = seqs[2:], 0
+
+    def admit(free: int) -> list[Sequence]:
+        nonlocal calls
+        calls += 1
+        if calls % 3 or not pending:
+            return []
+        taken = pending[:min(free, 2)]
+        del pending[:len(taken)]
+        return taken
+
+    engine.run(seqs[:2], admit=admit, max_rows=8)
+    assert not pending
+    return [s.generated for s in seqs]
+
+
+def test_the_default_worker_decodes_with_cuda_graphs(loaded):
+    """WORKER_DECODE=auto on CUDA takes the compiled path, and the startup line says so."""
+    assert loaded.stats.note.startswith("decode compiled (CUDA graphs, "), loaded.stats.note
+
+
+def test_compiled_decoding_equals_eager_decoding_in_fp32(loaded_fp32):
+    ids = _prompt_ids(loaded_fp32)
+    alone = [_greedy(loaded_fp32, [p])[0] for p in ids]
+    engine = _compiled(loaded_fp32)
+    got = _staggered(engine, ids)
+    assert engine.joins >= 4, "the later sequences should have joined the running batch"
+    for prompt, a, b in zip(PROMPTS, alone, got, strict=True):
+        assert a == b, f"{prompt!r}: eager alone {a}, compiled {b}"
+
+
+def test_compiled_decoding_replays_its_graph_without_compiling_again(loaded):
+    from torch._dynamo.utils import counters
+
+    engine = _compiled(loaded)
+    frames = dict(counters["frames"])
+    for _ in range(3):
+        _staggered(engine, _prompt_ids(loaded), max_new_tokens=8)
+    assert dict(counters["frames"]) == frames, "a decode step was compiled again"
+
+
+def test_compiled_bf16_decoding_departs_from_eager_only_at_near_ties(loaded, loaded_fp32):
+    ids = _prompt_ids(loaded)
+    alone = [_greedy(loaded, [p])[0] for p in ids]
+    got = _staggered(_compiled(loaded), ids)
+    same = 0
+    for prompt, p, a, b in zip(PROMPTS, ids, alone, got, strict=True):
+        k = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
+        if k is None:
+            same += 1
+            continue
+        logits = _last_logits(loaded, p + a[:k])
+        noise = float((logits - _last_logits(loaded_fp32, p + a[:k])).abs().max())
+        gap = abs(float(logits[a[k]] - logits[b[k]]))
+        assert gap <= 2 * noise, (
+            f"{prompt!r}: token {k} is {a[k]} eager but {b[k]} compiled, with a logit gap "
+            f"of {gap:.4f}, more than bfloat16's error ({noise:.4f}) explains")
+    print(f"bf16: {same}/{len(PROMPTS)} sequences identical eager and compiled")
 
 
 def test_a_model_spread_over_several_gpus_decodes_as_on_one(loaded_fp32):
