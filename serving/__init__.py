@@ -7,6 +7,8 @@ here, one concern per module:
     worker.py         job -> task -> answer: validation of the envelope, output_mode, batch jobs,
                       the whole-job time limit, delivery, and the error boundary
     engine.py         the decode loop of the generate task (sampling, stop strings, KV cache)
+    graphs.py         the same loop with a static KV cache and one compiled, graph-captured
+                      step (WORKER_DECODE): the GPU's fast path
     batcher.py        work from concurrent jobs gathered into shared forward passes
     device.py         the one device thread, and what an out-of-memory or device fault means
     config.py         every setting, read from the environment in one typed place
@@ -18,6 +20,8 @@ here, one concern per module:
     redaction.py      secrets masked in everything the process prints
     openai_compat.py  RunPod's OpenAI-compatible routes, translated onto the task
     launch.py         what the container runs: the worker loop, or pod mode
+    sdk.py            the runpod SDK, imported beside the model load (never in test mode)
+    intake.py         how the SDK's worker loop takes jobs: each counted once, freed slots refilled
 
 The seam, stated once: modules here import the forker's modules (``model_loader``, ``storage``,
 ``tasks``) only through ``tasks.TASKS``, the ``tasks.base.Task`` interface, ``model_loader``'s
