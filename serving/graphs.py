@@ -37,10 +37,11 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import DynamicCache, StaticCache
-from transformers.cache_utils import get_layer_types_and_kwargs
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, StaticLayer, get_layer_types_and_kwargs
 from transformers.generation.configuration_utils import CompileConfig
 
 from model_loader import LoadedModel
@@ -74,31 +75,68 @@ def compile_cache(directory: str | None) -> str | None:
     return str(root)
 
 
+class WindowLayer(StaticLayer):
+    """A static cache layer whose attention reads only the first columns, not all of them.
+
+    ``window`` is a tensor whose length is the number of columns this step attends to (the
+    engine sets it before each step, from a few sizes); the compiled step treats that length as
+    a dynamic size, so one compilation serves every window and CUDA graphs are captured once per
+    size. Without it each step would read every slot's whole cache (slots x columns tokens of
+    keys and values), which for a long WORKER_MAX_PROMPT_TOKENS costs more than the weights.
+    """
+
+    window: torch.Tensor
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
+               **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        width = self.window.shape[0]
+        return keys[:, :, :width], values[:, :, :width]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.window.shape[0], 0
+
+
 class GraphEngine(Engine):
     """``engine.Engine`` with a fixed-shape decode step: static cache, compiled, graph-captured."""
 
     def __init__(self, loaded: LoadedModel, slots: int, columns: int, *,
-                 compile_step: bool = True) -> None:
+                 compile_step: bool = True, min_window: int = 64) -> None:
         super().__init__(loaded)
         self.slots = slots
         self.columns = columns
         self.compiled = compile_step
-        self.cache = StaticCache(config=self.model.config, max_cache_len=columns)
+        layers = len(get_layer_types_and_kwargs(self.model.config.get_text_config(decoder=True))[0])
+        # One spare column here too: a window is then never the whole tensor (that slice would
+        # be the tensor itself, and compile a second time).
+        self.cache = Cache(layers=[WindowLayer(max_cache_len=columns + 1)
+                                   for _ in range(layers)])
         self._init_cache()
+        # Attention reads a window of the first columns: powers of two from min_window, then all.
+        first = max(min_window, 1).bit_length() - 1
+        sizes = sorted({columns} | {2**k for k in range(first, columns.bit_length())
+                                    if 2**k < columns})
+        self.windows = {n: torch.empty(n, dtype=torch.int8, device=self.device) for n in sizes}
+        for t in self.windows.values():
+            torch._dynamo.maybe_mark_dynamic(t, 0)
         device = self.device
-        self.mask = torch.zeros((slots, columns), dtype=torch.long, device=device)
+        # One spare column, never attended: every window is then a strided view of the mask
+        # (a view of all the columns would be contiguous, and compile a second time).
+        self.mask = torch.zeros((slots, columns + 1), dtype=torch.long, device=device)
         self.positions = torch.zeros((slots, 1), dtype=torch.long, device=device)
         self.next_ids = torch.full((slots,), self.pad_id, dtype=torch.long, device=device)
         self.live = torch.zeros((slots, 1), dtype=torch.long, device=device)
         self.cur = 0                                     # the column the next token goes to
         self.rows: list[Sequence | None] = [None] * slots
+        self.starts: list[int] = [0] * slots             # each row's first column, while in use
         self._index: torch.Tensor | None = None          # slots in use, while they do not change
         self._used: list[int] = []
         self.shifts = 0                                  # cache realignments, for tests and benches
+        self.window_steps: dict[int, int] = {}           # steps run at each window size
         self.compile_s = 0.0
         if compile_step:
             # The step's inputs live at fixed addresses: a replay reads them where they are.
-            for t in (self.mask, self.positions, self.next_ids):
+            for t in (self.positions, self.next_ids):
                 torch._dynamo.mark_static_address(t)
             mode = "reduce-overhead" if device.type == "cuda" else "default"
             self._step_fn: Callable[..., object] = self.model.get_compiled_call(
@@ -198,6 +236,7 @@ class GraphEngine(Engine):
         self.live[index] = 1
         for slot, s in zip(free, fresh.seqs, strict=True):
             self.rows[slot] = s
+            self.starts[slot] = start
         self._index = None
         self._set_write_column()
 
@@ -216,6 +255,7 @@ class GraphEngine(Engine):
             self.mask[:, :self.cur - n] = self.mask[:, n:self.cur].clone()
             self.mask[:, self.cur - n:] = 0
         self.cur += by
+        self.starts = [start + by for start in self.starts]
         self.shifts += 1
         self._set_write_column()
 
@@ -223,28 +263,35 @@ class GraphEngine(Engine):
         for layer in self.cache.layers:
             layer.cumulative_length.fill_(self.cur)
 
-    def _make_room(self) -> None:
-        """The cache is full: drop the leading columns no row in use needs."""
-        used = [i for i, s in enumerate(self.rows) if s is not None]
-        first = self.mask[used].argmax(dim=1).min()     # each row's first real column
-        unused = int(first.item())
-        if unused == 0:
+    def _window(self, columns_needed: int) -> int:
+        """The smallest window holding ``columns_needed`` columns (beyond the cache: more)."""
+        for n in self.windows:
+            if n >= columns_needed:
+                return n
+        return self.columns + 1
+
+    def _fit_window(self) -> int:
+        """The window for this step, after dropping the leading columns no row in use needs
+        when that makes the window smaller (always so when the cache is full)."""
+        need = self.cur + 1                           # the histories and this step's column
+        unused = min(self.starts[i] for i, s in enumerate(self.rows) if s is not None)
+        if unused > 0 and self._window(need - unused) < self._window(need):
+            self._shift(-unused)
+            need -= unused
+        window = self._window(need)
+        if window > self.columns:
             raise RuntimeError("a sequence outgrew the static cache; this is a bug: columns "
                                "must cover the longest prompt plus max_new_tokens")
-        self._shift(-unused)
+        return window
 
     def _graph_step(self) -> None:
         """Feed every slot its next token in one fixed-shape pass; pick the tokens after."""
-        if self.cur >= self.columns:
-            self._make_room()
+        window = self._fit_window()
         self.mask[:, self.cur] = 1
         self.positions += self.live
         self.steps += 1
-        if self.compiled and self.device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()
-        out = self._step_fn(input_ids=self.next_ids.unsqueeze(-1), attention_mask=self.mask,
-                            position_ids=self.positions, use_cache=True,
-                            **{self._cache_kw: self.cache}, **self._extra)
+        out = self._call_step(window)
+        self.window_steps[window] = self.window_steps.get(window, 0) + 1
         self.cur += 1                      # every layer's write index moved on by one in there
         if self._index is None:
             self._used = [i for i, s in enumerate(self.rows) if s is not None]
@@ -269,17 +316,41 @@ class GraphEngine(Engine):
             self.mask[gone] = 0
             self._index = None
 
+    def _call_step(self, window: int) -> Any:
+        """One pass of every slot's next token, attending to the first ``window`` columns."""
+        for layer in self.cache.layers:
+            layer.window = self.windows[window]
+        mask = self.mask[:, :window]
+        torch._dynamo.maybe_mark_dynamic(mask, 1)
+        if self.compiled and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._step_fn(input_ids=self.next_ids.unsqueeze(-1), attention_mask=mask,
+                             position_ids=self.positions, use_cache=True,
+                             **{self._cache_kw: self.cache}, **self._extra)
+
     # ------------------------------------------------------------------------------------------
     def warm_up(self, prompt_ids: list[int], new_tokens: int = 4) -> float:
-        """Compile and capture the step, and run the prefill at one row and at every slot.
+        """Compile the step, capture it at every window size, and run the prefill at one row
+        and at every slot, so that no job pays any of it. Returns the seconds it took.
 
-        Returns the seconds it took. The first compiled calls trace and compile (or load the
-        compiled graph from the cache) and capture the graph; later steps only replay it.
+        The first compiled call traces and compiles (or loads the compiled code from the
+        compile cache); each window size is then run a few times, which on CUDA records its
+        graph; later steps only replay them.
         """
         start = time.perf_counter()
         params = SamplingParams(max_new_tokens=new_tokens)
-        for rows in (1, self.slots):
-            self.run([Sequence(list(prompt_ids), params) for _ in range(rows)])
+        with torch.no_grad():
+            for rows in (1, self.slots):
+                self.run([Sequence(list(prompt_ids), params) for _ in range(rows)])
+            for window in self.windows:
+                self._clear()
+                self.cur = window - 1            # as if the rows' histories filled the window
+                self.mask[:, self.cur] = 1
+                self._set_write_column()
+                for _ in range(3):               # a warm-up run, the recording, a replay
+                    self._call_step(window)
+                    self._set_write_column()
+            self._clear()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.compile_s = time.perf_counter() - start

@@ -99,6 +99,20 @@ def test_static_slots_give_each_sequence_its_eager_tokens_as_sequences_come_and_
     assert engine.joins == len(seqs) - 1   # all but the first joined a running batch
 
 
+def test_attention_reads_a_window_that_grows_and_shrinks_with_the_rows_in_use(loaded):
+    """Windows of 8, 16, 32 and 64 columns: rows that leave let the rest move left into a
+    smaller window; every sequence still gets exactly its eager tokens."""
+    params = [SamplingParams(max_new_tokens=n) for n in (30, 6, 20, 8, 24)]
+    expected = _alone(loaded, params)
+    engine = GraphEngine(loaded, slots=3, columns=64, compile_step=False, min_window=8)
+    assert list(engine.windows) == [8, 16, 32, 64]
+    seqs = _seqs(loaded, params)
+    _staggered(engine, seqs, every=4, max_rows=3)
+    assert [s.generated for s in seqs] == [s.generated for s in expected]
+    assert len(engine.window_steps) >= 3, engine.window_steps
+    assert engine.shifts >= 2
+
+
 def test_sampling_penalties_stops_and_streams_are_the_eager_engines(loaded):
     params = [SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=7),
               SamplingParams(max_new_tokens=12, repetition_penalty=1.5),
