@@ -3,7 +3,7 @@
 #   make serve      a local RunPod-like endpoint on :8000 with the worker behind it
 #   make test       set up, build the default model, run the CPU test suite
 #   make bench      benchmarks (ratios against baselines measured in the same run)
-#   make gpu-check  on a CUDA machine: GPU tests and benchmarks, results in gpu-results/
+#   make gpu-check  on a CUDA machine: GPU tests and benchmarks, results in bench/results/gpu-<date>/
 #   make lint       ruff
 
 PYTHON ?= python3

@@ -9,6 +9,16 @@ once. Reported: tokens/s of each (completion tokens from each answer's ``usage``
 round's wall time) and ours as a ratio of the peer's, medians over the rounds.
 
     .venv/bin/python -m bench.peer_bench                    # ~4 min on 2 CPU cores
+    python -m bench.peer_bench --peer-cuda-graph --peer-compile-level 1   # a GPU: its best
+
+On a GPU the peer should run as fast as it can. Its continuous batching has two accelerations,
+both off by default: CUDA graphs of its forward passes (``--cb-use-cuda-graph``, which the CLI
+has; with SDPA attention the library's default leaves them off because the attention mask
+pads every graph) and ``torch.compile`` of them (``ContinuousBatchingConfig``'s
+``default_compile_level``, 1 to 3, which the CLI does not expose: ``--peer-compile-level`` sets
+it by starting the same CLI from a few lines of Python that give the config that default).
+``--compile`` of the CLI is for the non-batching path only (a static cache), not used here.
+Ours runs with WORKER_DECODE=auto (compiled on a GPU), or what ``--ours-env`` says.
 
 Results go to ``bench/results/<device>-peer.json``. Not a test.
 """
@@ -38,11 +48,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_peer(path: Path, log: Any) -> tuple[subprocess.Popen[bytes], str]:
+# ``transformers serve`` from this Python (the CLI's own entry point, so it runs wherever
+# transformers imports, console script or not), with ContinuousBatchingConfig's
+# default_compile_level set to argv[1] when it is not 0 (the CLI has no flag for it).
+PEER_LAUNCHER = """
+import sys
+from transformers import ContinuousBatchingConfig
+level = int(sys.argv.pop(1))
+if level:
+    plain_init = ContinuousBatchingConfig.__init__
+    def init_with_compile(self, *args, **kwargs):
+        kwargs.setdefault("default_compile_level", level)
+        plain_init(self, *args, **kwargs)
+    ContinuousBatchingConfig.__init__ = init_with_compile
+from transformers.cli.transformers import main
+sys.argv[0] = "transformers"
+main()
+"""
+
+
+def start_peer(path: Path, log: Any, cuda_graph: bool = False, compile_level: int = 0
+               ) -> tuple[subprocess.Popen[bytes], str]:
     """``transformers serve`` on ``path``; returns the process and its base URL once healthy."""
     port = free_port()
-    command = [str(Path(sys.executable).parent / "transformers"), "serve", str(path),
+    command = [sys.executable, "-c", PEER_LAUNCHER, str(compile_level), "serve", str(path),
                "--continuous-batching", "--host", "127.0.0.1", "--port", str(port)]
+    if cuda_graph:
+        command.append("--cb-use-cuda-graph")
     process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=log)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -64,18 +96,24 @@ def chat(i: int, model: str, max_tokens: int) -> dict[str, Any]:
             "temperature": 0}
 
 
-def run(path: Path, levels: list[int], max_tokens: int, repeat: int) -> dict[str, Any]:
+def run(path: Path, levels: list[int], max_tokens: int, repeat: int,
+        peer_cuda_graph: bool = False, peer_compile_level: int = 0,
+        ours_env: dict[str, str] | None = None) -> dict[str, Any]:
+    from bench.worker_bench import parse_startup_line
     from dev.local_endpoint import LocalEndpoint, WorkerProcess
 
-    log = open(Path(tempfile.gettempdir()) / "bench-peer.log", "wb")  # noqa: SIM115
+    log_path = Path(tempfile.gettempdir()) / "bench-peer.log"
+    log = open(log_path, "wb")  # noqa: SIM115
     endpoint = LocalEndpoint().start()
     worker = WorkerProcess(endpoint, [sys.executable, "handler.py"], "peer-bench",
                            cwd=str(ROOT), output=log,
-                           extra_env={"MODEL_PATH": str(path), "RUNPOD_LOG_LEVEL": "ERROR"})
-    peer, peer_base = start_peer(path, log)
+                           extra_env={"MODEL_PATH": str(path), "RUNPOD_LOG_LEVEL": "ERROR",
+                                      **(ours_env or {})})
+    peer, peer_base = start_peer(path, log, peer_cuda_graph, peer_compile_level)
     worker.start()
     try:
         worker.wait_ready(300)
+        decode = parse_startup_line(log_path.read_text(errors="replace"))["decode"]
         ours = f"{endpoint.base_url}/{endpoint.endpoint_id}/openai/v1"
         with urllib.request.urlopen(f"{ours}/models", timeout=60) as response:
             served = json.loads(response.read())["data"][0]["id"]   # the name it answers as
@@ -91,8 +129,14 @@ def run(path: Path, levels: list[int], max_tokens: int, repeat: int) -> dict[str
             tokens = sum(a["usage"]["completion_tokens"] for _, a in answers)
             return tokens / wall, [s for s, _ in answers]
 
+        warmup_s = {}
         for name in targets:             # first requests: each server's own start-up costs
-            round_(name, max(levels))
+            start = time.perf_counter()  # (a compiled peer compiles, captures graphs here)
+            # A graph per batch shape: with graphs or compile, every level is warmed up.
+            warm = sorted(set(levels)) if peer_cuda_graph or peer_compile_level else levels[-1:]
+            for n in warm:
+                round_(name, n)
+            warmup_s[name] = time.perf_counter() - start
         rows = []
         for n in levels:
             rates: dict[str, list[float]] = {k: [] for k in targets}
@@ -122,9 +166,15 @@ def run(path: Path, levels: list[int], max_tokens: int, repeat: int) -> dict[str
         except subprocess.TimeoutExpired:
             peer.kill()
         log.close()
-    return {"max_tokens": max_tokens, "rows": rows,
-            "peer": "transformers serve --continuous-batching (defaults otherwise)",
-            "ours": "handler.py behind dev/local_endpoint.py, default settings"}
+    described = "transformers serve --continuous-batching"
+    described += " --cb-use-cuda-graph" if peer_cuda_graph else ""
+    described += (f", ContinuousBatchingConfig(default_compile_level={peer_compile_level})"
+                  if peer_compile_level else "")
+    return {"max_tokens": max_tokens, "rows": rows, "first_rounds_s": warmup_s,
+            "peer": described + " (defaults otherwise)",
+            "ours": "handler.py behind dev/local_endpoint.py, default settings"
+                    + (f" but {ours_env}" if ours_env else ""),
+            "decode_path": decode}
 
 
 def main() -> None:
@@ -133,6 +183,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--peer-cuda-graph", action="store_true",
+                        help="the peer captures CUDA graphs (--cb-use-cuda-graph)")
+    parser.add_argument("--peer-compile-level", type=int, default=0, choices=[0, 1, 2, 3],
+                        help="the peer compiles its forward passes at this level (1: mode "
+                             "default; 2 and 3: max-autotune, minutes of warm-up)")
+    parser.add_argument("--ours-env", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="settings for our worker, e.g. WORKER_MAX_BATCH_SIZE=32")
     args = parser.parse_args()
     import torch
 
@@ -140,10 +197,16 @@ def main() -> None:
     path = model_dir()
     print(f"peer: {path.name}, greedy, at most {args.max_tokens} tokens a request", flush=True)
     load_before = round(os.getloadavg()[0], 2)        # the machine's 1-minute load average
-    result = {"device": device, "machine": platform.machine(), "cpus": os.cpu_count(),
-              "model": path.name, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              **run(path, args.concurrency, args.max_tokens, args.repeat),
-              "load_before": load_before, "load_after": round(os.getloadavg()[0], 2)}
+    result: dict[str, Any] = {
+        "device": device, "machine": platform.machine(), "cpus": os.cpu_count(),
+        "model": path.name, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **run(path, args.concurrency, args.max_tokens, args.repeat,
+              args.peer_cuda_graph, args.peer_compile_level,
+              dict(item.split("=", 1) for item in args.ours_env)),
+        "load_before": load_before, "load_after": round(os.getloadavg()[0], 2)}
+    if device == "cuda":
+        from bench.gpu_bench import versions
+        result["versions"] = versions()
     out = args.out or RESULTS / f"{device}-peer.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

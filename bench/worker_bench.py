@@ -73,20 +73,52 @@ def percentile(values: list[float], q: float) -> float:
 ONE_TOKEN_JOB = {"input": {"prompt": "Hello", "max_new_tokens": 1, "temperature": 0}}
 STARTUP_LINE = re.compile(r"import ([\d.]+)s, read ([\d.]+)s .*place ([\d.]+)s, "
                           r"warm-up ([\d.]+)s")
+DECODE_NOTE = re.compile(r"\| (decode (?:compiled|eager) \(.*\))\s*$", re.MULTILINE)
 
 
-def bench_cold_start(path: Path, repeat: int) -> dict[str, Any]:
+def parse_startup_line(text: str) -> dict[str, Any]:
+    """The phases (seconds) and the decode path of the worker's startup line in ``text``."""
+    found: dict[str, Any] = {}
+    if match := STARTUP_LINE.search(text):
+        found = dict(zip(("import_s", "read_s", "place_s", "warmup_s"),
+                         (float(x) for x in match.groups()), strict=True))
+    note = DECODE_NOTE.search(text)
+    found["decode"] = note.group(1) if note else None
+    return found
+
+
+def test_mode_process(path: Path, extra_env: dict[str, str] | None = None,
+                      python_args: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``python handler.py --test_input`` with a one-token job in a fresh process: seconds from
+    start to exit, and its startup line's phases and decode path (``stderr`` too)."""
+    env = {**os.environ, "MODEL_PATH": str(path), **(extra_env or {})}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, *python_args, "handler.py", "--test_input",
+                           json.dumps(ONE_TOKEN_JOB)], cwd=ROOT, capture_output=True,
+                          text=True, env=env)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"handler.py --test_input exited {done.returncode}:\n"
+                           f"{done.stderr[-3000:]}")
+    return {"process_s": seconds, **parse_startup_line(done.stderr), "stderr": done.stderr}
+
+
+def bench_cold_start(path: Path, repeat: int, decodes: list[str] | None = None,
+                     worker_loop: bool = True, compile_cache: Path | None = None
+                     ) -> dict[str, Any]:
     """Fresh processes, interleaved: the floor, the test mode, the worker loop's first answer.
 
     - floor: a process that only imports torch and reads the same safetensors files onto the
       device (``safetensors.torch.load_file``);
-    - test mode: ``python handler.py --test_input`` with a one-token job, start to exit;
+    - test mode: ``python handler.py --test_input`` with a one-token job, start to exit; with
+      ``decodes``, once per WORKER_DECODE value. ``compiled`` runs with its own compile cache
+      (``compile_cache``, else a new directory): its first run finds it empty and compiles (the
+      first worker of an endpoint), the ``repeat`` runs after it find the compiled step (every
+      later worker); both are reported;
     - worker loop: ``python handler.py`` behind the local endpoint with the same job already
       queued, from process start to the job's answer (what a RunPod cold start costs the
       first caller, less the platform's own container start).
     """
-    from dev.local_endpoint import COMPLETED, LocalEndpoint, WorkerProcess
-
     floor_code = (
         "import glob,torch;from safetensors.torch import load_file;"
         "d='cuda' if torch.cuda.is_available() else 'cpu';"
@@ -94,13 +126,15 @@ def bench_cold_start(path: Path, repeat: int) -> dict[str, Any]:
         "torch.cuda.synchronize() if d=='cuda' else None")
     env = {**os.environ, "MODEL_PATH": str(path)}
 
-    def process(args: list[str]) -> tuple[float, str]:
+    def floor() -> float:
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True,
-                              text=True, check=True, env=env)
-        return time.perf_counter() - start, done.stderr
+        subprocess.run([sys.executable, "-c", floor_code], cwd=ROOT, capture_output=True,
+                       text=True, check=True, env=env)
+        return time.perf_counter() - start
 
-    def worker_loop() -> float:
+    def worker_loop_first_answer() -> float:
+        from dev.local_endpoint import COMPLETED, LocalEndpoint, WorkerProcess
+
         endpoint = LocalEndpoint().start()
         try:
             request = urllib.request.Request(
@@ -124,29 +158,68 @@ def bench_cold_start(path: Path, repeat: int) -> dict[str, Any]:
         finally:
             endpoint.stop()
 
-    test_mode = ["handler.py", "--test_input", json.dumps(ONE_TOKEN_JOB)]
-    floors, tests, loops, phases = [], [], [], []
-    for _ in range(repeat):              # interleaved, so drift hits all three alike
-        floors.append(process(["-c", floor_code])[0])
-        seconds, stderr = process(test_mode)
-        tests.append(seconds)
-        if found := STARTUP_LINE.search(stderr):
-            phases.append([float(x) for x in found.groups()])
-        loops.append(worker_loop())
-    floor = statistics.median(floors)
+    # One entry per test-mode setting: the environment's own (no WORKER_DECODE given), or each
+    # WORKER_DECODE value; compiled with a cache of its own.
+    settings: dict[str, dict[str, str]] = {}
+    cold_compile: dict[str, Any] | None = None
+    for decode in decodes or []:
+        settings[decode] = {"WORKER_DECODE": decode}
+        if decode == "compiled":
+            cache = compile_cache or Path(tempfile.mkdtemp(prefix="compile-cache-"))
+            settings[decode]["WORKER_COMPILE_CACHE_DIR"] = str(cache)
+            if not cache.exists() or not any(cache.iterdir()):
+                cold_compile = test_mode_process(path, settings[decode])   # pays the compile
+                cold_compile.pop("stderr")
+    if not settings:
+        settings["environment"] = {}
+    floors, loops = [], []
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in settings}
+    for _ in range(repeat):              # interleaved, so drift hits all alike
+        floors.append(floor())
+        for name, extra in settings.items():
+            run = test_mode_process(path, extra)
+            run.pop("stderr")
+            runs[name].append(run)
+        if worker_loop:
+            loops.append(worker_loop_first_answer())
+    floor_s = statistics.median(floors)
+    keys = ("import_s", "read_s", "place_s", "warmup_s")
+
+    def summary(found: list[dict[str, Any]]) -> dict[str, Any]:
+        process_s = statistics.median(r["process_s"] for r in found)
+        out = {"process_s": process_s, "ratio_to_floor": process_s / floor_s,
+               "decode": found[0]["decode"], "runs_s": [r["process_s"] for r in found]}
+        if all("warmup_s" in r for r in found):
+            out["startup_line"] = {k: statistics.median(r[k] for r in found) for k in keys}
+        return out
+
+    by_setting = {name: summary(found) for name, found in runs.items()}
+    main = next(iter(by_setting.values()))
     result: dict[str, Any] = {
-        "repeat": repeat, "floor_process_s": floor,
-        "test_mode_process_s": statistics.median(tests),
-        "worker_loop_first_answer_s": statistics.median(loops),
-        "ratio_to_floor": statistics.median(tests) / floor,
-        "worker_loop_ratio_to_floor": statistics.median(loops) / floor,
-        "runs_s": {"floor": floors, "test_mode": tests, "worker_loop": loops}}
-    if phases:
-        keys = ("import_s", "read_s", "place_s", "warmup_s")
-        result["startup_line"] = {k: statistics.median(p[i] for p in phases)
-                                  for i, k in enumerate(keys)}
-    _, stderr = process(["-X", "importtime", *test_mode])
-    result["import_budget"] = import_budget(stderr)
+        "repeat": repeat, "floor_process_s": floor_s,
+        "test_mode_process_s": main["process_s"], "ratio_to_floor": main["ratio_to_floor"],
+        "runs_s": {"floor": floors, "test_mode": main["runs_s"]}}
+    if "startup_line" in main:
+        result["startup_line"] = main["startup_line"]
+    if decodes:
+        result["by_decode"] = by_setting
+        if cold_compile is not None:
+            result["by_decode"]["compiled_cold_cache"] = {
+                "process_s": cold_compile["process_s"],
+                "ratio_to_floor": cold_compile["process_s"] / floor_s,
+                "decode": cold_compile["decode"],
+                "startup_line": {k: cold_compile.get(k) for k in keys}}
+            warm = by_setting["compiled"].get("startup_line", {}).get("warmup_s")
+            result["compile"] = {"warmup_s_cold_cache": cold_compile.get("warmup_s"),
+                                 "warmup_s_warm_cache": warm,
+                                 "cache_dir": settings["compiled"]["WORKER_COMPILE_CACHE_DIR"]}
+    if worker_loop:
+        result["worker_loop_first_answer_s"] = statistics.median(loops)
+        result["worker_loop_ratio_to_floor"] = statistics.median(loops) / floor_s
+        result["runs_s"]["worker_loop"] = loops
+    first = next(iter(settings.values()))
+    budget = test_mode_process(path, first, python_args=("-X", "importtime"))
+    result["import_budget"] = import_budget(budget["stderr"])
     return result
 
 
@@ -282,12 +355,14 @@ def post_concurrently(urls_and_bodies: list[tuple[str, dict[str, Any]]], timeout
 
 # ----------------------------------------------------------------------------------------------
 def bench_throughput(path: Path, levels: list[int], max_new_tokens: int, repeat: int,
-                     worker_env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+                     worker_env: dict[str, str] | None = None,
+                     decode_note: list[str] | None = None) -> list[dict[str, Any]]:
     """N concurrent jobs through the local endpoint and real worker loop, vs baselines.
 
     The worker's concurrent runs and the direct batched ``generate`` (in this process, while the
     worker idles) alternate ``repeat`` times and medians are compared, so the machine's drift
-    over minutes hits both alike.
+    over minutes hits both alike. ``decode_note``, when given, receives the decode path of the
+    worker's startup line.
     """
     from dev.local_endpoint import LocalEndpoint, WorkerProcess
 
@@ -298,7 +373,8 @@ def bench_throughput(path: Path, levels: list[int], max_new_tokens: int, repeat:
 
     rows = []
     endpoint = LocalEndpoint().start()
-    log = open(Path(tempfile.gettempdir()) / "bench-worker.log", "wb")  # noqa: SIM115
+    log_path = Path(tempfile.gettempdir()) / "bench-worker.log"
+    log = open(log_path, "wb")  # noqa: SIM115
     # The worker runs with its defaults (WORKER_CONCURRENCY, WORKER_MAX_BATCH_SIZE: 16), unless
     # --worker-env says otherwise.
     settings = {"MODEL_PATH": str(path), "RUNPOD_LOG_LEVEL": "ERROR", **(worker_env or {})}
@@ -306,6 +382,9 @@ def bench_throughput(path: Path, levels: list[int], max_new_tokens: int, repeat:
                            output=log, extra_env=settings).start()
     try:
         worker.wait_ready(180)
+        if decode_note is not None:
+            decode_note.append(parse_startup_line(
+                log_path.read_text(errors="replace"))["decode"] or "not in the log")
         import logging
 
         import runpod
@@ -402,6 +481,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--worker-env", nargs="*", default=[], metavar="NAME=VALUE",
                         help="settings for the benchmarked worker, e.g. WORKER_CONCURRENCY=32")
+    parser.add_argument("--decode", nargs="*", choices=["auto", "compiled", "eager"],
+                        help="cold start: time the test mode once per WORKER_DECODE value "
+                             "(compiled: with an empty compile cache once, then finding it)")
+    parser.add_argument("--compile-cache", type=Path,
+                        help="cold start: the compile cache of --decode compiled (default: a "
+                             "new directory)")
+    parser.add_argument("--no-worker-loop", action="store_true",
+                        help="cold start: leave out the worker loop's first answer")
     args = parser.parse_args()
     path = model_dir()
     import torch
@@ -417,6 +504,8 @@ def main() -> None:
     result.setdefault("sections", {})
     if device == "cuda":
         result["gpu"] = torch.cuda.get_device_name(0)
+        from bench.gpu_bench import versions
+        result["versions"] = versions()
 
     def begin(section: str) -> None:
         result["sections"][section] = {
@@ -429,13 +518,20 @@ def main() -> None:
     if "cold" in only:
         print("cold start ...", flush=True)
         begin("cold")
-        result["cold_start"] = cold = bench_cold_start(path, args.repeat)
+        result["cold_start"] = cold = bench_cold_start(
+            path, args.repeat, args.decode, not args.no_worker_loop, args.compile_cache)
         end("cold")
         print(f"  floor (import torch + load_file): {cold['floor_process_s']:.2f} s\n"
               f"  test mode, one-token job:         {cold['test_mode_process_s']:.2f} s "
-              f"= x{cold['ratio_to_floor']:.2f} the floor\n"
-              f"  worker loop, first answer:        {cold['worker_loop_first_answer_s']:.2f} s "
-              f"= x{cold['worker_loop_ratio_to_floor']:.2f} the floor  (median of {args.repeat})")
+              f"= x{cold['ratio_to_floor']:.2f} the floor  (median of {args.repeat})")
+        for name, found in cold.get("by_decode", {}).items():
+            print(f"    WORKER_DECODE={name}: {found['process_s']:.2f} s = "
+                  f"x{found['ratio_to_floor']:.2f} the floor, warm-up "
+                  f"{(found.get('startup_line') or {}).get('warmup_s') or 0:.2f} s "
+                  f"({found['decode']})")
+        if "worker_loop_first_answer_s" in cold:
+            print(f"  worker loop, first answer:        {cold['worker_loop_first_answer_s']:.2f} s"
+                  f" = x{cold['worker_loop_ratio_to_floor']:.2f} the floor")
         budget = cold["import_budget"]
         print(f"  import time of the test mode, {budget['total_s']:.2f} s, by package: "
               + ", ".join(f"{k} {v:.2f}" for k, v in budget["by_package_s"].items()))
@@ -452,10 +548,12 @@ def main() -> None:
         print("throughput ...", flush=True)
         worker_env = dict(item.split("=", 1) for item in args.worker_env)
         begin("throughput")
+        note: list[str] = []
         rows = bench_throughput(path, args.concurrency, args.max_new_tokens, args.repeat,
-                                worker_env)
+                                worker_env, note)
         end("throughput")
         result["worker_env"] = worker_env
+        result["decode_path"] = note[0] if note else None
         result["throughput"] = {"max_new_tokens": args.max_new_tokens, "rows": rows}
         for row in rows:
             print(f"{row['concurrency']:>3} jobs: {row['worker_tokens_per_s']:7.1f} tok/s "

@@ -2,32 +2,57 @@
 # make gpu-check: the GPU tests and benchmarks on a CUDA machine, results in one folder.
 #
 # Needs python3 with torch, transformers, accelerate and safetensors (what a GPU image has), plus
-# this checkout. With the worker's own requirements installed too (runpod, pydantic, boto3) it
-# also answers a job through handler.py and benchmarks the real worker loop; without them those
-# two steps are skipped and say so. Weights: models/default/model.safetensors if present (a
+# this checkout. The worker's own packages (pydantic; runpod and boto3 for the worker loop;
+# fastapi, uvicorn and openai for the peer) may come as wheels: GPU_CHECK_WHEELS=<dir> installs
+# every wheel in <dir> (scripts/gpu_wheels.sh downloads them) into a folder of their own, first
+# on PYTHONPATH, without an index or dependency resolution, so a machine offline and without
+# our pins runs ours (transformers, tokenizers, huggingface_hub) over its own; torch stays the
+# machine's, and every result records the versions it ran with. A step whose packages are
+# missing is skipped and says so. Weights: models/default/model.safetensors if present (a
 # user's GPU pod), else a model with random weights in the default architecture, made from
 # models/default's config and tokenizer files, plus a ~1.1B one for bandwidth figures that mean
 # something on a large GPU.
 #
-# Each step has its own time limit; a failed step is reported and the rest still run. About
-# 7 minutes on an H200. Results: $GPU_CHECK_OUT (default gpu-results/): gpu-check.log and one
-# JSON file per benchmark.
+# Each step has its own time limit, cut to what is left of GPU_CHECK_BUDGET_S (default 540 s)
+# for the whole run, so the run ends in time with its summary written; a failed step is
+# reported and the rest still run. About 8 minutes on an H200. Results: $GPU_CHECK_OUT
+# (default bench/results/gpu-<date>/): gpu-check.log, one JSON file per benchmark, and
+# summary.json, the issue's goals against what was measured (bench/gpu_summary.py).
+#
+# Every worker here runs with WORKER_CONCURRENCY=WORKER_MAX_BATCH_SIZE=32 (the goals' 32 jobs
+# at once) and one compile cache, so a step finds the compiled step an earlier one made; the
+# first step measures the compile itself, with that cache still empty.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-OUT=${GPU_CHECK_OUT:-gpu-results}
+OUT=${GPU_CHECK_OUT:-bench/results/gpu-$(date -u +%Y-%m-%d)}
 WORK=${GPU_CHECK_WORK:-/tmp/gpu-check}
+BUDGET=${GPU_CHECK_BUDGET_S:-540}
+RESERVE=25                      # kept back for the summary
+DEADLINE=$((SECONDS + BUDGET))
 mkdir -p "$OUT" "$WORK"
 LOG="$OUT/gpu-check.log"
 : > "$LOG"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export WORKER_CONCURRENCY=32 WORKER_MAX_BATCH_SIZE=32
+CACHE="$WORK/compile-cache"     # new every run: the first step times an empty one
+rm -rf "$CACHE"
+export WORKER_COMPILE_CACHE_DIR="$CACHE"
+rm -f "$OUT"/*.json             # a step that fails leaves no older result behind
+export PY
 failed=()
 
 step() {  # step NAME LIMIT_S COMMAND...: run one part, logged and timed
-  local name=$1 limit=$2 start=$SECONDS
+  local name=$1 limit=$2 start=$SECONDS left=$((DEADLINE - SECONDS - RESERVE))
   shift 2
+  if [ "$left" -lt 30 ]; then
+    echo "== $name: SKIPPED (${left}s left of GPU_CHECK_BUDGET_S=${BUDGET})" | tee -a "$LOG"
+    failed+=("$name (no time left)")
+    return 1
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   echo "== $name (limit ${limit}s)" | tee -a "$LOG"
-  if timeout "$limit" "$@" 2>&1 | tee -a "$LOG"; then
+  if timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"; then
     echo "== $name: ok in $((SECONDS - start))s" | tee -a "$LOG"
   else
     echo "== $name: FAILED in $((SECONDS - start))s" | tee -a "$LOG"
@@ -36,52 +61,91 @@ step() {  # step NAME LIMIT_S COMMAND...: run one part, logged and timed
   fi
 }
 
+has() {  # has MODULE...: whether this Python imports them all
+  "$PY" -c "import $(IFS=,; echo "$*")" 2>/dev/null
+}
+
+if [ -n "${GPU_CHECK_WHEELS:-}" ]; then
+  SITE="$WORK/site"
+  rm -rf "$SITE"
+  wheels=("$GPU_CHECK_WHEELS"/*.whl)
+  [ -e "${wheels[0]}" ] || { echo "gpu-check: no wheels in $GPU_CHECK_WHEELS" | tee -a "$LOG"; exit 1; }
+  # pip when the machine has it; else a wheel is a zip file that unpacks as it installs.
+  step "install ${#wheels[@]} wheels" 120 bash -c '
+    site=$1; shift
+    if "$PY" -m pip --version >/dev/null 2>&1; then
+      "$PY" -m pip install --quiet --no-index --no-deps --no-compile --target "$site" "$@"
+    else
+      "$PY" -c "import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]" "$site" "$@"
+    fi' install "$SITE" "${wheels[@]}" || exit 1
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
 step device 60 "$PY" -c '
 import torch, transformers
 assert torch.cuda.is_available(), "no CUDA device: gpu-check runs on a GPU machine"
 p = torch.cuda.get_device_properties(0)
-print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
-      f"{torch.cuda.device_count()} x {p.name} ({p.total_memory / 2**30:.0f} GiB), "
-      f"bf16 {torch.cuda.is_bf16_supported()}")' || { echo "gpu-check: no usable GPU"; exit 1; }
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers "
+      f"{transformers.__version__} from {transformers.__file__}, {torch.cuda.device_count()} x "
+      f"{p.name} ({p.total_memory / 2**30:.0f} GiB), bf16 {torch.cuda.is_bf16_supported()}")' \
+  || { echo "gpu-check: no usable GPU"; exit 1; }
 
 if [ -f models/default/model.safetensors ]; then
   SMALL=models/default
 else
   SMALL="$WORK/small"
   [ -f "$SMALL/model.safetensors" ] \
-    || step "make small model" 120 "$PY" -m bench.gpu_bench --make-model "$SMALL" --arch smollm
+    || step "make small model" 90 "$PY" -m bench.gpu_bench --make-model "$SMALL" --arch smollm
 fi
-
 LARGE="$WORK/large"
 [ -f "$LARGE/model.safetensors" ] || [ -f "$LARGE/model.safetensors.index.json" ] \
-  || step "make large model" 120 "$PY" -m bench.gpu_bench --make-model "$LARGE" --arch 1b
+  || step "make large model" 90 "$PY" -m bench.gpu_bench --make-model "$LARGE" --arch 1b
 
-step "gpu tests" 240 env GPU_CHECK_MODEL="$SMALL" GPU_CHECK_LARGE_MODEL="$LARGE" \
-  "$PY" -m pytest --noconftest -p no:cacheprovider -m gpu tests/test_gpu.py -q -rA --durations=0
-step "engine bench (small)" 150 "$PY" -m bench.gpu_bench --model "$SMALL" \
-  --out "$OUT/bench-small.json"
-
-step "first runs after start-up (small)" 90 "$PY" -m bench.gpu_bench --model "$SMALL" \
-  --first-batch --out "$OUT/first-batch.json"
-step "first runs, expandable segments (small)" 90 env \
-  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "$PY" -m bench.gpu_bench --model "$SMALL" \
-  --first-batch --out "$OUT/first-batch-expandable.json"
-step "engine bench (large)" 150 "$PY" -m bench.gpu_bench --model "$LARGE" \
-  --out "$OUT/bench-large.json"
-
-if "$PY" -c "import runpod, pydantic, boto3" 2>/dev/null; then
-  step "handler.py --test_input" 120 env MODEL_PATH="$SMALL" "$PY" handler.py --test_input \
-    '{"input": {"prompt": "The capital of France is", "max_new_tokens": 16}}'
-  step "worker bench (real worker loop)" 240 env MODEL_PATH="$SMALL" "$PY" -m bench.worker_bench \
-    --concurrency 1 8 32 --max-new-tokens 32 --repeat 2 --out "$OUT/worker-bench.json" \
-    --worker-env WORKER_CONCURRENCY=64 WORKER_MAX_BATCH_SIZE=32
-  step "upscale bench" 120 "$PY" -m bench.upscale_bench --device cuda --size 128 \
-    --concurrency 8 --out "$OUT/upscale.json"
-else
-  echo "== handler, worker and upscale benches: skipped (runpod, pydantic or boto3 not installed;" \
-       "pip install -r requirements.txt)" | tee -a "$LOG"
+if has pydantic; then
+  # First, while the compile cache is empty: the floor, WORKER_DECODE=eager, compiled with the
+  # empty cache (the compile's cost), compiled finding it (every later worker).
+  step "cold start and compile cost (small)" 150 "$PY" -m bench.worker_bench --only cold \
+    --decode eager compiled --compile-cache "$CACHE" --repeat 1 --no-worker-loop \
+    --out "$OUT/worker-bench.json"
 fi
 
+step "gpu tests" 180 env GPU_CHECK_MODEL="$SMALL" GPU_CHECK_LARGE_MODEL="$LARGE" \
+  "$PY" -m pytest --noconftest -p no:cacheprovider -m gpu tests/test_gpu.py -q -rA --durations=0
+
+if has pydantic; then
+  step "engine bench (small): first runs, decode step, throughput" 180 "$PY" -m bench.gpu_bench \
+    --model "$SMALL" --measure first-batch decode throughput --concurrency 1 8 32 \
+    --out "$OUT/bench-small.json"
+  step "engine bench (large): decode step" 150 "$PY" -m bench.gpu_bench --model "$LARGE" \
+    --measure decode --graph-slots 1 --out "$OUT/bench-large.json"
+else
+  echo "== engine and cold-start benches: skipped (pydantic is missing: GPU_CHECK_WHEELS," \
+       "or pip install -r requirements.txt)" | tee -a "$LOG"
+fi
+
+if has runpod pydantic aiohttp; then
+  step "worker bench (real worker loop)" 150 "$PY" -m bench.worker_bench --only throughput \
+    --concurrency 1 32 --max-new-tokens 32 --repeat 2 --out "$OUT/worker-bench.json"
+else
+  echo "== worker bench: skipped (runpod, pydantic or aiohttp missing)" | tee -a "$LOG"
+fi
+
+if has runpod pydantic fastapi uvicorn openai aiohttp; then
+  step "peer: transformers serve (CUDA graphs, compiled)" 210 "$PY" -m bench.peer_bench \
+    --concurrency 1 8 16 --repeat 2 --peer-cuda-graph --peer-compile-level 1 \
+    --out "$OUT/peer.json"
+else
+  echo "== peer bench: skipped (runpod, fastapi, uvicorn or openai missing)" | tee -a "$LOG"
+fi
+
+# Not one of the goals: only with time to spare.
+if has pydantic && [ $((DEADLINE - SECONDS - RESERVE)) -gt 90 ]; then
+  step "upscale bench" 60 "$PY" -m bench.upscale_bench --device cuda --size 128 \
+    --concurrency 8 --out "$OUT/upscale.json"
+fi
+
+"$PY" -m bench.gpu_summary "$OUT" 2>&1 | tee -a "$LOG"
+echo "gpu-check: $((SECONDS))s in all" | tee -a "$LOG"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "gpu-check: FAILED: ${failed[*]} (log: $LOG)" | tee -a "$LOG"
   exit 1
