@@ -475,9 +475,12 @@ def _cannot_load(task_class: type[Task], model: ModelFiles, reason: str) -> Unsu
 
 def load_model(settings: ModelSettings, warmup: bool | None = None,
                tasks: Mapping[str, type[Task]] | None = None) -> LoadedModel:
-    """``load_task``'s model, for code that drives the model without a worker (benchmarks)."""
+    """``load_task``'s model, for code that drives the model without a worker (benchmarks).
+
+    The task's settings come from the environment, as a worker's do (WORKER_DECODE, its batch
+    size and compile cache decide the engine the warm-up compiles)."""
     if tasks is None:
         from tasks import TASKS
         tasks = TASKS
-    worker_settings = WorkerSettings.from_env({})
+    worker_settings = WorkerSettings.from_env()
     return load_task(settings, worker_settings, tasks, warmup).loaded

@@ -189,11 +189,17 @@ def test_batched_greedy_in_bf16_departs_from_alone_only_at_near_ties(loaded, loa
           "the rest departed at near-ties")
 
 
-def _compiled(loaded, slots: int = 8, columns: int = 256):
-    """The graph-captured engine (serving/graphs.py), compiled and captured, end tokens off."""
+def _compiled(loaded):
+    """The graph-captured engine (serving/graphs.py) in the worker's own shape (so it reuses the
+    step the worker's warm-up compiled), compiled and captured, end tokens off."""
+    from serving.config import WorkerSettings
     from serving.graphs import GraphEngine
+    from tasks.generate import model_context
 
-    engine = GraphEngine(loaded, slots=slots, columns=columns)
+    settings = WorkerSettings.from_env()
+    columns = settings.max_prompt_tokens + settings.max_new_tokens
+    columns = min(columns, model_context(loaded) or columns)
+    engine = GraphEngine(loaded, slots=settings.max_batch_size, columns=columns)
     engine.eos_ids = set()
     engine.warm_up(loaded.tokenizer("Hello")["input_ids"])
     return engine
