@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from model_loader import LoadedModel, load_model
 from serving.config import PROJECT_ROOT, ModelSettings, WorkerSettings
@@ -147,12 +148,17 @@ def test_the_compiled_step_gives_the_eager_tokens(small_dir, tmp_path, monkeypat
     small = load_model(ModelSettings.from_env({"MODEL_PATH": str(small_dir)}), warmup=False)
     params = [SamplingParams(max_new_tokens=n) for n in (12, 8, 10)]
     expected = _alone(small, params)
-    engine = GraphEngine(small, slots=2, columns=48, compile_step=True)
+    engine = GraphEngine(small, slots=2, columns=48, compile_step=True, min_window=8)
+    before = counters["frames"]["total"]
     engine.warm_up(small.tokenizer("Hello")["input_ids"])
+    assert counters["frames"]["total"] - before == 1, "one compilation for every window"
+    compiled = dict(counters["frames"])
     seqs = _seqs(small, params)
     _staggered(engine, seqs, every=2, max_rows=2)
     assert [s.generated for s in seqs] == [s.generated for s in expected]
     assert len({tuple(s.generated) for s in seqs}) == len(seqs)   # not one repeated answer
+    assert len(engine.window_steps) >= 2, engine.window_steps
+    assert dict(counters["frames"]) == compiled, "a step compiled again after the warm-up"
 
 
 def _test_mode(model: Path, **env: str) -> subprocess.CompletedProcess[str]:
