@@ -17,7 +17,7 @@ setup: $(VENV)/.installed
 
 # torch first and alone: `torch==2.13.0` takes the local CPU build where one is provided,
 # and a range would pull a multi-GB CUDA build instead.
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-build.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
