@@ -354,8 +354,8 @@ def run(model_dir: Path, measures: list[str], levels: list[int], new_tokens: int
         for name, engine in engines.items():
             steps[name] = decode_step(engine, prompt, nbytes, d2d_bw)
         for slots in graph_slots:
-            # As small as batch 1 allows: the step reads the whole static cache, every slot
-            # and column of it, so this is the compiled step's own cost at batch 1.
+            # As small as batch 1 allows: one slot, and a cache no longer than this run needs,
+            # against the worker's engine with all its slots (each reads its attention window).
             columns = len(prompt) + 64 + 8
             engine = on_device(lambda slots=slots, columns=columns: GraphEngine(
                 loaded, slots, columns, compile_step=loaded.device.type == "cuda"))
