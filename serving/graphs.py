@@ -52,6 +52,12 @@ from serving.errors import SettingsError
 
 log = logging.getLogger("worker.graphs")
 
+# Largest drift (``GraphEngine.drift``) the compiled step may show against eager decoding at
+# start-up. bfloat16 rounding through every layer moves the logits by a few percent of the
+# largest one at most; a step that reads the wrong cache column, mask or position moves them
+# by a large share of it. Beyond this, WORKER_DECODE=auto decodes eagerly instead.
+MAX_DRIFT = 0.25
+
 
 def compile_cache(directory: str | None) -> str | None:
     """Point torch's compile caches (inductor's graphs, Triton's kernels) at ``directory``.
@@ -329,6 +335,34 @@ class GraphEngine(Engine):
                              **{self._cache_kw: self.cache}, **self._extra)
 
     # ------------------------------------------------------------------------------------------
+    def drift(self, prompt_ids: list[int], steps: int = 4) -> float:
+        """How far the step's logits are from an eager forward over the same tokens: the
+        largest difference over ``steps`` greedy steps of one sequence, as a share of the
+        largest eager logit. About 1e-6 in float32; a step that reads a wrong cache column,
+        mask or position is off by a large share. Run after the warm-up (it compiles)."""
+        seq = Sequence(list(prompt_ids), SamplingParams(max_new_tokens=steps + 1))
+        worst = 0.0
+        with torch.no_grad():
+            self._clear()
+            self._join(self._prefill([seq]))
+            slot = self.rows.index(seq)
+            for _ in range(steps):
+                window = self._fit_window()
+                self.mask[:, self.cur] = 1
+                self.positions += self.live
+                out = self._call_step(window)
+                self.cur += 1
+                got = out.logits[slot, -1, :].float()
+                ids = torch.tensor([seq.prompt_ids + seq.generated], device=self.device)
+                want = self.model(input_ids=ids, **self._extra).logits[0, -1, :].float()
+                gap = float((got - want).abs().max() / want.abs().max().clamp(min=1e-6))
+                worst = max(worst, gap)
+                token = int(want.argmax())
+                seq.generated.append(token)
+                self.next_ids[slot] = token
+            self._clear()
+        return worst
+
     def warm_up(self, prompt_ids: list[int], new_tokens: int = 4) -> float:
         """Compile the step, capture it at every window size, and run the prefill at one row
         and at every slot, so that no job pays any of it. Returns the seconds it took.

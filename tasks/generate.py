@@ -52,8 +52,8 @@ from serving.batcher import Batcher
 from serving.config import PROMPT_CHARS_PER_TOKEN, ModelSettings, WorkerSettings
 from serving.device import is_device_fault
 from serving.engine import Engine, SamplingParams, Sequence
-from serving.errors import InputError, JobTimeout, excerpt
-from serving.graphs import GraphEngine, choose_engine
+from serving.errors import InputError, JobTimeout, SettingsError, excerpt
+from serving.graphs import MAX_DRIFT, GraphEngine, choose_engine
 from serving.validation import StrictInput, in_tokenizer_thread, parse_input
 from tasks.base import JobContext, Task
 
@@ -216,6 +216,7 @@ class GenerateTask(Task):
         if isinstance(engine, GraphEngine):
             try:
                 engine.warm_up(ids)
+                drift = engine.drift(ids)
             except Exception as exc:
                 if self.settings.decode == "compiled" or is_device_fault(exc):
                     raise
@@ -224,7 +225,17 @@ class GenerateTask(Task):
                                  80)
                 self._use(Engine(self.loaded), f"decode eager (compiling failed: {reason})")
             else:
-                return                   # the startup line's warm-up time is the compile's
+                # Checked against eager before any job: a compiled step that computes something
+                # else must never answer (a new GPU, driver or torch can break what passed here).
+                if drift <= MAX_DRIFT:
+                    self.loaded.stats.note += f", {drift:.1e} from eager"
+                    return               # the startup line's warm-up time is the compile's
+                why = (f"the compiled step's logits were {drift:.0%} of the largest away from "
+                       f"eager decoding's (at most {MAX_DRIFT:.0%})")
+                if self.settings.decode == "compiled":
+                    raise SettingsError(f"WORKER_DECODE=compiled: {why}; set WORKER_DECODE=eager")
+                log.warning("%s; decoding eagerly", why)
+                self._use(Engine(self.loaded), f"decode eager ({why})")
         rows = (1, self.settings.max_batch_size) if self.loaded.device.type == "cuda" else (1,)
         params = SamplingParams(max_new_tokens=4)
         for n in rows:

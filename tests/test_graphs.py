@@ -159,6 +159,23 @@ def test_the_compiled_step_gives_the_eager_tokens(small_dir, tmp_path, monkeypat
     assert len({tuple(s.generated) for s in seqs}) == len(seqs)   # not one repeated answer
     assert len(engine.window_steps) >= 2, engine.window_steps
     assert dict(counters["frames"]) == compiled, "a step compiled again after the warm-up"
+    assert engine.drift(small.tokenizer("The capital of France is")["input_ids"]) < 1e-4
+
+
+def test_a_compiled_step_that_drifts_from_eager_stops_the_start(small_dir, monkeypatch):
+    """The start-up check against eager decoding (GraphEngine.drift) decides; with a limit no
+    step can meet, WORKER_DECODE=compiled refuses to start, naming the way out."""
+    import tasks.generate
+    from model_loader import load_task
+    from serving.errors import SettingsError
+    from tasks import TASKS
+
+    monkeypatch.setattr(tasks.generate, "MAX_DRIFT", -1.0)
+    env = {"MODEL_PATH": str(small_dir), "WORKER_DECODE": "compiled",
+           "WORKER_MAX_BATCH_SIZE": "2", "WORKER_MAX_PROMPT_TOKENS": "64",
+           "WORKER_MAX_NEW_TOKENS": "16", "WORKER_DEFAULT_MAX_NEW_TOKENS": "16"}
+    with pytest.raises(SettingsError, match="from eager decoding's.*set WORKER_DECODE=eager"):
+        load_task(ModelSettings.from_env(env), WorkerSettings.from_env(env), TASKS)
 
 
 def _test_mode(model: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -181,6 +198,7 @@ def test_worker_decode_compiled_answers_as_eager_does_and_fills_the_compile_cach
     assert answer == json.loads(eager.stdout.strip().splitlines()[-1])["output"][0]
     assert answer["usage"]["completion_tokens"] == 8
     assert "decode compiled (2 slots x" in compiled.stderr
+    assert "from eager" in compiled.stderr          # the start-up check's drift, in the line
     assert "decode eager (WORKER_DECODE=eager)" in eager.stderr
     assert any((cache / "inductor").rglob("*")), "nothing was cached for the next worker"
 
