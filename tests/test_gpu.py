@@ -168,25 +168,30 @@ def test_sequences_joining_a_running_batch_decode_as_alone_in_fp32(loaded_fp32):
         assert s.generated == a, f"{prompt!r}: alone {a}, joined {s.generated}"
 
 
-def test_batched_greedy_in_bf16_departs_from_alone_only_at_near_ties(loaded, loaded_fp32):
-    ids = _prompt_ids(loaded)
-    alone = [_greedy(loaded, [p])[0] for p in ids]
-    together = _greedy(loaded, ids)
+def _departs_only_at_near_ties(loaded, loaded_fp32, ids, reference, got, label: str) -> None:
+    """Each of ``got`` equals ``reference`` or departs first where the two best tokens are
+    closer than bfloat16's own error (its logits against float32's for the same context)."""
     same = 0
-    for prompt, p, a, b in zip(PROMPTS, ids, alone, together, strict=True):
+    for prompt, p, a, b in zip(PROMPTS, ids, reference, got, strict=True):
         k = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
         if k is None:
             same += 1
             continue
-        # bfloat16's own error here: its logits against float32's for the same context
         logits = _last_logits(loaded, p + a[:k])
         noise = float((logits - _last_logits(loaded_fp32, p + a[:k])).abs().max())
         gap = abs(float(logits[a[k]] - logits[b[k]]))
         assert gap <= 2 * noise, (
-            f"{prompt!r}: token {k} is {a[k]} alone but {b[k]} in a batch, with a logit gap "
+            f"{prompt!r}: token {k} is {a[k]} but {b[k]} {label}, with a logit gap "
             f"of {gap:.4f}, more than bfloat16's error ({noise:.4f}) explains")
-    print(f"bf16: {same}/{len(PROMPTS)} sequences identical alone and batched; "
-          "the rest departed at near-ties")
+    print(f"bf16: {same}/{len(PROMPTS)} sequences identical {label}; the rest departed at "
+          "near-ties")
+
+
+def test_batched_greedy_in_bf16_departs_from_alone_only_at_near_ties(loaded, loaded_fp32):
+    ids = _prompt_ids(loaded)
+    alone = [_greedy(loaded, [p])[0] for p in ids]
+    _departs_only_at_near_ties(loaded, loaded_fp32, ids, alone, _greedy(loaded, ids),
+                               "in a batch")
 
 
 def _compiled(loaded):
@@ -254,20 +259,8 @@ def test_compiled_decoding_replays_its_graph_without_compiling_again(loaded):
 def test_compiled_bf16_decoding_departs_from_eager_only_at_near_ties(loaded, loaded_fp32):
     ids = _prompt_ids(loaded)
     alone = [_greedy(loaded, [p])[0] for p in ids]
-    got = _staggered(_compiled(loaded), ids)
-    same = 0
-    for prompt, p, a, b in zip(PROMPTS, ids, alone, got, strict=True):
-        k = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
-        if k is None:
-            same += 1
-            continue
-        logits = _last_logits(loaded, p + a[:k])
-        noise = float((logits - _last_logits(loaded_fp32, p + a[:k])).abs().max())
-        gap = abs(float(logits[a[k]] - logits[b[k]]))
-        assert gap <= 2 * noise, (
-            f"{prompt!r}: token {k} is {a[k]} eager but {b[k]} compiled, with a logit gap "
-            f"of {gap:.4f}, more than bfloat16's error ({noise:.4f}) explains")
-    print(f"bf16: {same}/{len(PROMPTS)} sequences identical eager and compiled")
+    _departs_only_at_near_ties(loaded, loaded_fp32, ids, alone,
+                               _staggered(_compiled(loaded), ids), "compiled")
 
 
 def test_a_model_spread_over_several_gpus_decodes_as_on_one(loaded_fp32):
