@@ -8,20 +8,24 @@ captures it as a CUDA graph: one launch replays the whole step) and replayed for
 
 The state that makes the shapes fixed:
 
-- a transformers ``StaticCache`` of ``slots`` rows and ``columns`` tokens, allocated once;
+- a static cache (transformers' ``StaticLayer``, as ``WindowLayer``) of ``slots`` rows and
+  ``columns`` tokens, allocated once;
 - one write column ``cur`` shared by every row: a row's history ends at ``cur`` and its next
   token is written there, so the library's cache (one write index for the whole batch) serves
   rows of different lengths, each left-padded with masked columns;
+- attention over a window of the first columns (a few sizes, one dynamic dimension to the
+  compiler: one compilation, a graph per size), not over the whole cache;
 - a free slot keeps decoding a masked pad token, so the step never changes shape as sequences
   come and go.
 
 What stays our own, as in ``engine.Engine`` (this class inherits it): the prefill (eager, one
 pass over the new prompts, then copied into free slots), per-sequence sampling, seed,
 repetition penalty, stop strings with holdback, streaming, cancel and deadlines, and the
-out-of-memory retry (``batcher.py``). A prefill wider than ``cur`` shifts the rows right; a
-full cache shifts them left by the columns no row uses, which always frees at least one column
-because no sequence is longer than ``columns`` (``columns`` is the longest prompt plus the most
-new tokens a job may ask for, within the model's context).
+out-of-memory retry (``batcher.py``). A prefill wider than ``cur`` shifts the rows right; when
+dropping the leading columns no row uses gives a smaller window, or the cache is full, the rows
+shift left (a full cache always has such columns: no sequence is longer than ``columns``, the
+longest prompt plus the most new tokens a job may ask for, within the model's context).
+``drift`` checks the compiled step against eager decoding before the first job.
 
 ``GraphEngine.supports(model)`` says whether a model can take this path (every layer full
 attention, one device, a model transformers can compile whole); WORKER_DECODE=auto uses it on
@@ -290,8 +294,9 @@ class GraphEngine(Engine):
                                "must cover the longest prompt plus max_new_tokens")
         return window
 
-    def _graph_step(self) -> None:
-        """Feed every slot its next token in one fixed-shape pass; pick the tokens after."""
+    def _step_logits(self) -> torch.Tensor:
+        """Feed every slot its next token in one fixed-shape pass: each slot's next-token
+        logits, in the graph's output buffer (the next replay overwrites it)."""
         window = self._fit_window()
         self.mask[:, self.cur] = 1
         self.positions += self.live
@@ -299,11 +304,15 @@ class GraphEngine(Engine):
         out = self._call_step(window)
         self.window_steps[window] = self.window_steps.get(window, 0) + 1
         self.cur += 1                      # every layer's write index moved on by one in there
+        return out.logits[:, -1, :]
+
+    def _graph_step(self) -> None:
+        """One step for every slot; pick each sequence's next token; free finished slots."""
+        step_logits = self._step_logits()
         if self._index is None:
             self._used = [i for i, s in enumerate(self.rows) if s is not None]
             self._index = torch.tensor(self._used, dtype=torch.long, device=self.device)
-        # A copy: the graph's output buffer is overwritten by the next replay.
-        logits = out.logits[:, -1, :].index_select(0, self._index).float()
+        logits = step_logits.index_select(0, self._index).float()     # a copy, see above
         seqs = [self.rows[i] for i in self._used]
         picked = self._pick(logits, seqs)
         self.next_ids.index_copy_(0, self._index, picked)
@@ -347,12 +356,7 @@ class GraphEngine(Engine):
             self._join(self._prefill([seq]))
             slot = self.rows.index(seq)
             for _ in range(steps):
-                window = self._fit_window()
-                self.mask[:, self.cur] = 1
-                self.positions += self.live
-                out = self._call_step(window)
-                self.cur += 1
-                got = out.logits[slot, -1, :].float()
+                got = self._step_logits()[slot].float()
                 ids = torch.tensor([seq.prompt_ids + seq.generated], device=self.device)
                 want = self.model(input_ids=ids, **self._extra).logits[0, -1, :].float()
                 gap = float((got - want).abs().max() / want.abs().max().clamp(min=1e-6))
