@@ -25,7 +25,10 @@ out-of-memory retry (``batcher.py``). A prefill wider than ``cur`` shifts the ro
 dropping the leading columns no row uses gives a smaller window, or the cache is full, the rows
 shift left (a full cache always has such columns: no sequence is longer than ``columns``, the
 longest prompt plus the most new tokens a job may ask for, within the model's context).
-``drift`` checks the compiled step against eager decoding before the first job.
+``drift`` checks the compiled step against eager decoding before the first job. Should the
+compiled step still fail while serving (anything but running out of memory or a device fault,
+which ``batcher.py`` handles), the engine decodes eagerly from then on: the sequences in flight
+resume from the tokens they have, as after any failed batch, and no job sees the failure.
 
 ``GraphEngine.supports(model)`` says whether a model can take this path (every layer full
 attention, one device, a model transformers can compile whole); WORKER_DECODE=auto uses it on
@@ -50,7 +53,7 @@ from transformers.generation.configuration_utils import CompileConfig
 
 from model_loader import LoadedModel
 from serving.config import WorkerSettings
-from serving.device import is_out_of_memory, release_memory
+from serving.device import is_device_fault, is_out_of_memory, release_memory
 from serving.engine import Engine, SamplingParams, Sequence, _Running
 from serving.errors import SettingsError
 
@@ -83,6 +86,10 @@ def compile_cache(directory: str | None) -> str | None:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
     os.environ["TRITON_CACHE_DIR"] = str(root / "triton")
     return str(root)
+
+
+class _StepFailed(Exception):
+    """The fixed-shape step itself failed (its cause is the error); the sequences are intact."""
 
 
 class WindowLayer(StaticLayer):
@@ -144,6 +151,7 @@ class GraphEngine(Engine):
         self.shifts = 0                                  # cache realignments, for tests and benches
         self.window_steps: dict[int, int] = {}           # steps run at each window size
         self.compile_s = 0.0
+        self.failed: str | None = None                   # why it decodes eagerly now, if it does
         if compile_step:
             # The step's inputs live at fixed addresses: a replay reads them where they are.
             for t in (self.positions, self.next_ids):
@@ -188,6 +196,9 @@ class GraphEngine(Engine):
             admit: Callable[[int], list[Sequence]] | None = None,
             max_rows: int | None = None) -> None:
         """As ``Engine.run``: decode to the end, taking in arrivals between steps."""
+        if self.failed is not None:
+            super().run(sequences, admit, max_rows)
+            return
         limit = min(max_rows or max(len(sequences), 1), self.slots)
         self._clear()
         waiting = list(sequences)
@@ -211,7 +222,26 @@ class GraphEngine(Engine):
                     if not waiting:
                         return
                     continue
-                self._graph_step()
+                try:
+                    self._graph_step()
+                except _StepFailed as failed:
+                    # Every sequence this run holds: in a slot, or taken in and not yet joined.
+                    held = [s for s in self.rows if s is not None] + waiting
+                    self._give_up(failed.__cause__ or failed)
+                    super().run(held, admit, max_rows)
+                    return
+
+    def _give_up(self, exc: BaseException) -> None:
+        """Decode eagerly from now on, after the compiled step failed with ``exc``."""
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        self.failed = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        log.error("the compiled decode step failed (%s); decoding eagerly from now on, the jobs "
+                  "in flight resume where they were (WORKER_DECODE=eager skips the compiled "
+                  "path)", self.failed, exc_info=exc)
+        self._clear()
+        for layer in self.cache.layers:     # the eager engine's caches may need the memory
+            layer.keys = layer.values = None
+        release_memory()
 
     def _clear(self) -> None:
         self.rows = [None] * self.slots
@@ -308,11 +338,16 @@ class GraphEngine(Engine):
 
     def _graph_step(self) -> None:
         """One step for every slot; pick each sequence's next token; free finished slots."""
-        step_logits = self._step_logits()
         if self._index is None:
             self._used = [i for i, s in enumerate(self.rows) if s is not None]
             self._index = torch.tensor(self._used, dtype=torch.long, device=self.device)
-        logits = step_logits.index_select(0, self._index).float()     # a copy, see above
+        try:
+            # A copy: the next replay overwrites the step's output.
+            logits = self._step_logits().index_select(0, self._index).float()
+        except Exception as exc:
+            if is_out_of_memory(exc) or is_device_fault(exc):
+                raise
+            raise _StepFailed from exc
         seqs = [self.rows[i] for i in self._used]
         picked = self._pick(logits, seqs)
         self.next_ids.index_copy_(0, self._index, picked)

@@ -143,6 +143,67 @@ def test_a_cancelled_sequence_leaves_its_slot_to_the_next(loaded):
     assert [s.generated for s in seqs[1:]] == [s.generated for s in expected[1:]]
 
 
+def _failing_at(engine: GraphEngine, call: int, exc: BaseException) -> list[int]:
+    """Make the engine's step raise ``exc`` at its ``call``-th call; returns the call count."""
+    calls, step = [0], engine._step_fn
+
+    def flaky(**kwargs: object) -> object:
+        calls[0] += 1
+        if calls[0] == call:
+            raise exc
+        return step(**kwargs)
+
+    engine._step_fn = flaky
+    return calls
+
+
+def test_a_step_that_fails_while_serving_leaves_every_sequence_to_eager_decoding(loaded, caplog):
+    """A compiled step that breaks after the start-up checks (a replay error on a GPU never
+    tried) must not fail the jobs in flight: they resume eagerly from the tokens they have, with
+    the same greedy tokens, seeded samples and streamed text, and later runs decode eagerly."""
+    params = [SamplingParams(max_new_tokens=14),
+              SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=7),
+              SamplingParams(max_new_tokens=12, stop=(" Paris",)),
+              SamplingParams(max_new_tokens=9), SamplingParams(max_new_tokens=11)]
+    expected = _alone(loaded, params)
+    engine = GraphEngine(loaded, slots=3, columns=64, compile_step=False)
+    calls = _failing_at(engine, 7, AssertionError("a CUDA graph replay found its inputs moved"))
+    seqs = _seqs(loaded, params)
+    streamed = [[] for _ in seqs]
+    for s, parts in zip(seqs, streamed, strict=True):
+        s.on_text = parts.append
+    with caplog.at_level("ERROR", logger="worker.graphs"):
+        _staggered(engine, seqs, every=3, max_rows=3)
+    assert [s.text for s in seqs] == [s.text for s in expected]
+    assert [s.finish_reason for s in seqs] == [s.finish_reason for s in expected]
+    assert ["".join(parts) for parts in streamed] == [s.text for s in seqs]
+    assert engine.failed == "AssertionError: a CUDA graph replay found its inputs moved"
+    assert "decoding eagerly from now on" in caplog.text
+    assert calls[0] == 7                  # the step that failed was the last compiled one
+
+    again = _seqs(loaded, params[:2])
+    engine.run(again, max_rows=3)
+    assert calls[0] == 7
+    assert [s.text for s in again] == [s.text for s in expected[:2]]
+
+
+@pytest.mark.parametrize("exc", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("CUDA error: an illegal memory access was encountered")],
+    ids=["out-of-memory", "device-fault"])
+def test_out_of_memory_and_device_faults_in_the_step_are_left_to_the_batcher(loaded, exc):
+    """The batcher handles these (out of memory: halve the batch and retry; a device fault:
+    replace the worker), so the engine raises them and keeps its compiled step."""
+    engine = GraphEngine(loaded, slots=2, columns=64, compile_step=False)
+    _failing_at(engine, 2, exc)
+    with pytest.raises(type(exc)):
+        engine.run(_seqs(loaded, [SamplingParams(max_new_tokens=6)] * 2), max_rows=2)
+    assert engine.failed is None
+    seqs = _seqs(loaded, [SamplingParams(max_new_tokens=6)])
+    engine.run(seqs)
+    assert seqs[0].generated == _alone(loaded, [SamplingParams(max_new_tokens=6)])[0].generated
+
+
 def test_the_compiled_step_gives_the_eager_tokens(small_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     small = load_model(ModelSettings.from_env({"MODEL_PATH": str(small_dir)}), warmup=False)
