@@ -37,6 +37,7 @@ from serving import config
 
 MASK = "***"
 MIN_SECRET_LENGTH = 6       # shorter values would mask ordinary words
+MAX_LINE = 65536            # longer lines print this much (RedactingStream)
 EXTRA_SECRET_VARS = ("RUNPOD_AI_API_KEY", "RUNPOD_API_KEY", "AWS_SECRET_ACCESS_KEY")
 
 # A field whose value is a secret, however the field is printed: "name", 'name', \"name\" (the
@@ -101,22 +102,52 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
 
 
 class RedactingStream(io.TextIOBase):
-    """A text stream that masks secrets in everything written, line by line."""
+    """A text stream that masks secrets in everything written, line by line.
+
+    A line is masked whole, however many writes it comes in. One longer than ``MAX_LINE``
+    characters (a whole job printed at DEBUG, with a long prompt) prints its first ``MAX_LINE``
+    characters and a note, and not the rest: masking it in pieces would let a secret that a
+    piece's end cuts in two print its halves unmasked.
+    """
 
     def __init__(self, inner: TextIO, secrets: list[str]) -> None:
         self.inner = inner
         self.secrets = secrets
         self._partial = ""
+        self._dropping = False      # inside the rest of an over-long line
 
     def write(self, text: str) -> int:
-        data = self._partial + text
-        lines = data.split("\n")
-        self._partial = lines.pop()          # an unfinished line waits for its end
-        if lines:
-            self.inner.write("\n".join(redact(line, self.secrets) for line in lines) + "\n")
-        if len(self._partial) > 65536:       # a very long line without a newline
-            self.flush()
+        *ended, rest = text.split("\n")
+        printed = []
+        for piece in ended:
+            if self._dropping:
+                self._dropping = False
+            elif len(self._partial) + len(piece) > MAX_LINE:
+                printed.append(self._cut(self._partial + piece))
+            else:
+                printed.append(redact(self._partial + piece, self.secrets))
+            printed.append("\n")
+            self._partial = ""
+        if not self._dropping:
+            self._partial += rest               # an unfinished line waits for its end
+            if len(self._partial) > MAX_LINE:
+                printed.append(self._cut(self._partial))
+                self._partial, self._dropping = "", True
+        if printed:
+            self.inner.write("".join(printed))
         return len(text)
+
+    def _cut(self, line: str) -> str:
+        """The first MAX_LINE characters of ``line``, masked, less the start of any secret
+        value the limit cuts (its end is not there for ``redact`` to find), and a note."""
+        head = line[:MAX_LINE]
+        for value in self.secrets:
+            for k in range(min(len(value) - 1, len(head)), 0, -1):
+                if head.endswith(value[:k]):
+                    head = head[:-k]
+                    break
+        return (redact(head, self.secrets)
+                + f" [... this line is longer than {MAX_LINE} characters: the rest is not printed]")
 
     def flush(self) -> None:
         if self._partial:

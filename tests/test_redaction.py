@@ -9,6 +9,7 @@ part in everything the process printed.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import pytest
 
 from serving.config import PROJECT_ROOT
-from serving.redaction import MASK, redact, secret_values
+from serving.redaction import MASK, MAX_LINE, RedactingStream, redact, secret_values
 from tests.conftest import _ENV_PREFIXES
 
 # A bucket secret setting that contains a quote: JSON log lines print it as bucket\"...
@@ -129,3 +130,47 @@ class TestWhatStaysReadable:
         for spelling in ('hf_"tok/en value', r'hf_\"tok/en value', r'hf_\\\"tok/en value',
                          "hf_%22tok%2Fen%20value", "hf_%22tok%2Fen+value"):
             assert redact(f"token {spelling} end", secrets) == f"token {MASK} end"
+
+
+class TestOverLongLines:
+    """A line longer than ``MAX_LINE`` (a whole job printed at DEBUG, with a long prompt) is
+    printed up to the limit and not beyond, so a secret the limit cuts in two prints no part."""
+
+    SECRET = "per-job-secret-value-5678"
+
+    def _printed(self, *writes: str, secrets: list[str] = ()) -> str:
+        sink = io.StringIO()
+        stream = RedactingStream(sink, list(secrets))
+        for text in writes:
+            stream.write(text)
+        stream.flush()
+        return sink.getvalue()
+
+    @pytest.mark.parametrize("cut_at", [4, 12, len(SECRET) - 1])
+    @pytest.mark.parametrize("form", ["field", "setting", "bearer"])
+    def test_a_secret_cut_by_the_limit_prints_no_part_of_it(self, form: str, cut_at: int):
+        secret = self.SECRET
+        lead = {"field": '{"s3Config": {"accessSecret": "', "setting": "key ",
+                "bearer": "Authorization: Bearer "}[form]
+        # The secret starts cut_at characters before the limit, within one line.
+        start = MAX_LINE - cut_at
+        line = "x" * (start - len(lead)) + lead + secret + '"}} and more text' + "y" * 5000
+        secrets = secret_values({"BUCKET_SECRET_ACCESS_KEY": secret}) if form == "setting" else []
+        # One write; two, the first ending inside the secret just past the limit; many small.
+        for writes in ([line + "\n"], [line[:MAX_LINE + 1], line[MAX_LINE + 1:] + "\n"],
+                       [line[i:i + 7] for i in range(0, len(line), 7)] + ["\n"]):
+            printed = self._printed(*writes, "after\n", secrets=secrets)
+            for i in range(len(secret) - 5):          # no 6 characters of it in a row
+                assert secret[i:i + 6] not in printed, (form, cut_at, secret[i:i + 6])
+            first, second = printed.split("\n")[:2]
+            assert first.startswith("x" * 1000) and first.endswith("not printed]")
+            assert len(first) < MAX_LINE + 100 and "yyy" not in first
+            assert second == "after"                  # the next line prints as it is
+
+    def test_a_line_within_the_limit_prints_whole(self):
+        line = "z" * (MAX_LINE - 1)
+        assert self._printed(line[:100], line[100:] + "\nnext\n") == line + "\nnext\n"
+
+    def test_an_endless_line_prints_at_most_the_limit(self):
+        printed = self._printed(*["w" * 65536] * 40, "\n")
+        assert len(printed) < MAX_LINE + 100 and printed.endswith("not printed]\n")
