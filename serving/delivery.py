@@ -192,19 +192,10 @@ def deliver_output(answer: Any, *, job_id: str, storage: Storage | StorageGetter
     if chosen == "inline":
         if size <= inline_limit_bytes:
             return answer
-        raise PayloadTooLarge(
-            f"the answer is {size:,} bytes of JSON, over the inline limit of "
-            f"{inline_limit_bytes:,} bytes (OUTPUT_INLINE_LIMIT_BYTES); ask for output_mode "
-            "'auto' or 'link' to receive a download link instead", field="input.output_mode")
+        raise _inline_only(f"the answer is {size:,}", inline_limit_bytes, "a download link")
     storage = get_storage()
     if storage is None:
-        if chosen == "link":
-            raise InputError(f"'link' needs storage, and none is configured: "
-                             f"{STORAGE_SETTINGS_HINT}", field="input.output_mode")
-        raise PayloadTooLarge(
-            f"the answer is {size:,} bytes of JSON, over the inline limit of "
-            f"{inline_limit_bytes:,} bytes (OUTPUT_INLINE_LIMIT_BYTES), and no storage is "
-            f"configured to send it as a link: {STORAGE_SETTINGS_HINT}")
+        raise _no_storage(chosen, f"the answer is {size:,}", inline_limit_bytes, "it as a link")
     if isinstance(answer, list):
         data, filename, content_type = serialise_lines(answer), ANSWER_LINES_FILENAME, JSONL_TYPE
     else:
@@ -224,22 +215,34 @@ def deliver_files(answer: Any, *, job_id: str, storage: StorageGetter, inline_li
         raise TypeError("the answer is not JSON-serialisable: it nests too deep") from None
     limit = inline_limit_bytes
     size = inline_size(answer)
+    what = f"the answer with its files inline is {size:,}"
     if mode == "inline" or (mode == "auto" and size <= limit):
         if size > limit:
-            raise PayloadTooLarge(
-                f"the answer with its files inline is {size:,} bytes of JSON, over the inline "
-                f"limit of {limit:,} bytes (OUTPUT_INLINE_LIMIT_BYTES); ask for output_mode "
-                "'auto' or 'link' to receive download links instead", field="input.output_mode")
+            raise _inline_only(what, limit, "download links")
         return replace_artefacts(answer, Artefact.inline), mode
     target = storage()
     if target is None:
-        if mode == "link":
-            raise InputError(f"'link' needs storage, and none is configured: "
-                             f"{STORAGE_SETTINGS_HINT}", field="input.output_mode")
-        raise PayloadTooLarge(
-            f"the answer with its files inline is {size:,} bytes of JSON, over "
-            f"the inline limit of {limit:,} bytes (OUTPUT_INLINE_LIMIT_BYTES), and no storage "
-            f"is configured to send the files as links: {STORAGE_SETTINGS_HINT}")
+        raise _no_storage(mode, what, limit, "the files as links")
     linked = replace_artefacts(answer, lambda a: target.put(
         target.key_for(job_id, a.name), a.data, a.content_type).to_link())
     return linked, "auto"
+
+
+def _over_limit(what: str, limit: int) -> str:
+    return (f"{what} bytes of JSON, over the inline limit of {limit:,} bytes "
+            "(OUTPUT_INLINE_LIMIT_BYTES)")
+
+
+def _inline_only(what: str, limit: int, links: str) -> PayloadTooLarge:
+    """The error for an answer over the limit when the job asked for output_mode 'inline'."""
+    return PayloadTooLarge(f"{_over_limit(what, limit)}; ask for output_mode 'auto' or 'link' "
+                           f"to receive {links} instead", field="input.output_mode")
+
+
+def _no_storage(mode: str, what: str, limit: int, sending: str) -> InputError | PayloadTooLarge:
+    """The error for an answer that must be uploaded when there is nowhere to upload it."""
+    if mode == "link":
+        return InputError(f"'link' needs storage, and none is configured: {STORAGE_SETTINGS_HINT}",
+                          field="input.output_mode")
+    return PayloadTooLarge(f"{_over_limit(what, limit)}, and no storage is configured to send "
+                           f"{sending}: {STORAGE_SETTINGS_HINT}")
