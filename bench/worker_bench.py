@@ -73,7 +73,8 @@ def percentile(values: list[float], q: float) -> float:
 ONE_TOKEN_JOB = {"input": {"prompt": "Hello", "max_new_tokens": 1, "temperature": 0}}
 STARTUP_LINE = re.compile(r"import ([\d.]+)s, read ([\d.]+)s .*place ([\d.]+)s, "
                           r"warm-up ([\d.]+)s")
-DECODE_NOTE = re.compile(r"\| (decode (?:compiled|eager) \(.*\))\s*$", re.MULTILINE)
+# The last part of the startup line: "| decode compiled (...), 7.9e-07 from eager".
+DECODE_NOTE = re.compile(r"\| (decode (?:compiled|eager)\b[^|\n]*?)\s*$", re.MULTILINE)
 
 
 def parse_startup_line(text: str) -> dict[str, Any]:

@@ -29,6 +29,21 @@ def test_shell_scripts_parse() -> None:
         subprocess.run(["bash", "-n", script], cwd=ROOT, check=True)
 
 
+def test_the_benches_read_the_decode_path_and_its_drift_from_the_startup_line() -> None:
+    from bench.worker_bench import parse_startup_line
+
+    line = ("INFO worker.model: model ready: default (generate) from MODEL_PATH (m) | import "
+            "3.11s, read 0.08s (0.13 GiB), place 0.21s, warm-up 14.88s | device cuda:0 (one "
+            "device), dtype bfloat16, peak memory 1.21 GiB | decode compiled (CUDA graphs, 32 "
+            "slots x 5120 tokens, compile cache /c), 2.1e-02 from eager\n")
+    found = parse_startup_line("other output\n" + line + "the answer\n")
+    assert found["warmup_s"] == 14.88
+    assert found["decode"] == ("decode compiled (CUDA graphs, 32 slots x 5120 tokens, compile "
+                               "cache /c), 2.1e-02 from eager")
+    eager = line.split("| decode")[0] + "| decode eager (WORKER_DECODE=auto on a CPU)\n"
+    assert parse_startup_line(eager)["decode"] == "decode eager (WORKER_DECODE=auto on a CPU)"
+
+
 def test_engine_bench_dry_run_feeds_the_summary(tmp_path: Path) -> None:
     model, out = tmp_path / "tiny", tmp_path / "results"
     _run("-m", "bench.gpu_bench", "--dry-run-on-cpu", "--make-model", str(model),
