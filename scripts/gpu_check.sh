@@ -9,9 +9,14 @@
 # our pins runs ours (transformers, tokenizers, huggingface_hub) over its own; torch stays the
 # machine's, and every result records the versions it ran with. A step whose packages are
 # missing is skipped and says so. Weights: models/default/model.safetensors if present (a
-# user's GPU pod), else a model with random weights in the default architecture, made from
-# models/default's config and tokenizer files, plus a ~1.1B one for bandwidth figures that mean
-# something on a large GPU.
+# user's GPU pod), else a model with random weights in the default architecture, made from the
+# default model's config and tokenizer files (models/default, or the default-model folder that
+# scripts/gpu_wheels.sh puts beside the wheels, for a machine without models/), plus a ~1.1B one
+# for bandwidth figures that mean something on a large GPU. Every worker it starts serves that
+# model (MODEL_PATH).
+#
+# GPU_CHECK_DRY_RUN=1 rehearses the whole run on a CPU, with tiny models and without the GPU
+# tests: it checks the script and what it writes for the summary; its numbers mean nothing.
 #
 # Each step has its own time limit, cut to what is left of GPU_CHECK_BUDGET_S (default 540 s)
 # for the whole run, so the run ends in time with its summary written; a failed step is
@@ -28,6 +33,13 @@ PY=${PYTHON:-python3}
 OUT=${GPU_CHECK_OUT:-bench/results/gpu-$(date -u +%Y-%m-%d)}
 WORK=${GPU_CHECK_WORK:-/tmp/gpu-check}
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
+DRY=${GPU_CHECK_DRY_RUN:-0}
+if [ "$DRY" = 1 ]; then
+  ARCHS=(tiny tiny); BENCH=(--dry-run-on-cpu); PEER=(); UPSCALE=(--device cpu --size 32 --concurrency 2)
+else
+  ARCHS=(smollm 1b); BENCH=(); PEER=(--peer-cuda-graph --peer-compile-level 1)
+  UPSCALE=(--device cuda --size 128 --concurrency 8)
+fi
 RESERVE=25                      # kept back for the summary
 DEADLINE=$((SECONDS + BUDGET))
 mkdir -p "$OUT" "$WORK"
@@ -69,7 +81,12 @@ if [ -n "${GPU_CHECK_WHEELS:-}" ]; then
   SITE="$WORK/site"
   rm -rf "$SITE"
   wheels=("$GPU_CHECK_WHEELS"/*.whl)
-  [ -e "${wheels[0]}" ] || { echo "gpu-check: no wheels in $GPU_CHECK_WHEELS" | tee -a "$LOG"; exit 1; }
+  if [ ! -e "${wheels[0]}" ] && [ "$DRY" != 1 ]; then
+    echo "gpu-check: no wheels in $GPU_CHECK_WHEELS" | tee -a "$LOG"
+    exit 1
+  fi
+fi
+if [ -n "${GPU_CHECK_WHEELS:-}" ] && [ -e "${wheels[0]}" ]; then
   # pip when the machine has it; else a wheel is a zip file that unpacks as it installs.
   step "install ${#wheels[@]} wheels" 120 bash -c '
     site=$1; shift
@@ -81,8 +98,12 @@ if [ -n "${GPU_CHECK_WHEELS:-}" ]; then
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-step device 60 "$PY" -c '
-import torch, transformers
+step device 60 env DRY="$DRY" "$PY" -c '
+import os, torch, transformers
+if os.environ["DRY"] == "1":
+    print(f"dry run on the CPU: torch {torch.__version__}, transformers "
+          f"{transformers.__version__} from {transformers.__file__}")
+    raise SystemExit
 assert torch.cuda.is_available(), "no CUDA device: gpu-check runs on a GPU machine"
 p = torch.cuda.get_device_properties(0)
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers "
@@ -90,16 +111,29 @@ print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers "
       f"{p.name} ({p.total_memory / 2**30:.0f} GiB), bf16 {torch.cuda.is_bf16_supported()}")' \
   || { echo "gpu-check: no usable GPU"; exit 1; }
 
-if [ -f models/default/model.safetensors ]; then
+# The default model's config and tokenizer: the random-weight models are made from them.
+if [ -f models/default/config.json ]; then
+  SOURCE=models/default
+elif [ -f "${GPU_CHECK_WHEELS:-/nonexistent}/default-model/config.json" ]; then
+  SOURCE="$GPU_CHECK_WHEELS/default-model"
+else
+  echo "gpu-check: no models/default/config.json and no default-model folder in" \
+       "GPU_CHECK_WHEELS: run make model, or bring the folder scripts/gpu_wheels.sh makes" \
+    | tee -a "$LOG"
+  exit 1
+fi
+if [ -f models/default/model.safetensors ] && [ "$DRY" != 1 ]; then
   SMALL=models/default
 else
   SMALL="$WORK/small"
-  [ -f "$SMALL/model.safetensors" ] \
-    || step "make small model" 90 "$PY" -m bench.gpu_bench --make-model "$SMALL" --arch smollm
+  [ -f "$SMALL/model.safetensors" ] || step "make small model" 90 "$PY" -m bench.gpu_bench \
+    "${BENCH[@]}" --make-model "$SMALL" --arch "${ARCHS[0]}" --source "$SOURCE" || exit 1
 fi
 LARGE="$WORK/large"
 [ -f "$LARGE/model.safetensors" ] || [ -f "$LARGE/model.safetensors.index.json" ] \
-  || step "make large model" 90 "$PY" -m bench.gpu_bench --make-model "$LARGE" --arch 1b
+  || step "make large model" 90 "$PY" -m bench.gpu_bench "${BENCH[@]}" --make-model "$LARGE" \
+       --arch "${ARCHS[1]}" --source "$SOURCE"
+export MODEL_PATH="$SMALL"       # the model every worker below serves
 
 if has pydantic; then
   # First, while the compile cache is empty: the floor, WORKER_DECODE=eager, compiled with the
@@ -109,15 +143,19 @@ if has pydantic; then
     --out "$OUT/worker-bench.json"
 fi
 
-step "gpu tests" 180 env GPU_CHECK_MODEL="$SMALL" GPU_CHECK_LARGE_MODEL="$LARGE" \
-  "$PY" -m pytest --noconftest -p no:cacheprovider -m gpu tests/test_gpu.py -q -rA --durations=0
+if [ "$DRY" = 1 ]; then
+  echo "== gpu tests: not in a dry run" | tee -a "$LOG"
+else
+  step "gpu tests" 180 env GPU_CHECK_MODEL="$SMALL" GPU_CHECK_LARGE_MODEL="$LARGE" \
+    "$PY" -m pytest --noconftest -p no:cacheprovider -m gpu tests/test_gpu.py -q -rA --durations=0
+fi
 
 if has pydantic; then
   step "engine bench (small): first runs, decode step, throughput" 180 "$PY" -m bench.gpu_bench \
-    --model "$SMALL" --measure first-batch decode throughput --concurrency 1 8 32 \
+    "${BENCH[@]}" --model "$SMALL" --measure first-batch decode throughput --concurrency 1 8 32 \
     --out "$OUT/bench-small.json"
-  step "engine bench (large): decode step" 150 "$PY" -m bench.gpu_bench --model "$LARGE" \
-    --measure decode --graph-slots 1 --out "$OUT/bench-large.json"
+  step "engine bench (large): decode step" 150 "$PY" -m bench.gpu_bench "${BENCH[@]}" \
+    --model "$LARGE" --measure decode --graph-slots 1 --out "$OUT/bench-large.json"
 else
   echo "== engine and cold-start benches: skipped (pydantic is missing: GPU_CHECK_WHEELS," \
        "or pip install -r requirements.txt)" | tee -a "$LOG"
@@ -132,16 +170,15 @@ fi
 
 if has runpod pydantic fastapi uvicorn openai aiohttp; then
   step "peer: transformers serve (CUDA graphs, compiled)" 210 "$PY" -m bench.peer_bench \
-    --concurrency 1 8 16 --repeat 2 --peer-cuda-graph --peer-compile-level 1 \
-    --out "$OUT/peer.json"
+    --concurrency 1 8 16 --repeat 2 "${PEER[@]}" --out "$OUT/peer.json"
 else
   echo "== peer bench: skipped (runpod, fastapi, uvicorn or openai missing)" | tee -a "$LOG"
 fi
 
 # Not one of the goals: only with time to spare.
 if has pydantic && [ $((DEADLINE - SECONDS - RESERVE)) -gt 90 ]; then
-  step "upscale bench" 60 "$PY" -m bench.upscale_bench --device cuda --size 128 \
-    --concurrency 8 --out "$OUT/upscale.json"
+  step "upscale bench" 60 "$PY" -m bench.upscale_bench "${UPSCALE[@]}" \
+    --out "$OUT/upscale.json"
 fi
 
 "$PY" -m bench.gpu_summary "$OUT" 2>&1 | tee -a "$LOG"

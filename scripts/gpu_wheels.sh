@@ -2,6 +2,9 @@
 # Download the wheels an offline GPU machine needs to run `make gpu-check` with our pins:
 #   bash scripts/gpu_wheels.sh [DIR]        (default .whl/), then on the GPU machine
 #   GPU_CHECK_WHEELS=DIR make gpu-check
+# DIR also gets default-model/: the default model's config and tokenizer files (about 3.5 MB,
+# no weights; from models/default, or MODEL_PATH), from which gpu-check makes its random-weight models on a machine without
+# models/. `bash scripts/gpu_wheels.sh DIR --model-files-only` writes only that folder.
 #
 # For Python 3.12 on x86_64 Linux (manylinux), one version of each, no dependency resolution
 # (--no-deps): the list below is what our pins need beyond what such a machine already has
@@ -20,6 +23,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=${1:-.whl}
 PY=${PYTHON:-python3}
+
+MODEL=${MODEL_PATH:-models/default}
+if [ ! -f "$MODEL/config.json" ]; then
+  echo "gpu_wheels: no model in $MODEL: run make model (or set MODEL_PATH)" >&2
+  exit 1
+fi
+mkdir -p "$DEST/default-model"
+find "$MODEL" -maxdepth 1 -type f ! -name "*.safetensors" ! -name "*.safetensors.index.json" \
+  -exec cp {} "$DEST/default-model/" \;
+echo "the default model's config and tokenizer: $(ls "$DEST/default-model" | xargs)"
+[ "${2:-}" = "--model-files-only" ] && exit 0
 WHEELS=(
   # ours over the machine's
   transformers==5.24.0 tokenizers==0.23.3 huggingface_hub==2.4.0 safetensors==0.8.0
