@@ -374,6 +374,39 @@ class TestShutdown:
         assert body["output"]["echo"] == "drained"
 
 
+    def test_a_worker_that_ignores_sigterm_is_killed_with_its_children(
+            self, bare_endpoint: LocalEndpoint, tmp_path: Path) -> None:
+        """After the drain time, SIGKILL reaches the worker and every process it started (the
+        SDK's heartbeat process would otherwise outlive it)."""
+        pids = tmp_path / "pids"
+        script = ("import os, signal, subprocess, sys, time\n"
+                  "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                  "child = subprocess.Popen([sys.executable, '-c', "
+                  "'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                  "time.sleep(600)'])\n"
+                  f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{child.pid}}')\n"
+                  "time.sleep(600)\n")
+        worker = WorkerProcess(bare_endpoint, [sys.executable, "-c", script],
+                               base_env={"HOME": str(tmp_path)}).start()
+        deadline = time.monotonic() + 30
+        while not (pids.exists() and pids.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        parent, child = (int(p) for p in pids.read_text().split())
+        assert worker.stop(timeout_s=1) == -signal.SIGKILL
+
+        def gone(pid: int) -> bool:          # a zombie is dead, waiting to be reaped
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+            except FileNotFoundError:
+                return True
+
+        deadline = time.monotonic() + 10
+        while not gone(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gone(child), "the worker's child outlived it"
+        assert not Path(f"/proc/{parent}").exists()
+
+
 class TestSdkClientQuirks:
     """What the SDK's client does that a caller must know; pinned so an upgrade shows."""
 
