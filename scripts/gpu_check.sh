@@ -15,8 +15,9 @@
 # for bandwidth figures that mean something on a large GPU. Every worker it starts serves that
 # model (MODEL_PATH).
 #
-# GPU_CHECK_DRY_RUN=1 rehearses the whole run on a CPU, with tiny models and without the GPU
-# tests: it checks the script and what it writes for the summary; its numbers mean nothing.
+# GPU_CHECK_DRY_RUN=1 rehearses the whole run on a CPU, with tiny models, every worker on the
+# compiled decode step (what WORKER_DECODE=auto picks on a GPU) and without the GPU tests: it
+# checks the script and what it writes for the summary; its numbers mean nothing.
 #
 # Each step has its own time limit, cut to what is left of GPU_CHECK_BUDGET_S (default 540 s)
 # for the whole run, so the run ends in time with its summary written; a failed step is
@@ -35,6 +36,7 @@ WORK=${GPU_CHECK_WORK:-/tmp/gpu-check}
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
 DRY=${GPU_CHECK_DRY_RUN:-0}
 if [ "$DRY" = 1 ]; then
+  export WORKER_DECODE=compiled   # what auto picks on a GPU: every worker runs the compiled step
   ARCHS=(tiny tiny); BENCH=(--dry-run-on-cpu); PEER=(); UPSCALE=(--device cpu --size 32 --concurrency 2)
 else
   ARCHS=(smollm 1b); BENCH=(); PEER=(--peer-cuda-graph --peer-compile-level 1)

@@ -1,5 +1,6 @@
 """``make gpu-check``'s own scripts, checked on the CPU: the whole run rehearsed
-(``GPU_CHECK_DRY_RUN=1``: ~3M random models, no GPU tests) from a copy of the repository as a GPU
+(``GPU_CHECK_DRY_RUN=1``: ~3M random models, the compiled decode step as a GPU would run it,
+no GPU tests) from a copy of the repository as a GPU
 machine gets it, and the summary of the goals that reads its results. The numbers mean nothing
 here; what is checked is that every step runs and writes what the summary reads, so the script
 is ready when a GPU is."""
@@ -76,3 +77,8 @@ def test_gpu_check_rehearsed_on_the_cpu_measures_every_goal(default_model_dir, t
     cold = json.loads((out / "worker-bench.json").read_text())["cold_start"]["by_decode"]
     assert cold["compiled"]["decode"].startswith("decode compiled (")
     assert cold["eager"]["decode"] == "decode eager (WORKER_DECODE=eager)"
+    # As auto does on a GPU, every worker (the engine bench's, the worker loop's, the peer
+    # bench's) ran the compiled step, and it passed its start-up check against eager.
+    small = json.loads((out / "bench-small.json").read_text())
+    assert small["decode_path"].startswith("decode compiled (") and "from eager" in small[
+        "decode_path"], small["decode_path"]
