@@ -932,14 +932,14 @@ class WorkerProcess:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 # Its children too: the SDK's heartbeat process would outlive it and ping on.
-                for pid in [*_descendants(self.process.pid), self.process.pid]:
+                for pid in [*descendants(self.process.pid), self.process.pid]:
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.kill(pid, signal.SIGKILL)
                 self.process.wait(5)
         return self.process.returncode
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """Every process under ``pid``, children first (from /proc; none where there is none)."""
     children: dict[int, list[int]] = {}
     for stat_file in Path("/proc").glob("[0-9]*/stat"):
