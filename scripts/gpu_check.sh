@@ -37,7 +37,8 @@ BUDGET=${GPU_CHECK_BUDGET_S:-540}
 DRY=${GPU_CHECK_DRY_RUN:-0}
 if [ "$DRY" = 1 ]; then
   export WORKER_DECODE=compiled   # what auto picks on a GPU: every worker runs the compiled step
-  ARCHS=(tiny tiny); BENCH=(--dry-run-on-cpu); PEER=(); UPSCALE=(--device cpu --size 32 --concurrency 2)
+  ARCHS=(tiny tiny); BENCH=(--dry-run-on-cpu); PEER=()
+  UPSCALE=(--device cpu --size 32 --concurrency 2)
 else
   ARCHS=(smollm 1b); BENCH=(); PEER=(--peer-cuda-graph --peer-compile-level 1)
   UPSCALE=(--device cuda --size 128 --concurrency 8)

@@ -1,9 +1,8 @@
 """``make gpu-check``'s own scripts, checked on the CPU: the whole run rehearsed
-(``GPU_CHECK_DRY_RUN=1``: ~3M random models, the compiled decode step as a GPU would run it,
-the GPU tests collected and skipped) from a copy of the repository as a GPU
-machine gets it, and the summary of the goals that reads its results. The numbers mean nothing
-here; what is checked is that every step runs and writes what the summary reads, so the script
-is ready when a GPU is."""
+(``GPU_CHECK_DRY_RUN=1``: ~3M random models, the compiled decode step as a GPU would run it, the
+GPU tests collected and skipped) from a copy of the repository as a GPU machine gets it, and the
+summary of the goals that reads its results. The numbers mean nothing here; what is checked is
+that every step runs and writes what the summary reads, so the script is ready when a GPU is."""
 
 from __future__ import annotations
 
