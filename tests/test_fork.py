@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from tests.support.dockerfile import ROOT
 from tests.support.endpoint import Service, call, start_worker_service, stop_service
+from tests.support.project import copy_project
 
 pytestmark = pytest.mark.slow
 
@@ -28,18 +28,6 @@ RECIPE = re.compile(r"<!-- readme-recipe: (\S+) -->\n```python\n(.*?)```", re.S)
 def readme_recipe() -> dict[str, str]:
     """The README's recipe blocks, by the file each is for."""
     return {path: code for path, code in RECIPE.findall((ROOT / "README.md").read_text())}
-
-
-def copy_project(to: Path) -> Path:
-    """The project's files as a clone has them (tracked, plus new files git does not ignore)."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
-                             "--exclude-standard"], cwd=ROOT, capture_output=True, check=True)
-    for name in filter(None, listed.stdout.decode().split("\0")):
-        source = ROOT / name
-        if source.is_file() and not name.startswith(("tests/", "bench/")):
-            (to / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, to / name)
-    return to
 
 
 def follow_recipe(project: Path) -> None:
@@ -73,7 +61,7 @@ def make_classifier(path: Path, tokenizer_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def forked(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Iterator[Service]:
     root = tmp_path_factory.mktemp("fork")
-    project = copy_project(root / "project")
+    project = copy_project(root / "project", leave_out=("tests/", "bench/"))
     follow_recipe(project)
     model = make_classifier(root / "sentiment", minilm_dir)
     service = start_worker_service([sys.executable, "handler.py"], root / "worker.log",

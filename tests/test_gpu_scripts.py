@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.support.project import copy_project
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,13 +46,7 @@ def test_gpu_check_rehearsed_on_the_cpu_measures_every_goal(default_model_dir, t
     """``GPU_CHECK_DRY_RUN=1 make gpu-check`` from a copy of the repository as a GPU machine
     gets it (tracked files, no ``models/``) with the folder ``gpu_wheels.sh`` makes beside the
     wheels: every step runs, and the summary finds a measured value for every goal."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
-                            "--exclude-standard"], cwd=ROOT, capture_output=True, check=True)
-    tree = tmp_path / "tree"
-    for name in files.stdout.decode().split("\0"):
-        if name and (ROOT / name).is_file():
-            (tree / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, tree / name)
+    tree = copy_project(tmp_path / "tree")
     assert not (tree / "models").exists()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "MODEL_"))}
     wheels = tmp_path / "wheels"
