@@ -33,7 +33,14 @@ Guarantees:
 - Every operation (an upload with its retries and check, a link, a read) runs on connections
   of its own, under a total time limit (``BUCKET_UPLOAD_TIMEOUT_SECONDS``, or the caller's
   deadline for reads) that a watchdog enforces by shutting those connections: a server that
-  answers one byte at a time cannot hold it longer, whatever the per-request timeout.
+  answers one byte at a time cannot hold it longer, whatever the per-request timeout. An
+  upload given its job's end (``within``) also stops there: when the job times out or is
+  cancelled its connections are shut and its thread is free at once.
+- Every reply is read under ``REPLY_BUDGET_BYTES`` (1 MiB: status line, headers, body, a
+  100-continue; 64 KiB a line) except a GetObject body, which ``read_to`` bounds by its
+  ``max_bytes``. Past it the connection is closed and the operation fails with StorageError,
+  not retried: a server cannot make the worker hold an unbounded answer in memory. The
+  worker's own bucket obeys the same budget (S3's own replies are a few KB).
 - A job's own ``s3Config`` endpoint obeys the address rule of downloads (netguard.py): it must
   be public unless ``DOWNLOAD_ALLOW_PRIVATE=true``. The check is made where the connection is
   made: the name is resolved, every address checked, and the socket connected to a checked
@@ -85,6 +92,11 @@ from serving.netguard import (
 log = logging.getLogger(__name__)
 
 _CHUNK = 8 * 1024 * 1024                     # read size for hashing and copying files
+# Most bytes one storage reply may bring outside a GetObject body: status line, headers, body
+# (an error, an XML answer, a 100-continue). S3's own replies are a few KB; past this the
+# connection is closed, so a server cannot make the worker hold what it sends.
+REPLY_BUDGET_BYTES = 1024 * 1024
+_MAX_LINE = 65536                            # most bytes of one line of a reply, as http.client
 _MAX_BACKOFF_S = 30.0                        # cap on one retry delay
 _SHA256_META = "sha256"                      # x-amz-meta-sha256
 _SAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
@@ -153,8 +165,13 @@ class Storage(Protocol):
         """The object key of ``filename`` for job ``job_id``: same inputs, same key."""
         ...
 
-    def put(self, key: str, data: bytes | Path, content_type: str) -> StoredObject:
-        """Store ``data`` under ``key`` (overwriting), verify it, and return a link."""
+    def put(self, key: str, data: bytes | Path, content_type: str,
+            within: Deadline | None = None) -> StoredObject:
+        """Store ``data`` under ``key`` (overwriting), verify it, and return a link.
+
+        ``within`` is the end of the job the file belongs to: the upload stops when it
+        expires (the job timed out or was cancelled), whatever its own time limit.
+        """
         ...
 
     def link(self, key: str) -> StoredObject:
@@ -163,16 +180,17 @@ class Storage(Protocol):
 
 
 def store_output(storage: Storage, job_id: str, data: bytes | Path, content_type: str,
-                 filename: str | None = None) -> Link:
+                 filename: str | None = None, within: Deadline | None = None) -> Link:
     """Store one file of a job's output and return the link object for the answer.
 
     ``filename`` keeps the original name (sanitised to letters, digits, ``.``, ``-``, ``_``);
     without it the name is ``output`` plus an extension guessed from ``content_type``.
+    ``within``: the job's end, which stops the upload (see ``Storage.put``).
     """
     if filename is None:
         filename = "output" + (mimetypes.guess_extension(content_type) or ".bin")
     key = storage.key_for(job_id, filename)
-    return storage.put(key, data, content_type).to_link()
+    return storage.put(key, data, content_type, within=within).to_link()
 
 
 def safe_filename(name: str) -> str:
@@ -234,8 +252,41 @@ class _Transient(Exception):
 T = TypeVar("T")
 
 
+class _Limit:
+    """The time limit of one operation: its own deadline and, when it serves a job, the job's
+    (``within``), whichever ends first. Either watchdog shuts the operation's connections."""
+
+    def __init__(self, own: Deadline, within: Deadline | None = None) -> None:
+        self.own = own
+        self.within = within
+        self.seconds = own.seconds
+
+    def passed(self) -> bool:
+        return self.own.passed() or self.job_ended()
+
+    def job_ended(self) -> bool:
+        """The job this operation serves timed out or was cancelled."""
+        return self.within is not None and self.within.passed()
+
+    def remaining(self) -> float:
+        left = self.own.remaining()
+        return left if self.within is None else min(left, self.within.remaining())
+
+    def watch(self, sock: socket.socket) -> None:
+        self.own.watch(sock)
+        if self.within is not None:
+            self.within.watch(sock)
+
+    def pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less: a pause ends when the job does."""
+        if self.within is not None:
+            self.within.wait(seconds)
+        else:
+            time.sleep(seconds)
+
+
 def _with_retries(what: str, attempts: int, delay_s: float, fn: Callable[[], T],
-                  deadline: Deadline) -> T:
+                  deadline: _Limit) -> T:
     """Run ``fn``; retry on _Transient with jittered exponential backoff; then StorageError.
 
     Nothing runs past ``deadline``: neither an attempt (its connections are shut) nor a pause.
@@ -246,6 +297,9 @@ def _with_retries(what: str, attempts: int, delay_s: float, fn: Callable[[], T],
                 raise _Transient("out of time")
             return fn()
         except _Transient as err:
+            if deadline.job_ended():
+                raise StorageError(f"{what} stopped: the job ended (WORKER_JOB_TIMEOUT_S, or "
+                                   "a cancel)") from None
             if deadline.passed():
                 raise StorageError(f"{what} did not finish within {deadline.seconds:g} s "
                                    "(BUCKET_UPLOAD_TIMEOUT_SECONDS)") from None
@@ -256,29 +310,152 @@ def _with_retries(what: str, attempts: int, delay_s: float, fn: Callable[[], T],
             pause = min(pause, deadline.remaining())
             log.warning("%s failed (%s); retry %d/%d in %.2f s",
                         what, err, attempt, attempts - 1, pause)
-            time.sleep(pause)
+            deadline.pause(pause)
     raise AssertionError("unreachable")
 
 
 # --------------------------------------------------------------------------------------------
-# Connections: botocore's, with the address rule and the operation's deadline
+# Connections: botocore's, with the address rule, the operation's deadline and a reply budget
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Guard:
     allow_address: AddressPolicy
-    deadline: Deadline
+    deadline: _Limit
+
+
+class _ReplyTooLarge(Exception):
+    """A reply ran past REPLY_BUDGET_BYTES. Deliberately not an OSError: urllib3 and botocore
+    would call that a network failure and retry it; this one closes the connection and reaches
+    the caller as itself."""
+
+
+class _ReplyMeter:
+    """The bytes one connection has received of the reply to its current request."""
+
+    def __init__(self) -> None:
+        self.method = ""
+        self.received = 0
+        self.unmetered = False
+
+    def start(self, method: str) -> None:
+        """A new request on the connection: its reply gets the whole budget."""
+        self.method, self.received, self.unmetered = method.upper(), 0, False
+
+    def count(self, size: int) -> None:
+        if self.unmetered:
+            return
+        self.received += size
+        if self.received > REPLY_BUDGET_BYTES:
+            raise _ReplyTooLarge(f"a storage reply ran past {REPLY_BUDGET_BYTES:,} bytes")
+
+
+class _MeteredReader(io.RawIOBase):
+    """A socket's raw reader that counts every byte it returns against a reply meter."""
+
+    def __init__(self, raw: io.RawIOBase, meter: _ReplyMeter) -> None:
+        super().__init__()
+        self._raw = raw
+        self._meter = meter
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int | None:
+        size = self._raw.readinto(buffer)
+        if size:
+            self._meter.count(size)
+        return size
+
+    def readline(self, size: int | None = -1) -> bytes:
+        # botocore reads its 100-continue answer unbuffered, a byte at a time, a line at a
+        # time, with no limit: a line gets what http.client allows one, no more.
+        if size is not None and size >= 0:
+            return super().readline(size)
+        line = super().readline(_MAX_LINE + 1)
+        if len(line) > _MAX_LINE:
+            raise _ReplyTooLarge(f"a line of a storage reply ran past {_MAX_LINE:,} bytes")
+        return line
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()       # the socket's own reader: its descriptor reference goes
+        super().close()
+
+
+class _MeteredSocket:
+    """A connection's socket (plain or TLS) whose every read counts against the reply meter.
+
+    http.client reads a reply (status line, headers, body) through ``makefile("rb")``, and
+    botocore its 100-continue answer through ``makefile("rb", 0)``: both are metered here, on
+    the real socket's own reader, so its descriptor stays open while a reader still needs it.
+    Everything else is the socket's.
+    """
+
+    def __init__(self, sock: socket.socket, meter: _ReplyMeter) -> None:
+        self._sock = sock
+        self._meter = meter
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def makefile(self, mode: str = "r", buffering: int | None = None,
+                 **kwargs: Any) -> io.RawIOBase | io.BufferedReader:
+        if mode != "rb" or kwargs:
+            raise ValueError("a storage connection is only read as bytes")
+        raw = _MeteredReader(self._sock.makefile("rb", 0), self._meter)
+        if buffering == 0:
+            return raw
+        return io.BufferedReader(raw, buffering if buffering and buffering > 0
+                                 else io.DEFAULT_BUFFER_SIZE)
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        data = self._sock.recv(size, flags)
+        self._meter.count(len(data))
+        return data
+
+    def recv_into(self, buffer: Any, size: int = 0, flags: int = 0) -> int:
+        received = self._sock.recv_into(buffer, size, flags)
+        self._meter.count(received)
+        return received
 
 
 class _GuardedConnection:
     """Mixin for botocore's urllib3 connections: resolve the host once, refuse it unless every
     address passes ``guard.allow_address``, connect to a checked address (no second lookup),
-    and put the socket under ``guard.deadline``'s watchdog."""
+    put the socket under ``guard.deadline``'s watchdog, and read each reply under
+    REPLY_BUDGET_BYTES.
+
+    The budget covers everything a reply brings except the body of a successful GET, which in
+    this module is always GetObject's, read by ``read_to`` under DOWNLOAD_MAX_BYTES.
+    """
 
     guard: ClassVar[_Guard]
     _dns_host: str
     host: str
     port: int
     timeout: Any
+    sock: Any
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._reply = _ReplyMeter()
+
+    def connect(self) -> None:
+        super().connect()             # type: ignore[misc]
+        self.sock = _MeteredSocket(self.sock, self._reply)
+
+    def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> None:
+        self._reply.start(method)
+        super().request(method, url, *args, **kwargs)     # type: ignore[misc]
+
+    def getresponse(self) -> Any:
+        response = super().getresponse()                   # type: ignore[misc]
+        if self._reply.method == "GET" and 200 <= response.status < 300:
+            self._reply.unmetered = True    # GetObject's body: read_to bounds it
+        return response
 
     def _new_conn(self) -> socket.socket:
         from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
@@ -312,7 +489,7 @@ class _GuardedConnection:
         return sock
 
 
-def _guard_connections(client: Any, allow_address: AddressPolicy, deadline: Deadline) -> None:
+def _guard_connections(client: Any, allow_address: AddressPolicy, deadline: _Limit) -> None:
     """Make every connection ``client`` opens a guarded one (see _GuardedConnection).
 
     botocore has no public hook at the connection level, so its session's pool classes are
@@ -393,6 +570,7 @@ class S3Storage:
         self.transfer_timeout_s = settings.upload_timeout_s
         self._allow_address = allow_address
         self._endpoint = endpoint_label(endpoint_url)
+        self._endpoint_field = "BUCKET_ENDPOINT_URL" if allow_address is None else _ENDPOINT_FIELD
         self._transfer = TransferConfig(
             multipart_threshold=settings.part_size_bytes,
             multipart_chunksize=settings.part_size_bytes,
@@ -441,7 +619,7 @@ class S3Storage:
                                         config=self._config)
 
     @contextmanager
-    def _client(self, deadline: Deadline) -> Iterator[Any]:
+    def _client(self, deadline: _Limit) -> Iterator[Any]:
         """A client for one operation: connections of its own, guarded, shut at ``deadline``.
 
         One client per operation (about 5 ms to make) is what lets the watchdog shut exactly
@@ -458,12 +636,15 @@ class S3Storage:
     def key_for(self, job_id: str, filename: str) -> str:
         return object_key(self.prefix, job_id, filename)
 
-    def put(self, key: str, data: bytes | Path, content_type: str) -> StoredObject:
+    def put(self, key: str, data: bytes | Path, content_type: str,
+            within: Deadline | None = None) -> StoredObject:
         _check_key(key)
         size, sha256 = _digest(data)
         extra = {"ContentType": content_type, "Metadata": {_SHA256_META: sha256}}
 
-        with Deadline(self.transfer_timeout_s) as deadline:
+        with Deadline(self.transfer_timeout_s) as own:
+            deadline = _Limit(own, within)
+
             def attempt() -> StoredObject:
                 with self._client(deadline) as client:
                     try:
@@ -483,7 +664,9 @@ class S3Storage:
 
     def link(self, key: str) -> StoredObject:
         _check_key(key)
-        with Deadline(self.transfer_timeout_s) as deadline:
+        with Deadline(self.transfer_timeout_s) as own:
+            deadline = _Limit(own)
+
             def attempt() -> StoredObject:
                 with self._client(deadline) as client:
                     return self._verified(client, deadline, key, None, None)
@@ -502,8 +685,7 @@ class S3Storage:
         """
         _check_key(key)
         own = Deadline(self.transfer_timeout_s) if deadline is None else None
-        limit = deadline or own
-        assert limit is not None
+        limit = _Limit(deadline or own)  # type: ignore[arg-type]
         try:
             with self._client(limit) as client:
                 try:
@@ -521,7 +703,7 @@ class S3Storage:
                 own.close()
 
     def _copy_body(self, obj: Mapping[str, Any], out: BinaryIO, max_bytes: int,
-                   deadline: Deadline) -> int:
+                   deadline: _Limit) -> int:
         from botocore.exceptions import BotoCoreError
 
         body = obj["Body"]
@@ -546,7 +728,7 @@ class S3Storage:
             raise StorageError("reading the object ran out of time")
         return total
 
-    def _verified(self, client: Any, deadline: Deadline, key: str, size: int | None,
+    def _verified(self, client: Any, deadline: _Limit, key: str, size: int | None,
                   sha256: str | None) -> StoredObject:
         """HEAD the object, compare size and sha256 metadata, and presign a GET."""
         try:
@@ -575,13 +757,19 @@ class S3Storage:
                             content_type=head.get("ContentType") or "application/octet-stream",
                             expires_at=expires)
 
-    def _raise_classified(self, err: BaseException, deadline: Deadline) -> NoReturn:
+    def _raise_classified(self, err: BaseException, deadline: _Limit) -> NoReturn:
         """Re-raise a boto error as _Transient (retry), StorageError (permanent), or
         InputError (a job's endpoint the address rule refuses), sanitised."""
         import botocore.exceptions
 
         if _find(err, AddressRefused) is not None:
             raise InputError(_PRIVATE_ENDPOINT, field=_ENDPOINT_FIELD) from None
+        if _find(err, _ReplyTooLarge) is not None:
+            # Not retried: a server that sent this much once will again.
+            raise StorageError(f"the storage at {self._endpoint} sent a reply larger than S3 "
+                               f"sends (over {REPLY_BUDGET_BYTES:,} bytes, or a line over "
+                               f"{_MAX_LINE:,}), so the connection was closed; check "
+                               f"{self._endpoint_field}") from None
         if deadline.passed():
             # Whatever broke, it broke because the watchdog shut the connection.
             raise _Transient("out of time") from None
@@ -652,8 +840,12 @@ class LocalStorage:
     def key_for(self, job_id: str, filename: str) -> str:
         return object_key(self.prefix, job_id, filename)
 
-    def put(self, key: str, data: bytes | Path, content_type: str) -> StoredObject:
+    def put(self, key: str, data: bytes | Path, content_type: str,
+            within: Deadline | None = None) -> StoredObject:
         target = self.root / _check_key(key)
+        if within is not None and within.passed():
+            raise StorageError(f"writing {key!r} stopped: the job ended (WORKER_JOB_TIMEOUT_S, "
+                               "or a cancel)")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             h = hashlib.sha256()

@@ -35,7 +35,9 @@ An answer that cannot be serialised raises TypeError (a bug in the task: logged,
 the generic error) instead of reaching the SDK, where it would hang the job.
 
 This module never imports torch, runpod or boto3; uploads go through a ``storage.Storage``.
-``deliver_output`` blocks while it uploads: from async code run it in a thread.
+``deliver_output`` blocks while it uploads: from async code run it in a thread, and pass the
+job's end as ``within`` (a ``netguard.Deadline``): each upload stops when it expires, so no
+upload outlives the job it belongs to.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict
 
 from serving.errors import InputError, PayloadTooLarge
+from serving.netguard import Deadline
 from storage import Link, Storage
 
 OutputMode = Literal["inline", "link", "auto"]
@@ -173,11 +176,13 @@ StorageGetter = Callable[[], "Storage | None"]
 
 
 def deliver_output(answer: Any, *, job_id: str, storage: Storage | StorageGetter | None,
-                   inline_limit_bytes: int, mode: str | None = "auto") -> Any:
+                   inline_limit_bytes: int, mode: str | None = "auto",
+                   within: Deadline | None = None) -> Any:
     """What the handler returns for ``answer``: the answer itself, or a ``LinkAnswer``.
 
     ``storage`` may be a function that returns it, called only when something is uploaded (a
-    job's own ``s3Config`` builds a client). Blocks while uploading. Raises InputError for an
+    job's own ``s3Config`` builds a client). Blocks while uploading; every upload stops when
+    ``within`` (the job's end) expires. Raises InputError for an
     unknown ``mode`` or ``link`` without storage, PayloadTooLarge when the answer is over the
     limit and cannot (or may not) be uploaded, StorageError when the upload fails, TypeError
     when the answer is not JSON.
@@ -185,7 +190,8 @@ def deliver_output(answer: Any, *, job_id: str, storage: Storage | StorageGetter
     chosen = check_output_mode(mode)
     get_storage = storage if callable(storage) else (lambda: storage)
     answer, chosen = deliver_files(answer, job_id=job_id, storage=get_storage,
-                                   inline_limit_bytes=inline_limit_bytes, mode=chosen)
+                                   inline_limit_bytes=inline_limit_bytes, mode=chosen,
+                                   within=within)
     size = measure_answer(answer)
     if chosen == "auto" and size <= inline_limit_bytes:
         return answer
@@ -200,14 +206,15 @@ def deliver_output(answer: Any, *, job_id: str, storage: Storage | StorageGetter
         data, filename, content_type = serialise_lines(answer), ANSWER_LINES_FILENAME, JSONL_TYPE
     else:
         data, filename, content_type = serialise_answer(answer), ANSWER_FILENAME, JSON_TYPE
-    stored = storage.put(storage.key_for(job_id, filename), data, content_type)
+    stored = storage.put(storage.key_for(job_id, filename), data, content_type, within=within)
     return LinkAnswer(output_link=stored.to_link())
 
 
 def deliver_files(answer: Any, *, job_id: str, storage: StorageGetter, inline_limit_bytes: int,
-                  mode: OutputMode) -> tuple[Any, OutputMode]:
+                  mode: OutputMode, within: Deadline | None = None) -> tuple[Any, OutputMode]:
     """``answer`` with its Artefacts inline or uploaded as their own objects (see above), and
-    the output mode for the rest of it: ``link`` becomes ``auto`` once the files are links."""
+    the output mode for the rest of it: ``link`` becomes ``auto`` once the files are links.
+    The files upload one after another, all of them within ``within`` (the job's end)."""
     try:
         if not any(True for _ in find_artefacts(answer)):
             return answer, mode
@@ -224,7 +231,7 @@ def deliver_files(answer: Any, *, job_id: str, storage: StorageGetter, inline_li
     if target is None:
         raise _no_storage(mode, what, limit, "the files as links")
     linked = replace_artefacts(answer, lambda a: target.put(
-        target.key_for(job_id, a.name), a.data, a.content_type).to_link())
+        target.key_for(job_id, a.name), a.data, a.content_type, within=within).to_link())
     return linked, "auto"
 
 

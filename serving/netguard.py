@@ -156,9 +156,9 @@ class Deadline:
     ``remaining()`` gives the time left (for connect and per-read timeouts); ``watch(sock)``
     registers a socket, which is shut down (both directions) when the time is up, or at once if
     it already is. A watched socket is kept as a duplicate descriptor, so the watchdog still
-    reaches the connection after a TLS wrapper took over the original object. Use as a context
-    manager, or call ``close()`` when the transfer ends: it stops the timer and releases the
-    duplicates.
+    reaches the connection after a TLS wrapper took over the original object. ``expire()`` ends
+    the time early (the job the transfer serves ended). Use as a context manager, or call
+    ``close()`` when the transfer ends: it stops the timer and releases the duplicates.
     """
 
     def __init__(self, seconds: float) -> None:
@@ -167,6 +167,7 @@ class Deadline:
         self._expired = False
         self._lock = threading.Lock()
         self._watched: list[socket.socket] = []
+        self._ended = threading.Event()
         self._timer = threading.Timer(max(0.0, seconds), self._expire)
         self._timer.daemon = True
         self._timer.start()
@@ -192,10 +193,21 @@ class Deadline:
                 return
         _shut(dup)
 
+    def expire(self) -> None:
+        """End the time now, before the limit (the transfer's job ended): every watched
+        connection is shut at once, and any watched later is shut as it is made."""
+        self._timer.cancel()
+        self._expire()
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``, waking as soon as the time is up; True if it is."""
+        return self._ended.wait(max(0.0, seconds)) or self.passed()
+
     def _expire(self) -> None:
         with self._lock:
             self._expired = True
             watched, self._watched = self._watched, []
+        self._ended.set()
         for sock in watched:
             _shut(sock)
 

@@ -41,6 +41,7 @@ from serving.delivery import (
 )
 from serving.downloads import load_jsonl_url
 from serving.errors import InputError, JobTimeout, PayloadTooLarge, WorkerError, error_response
+from serving.netguard import Deadline
 from serving.validation import check_job_input
 from storage import Storage, storage_for_job, storage_from_settings
 from tasks import TASKS, JobContext, Task
@@ -141,7 +142,8 @@ class Worker:
             context = self._context(job, job_id, progress)
             if "batch" in job_input or "batch_url" in job_input:
                 answer = await self._batch(job, job_input, context)
-                yield await self._delivered(self._deliver_batch, answer, job, mode)
+                yield await self._delivered(self._deliver_batch, answer, job, mode,
+                                            context.deadline)
                 return
             request = self.task.parse(job_input)
             if getattr(request, "stream", False):
@@ -152,7 +154,7 @@ class Worker:
                     yield chunk
                 return
             answer = dict(await self.task.answer(request, context))
-            yield await self._delivered(self._deliver, answer, job, mode)
+            yield await self._delivered(self._deliver, answer, job, mode, context.deadline)
         except Exception as exc:  # noqa: BLE001 - the job boundary: every failure is answered
             answer = error_response(exc, openai=openai)
             if answer["error_code"] == "internal":
@@ -199,13 +201,26 @@ class Worker:
     # ------------------------------------------------------------------------------------------
     # Delivery: blocking (uploads), so called in a thread
     # ------------------------------------------------------------------------------------------
-    async def _delivered(self, deliver: Callable[[Any, Mapping[str, Any], str], Any],
-                         answer: Any, job: Mapping[str, Any], mode: str) -> Any:
-        """``deliver(answer, job, mode)`` in a thread: of the upload pool when it uploads, else
-        of the default pool, where no upload can keep it waiting."""
-        uploads = await asyncio.to_thread(self._uploads, answer, mode)
-        return await asyncio.get_running_loop().run_in_executor(
-            self.uploads if uploads else None, deliver, answer, job, mode)
+    async def _delivered(self, deliver: Callable[[Any, Mapping[str, Any], str, Deadline | None],
+                                                 Any],
+                         answer: Any, job: Mapping[str, Any], mode: str, end: float) -> Any:
+        """``deliver(answer, job, mode, within)`` in a thread: of the upload pool when it
+        uploads, else of the default pool, where no upload can keep it waiting.
+
+        The uploads end with the job: at its deadline ``end`` (``time.monotonic()``), or at once
+        when the job times out or is cancelled; their connections are shut and the upload
+        thread is free for the next job.
+        """
+        loop = asyncio.get_running_loop()
+        if not await asyncio.to_thread(self._uploads, answer, mode):
+            return await loop.run_in_executor(None, deliver, answer, job, mode, None)
+        with Deadline.until(end) as within:
+            try:
+                return await loop.run_in_executor(self.uploads, deliver, answer, job, mode,
+                                                  within)
+            except BaseException:   # the job timed out or was cancelled: so do its uploads
+                within.expire()
+                raise
 
     def _uploads(self, answer: Any, mode: str) -> bool:
         """Whether delivering ``answer`` in ``mode`` uploads it (measuring it is CPU work)."""
@@ -216,23 +231,26 @@ class Worker:
         return storage_for_job(job, self.storage_settings, self.storage,
                                allow_private=self.download_settings.allow_private)
 
-    def _deliver(self, answer: Any, job: Mapping[str, Any], mode: str) -> Any:
+    def _deliver(self, answer: Any, job: Mapping[str, Any], mode: str,
+                 within: Deadline | None) -> Any:
         # The storage is built only when something is uploaded (a job's s3Config builds a client).
         return deliver_output(answer, job_id=str(job["id"]), storage=lambda: self._storage_for(job),
                               inline_limit_bytes=self.storage_settings.inline_limit_bytes,
-                              mode=mode)
+                              mode=mode, within=within)
 
-    def _deliver_batch(self, answer: dict[str, Any], job: Mapping[str, Any], mode: str) -> Any:
+    def _deliver_batch(self, answer: dict[str, Any], job: Mapping[str, Any], mode: str,
+                       within: Deadline | None) -> Any:
         """A batch answer too large to send inline goes out with its results as JSON Lines."""
         limit = self.storage_settings.inline_limit_bytes
         answer, mode = deliver_files(answer, job_id=str(job["id"]),
                                      storage=lambda: self._storage_for(job),
-                                     inline_limit_bytes=limit, mode=mode)  # type: ignore[arg-type]
+                                     inline_limit_bytes=limit, mode=mode,  # type: ignore[arg-type]
+                                     within=within)
         if mode == "inline" or (mode == "auto" and measure_answer(answer) <= limit):
-            return self._deliver(answer, job, mode)
+            return self._deliver(answer, job, mode, within)
         link = deliver_output(answer["results"], job_id=str(job["id"]),
                               storage=lambda: self._storage_for(job), inline_limit_bytes=limit,
-                              mode="link")
+                              mode="link", within=within)
         return {**link, "count": len(answer["results"]), "usage": answer["usage"],
                 "model": answer["model"]}
 

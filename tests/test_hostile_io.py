@@ -11,6 +11,7 @@ sent a packet even when the code under test gets it wrong.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import ipaddress
@@ -38,6 +39,7 @@ pytestmark = pytest.mark.slow
 
 SHORT = chat("Say hi.", max_new_tokens=2)
 DID_NOT_HANG_S = 30          # generous: every limit under test is 1 or 2 s
+BUSY_MACHINE_S = 120         # two model jobs at once on a loaded CPU
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,7 +153,8 @@ class Dribbler:
     ``silent``: reads the request and never answers. Otherwise it sends ``greeting`` and then
     ``drip`` every 0.05 s, for as long as it runs (by default: a status line, then a header one
     byte at a time): every single read the client makes succeeds, so only a limit on the whole
-    transfer ends it.
+    transfer ends it. ``arrived`` is set when a connection is accepted, ``hung_up`` when a
+    client closed one.
     """
 
     def __init__(self, silent: bool = False,
@@ -164,6 +167,8 @@ class Dribbler:
         self.open = 0
         self.most_open = 0
         self.accepted = 0
+        self.arrived = threading.Event()
+        self.hung_up = threading.Event()
         self._lock = threading.Lock()
         self._clients: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
@@ -187,6 +192,7 @@ class Dribbler:
                 self.accepted += 1
                 self.open += 1
                 self.most_open = max(self.most_open, self.open)
+            self.arrived.set()
             threading.Thread(target=self._hold, args=(client,), daemon=True).start()
 
     def _hold(self, client: socket.socket) -> None:
@@ -200,7 +206,8 @@ class Dribbler:
                 if not self.silent:
                     client.sendall(self.drip)
         except OSError:
-            pass
+            if not self.stopping.is_set():
+                self.hung_up.set()
         finally:
             with self._lock:
                 self.open -= 1
@@ -429,8 +436,6 @@ class TestTotalTimeLimits:
 
 def asyncio_job(loop: LoopThread, worker: Worker, job_input: dict[str, Any]) -> Any:
     """Start one job on ``loop`` without waiting: a concurrent.futures.Future of its items."""
-    import asyncio
-
     async def run() -> list[Any]:
         return [item async for item in worker.handle({"id": "stall", "input": job_input})]
 
@@ -539,3 +544,177 @@ class TestEmbeddedAddresses:
             storage.put("outputs/j/a.json", b"{}", "application/json")
         assert str(err.value).startswith("s3Config.endpointUrl: ")
         assert connections.seen == []
+
+
+# --------------------------------------------------------------------------------------------
+# 6. A storage server cannot make the worker hold what it sends
+# --------------------------------------------------------------------------------------------
+HUGE_REPLY_CAP = 64 * 1024 * 1024     # the impostor stops here, so the unbounded code fails
+                                      # this test without exhausting the machine
+MEMORY_BOUND = 16 * 1024 * 1024       # most the worker's Python heap may grow under the attack
+
+
+class HugeReplies:
+    """A loopback server posing as S3 that answers every request with a reply without end.
+
+    ``mode``: ``ok`` answers 200 and a body until the client hangs up; ``error`` a 400 with an
+    S3 error document that never closes; ``continue`` answers the request's 100-continue with a
+    status line that never ends. Each stops at HUGE_REPLY_CAP. ``sent`` counts the bytes of
+    replies; ``hung_up`` is set when the client closed a connection before the cap.
+    """
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.sent = 0
+        self.hung_up = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(client,), daemon=True).start()
+
+    def _answer(self, client: socket.socket) -> None:
+        with client:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = client.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            if self.mode == "continue":
+                first, filler = b"HTTP/1.1 100 ", b"x" * 65536
+            elif self.mode == "ok":
+                first, filler = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", b" " * 65536
+            else:
+                first = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/xml\r\n"
+                         b"Connection: close\r\n\r\n<Error><Code>SlowDown</Code><Message>")
+                filler = b"a" * 65536
+            try:
+                client.sendall(first)
+                while self.sent < HUGE_REPLY_CAP:
+                    client.sendall(filler)
+                    self.sent += len(filler)
+            except OSError:
+                self.hung_up.set()
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
+def under_tracemalloc(fn: Any) -> tuple[Any, int]:
+    """``fn()`` and the most the traced Python heap grew while it ran."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+class TestOversizedStorageReplies:
+    @pytest.mark.parametrize(("whose", "mode"), [("job", "ok"), ("job", "error"),
+                                                 ("job", "continue"), ("worker", "ok")])
+    def test_an_endless_reply_is_a_clean_storage_error_in_bounded_memory(
+            self, loop, worker, mode: str, whose: str) -> None:
+        """Pins: botocore read a reply to PutObject whole into memory (512 MB cost 3.3 GB)."""
+        server = HugeReplies(mode)
+        try:
+            if whose == "job":
+                hostile = configured(worker, DOWNLOAD_ALLOW_PRIVATE="true")
+                fields = {"s3Config": s3_config(server.endpoint)}
+            else:
+                hostile = configured(worker, **bucket_env(server.endpoint))
+                fields = {}
+
+            async def concurrently() -> tuple[Any, Any]:
+                async def run(job: dict[str, Any]) -> list[Any]:
+                    return [item async for item in hostile.handle(job)]
+
+                return await asyncio.gather(
+                    run({"id": "hostile-1", "input": {**SHORT, "output_mode": "link"},
+                         **fields}),
+                    run({"id": "victim-1", "input": SHORT}))
+
+            (attack, victim), grew = under_tracemalloc(
+                lambda: loop.run(concurrently(), timeout=BUSY_MACHINE_S))
+        finally:
+            server.stop()
+        assert grew < MEMORY_BOUND, f"the heap grew {grew:,} bytes under the attack"
+        assert server.hung_up.wait(DID_NOT_HANG_S), "the worker read the reply to its end"
+        assert server.sent < HUGE_REPLY_CAP // 2
+        assert len(attack) == 1 and attack[0].get("error_code") == "storage_failed", attack
+        assert "over 1,048,576 bytes" in attack[0]["error"]
+        field = "s3Config.endpointUrl" if whose == "job" else "BUCKET_ENDPOINT_URL"
+        assert field in attack[0]["error"]
+        assert len(victim) == 1 and victim[0].get("text"), victim
+
+
+# --------------------------------------------------------------------------------------------
+# 7. A job's uploads end with the job
+# --------------------------------------------------------------------------------------------
+NO_MODEL_LINK = {"batch": [{}], "output_mode": "link"}   # its item fails parsing: no model work
+
+
+def upload_threads_free(worker: Worker, within_s: float) -> bool:
+    """True once every thread of the worker's upload pool is idle at the same time."""
+    parties = worker.settings.concurrency
+    barrier = threading.Barrier(parties + 1)
+    for _ in range(parties):
+        worker.uploads.submit(barrier.wait, within_s)
+    try:
+        barrier.wait(within_s)
+        return True
+    except threading.BrokenBarrierError:
+        return False
+
+
+def timed_link(loop: LoopThread, worker: Worker, s3_server: Any) -> float:
+    """Seconds one model-free job takes to answer with a verified link to ``s3_server``."""
+    start = time.monotonic()
+    out = answer(loop, worker, NO_MODEL_LINK)
+    took = time.monotonic() - start
+    link = out["output_link"]
+    assert link["url"].startswith(s3_server.endpoint), out
+    return took
+
+
+class TestUploadsEndWithTheirJob:
+    @pytest.mark.parametrize("ending", ["timeout", "cancel"])
+    def test_a_slow_storage_cannot_hold_an_upload_thread_past_its_job(
+            self, loop, worker, dribbler, s3_server, s3_bucket, ending: str) -> None:
+        """Pins: a timed-out job's upload held its thread BUCKET_UPLOAD_TIMEOUT_SECONDS a file."""
+        one = configured(worker, WORKER_CONCURRENCY="1", WORKER_JOB_TIMEOUT_S="2",
+                         DOWNLOAD_ALLOW_PRIVATE="true", BUCKET_UPLOAD_TIMEOUT_SECONDS="600",
+                         **s3_server.env(s3_bucket))
+        alone = sorted(timed_link(loop, one, s3_server) for _ in range(3))[1]
+
+        async def hostile() -> list[Any]:
+            job = {"id": "slow-1", "input": NO_MODEL_LINK,
+                   "s3Config": s3_config(dribbler.endpoint)}
+            return [item async for item in one.handle(job)]
+
+        running = asyncio.run_coroutine_threadsafe(hostile(), loop.loop)
+        assert dribbler.arrived.wait(DID_NOT_HANG_S), "the upload never reached the server"
+        if ending == "timeout":
+            items = running.result(DID_NOT_HANG_S)
+            assert items[0].get("error_code") == "timeout", items
+        else:
+            running.cancel()
+        freed = upload_threads_free(one, DID_NOT_HANG_S)
+        assert freed, "the upload outlived its job"
+        assert dribbler.hung_up.wait(DID_NOT_HANG_S), "the upload's connection stayed open"
+        meanwhile = sorted(timed_link(loop, one, s3_server) for _ in range(3))[1]
+        assert meanwhile <= 1.5 * alone, (meanwhile, alone)

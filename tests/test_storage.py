@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import io
 import logging
 import time
 import urllib.error
@@ -15,6 +16,7 @@ import pytest
 from serving.config import StorageSettings
 from serving.errors import InputError, StorageError
 from storage import (
+    REPLY_BUDGET_BYTES,
     LocalStorage,
     S3Storage,
     object_key,
@@ -67,6 +69,17 @@ class TestS3Links:
         assert link["bytes"] == len(data)
         assert link["sha256"] == hashlib.sha256(data).hexdigest()
         assert fetch(link["url"])[0] == data
+
+    def test_an_object_larger_than_the_reply_budget_reads_whole(self, s3_settings_env) -> None:
+        """Pins: the reply budget spares GetObject bodies, which read_to bounds itself."""
+        storage = s3_storage(s3_settings_env)
+        data = hashlib.sha256(b"big").digest() * (3 * REPLY_BUDGET_BYTES // 32)
+        link = store_output(storage, "job-big", data, "application/octet-stream")
+        out = io.BytesIO()
+        assert storage.read_to(link["key"], out, max_bytes=len(data)) == len(data)
+        assert out.getvalue() == data
+        with pytest.raises(StorageError, match="DOWNLOAD_MAX_BYTES"):
+            storage.read_to(link["key"], io.BytesIO(), max_bytes=len(data) - 1)
 
     def test_a_retried_job_overwrites_its_object(self, s3_server, s3_bucket) -> None:
         storage = s3_storage(s3_server.env(s3_bucket))
