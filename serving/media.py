@@ -125,11 +125,17 @@ def _check_jpeg(raw: bytes, limits: ImageLimits, field: str) -> None:
         marker = raw[pos + 1]
         if marker == _JPEG_EOI:
             return                          # the decoder reads nothing after the image's end
+        if marker not in _JPEG_STANDALONE and pos + 4 > end:
+            return
+        if marker != _JPEG_SOS:        # one loop a marker: each is counted, so the walk is bounded
+            segments += 1
+            if segments > limits.max_jpeg_segments:
+                raise InputError(f"is a JPEG of more than {limits.max_jpeg_segments} header and "
+                                 "metadata segments; re-encode it, or strip its metadata",
+                                 field=field)
         if marker in _JPEG_STANDALONE:
             pos += 2
             continue
-        if pos + 4 > end:
-            return
         after = pos + 2 + int.from_bytes(raw[pos + 2:pos + 4], "big")
         if marker == _JPEG_SOS:
             scans += 1
@@ -143,11 +149,6 @@ def _check_jpeg(raw: bytes, limits: ImageLimits, field: str) -> None:
             found = _JPEG_MARKER.search(raw, after)
             pos = found.start() if found is not None else end
             continue
-        segments += 1
-        if segments > limits.max_jpeg_segments:
-            raise InputError(f"is a JPEG of more than {limits.max_jpeg_segments} header and "
-                             "metadata segments; re-encode it, or strip its metadata",
-                             field=field)
         pos = after
 
 

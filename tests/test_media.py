@@ -54,9 +54,10 @@ def with_jpeg_segment(raw: bytes, marker: int, payload: bytes, copies: int = 1) 
 class TestEveryCommonImagePasses:
     @pytest.mark.parametrize("fmt, save", [
         ("PNG", {}), ("JPEG", {}), ("JPEG", {"progressive": True}),
-        ("JPEG", {"progressive": True, "subsampling": 0}), ("WEBP", {}),
+        ("JPEG", {"progressive": True, "subsampling": 0}),
+        ("JPEG", {"progressive": True, "restart_marker_blocks": 1}), ("WEBP", {}),
         ("WEBP", {"lossless": True})], ids=["png", "jpeg", "progressive", "progressive-444",
-                                             "webp", "webp-lossless"])
+                                             "restart-markers", "webp", "webp-lossless"])
     def test_is_checked_and_decoded(self, fmt: str, save: dict[str, object]) -> None:
         raw = image_bytes(40, 30, fmt, **save)
         assert check_structure(raw, LIMITS) == fmt
@@ -100,6 +101,11 @@ class TestJpegScans:
     def test_too_many_segments_are_refused(self) -> None:
         raw = with_jpeg_segment(image_bytes(16, 16, "JPEG"), 0xFE, b"note", copies=300)
         assert "more than 256 header and metadata segments" in refusal(raw)
+
+    def test_markers_without_a_length_count_as_segments(self) -> None:
+        """Restart markers outside a scan: each is one more step of the walk, so each counts."""
+        raw = image_bytes(16, 16, "JPEG")
+        assert "segments" in refusal(raw[:2] + b"\xff\xd0" * 2_000_000 + raw[2:])
 
     def test_a_scan_of_fill_bytes_is_walked_in_linear_time(self) -> None:
         """A long run of 0xFF is where a backtracking marker search would go quadratic."""
