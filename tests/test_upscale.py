@@ -238,7 +238,7 @@ class TestImageBombs:
     def test_jpeg_scan_bombs_are_refused_and_a_concurrent_job_is_not_delayed(
             self, loop, upscale_worker):
         """Pins the decode-cost bomb: a batch of 8 held every image thread for seconds."""
-        victim = {"image": data_uri(image_bytes(64, 48, seed=3))}
+        victim = {"image": data_uri(image_bytes(96, 64, seed=3))}
         bomb = data_uri(jpeg_scan_bomb(extra_scans=1500), "jpeg")    # ~1 s each to decode
         bombs = {"batch": [{"image": bomb} for _ in range(8)]}
 
@@ -253,14 +253,20 @@ class TestImageBombs:
             return (await attack)[0], hit
 
         answer(loop, upscale_worker, victim)                       # warm, not measured
-        alone = statistics.median(loop.run(timed(victim, f"alone-{i}"))[1] for i in range(3))
-        refused, (out, took) = loop.run(together())
-        assert out["width"] == 128, out
-        assert refused["failed"] == 8
-        for result in refused["results"]:
-            assert result["error_code"] == "invalid_input"
-            assert result["error"].startswith("input.image: is a JPEG of more than 48 scans")
-        assert took <= 1.5 * alone, f"the victim took {took:.2f}s, {alone:.2f}s alone"
+        # One job's time on a shared machine is noisy: medians of five, alone and beside the
+        # attack in turn, so both see the same background load.
+        alone, beside = [], []
+        for i in range(5):
+            alone.append(loop.run(timed(victim, f"alone-{i}"))[1])
+            refused, (out, seconds) = loop.run(together())
+            assert out["width"] == 192, out
+            assert refused["failed"] == 8
+            for result in refused["results"]:
+                assert result["error_code"] == "invalid_input"
+                assert result["error"].startswith("input.image: is a JPEG of more than 48 scans")
+            beside.append(seconds)
+        alone_s, beside_s = statistics.median(alone), statistics.median(beside)
+        assert beside_s <= 1.5 * alone_s, f"the victim took {beside_s:.2f}s, {alone_s:.2f}s alone"
 
     def test_a_png_of_a_thousand_colour_profiles_is_refused_at_once(self, loop,
                                                                     upscale_worker):
