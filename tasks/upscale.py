@@ -175,17 +175,19 @@ class UpscaleTask(Task):
         def check(width: int, height: int) -> None:   # before any pixel is decoded
             self._check_size(width, height, pil_format, field_name)
 
-        pool = {"deadline": job.deadline, "cancelled": job.cancelled}
+        # Image work runs in media.py's decode pool, dropped once the job has ended.
         image = await decode_image(raw, ImageLimits(max_pixels), field=field_name, check=check,
-                                   **pool)
-        item = await in_decode_pool(self._prepare, image, **pool)
+                                   deadline=job.deadline, cancelled=job.cancelled)
+        item = await in_decode_pool(self._prepare, image, deadline=job.deadline,
+                                    cancelled=job.cancelled)
         try:
             await asyncio.wait_for(self.batcher.submit(item), max(0.0, job.remaining_s()))
         except TimeoutError:
             raise JobTimeout(f"the job ran past {job.timeout_s:g}s (WORKER_JOB_TIMEOUT_S); "
                              "send a smaller image") from None
         assert item.output is not None
-        encoded = await in_decode_pool(encode_image, item.output.numpy(), pil_format, **pool)
+        encoded = await in_decode_pool(encode_image, item.output.numpy(), pil_format,
+                                       deadline=job.deadline, cancelled=job.cancelled)
         height, width = int(item.output.shape[0]), int(item.output.shape[1])
         return {"image": job.store(encoded, content_type, f"image.{request.output_format}"),
                 "width": width, "height": height, "model": self.loaded.served_name}
