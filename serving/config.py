@@ -218,7 +218,8 @@ WORKER_EMBED_BATCH_SIZE = _var("worker", "WORKER_EMBED_BATCH_SIZE", "64",
                                "Most texts embedded together in one forward pass, across jobs; "
                                "1..4096")
 WORKER_MAX_IMAGE_PIXELS = _var("worker", "WORKER_MAX_IMAGE_PIXELS", "1048576",
-                               "Largest input image in pixels (width x height), read from its "
+                               "Largest image in pixels (width x height) as the model runs it, "
+                               "padding included (1016x1016 pads to 1024x1024), read from its "
                                "header before decoding; 1..268435456")
 WORKER_JOB_TIMEOUT_S = _var("worker", "WORKER_JOB_TIMEOUT_S", "600",
                             "A job still running after this many seconds fails; 1..86400")

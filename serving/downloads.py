@@ -22,6 +22,11 @@ A job's URL is attacker-controlled: fetched naively it can reach cloud metadata
   watchdog that shuts the connection at the deadline (a server dribbling its headers one byte
   at a time is cut off like any other). DNS lookups are bounded by the system resolver's own
   timeout.
+- A job's downloads end with the job: ``download_to`` also stops at ``until`` (the job's
+  deadline) and when its ``DownloadStop`` is stopped, which shuts the connection at once.
+  ``run_download`` runs one in the worker's download pool and stops it when the awaiting job
+  ends (its time limit, a cancel), so a server dribbling bytes holds a pool thread no longer
+  than the job that asked for them.
 - Environment proxies (HTTP_PROXY...) are not used: a proxy would resolve the name itself.
 - JSON Lines: each line at most ``max_item_bytes`` (the worker passes WORKER_MAX_INPUT_BYTES),
   checked before the line is parsed; a line nested too deeply to parse is an input error naming
@@ -38,13 +43,17 @@ Everything here blocks (network, disk): from async code run it in a thread of it
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import socket
 import ssl
 import tempfile
-from collections.abc import Iterable, Iterator
-from typing import Any, BinaryIO
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import SplitResult, quote, urljoin, urlsplit
 
 from serving.config import DownloadSettings
@@ -61,6 +70,7 @@ from serving.netguard import address_policy as _policy_for
 from serving.netguard import is_public_address as is_public_address  # re-exported: the one rule
 from storage import S3Storage, Storage
 
+T = TypeVar("T")
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset((301, 302, 303, 307, 308))
 _CHUNK = 1024 * 1024
@@ -69,8 +79,8 @@ _SHOWN_URL_CHARS = 200
 # is percent-encoded. "%" is kept so an already-encoded URL is not encoded twice.
 _URL_SAFE = "!#$%&'()*+,/:;=?@[]~"
 
-__all__ = ["IPAddress", "address_policy", "display_url", "download_bytes", "download_to",
-           "is_public_address", "load_jsonl_url", "read_jsonl"]
+__all__ = ["DownloadStop", "IPAddress", "address_policy", "display_url", "download_bytes",
+           "download_to", "is_public_address", "load_jsonl_url", "read_jsonl", "run_download"]
 
 
 def address_policy(settings: DownloadSettings) -> AddressPolicy:
@@ -108,18 +118,72 @@ def _split(url: str, shown: str) -> SplitResult:
     return parts
 
 
+class _StoppableDeadline(Deadline):
+    """A download's deadline that another thread can also bring forward to now."""
+
+    def expire_now(self) -> None:
+        self._expire()          # shuts every watched connection: blocked reads end at once
+
+
+class DownloadStop:
+    """Ends one download from another thread: ``stop()`` shuts its connection at once (and
+    keeps one not yet made from starting), so the thread that runs it is free again."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._deadline: _StoppableDeadline | None = None
+        self.stopped = False
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopped = True
+            deadline = self._deadline
+        if deadline is not None:
+            deadline.expire_now()
+
+    def _attach(self, deadline: _StoppableDeadline) -> None:
+        with self._lock:
+            self._deadline = deadline
+            stopped = self.stopped
+        if stopped:
+            deadline.expire_now()
+
+
+async def run_download(pool: Executor | None, fetch: Callable[[DownloadStop], T]) -> T:
+    """``fetch(stop)`` in ``pool`` (the worker's download pool), ended with the job awaiting it.
+
+    ``fetch`` passes ``stop`` to ``download_to`` or ``download_bytes``. When the awaiting task
+    is cancelled (the job's time limit, a cancel), a download not yet started never starts and
+    one in progress is stopped: its connection is shut and its pool thread is free at once.
+    """
+    stop = DownloadStop()
+    try:
+        return await asyncio.get_running_loop().run_in_executor(pool, fetch, stop)
+    except asyncio.CancelledError:
+        stop.stop()
+        raise
+
+
 def download_to(url: str, out: BinaryIO, settings: DownloadSettings, *,
                 storage: Storage | None = None, job_storage: bool = False,
-                allow_address: AddressPolicy | None = None) -> int:
+                allow_address: AddressPolicy | None = None, until: float | None = None,
+                stop: DownloadStop | None = None) -> int:
     """Download ``url`` into the binary file ``out`` under every rule above; returns the size.
 
     ``storage`` is needed for ``s3://`` URLs and must be an S3Storage whose bucket the URL names;
     ``job_storage`` says it is the job's own (s3Config), whose every key may be read; otherwise
     it is the worker's bucket and only keys under BATCH_URL_S3_PREFIX are. ``allow_address``
     overrides the address rule from ``settings`` (tests use it to treat one loopback server as
-    public). Raises DownloadError, or InputError for a job's storage the rules refuse.
+    public). ``until`` (a ``time.monotonic()`` value: the job's deadline) ends the download
+    sooner than DOWNLOAD_TIMEOUT_SECONDS would, and ``stop`` ends it from another thread.
+    Raises DownloadError, or InputError for a job's storage the rules refuse.
     """
-    with Deadline(settings.timeout_s) as deadline:
+    seconds = settings.timeout_s
+    if until is not None:
+        seconds = min(seconds, until - time.monotonic())
+    with _StoppableDeadline(seconds) as deadline:
+        if stop is not None:
+            stop._attach(deadline)
         if url[:5].lower() == "s3://":
             return _download_s3(url, out, settings, storage, job_storage, deadline)
         policy = allow_address or address_policy(settings)
@@ -137,12 +201,12 @@ def download_to(url: str, out: BinaryIO, settings: DownloadSettings, *,
 
 
 def download_bytes(url: str, settings: DownloadSettings, *, storage: Storage | None = None,
-                   job_storage: bool = False,
-                   allow_address: AddressPolicy | None = None) -> bytes:
+                   job_storage: bool = False, allow_address: AddressPolicy | None = None,
+                   until: float | None = None, stop: DownloadStop | None = None) -> bytes:
     """``download_to`` into memory: for inputs small enough to hold (the size cap applies)."""
     with tempfile.SpooledTemporaryFile(max_size=16 * 1024 * 1024) as f:
         download_to(url, f, settings, storage=storage, job_storage=job_storage,  # type: ignore[arg-type]
-                    allow_address=allow_address)
+                    allow_address=allow_address, until=until, stop=stop)
         f.seek(0)
         return f.read()
 

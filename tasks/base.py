@@ -44,7 +44,7 @@ from model_loader import LoadedModel, ModelFiles
 from serving.config import DownloadSettings, ModelSettings, WorkerSettings
 from serving.delivery import Artefact
 from serving.device import DEVICE_THREAD, is_device_fault, is_out_of_memory, release_memory
-from serving.downloads import download_bytes
+from serving.downloads import DownloadStop, download_bytes, run_download
 from serving.errors import DeviceFault, InputError, JobTimeout, OutOfMemory
 
 if TYPE_CHECKING:
@@ -87,14 +87,16 @@ class JobContext:
         if max_bytes is not None and max_bytes < settings.max_bytes:
             settings = replace(settings, max_bytes=max_bytes)
 
-        def fetch() -> bytes:
+        def fetch(stop: DownloadStop) -> bytes:
             storage = self.storage() if url.lower().startswith("s3://") else None
-            return download_bytes(url, settings, storage=storage, job_storage=self.own_storage)
+            return download_bytes(url, settings, storage=storage, job_storage=self.own_storage,
+                                  until=self.deadline, stop=stop)
 
         if not isinstance(url, str) or "://" not in url:
             raise InputError("must be an https:// or s3:// URL", field=field)
         # Downloads wait on the network: never in the default pool, which delivers answers.
-        return await asyncio.get_running_loop().run_in_executor(self.transfers, fetch)
+        # They end with the job (its deadline, a cancel), freeing their pool thread at once.
+        return await run_download(self.transfers, fetch)
 
     def report(self, progress: dict[str, Any]) -> None:
         """Send a progress update (shown by /status while the job runs); never fails the job."""

@@ -12,9 +12,13 @@ Input (``job["input"]``)::
                      addresses only, size and time limits), or a data:image/...;base64, URI
     output_format    "png" (default), "jpeg" or "webp"
 
-PNG, JPEG and WebP images are accepted (the first frame of an animated one). The pixel count is
-read from the image header and checked against WORKER_MAX_IMAGE_PIXELS before any pixel is
-decoded, so a small file that claims a huge image (a decompression bomb) costs nothing.
+PNG, JPEG and WebP images are accepted (the first frame of an animated one), under the limits of
+``serving/media.py``: the file's structure (JPEG scans, PNG chunks, frames) is checked first,
+then the size the model will run on (the image as the processor pads it) against
+WORKER_MAX_IMAGE_PIXELS, and the output size against ``output_format``'s limits, all before
+any pixel is decoded; so a small file that claims a huge image (a decompression bomb) or costs
+minutes to decode is refused at once. Decoding, preparing and encoding run in media.py's decode
+pool under the job's deadline.
 
 Answer: ``{"image": <file>, "width", "height", "model"}``: the output is exactly the model's
 scale times the input's size (the padding the processor adds is cut off again). ``<file>`` is
@@ -28,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import io
 import re
 import threading
 from collections.abc import Callable
@@ -37,7 +40,7 @@ from typing import Any, Literal
 
 import torch
 import transformers
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import field_validator
 from transformers import AutoImageProcessor
 
@@ -45,12 +48,12 @@ from model_loader import LoadedModel, ModelFiles, place_model
 from serving.batcher import Batcher
 from serving.config import ModelSettings, WorkerSettings
 from serving.errors import InputError, JobTimeout
+from serving.media import ImageLimits, check_output_size, decode_image, encode_image, in_decode_pool
 from serving.validation import StrictInput, parse_input
 from tasks.base import JobContext, Task
 
 FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"),
            "webp": ("WEBP", "image/webp")}
-INPUT_FORMATS = ["PNG", "JPEG", "WEBP"]          # what Pillow may open; nothing else is tried
 _DATA_URI = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,", re.ASCII)
 # A compressed image is smaller than its pixels; a file larger than this for the pixel limit
 # is refused before it is read whole (4 bytes a pixel, plus room for metadata).
@@ -163,23 +166,53 @@ class UpscaleTask(Task):
         field_name = "input.image"
         max_pixels = self.settings.max_image_pixels
         max_bytes = max_pixels * _BYTES_PER_PIXEL + _HEADER_ROOM
+        pil_format, content_type = FORMATS[request.output_format]
         if request.image.startswith("data:"):
             raw = _decode_data_uri(request.image, field_name, max_bytes)
         else:
             raw = await job.download(request.image, field=field_name, max_bytes=max_bytes)
-        image = await asyncio.to_thread(open_image, raw, max_pixels, field_name)
-        item = await asyncio.to_thread(self._prepare, image)
+
+        def check(width: int, height: int) -> None:   # before any pixel is decoded
+            self._check_size(width, height, pil_format, field_name)
+
+        # Image work runs in media.py's decode pool, dropped once the job has ended.
+        image = await decode_image(raw, ImageLimits(max_pixels), field=field_name, check=check,
+                                   deadline=job.deadline, cancelled=job.cancelled)
+        item = await in_decode_pool(self._prepare, image, deadline=job.deadline,
+                                    cancelled=job.cancelled)
         try:
             await asyncio.wait_for(self.batcher.submit(item), max(0.0, job.remaining_s()))
         except TimeoutError:
             raise JobTimeout(f"the job ran past {job.timeout_s:g}s (WORKER_JOB_TIMEOUT_S); "
                              "send a smaller image") from None
         assert item.output is not None
-        pil_format, content_type = FORMATS[request.output_format]
-        encoded = await asyncio.to_thread(_encode, item.output, pil_format)
+        encoded = await in_decode_pool(encode_image, item.output.numpy(), pil_format,
+                                       deadline=job.deadline, cancelled=job.cancelled)
         height, width = int(item.output.shape[0]), int(item.output.shape[1])
         return {"image": job.store(encoded, content_type, f"image.{request.output_format}"),
                 "width": width, "height": height, "model": self.loaded.served_name}
+
+    def _check_size(self, width: int, height: int, pil_format: str, field_name: str) -> None:
+        """The size the model runs on (as the processor pads it) within the pixel limit, and
+        the output within what ``pil_format`` can hold: known before the forward pass."""
+        max_pixels = self.settings.max_image_pixels
+        padded_w, padded_h = self._padded(width), self._padded(height)
+        if padded_w * padded_h > max_pixels:
+            raise InputError(f"is {width}x{height}, which the model runs on padded to "
+                             f"{padded_w}x{padded_h} ({padded_w * padded_h:,} pixels), over the "
+                             f"limit of {max_pixels:,} (WORKER_MAX_IMAGE_PIXELS)",
+                             field=field_name)
+        check_output_size(width * self.scale, height * self.scale, pil_format,
+                          "input.output_format")
+
+    def _padded(self, side: int) -> int:
+        """``side`` after the processor's padding: Swin2SR's always grows a side to the next
+        multiple of its ``size_divisor`` above it (8 -> 16), so a 1-pixel-wide image runs 8
+        wide."""
+        if not getattr(self.processor, "do_pad", True):
+            return side
+        divisor = int(getattr(self.processor, "size_divisor", None) or 8)
+        return (side // divisor + 1) * divisor
 
     def _prepare(self, image: Image.Image) -> UpscaleItem:
         pixels = self.processor(image, return_tensors="pt")["pixel_values"][0]
@@ -187,7 +220,7 @@ class UpscaleTask(Task):
 
 
 # ----------------------------------------------------------------------------------------------
-# Decoding and encoding (Pillow)
+# data: URIs
 # ----------------------------------------------------------------------------------------------
 def _decode_data_uri(uri: str, field_name: str, max_bytes: int) -> bytes:
     head = _DATA_URI.match(uri)
@@ -201,37 +234,3 @@ def _decode_data_uri(uri: str, field_name: str, max_bytes: int) -> bytes:
     except (binascii.Error, ValueError):
         raise InputError("is not valid base64 after 'data:image/...;base64,'",
                          field=field_name) from None
-
-
-def open_image(raw: bytes, max_pixels: int, field_name: str = "input.image") -> Image.Image:
-    """Decode ``raw`` as an RGB image; InputError naming ``field_name`` for anything else.
-
-    The size is read from the header and checked before any pixel is decoded.
-    """
-    try:
-        image = Image.open(io.BytesIO(raw), formats=INPUT_FORMATS)
-    except Image.DecompressionBombError:       # Pillow's own guard, far above ours
-        raise InputError(f"claims a size over the limit of {max_pixels:,} pixels "
-                         "(WORKER_MAX_IMAGE_PIXELS)", field=field_name) from None
-    except UnidentifiedImageError:
-        raise InputError("is not a PNG, JPEG or WebP image", field=field_name) from None
-    except Exception:  # noqa: BLE001 - a malformed header is the caller's input
-        raise InputError("has an unreadable image header", field=field_name) from None
-    width, height = image.size
-    if width < 1 or height < 1:
-        raise InputError("is an empty image", field=field_name)
-    if width * height > max_pixels:
-        raise InputError(f"is {width}x{height} ({width * height:,} pixels), over the limit of "
-                         f"{max_pixels:,} (WORKER_MAX_IMAGE_PIXELS)", field=field_name)
-    try:
-        image.load()
-        return image.convert("RGB")
-    except Exception:  # noqa: BLE001 - truncated or corrupt pixel data
-        raise InputError("could not be decoded: the image data is truncated or corrupt",
-                         field=field_name) from None
-
-
-def _encode(pixels: torch.Tensor, pil_format: str) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(pixels.numpy()).save(out, format=pil_format)
-    return out.getvalue()

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import ipaddress
 import socket
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from serving.config import DownloadSettings, StorageSettings
 from serving.downloads import (
+    DownloadStop,
     download_bytes,
     download_to,
     is_public_address,
     load_jsonl_url,
     read_jsonl,
+    run_download,
 )
 from serving.errors import DownloadError, InputError, PayloadTooLarge
 from storage import storage_from_settings
@@ -125,6 +130,74 @@ class TestRules:
         from tests.support.s3 import free_port
         with pytest.raises(DownloadError, match="could not connect"):
             download_bytes(f"http://127.0.0.1:{free_port()}/x", settings())
+
+
+class FirstByte(io.BytesIO):
+    """A download's file that sets ``started`` when the first body byte arrives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = threading.Event()
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        self.started.set()
+        return super().write(data)
+
+
+class TestEndWithTheJob:
+    """A download stops with the job that asked for it, not only at DOWNLOAD_TIMEOUT_SECONDS."""
+
+    def test_stop_ends_a_download_in_progress_at_once(self, http_server) -> None:
+        out, stop, errors = FirstByte(), DownloadStop(), []
+
+        def fetch() -> None:
+            try:
+                download_to(http_server.url("/slow"), out, settings(), stop=stop)   # 10 s
+            except DownloadError as err:
+                errors.append(err)
+
+        thread = threading.Thread(target=fetch, daemon=True)
+        thread.start()
+        assert out.started.wait(5)
+        stop.stop()
+        thread.join(2)
+        assert not thread.is_alive(), "the stopped download kept its thread"
+        assert len(errors) == 1
+
+    def test_a_stopped_download_never_connects(self, http_server) -> None:
+        stop = DownloadStop()
+        stop.stop()
+        before = len(http_server.hosts)
+        with pytest.raises(DownloadError):
+            download_bytes(http_server.url("/data/10"), settings(), stop=stop)
+        assert len(http_server.hosts) == before
+
+    def test_the_jobs_deadline_ends_a_download_before_its_own_limit(self, http_server) -> None:
+        started = time.monotonic()
+        with pytest.raises(DownloadError):
+            download_bytes(http_server.url("/slow"), settings(DOWNLOAD_TIMEOUT_SECONDS="60"),
+                           until=started + 0.5)
+        assert time.monotonic() - started < 5      # /slow takes 10 s, the setting 60 s
+
+    def test_cancelling_the_job_frees_the_pool_thread(self, http_server) -> None:
+        """Pins downloads outliving their job: the thread was held until the download ended."""
+        pool = ThreadPoolExecutor(1, "download")
+        out = FirstByte()
+
+        async def scenario() -> str:
+            task = asyncio.ensure_future(run_download(pool, lambda stop: download_to(
+                http_server.url("/slow"), out, settings(), stop=stop)))
+            await asyncio.to_thread(out.started.wait, 5)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            # The pool's one thread is free again: the next download there runs at once.
+            return await asyncio.wait_for(run_download(pool, lambda stop: "next"), 2)
+
+        try:
+            assert asyncio.run(scenario()) == "next"
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 class TestS3Urls:

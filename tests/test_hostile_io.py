@@ -718,3 +718,58 @@ class TestUploadsEndWithTheirJob:
         assert dribbler.hung_up.wait(DID_NOT_HANG_S), "the upload's connection stayed open"
         meanwhile = sorted(timed_link(loop, one, s3_server) for _ in range(3))[1]
         assert meanwhile <= 1.5 * alone, (meanwhile, alone)
+
+
+# --------------------------------------------------------------------------------------------
+# 7. A job's downloads end with the job
+# --------------------------------------------------------------------------------------------
+class WatchedDribbler(Dribbler):
+    """A Dribbler whose connection counts can be awaited (``wait_for``)."""
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        super().__init__()
+
+    def _hold(self, client: socket.socket) -> None:
+        self._notify()
+        try:
+            super()._hold(client)
+        finally:
+            self._notify()
+
+    def _notify(self) -> None:
+        with self.changed:
+            self.changed.notify_all()
+
+    def wait_for(self, predicate: Any, timeout: float) -> bool:
+        with self.changed:
+            return self.changed.wait_for(predicate, timeout)
+
+
+class TestDownloadsEndWithTheirJob:
+    def test_a_timed_out_jobs_dribbled_downloads_stop_and_free_their_pool_threads(
+            self, loop, upscale_worker, http_server) -> None:
+        """Pins downloads outliving their job: they held half the pool for 120 s after it."""
+        from tests.support.images import image_bytes
+
+        server = WatchedDribbler()
+        worker = configured(upscale_worker, WORKER_CONCURRENCY="4", WORKER_JOB_TIMEOUT_S="2",
+                            DOWNLOAD_ALLOW_PRIVATE="true", DOWNLOAD_TIMEOUT_SECONDS="120")
+        http_server.files["victim.png"] = image_bytes(12, 10)
+        try:
+            hostile = asyncio_job(loop, worker, {"batch": [
+                {"image": f"{server.endpoint}/cat-{i}.png"} for i in range(2)]})
+            assert server.wait_for(lambda: server.open == 2, DID_NOT_HANG_S)
+            # Half the pool is held: another job's download meanwhile is not delayed.
+            victim = answer(loop, worker, {"image": http_server.url("/jsonl/victim.png")})
+            assert (victim.get("width"), victim.get("height")) == (24, 20), victim
+            timed_out = hostile.result(DID_NOT_HANG_S)
+            assert [item.get("error_code") for item in timed_out] == ["timeout"], timed_out
+            # The job has ended: its connections are closed and all 4 pool threads are free.
+            assert server.wait_for(lambda: server.open == 0, 5), "the downloads outlived the job"
+            everyone = threading.Barrier(5)
+            held = [worker.downloads.submit(everyone.wait, 5) for _ in range(4)]
+            everyone.wait(5)
+            assert all(future.result(5) is not None for future in held)
+        finally:
+            server.stop()

@@ -10,7 +10,9 @@ import asyncio
 import base64
 import hashlib
 import io
+import statistics
 import struct
+import time
 import urllib.request
 import zlib
 from pathlib import Path
@@ -22,22 +24,11 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, Swin2SRForImageSuperResolution
 
-from serving.worker import build_worker
-from tests.support.worker import collect
+from serving.worker import Worker, build_worker
+from tests.support.images import data_uri, iccp_bomb, image_bytes, jpeg_scan_bomb
+from tests.support.worker import LoopThread, collect
 
 pytestmark = pytest.mark.slow
-
-
-def image_bytes(width: int, height: int, fmt: str = "PNG", seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format=fmt)
-    return out.getvalue()
-
-
-def data_uri(raw: bytes, kind: str = "png") -> str:
-    return f"data:image/{kind};base64," + base64.b64encode(raw).decode()
 
 
 def answer(loop: Any, worker: Any, job_input: Any, job_id: str = "up") -> dict[str, Any]:
@@ -239,3 +230,88 @@ class TestDelivery:
         assert keys[0].endswith("job-batch/0-image.png")
         assert keys[1].endswith("job-batch/1-image.png")
         assert out["results"][0]["image"]["sha256"] != out["results"][1]["image"]["sha256"]
+
+
+class TestImageBombs:
+    """Images that cost far more than their size, refused before the model or the decoder."""
+
+    def test_jpeg_scan_bombs_are_refused_and_a_concurrent_job_is_not_delayed(
+            self, loop, upscale_worker):
+        """Pins the decode-cost bomb: a batch of 8 held every image thread for seconds."""
+        victim = {"image": data_uri(image_bytes(96, 64, seed=3))}
+        bomb = data_uri(jpeg_scan_bomb(extra_scans=1500), "jpeg")    # ~1 s each to decode
+        bombs = {"batch": [{"image": bomb} for _ in range(8)]}
+
+        async def timed(job_input: dict[str, Any], job_id: str) -> tuple[dict[str, Any], float]:
+            started = time.perf_counter()
+            (out,) = await collect(upscale_worker, job_input, job_id)
+            return out, time.perf_counter() - started
+
+        async def together() -> tuple[dict[str, Any], tuple[dict[str, Any], float]]:
+            attack = asyncio.ensure_future(timed(bombs, "bombs"))
+            hit = await timed(victim, "victim")
+            return (await attack)[0], hit
+
+        answer(loop, upscale_worker, victim)                       # warm, not measured
+        # One job's time on a shared machine is noisy: medians of five, alone and beside the
+        # attack in turn, so both see the same background load.
+        alone, beside = [], []
+        for i in range(5):
+            alone.append(loop.run(timed(victim, f"alone-{i}"))[1])
+            refused, (out, seconds) = loop.run(together())
+            assert out["width"] == 192, out
+            assert refused["failed"] == 8
+            for result in refused["results"]:
+                assert result["error_code"] == "invalid_input"
+                assert result["error"].startswith("input.image: is a JPEG of more than 48 scans")
+            beside.append(seconds)
+        alone_s, beside_s = statistics.median(alone), statistics.median(beside)
+        assert beside_s <= 1.5 * alone_s, f"the victim took {beside_s:.2f}s, {alone_s:.2f}s alone"
+
+    def test_a_png_of_a_thousand_colour_profiles_is_refused_at_once(self, loop,
+                                                                    upscale_worker):
+        """Pins the PNG of the same class: Pillow inflated 1 GB of profiles at open."""
+        out = answer(loop, upscale_worker, {"image": data_uri(iccp_bomb(1000))})
+        assert out["error_code"] == "invalid_input"
+        assert out["error"].startswith("input.image: is a PNG with more than one colour profile")
+
+
+@pytest.fixture(scope="module")
+def small_worker(swin2sr_dir: Path) -> Worker:
+    """The tiny model with a limit of 4,096 pixels (64x64 as the processor pads it)."""
+    return build_worker({"MODEL_PATH": str(swin2sr_dir), "MODEL_WARMUP": "false",
+                         "WORKER_MAX_IMAGE_PIXELS": "4096"})
+
+
+class TestSizeLimits:
+    def test_the_padded_size_counts_against_the_pixel_limit(self, loop: LoopThread,
+                                                            small_worker: Worker) -> None:
+        """Pins the padding finding: a 1x3000 image ran at 8x3008, 8 times the limit."""
+        before = small_worker.task.batcher.batches_run
+        out = answer(loop, small_worker, {"image": data_uri(image_bytes(1, 3000))})
+        assert out["error_code"] == "invalid_input"
+        assert out["error"] == ("input.image: is 1x3000, which the model runs on padded to "
+                                "8x3008 (24,064 pixels), over the limit of 4,096 "
+                                "(WORKER_MAX_IMAGE_PIXELS)")
+        assert small_worker.task.batcher.batches_run == before
+
+    def test_an_image_padded_to_exactly_the_limit_runs(self, loop: LoopThread,
+                                                       small_worker: Worker) -> None:
+        out = answer(loop, small_worker, {"image": data_uri(image_bytes(56, 56))})  # 64x64
+        assert (out["width"], out["height"]) == (112, 112)
+        out = answer(loop, small_worker, {"image": data_uri(image_bytes(64, 56))})  # 72x64
+        assert out["error_code"] == "invalid_input" and "72x64" in out["error"]
+
+    @pytest.mark.parametrize("fmt, width, side", [("webp", 8200, "16,383"),
+                                                  ("jpeg", 32_768, "65,535")])
+    def test_an_output_too_large_for_its_format_is_refused_before_the_model_runs(
+            self, loop, upscale_worker, fmt, width, side):
+        """Pins the output-size finding: this failed as 'internal' after the forward pass."""
+        before = upscale_worker.task.batcher.batches_run
+        out = answer(loop, upscale_worker, {"image": data_uri(image_bytes(width, 4)),
+                                            "output_format": fmt})
+        assert out["error_code"] == "invalid_input", out
+        assert out["error"] == (f"input.output_format: the output would be {width * 2}x8, and "
+                                f"{fmt} images are at most {side} pixels a side; choose png, or "
+                                "send a smaller image")
+        assert upscale_worker.task.batcher.batches_run == before
