@@ -128,8 +128,10 @@ MODEL_SERVED_NAME = _var("model", "MODEL_SERVED_NAME", None,
 MODEL_WARMUP = _var("model", "MODEL_WARMUP", "true",
                     "Run one small job (the task's warm-up) at startup, before taking jobs")
 WORKER_TASK = _var("model", "WORKER_TASK", "auto",
-                   "What the model serves: auto (the first task in tasks/__init__.py whose rule "
-                   "recognises the model), or a task's name: generate, embed, upscale")
+                   "What the model serves: auto (the task whose kind the model's config reads "
+                   "as, e.g. text-generation -> generate), a task's name (generate, embed, "
+                   "upscale) or a kind (text-generation, feature-extraction, image-to-image); "
+                   "a task that does not fit the model stops the start")
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bfloat16", "float16", "float32")

@@ -50,8 +50,10 @@ class TestDetection:
     def test_swin2sr_is_upscale(self, swin2sr_dir):
         assert pick_task(files(swin2sr_dir), "auto", TASKS).name == "upscale"
 
-    def test_worker_task_overrides_detection(self, minilm_dir):
-        assert pick_task(files(minilm_dir), "generate", TASKS).name == "generate"
+    def test_worker_task_that_does_not_fit_the_model_names_the_tasks_that_do(self, minilm_dir):
+        with pytest.raises(UnsupportedModel, match="WORKER_TASK=generate cannot serve.*BertModel"
+                                                   ".*tasks that fit it: embed"):
+            pick_task(files(minilm_dir), "generate", TASKS)
 
     def test_an_unknown_worker_task_names_the_choices(self, minilm_dir):
         with pytest.raises(SettingsError, match="WORKER_TASK='rank' is not allowed; use one of "
@@ -84,10 +86,11 @@ class TestStartupWithAModelNoTaskServes:
         assert "no task serves the model" in line and "ViTForImageClassification" in line
         assert "README: Fork it, add a task" in line
 
-    def test_a_task_forced_onto_a_model_it_cannot_load(self, swin2sr_dir):
+    def test_a_task_forced_onto_a_model_it_does_not_fit(self, swin2sr_dir):
+        """Refused from the config, before any weight is read (no half-loaded model)."""
         line = self.start({"MODEL_PATH": str(swin2sr_dir), "WORKER_TASK": "generate"})
-        assert "the generate task could not load the model" in line
-        assert "Swin2SRForImageSuperResolution" in line and "add a task" in line
+        assert "WORKER_TASK=generate cannot serve the model" in line
+        assert "Swin2SRForImageSuperResolution" in line and "tasks that fit it: upscale" in line
 
 
 class TestServedName:
