@@ -15,10 +15,10 @@ Which task serves the model comes from its config (``serving/detect.py`` reads i
 architecture in transformers' own auto-class tables as pipeline kinds, its default first) and
 each task's ``pipeline_tasks`` (or its own ``serves`` rule), whatever the registry's order; a
 model no task serves, a WORKER_TASK that does not fit it, or two tasks claiming it stop the
-worker with one line naming its architecture, before any weight is read. The task loads its model (``Task.load``) with ``place_model``
-below, which owns device, dtype and placement. Only safetensors weights are loaded (pickle
-checkpoints run code on load) and remote code is never trusted. When nothing is found,
-``ModelNotFound`` lists every place and how to fix it.
+worker with one line naming its architecture, before any weight is read. The task loads its
+model (``Task.load``) with ``place_model`` below, which owns device, dtype and placement. Only
+safetensors weights are loaded (pickle checkpoints run code on load) and remote code is never
+trusted. When nothing is found, ``ModelNotFound`` lists every place and how to fix it.
 
 The name the worker answers as (``model`` in answers, ``/v1/models``, the startup line) is
 MODEL_SERVED_NAME when set; else, for MODEL_PATH, the name recorded in the directory's

@@ -21,12 +21,14 @@ from __future__ import annotations
 from tasks.base import JobContext, Task
 from tasks.embed import EmbedTask
 from tasks.generate import GenerateTask
+from tasks.pipeline import PipelineTask
 from tasks.upscale import UpscaleTask
 
 TASKS: dict[str, type[Task]] = {
     "generate": GenerateTask,
     "embed": EmbedTask,
     "upscale": UpscaleTask,
+    "pipeline": PipelineTask,
 }
 
 __all__ = ["TASKS", "JobContext", "Task"]

@@ -1,0 +1,194 @@
+"""Text families served with no code: classifiers, zero-shot (NLI), NER taggers, fill-mask.
+
+Serves every model whose config reads as one of the kinds in ``serving/families.py`` (the
+table that says what differs between them), through transformers' own pipeline for the kind,
+so answers are what users compare against. Two input forms, both validated, unknown fields and
+parameters refused by name::
+
+    {"inputs": "text" | ["text", ...], "parameters": {...}}    the Hugging Face API's shape;
+                                                               answers the pipeline's own JSON
+    {"text": "...", <parameters as fields>}                    ours; {"result": ..., "model"}
+
+Parameters per kind: text-classification ``top_k``, ``function_to_apply``; zero-shot
+``candidate_labels`` (required), ``multi_label``, ``hypothesis_template``; token-classification
+``aggregation_strategy`` (ours defaults to "simple", the API shape to the pipeline's "none"),
+``ignore_labels``; fill-mask ``top_k``, ``targets``. Texts of concurrent jobs with equal
+parameters share one pipeline call on the device thread (``batcher.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import transformers
+from pydantic import Field, create_model
+
+from model_loader import LoadedModel, ModelFiles, place_model
+from serving.batcher import Batcher
+from serving.config import ModelSettings, WorkerSettings
+from serving.errors import InputError
+from serving.families import FAMILIES, MAX_INPUTS, MAX_TEXT_CHARS, Family, params_key, to_json
+from serving.validation import StrictInput, in_tokenizer_thread, parse_input
+from tasks.base import JobContext, Task
+
+_MODEL_CLASSES = {
+    "text-classification": transformers.AutoModelForSequenceClassification,
+    "zero-shot-classification": transformers.AutoModelForSequenceClassification,
+    "token-classification": transformers.AutoModelForTokenClassification,
+    "fill-mask": transformers.AutoModelForMaskedLM,
+}
+
+
+class HubShapeInput(StrictInput):
+    """The Hugging Face Inference API's envelope; ``parameters`` is checked per kind."""
+
+    inputs: str | list[str]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PipelineRequest:
+    texts: list[str]
+    params: dict[str, Any]              # exactly what the pipeline is called with
+    single: bool                        # one input, not a list (the API shape answers it bare)
+    hub_shape: bool
+    fields: list[str]                   # each text's field, for errors
+    stream: bool = False
+
+
+@dataclass(eq=False)
+class PipelineItem:
+    """One text while it waits for and goes through a pipeline call."""
+
+    text: str
+    params: dict[str, Any]
+    key: str
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    on_done: Callable[[], None] | None = None
+
+    def reset_for_retry(self) -> bool:
+        self.result = None
+        return True
+
+
+class PipelineEngine:
+    """Runs a batch of items on the device thread: one pipeline call per parameter set."""
+
+    def __init__(self, pipe: Any, family: Family) -> None:
+        self.pipe = pipe
+        self.family = family
+
+    def run(self, items: list[PipelineItem]) -> None:
+        groups: dict[str, list[PipelineItem]] = {}
+        for item in items:
+            if not item.cancelled.is_set():
+                groups.setdefault(item.key, []).append(item)
+        for group in groups.values():
+            texts = [item.text for item in group]
+            outs = self.pipe(texts, batch_size=len(texts), **group[0].params)
+            if len(texts) == 1 and self.family.kind == "fill-mask":
+                outs = [outs]                  # fill-mask answers a one-text list unwrapped
+            for item, out in zip(group, outs, strict=True):
+                item.result = to_json(out)
+
+
+class PipelineTask(Task):
+    """Jobs for the text families, through transformers' pipeline for the model's kind."""
+
+    name = "pipeline"
+    pipeline_tasks = tuple(FAMILIES)
+
+    @classmethod
+    def load(cls, model: ModelFiles, settings: ModelSettings) -> LoadedModel:
+        kind = settings.task if settings.task in FAMILIES else next(
+            k for k in model.kinds if k in FAMILIES)
+        loaded = place_model(model, settings, _MODEL_CLASSES[kind])
+        loaded.tokenizer = transformers.AutoTokenizer.from_pretrained(
+            model.path, trust_remote_code=False)
+        loaded.processor = kind               # the family this worker serves
+        return loaded
+
+    def __init__(self, loaded: LoadedModel, settings: WorkerSettings) -> None:
+        super().__init__(loaded, settings)
+        self.family = FAMILIES[loaded.processor]
+        self.pipe = transformers.pipeline(self.family.kind, model=loaded.model,
+                                          tokenizer=loaded.tokenizer, device=loaded.device)
+        self.max_tokens = _max_tokens(loaded)
+        self.named = create_model(
+            f"{self.family.parameters.__name__.removesuffix('Parameters')}Input",
+            __base__=self.family.parameters,
+            text=(str, Field(min_length=1, max_length=MAX_TEXT_CHARS)))
+        self.batcher = Batcher(PipelineEngine(self.pipe, self.family),
+                               settings.max_batch_size, settings.batch_wait_ms)
+
+    def warm_up(self) -> None:
+        text = f"warm {self.loaded.tokenizer.mask_token or ''} up"
+        params = self._warm_up_params()
+        PipelineEngine(self.pipe, self.family).run([PipelineItem(text, params, "")])
+
+    def _warm_up_params(self) -> dict[str, Any]:
+        if self.family.kind == "zero-shot-classification":
+            return {"candidate_labels": ["a", "b"]}
+        return {}
+
+    def parse(self, job_input: dict[str, Any], where: str = "input") -> PipelineRequest:
+        if "inputs" in job_input:
+            envelope = parse_input(HubShapeInput, job_input, {}, prefix=where)
+            params = parse_input(self.family.parameters, envelope.parameters, {},
+                                 prefix=f"{where}.parameters")
+            single = isinstance(envelope.inputs, str)
+            texts = [envelope.inputs] if single else list(envelope.inputs)
+            fields = [f"{where}.inputs"] if single else [
+                f"{where}.inputs.{i}" for i in range(len(texts))]
+            if not texts or len(texts) > MAX_INPUTS:
+                raise InputError(f"must hold 1..{MAX_INPUTS} texts", field=f"{where}.inputs")
+            request = PipelineRequest(texts, params.model_dump(exclude_unset=True), single,
+                                      True, fields)
+        else:
+            named = parse_input(self.named, job_input, {}, prefix=where)
+            values = named.model_dump(exclude={"text"})
+            request = PipelineRequest([named.text], {k: v for k, v in values.items()
+                                                     if v is not None}, True, False,
+                                      [f"{where}.text"])
+        for text, name in zip(request.texts, request.fields, strict=True):
+            if not text or len(text) > MAX_TEXT_CHARS:
+                raise InputError(f"must be 1..{MAX_TEXT_CHARS:,} characters", field=name)
+            mask = self.loaded.tokenizer.mask_token
+            if self.family.mask_token and mask not in text:
+                raise InputError(f"holds no mask token; put {mask} where the word goes",
+                                 field=name)
+        return request
+
+    async def answer(self, request: PipelineRequest, job: JobContext) -> Any:
+        if self.family.kind != "zero-shot-classification":   # it truncates its own pairs
+            counts = await in_tokenizer_thread(self._token_counts, request.texts)
+            for count, name in zip(counts, request.fields, strict=True):
+                if count > self.max_tokens:
+                    raise InputError(f"is {count:,} tokens, over the model's {self.max_tokens:,};"
+                                     " send a shorter text", field=name)
+        key = params_key(request.params)
+        items = [PipelineItem(text, request.params, key) for text in request.texts]
+        await asyncio.gather(*(self.batcher.submit(item) for item in items))
+        results = [item.result for item in items]
+        if request.hub_shape:
+            return self.family.wrap(request.single, results, request.params)
+        return {"result": results[0], "model": self.loaded.served_name}
+
+    def _token_counts(self, texts: list[str]) -> list[int]:
+        return [len(ids) for ids in self.loaded.tokenizer(texts)["input_ids"]]
+
+    @property
+    def device_fault(self) -> str | None:
+        return self.batcher.device_fault or super().device_fault
+
+
+def _max_tokens(loaded: LoadedModel) -> int:
+    limits = [getattr(loaded.model.config, "max_position_embeddings", None),
+              getattr(loaded.tokenizer, "model_max_length", None)]
+    return min(int(x) for x in limits if isinstance(x, int) and 0 < x < 10**9) if any(
+        isinstance(x, int) and 0 < x < 10**9 for x in limits) else 512
