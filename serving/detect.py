@@ -57,7 +57,7 @@ _TABLES: tuple[tuple[str, str], ...] = (
 
 # Every kind a task may name in ``pipeline_tasks`` or WORKER_TASK may take.
 KINDS: tuple[str, ...] = tuple(dict.fromkeys(
-    [kind for _, kind in _TABLES] + ["zero-shot-classification"]))
+    [kind for _, kind in _TABLES] + ["zero-shot-classification", "summarization", "translation"]))
 
 
 def _table(name: str) -> Mapping[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from serving import text_runners
 from serving.validation import StrictInput
 
 MAX_TEXT_CHARS = 20_000            # one input text; longer inputs are refused, naming the field
@@ -66,6 +67,28 @@ class FillMaskParameters(StrictInput):
     targets: list[str] | None = Field(default=None, min_length=1, max_length=MAX_LABELS)
 
 
+class Text2TextParameters(StrictInput):
+    max_new_tokens: int | None = Field(default=None, ge=1, le=1024)
+    num_beams: int | None = Field(default=None, ge=1, le=8)
+    do_sample: bool | None = None
+    temperature: float | None = Field(default=None, gt=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0, le=1000)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+
+
+class QuestionAnsweringParameters(StrictInput):
+    top_k: int = Field(default=1, ge=1, le=20)
+    max_answer_len: int = Field(default=15, ge=1, le=512)
+    doc_stride: int = Field(default=128, ge=0, le=1024)
+    handle_impossible_answer: bool = False
+
+
+class QuestionAndContext(StrictInput):
+    question: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    context: str = Field(min_length=1, max_length=MAX_TEXT_CHARS * 10)
+
+
 def _wrap_text_classification(single: bool, results: list[Any], params: dict[str, Any]) -> Any:
     # As the pipeline answers: one string without top_k is a one-element list.
     if single:
@@ -77,22 +100,48 @@ def _wrap_plain(single: bool, results: list[Any], params: dict[str, Any]) -> Any
     return results[0] if single else results
 
 
+# A runner computes the kinds transformers 5 has no pipeline for, on the device thread:
+# runner(model, tokenizer, inputs, params, kind) -> one JSON result per input.
+Runner = Callable[[Any, Any, list[Any], dict[str, Any], str], list[Any]]
+
+
 @dataclass(frozen=True)
 class Family:
-    """One row of the table: a pipeline kind and what differs about it."""
+    """One row of the table: a kind and what differs about it."""
 
     kind: str
     parameters: type[StrictInput]
     wrap: Callable[[bool, list[Any], dict[str, Any]], Any]   # per-input results -> X's answer
     mask_token: bool = False                                  # the text must hold the mask token
+    inputs: type[StrictInput] | None = None    # one input's fields; None: one text, "text"
+    runner: Runner | None = None               # None: transformers' pipeline for the kind
+    pair_truncation: bool = False              # the model sees (text, x): the runner fits it
 
 
-FAMILIES: dict[str, Family] = {f.kind: f for f in (
-    Family("text-classification", TextClassificationParameters, _wrap_text_classification),
-    Family("zero-shot-classification", ZeroShotParameters, _wrap_plain),
-    Family("token-classification", TokenClassificationParameters, _wrap_plain),
-    Family("fill-mask", FillMaskParameters, _wrap_plain, mask_token=True),
-)}
+def _families() -> dict[str, Family]:
+    text2text = {"parameters": Text2TextParameters, "wrap": _wrap_list,
+                 "runner": text_runners.text2text}
+    return {f.kind: f for f in (
+        Family("text-classification", TextClassificationParameters, _wrap_text_classification),
+        Family("zero-shot-classification", ZeroShotParameters, _wrap_plain,
+               pair_truncation=True),
+        Family("token-classification", TokenClassificationParameters, _wrap_plain),
+        Family("fill-mask", FillMaskParameters, _wrap_plain, mask_token=True),
+        Family("text2text-generation", **text2text),
+        Family("summarization", **text2text),
+        Family("translation", **text2text),
+        Family("question-answering", QuestionAnsweringParameters, _wrap_plain,
+               inputs=QuestionAndContext, runner=text_runners.question_answering,
+               pair_truncation=True),
+    )}
+
+
+def _wrap_list(single: bool, results: list[Any], params: dict[str, Any]) -> Any:
+    # As the 4.x text2text pipelines answered: a list of one {"<kind>_text": ...} per input.
+    return [results[0]] if single else [[r] for r in results]
+
+
+FAMILIES: dict[str, Family] = _families()
 
 
 def params_key(params: dict[str, Any]) -> str:

@@ -22,6 +22,7 @@ import asyncio
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import transformers
@@ -40,19 +41,23 @@ _MODEL_CLASSES = {
     "zero-shot-classification": transformers.AutoModelForSequenceClassification,
     "token-classification": transformers.AutoModelForTokenClassification,
     "fill-mask": transformers.AutoModelForMaskedLM,
+    "text2text-generation": transformers.AutoModelForSeq2SeqLM,
+    "summarization": transformers.AutoModelForSeq2SeqLM,
+    "translation": transformers.AutoModelForSeq2SeqLM,
+    "question-answering": transformers.AutoModelForQuestionAnswering,
 }
 
 
 class HubShapeInput(StrictInput):
     """The Hugging Face Inference API's envelope; ``parameters`` is checked per kind."""
 
-    inputs: str | list[str]
+    inputs: Any
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class PipelineRequest:
-    texts: list[str]
+    texts: list[Any]                    # one text, or one input's fields, per input
     params: dict[str, Any]              # exactly what the pipeline is called with
     single: bool                        # one input, not a list (the API shape answers it bare)
     hub_shape: bool
@@ -64,7 +69,7 @@ class PipelineRequest:
 class PipelineItem:
     """One text while it waits for and goes through a pipeline call."""
 
-    text: str
+    text: Any                           # a string, or an input's fields (question answering)
     params: dict[str, Any]
     key: str
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -90,7 +95,11 @@ class PipelineEngine:
                 groups.setdefault(item.key, []).append(item)
         for group in groups.values():
             texts = [item.text for item in group]
-            outs = self.pipe(texts, batch_size=len(texts), **group[0].params)
+            if self.family.runner is not None:
+                outs = self.family.runner(self.pipe.model, self.pipe.tokenizer, texts,
+                                          group[0].params, self.family.kind)
+            else:
+                outs = self.pipe(texts, batch_size=len(texts), **group[0].params)
             if len(texts) == 1 and self.family.kind == "fill-mask":
                 outs = [outs]                  # fill-mask answers a one-text list unwrapped
             for item, out in zip(group, outs, strict=True):
@@ -116,56 +125,87 @@ class PipelineTask(Task):
     def __init__(self, loaded: LoadedModel, settings: WorkerSettings) -> None:
         super().__init__(loaded, settings)
         self.family = FAMILIES[loaded.processor]
-        self.pipe = transformers.pipeline(self.family.kind, model=loaded.model,
-                                          tokenizer=loaded.tokenizer, device=loaded.device)
+        if self.family.runner is None:
+            self.pipe = transformers.pipeline(self.family.kind, model=loaded.model,
+                                              tokenizer=loaded.tokenizer, device=loaded.device)
+        else:                                 # the runner's model and tokenizer, as a pipe's
+            self.pipe = SimpleNamespace(model=loaded.model, tokenizer=loaded.tokenizer)
         self.max_tokens = _max_tokens(loaded)
+        fields: dict[str, Any] = {"text": (str, Field(min_length=1, max_length=MAX_TEXT_CHARS))}
+        if self.family.inputs is not None:
+            fields = {name: (info.annotation, info) for name, info in
+                      self.family.inputs.model_fields.items()}
         self.named = create_model(
             f"{self.family.parameters.__name__.removesuffix('Parameters')}Input",
-            __base__=self.family.parameters,
-            text=(str, Field(min_length=1, max_length=MAX_TEXT_CHARS)))
+            __base__=self.family.parameters, **fields)
         self.batcher = Batcher(PipelineEngine(self.pipe, self.family),
                                settings.max_batch_size, settings.batch_wait_ms)
 
     def warm_up(self) -> None:
-        text = f"warm {self.loaded.tokenizer.mask_token or ''} up"
+        text: Any = f"warm {self.loaded.tokenizer.mask_token or ''} up"
+        if self.family.inputs is not None:
+            text = {"question": "who?", "context": "warm up"}
         params = self._warm_up_params()
         PipelineEngine(self.pipe, self.family).run([PipelineItem(text, params, "")])
 
     def _warm_up_params(self) -> dict[str, Any]:
         if self.family.kind == "zero-shot-classification":
             return {"candidate_labels": ["a", "b"]}
-        return {}
+        if self.family.kind in ("text2text-generation", "summarization", "translation"):
+            return {"max_new_tokens": 2}
+        return self._call_params({})
 
     def parse(self, job_input: dict[str, Any], where: str = "input") -> PipelineRequest:
         if "inputs" in job_input:
             envelope = parse_input(HubShapeInput, job_input, {}, prefix=where)
             params = parse_input(self.family.parameters, envelope.parameters, {},
                                  prefix=f"{where}.parameters")
-            single = isinstance(envelope.inputs, str)
-            texts = [envelope.inputs] if single else list(envelope.inputs)
+            raw = envelope.inputs
+            single = not isinstance(raw, list)
+            values = [raw] if single else list(raw)
             fields = [f"{where}.inputs"] if single else [
-                f"{where}.inputs.{i}" for i in range(len(texts))]
-            if not texts or len(texts) > MAX_INPUTS:
-                raise InputError(f"must hold 1..{MAX_INPUTS} texts", field=f"{where}.inputs")
-            request = PipelineRequest(texts, params.model_dump(exclude_unset=True), single,
-                                      True, fields)
+                f"{where}.inputs.{i}" for i in range(len(values))]
+            if not values or len(values) > MAX_INPUTS:
+                raise InputError(f"must hold 1..{MAX_INPUTS} inputs", field=f"{where}.inputs")
+            texts = [self._one_input(v, name) for v, name in zip(values, fields, strict=True)]
+            request = PipelineRequest(texts, self._call_params(params.model_dump(
+                exclude_unset=True)), single, True, fields)
         else:
             named = parse_input(self.named, job_input, {}, prefix=where)
-            values = named.model_dump(exclude={"text"})
-            request = PipelineRequest([named.text], {k: v for k, v in values.items()
-                                                     if v is not None}, True, False,
-                                      [f"{where}.text"])
-        for text, name in zip(request.texts, request.fields, strict=True):
-            if not text or len(text) > MAX_TEXT_CHARS:
-                raise InputError(f"must be 1..{MAX_TEXT_CHARS:,} characters", field=name)
+            own = set(self.family.inputs.model_fields) if self.family.inputs else {"text"}
+            values = named.model_dump(exclude=own)
+            one = named.text if self.family.inputs is None else named.model_dump(include=own)
+            name = f"{where}.text" if self.family.inputs is None else where
+            request = PipelineRequest([one], self._call_params(
+                {k: v for k, v in values.items() if v is not None}), True, False, [name])
+        if self.family.mask_token:
             mask = self.loaded.tokenizer.mask_token
-            if self.family.mask_token and mask not in text:
-                raise InputError(f"holds no mask token; put {mask} where the word goes",
-                                 field=name)
+            for text, name in zip(request.texts, request.fields, strict=True):
+                if mask not in text:
+                    raise InputError(f"holds no mask token; put {mask} where the word goes",
+                                     field=name)
         return request
 
+    def _one_input(self, value: Any, name: str) -> Any:
+        """One input of the API shape: a text, or the family's fields."""
+        if self.family.inputs is not None:
+            if not isinstance(value, dict):
+                raise InputError("must be an object with "
+                                 f"{', '.join(self.family.inputs.model_fields)}", field=name)
+            return parse_input(self.family.inputs, value, {}, prefix=name).model_dump()
+        if not isinstance(value, str) or not value or len(value) > MAX_TEXT_CHARS:
+            raise InputError(f"must be a text of 1..{MAX_TEXT_CHARS:,} characters", field=name)
+        return value
+
+    def _call_params(self, given: dict[str, Any]) -> dict[str, Any]:
+        """What the pipeline or runner is called with: a runner gets every default too."""
+        if self.family.runner is None:
+            return given
+        defaults = self.family.parameters.model_construct().model_dump()
+        return {k: v for k, v in {**defaults, **given}.items() if v is not None}
+
     async def answer(self, request: PipelineRequest, job: JobContext) -> Any:
-        if self.family.kind != "zero-shot-classification":   # it truncates its own pairs
+        if not self.family.pair_truncation:       # else the pairs are fitted to the model
             counts = await in_tokenizer_thread(self._token_counts, request.texts)
             for count, name in zip(counts, request.fields, strict=True):
                 if count > self.max_tokens:

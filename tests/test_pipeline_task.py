@@ -127,7 +127,7 @@ class TestBadInput:
         ("sentiment", {"text": "x", "colour": "red"}, "input.colour", "unknown field"),
         ("sentiment", {"inputs": "x", "parameters": {"top_p": 1}}, "input.parameters.top_p",
          "unknown field"),
-        ("sentiment", {"inputs": []}, "input.inputs", "1..64 texts"),
+        ("sentiment", {"inputs": []}, "input.inputs", "1..64 inputs"),
         ("sentiment", {"text": ""}, "input.text", ""),
         ("nli", {"text": "x"}, "input.candidate_labels", ""),
         ("nli", {"inputs": "x", "parameters": {"candidate_labels": ["a"],
@@ -159,3 +159,110 @@ def test_concurrent_jobs_share_pipeline_calls(loop, workers, pipelines):
     assert worker.task.batcher.batches_run - before < len(texts)
     for [out], text in zip(outs, texts, strict=True):
         assert close(out["result"], pipelines["sentiment"]([text])[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The kinds transformers 5 has no pipeline for: seq2seq text and extractive question answering
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def seq2seq_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+    path = tmp_path_factory.mktemp("bart") / "tiny-bart"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    config = transformers.BartConfig(
+        vocab_size=tokenizer.vocab_size, d_model=16, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
+        decoder_ffn_dim=16, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+        decoder_start_token_id=tokenizer.sep_token_id, forced_eos_token_id=None)
+    model = transformers.BartForConditionalGeneration(config)
+    model.generation_config.max_new_tokens = 6
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def qa_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+    return tiny_model(tmp_path_factory.mktemp("qa") / "tiny-qa", minilm_dir,
+                      transformers.BertForQuestionAnswering, max_position_embeddings=64)
+
+
+def reference_generate(path: Path, text: str, **overrides: Any) -> str:
+    """What 4.x's text2text pipeline answered: generate with the model's generation config."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(path)
+    config = model.generation_config
+    config.update(**overrides)
+    batch = tokenizer([text], return_tensors="pt", return_token_type_ids=False)
+    out = model.generate(**batch, generation_config=config)
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+class TestText2Text:
+    def test_a_seq2seq_model_is_served_as_text2text(self, loop, seq2seq_dir):
+        worker = build_worker({"MODEL_PATH": str(seq2seq_dir)})
+        got = answer(loop, worker, {"inputs": "translate this"})
+        assert got == [{"generated_text": reference_generate(seq2seq_dir, "translate this")}]
+        own = answer(loop, worker, {"text": "translate this", "max_new_tokens": 3})
+        assert own["result"] == {"generated_text": reference_generate(
+            seq2seq_dir, "translate this", max_new_tokens=3)}
+
+    def test_summarization_answers_summary_text(self, loop, seq2seq_dir):
+        worker = build_worker({"MODEL_PATH": str(seq2seq_dir), "WORKER_TASK": "summarization"})
+        got = answer(loop, worker, {"inputs": ["one", "two words"],
+                                    "parameters": {"num_beams": 2}})
+        assert got == [[{"summary_text": reference_generate(seq2seq_dir, t, num_beams=2)}]
+                       for t in ("one", "two words")]
+
+
+def reference_spans(path: Path, question: str, context: str, max_answer_len: int = 15,
+                    stride: int = 16) -> list[tuple[float, str]]:
+    """Every span the windows allow, scored start-probability x end-probability, by brute force
+    over (start, end) pairs: the 4.x pipeline's rule, written independently."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForQuestionAnswering.from_pretrained(path)
+    enc = tokenizer(question, context, truncation="only_second", max_length=64, stride=stride,
+                    return_overflowing_tokens=True, return_offsets_mapping=True,
+                    padding=True, return_tensors="pt")
+    enc.pop("overflow_to_sample_mapping")
+    offsets = enc.pop("offset_mapping").tolist()
+    with torch.inference_mode():
+        out = model(**enc)
+    spans: dict[str, float] = {}
+    for w in range(len(offsets)):
+        ctx = [i for i, s in enumerate(enc.sequence_ids(w)) if s == 1]
+        start = out.start_logits[w][ctx].softmax(-1)
+        end = out.end_logits[w][ctx].softmax(-1)
+        for a, i in enumerate(ctx):
+            for b, j in enumerate(ctx):
+                if 0 <= j - i < max_answer_len:
+                    text = context[offsets[w][i][0]:offsets[w][j][1]]
+                    spans[text] = max(spans.get(text, 0.0), float(start[a] * end[b]))
+    return sorted(((s, t) for t, s in spans.items()), reverse=True)
+
+
+class TestQuestionAnswering:
+    CONTEXT = " ".join(f"word{i}" for i in range(120))    # several windows of 64 tokens
+
+    def test_the_best_span_over_every_window(self, loop, qa_dir):
+        worker = build_worker({"MODEL_PATH": str(qa_dir)})
+        job = {"inputs": {"question": "which word?", "context": self.CONTEXT},
+               "parameters": {"top_k": 3, "doc_stride": 16}}
+        got = answer(loop, worker, job)
+        expected = reference_spans(qa_dir, "which word?", self.CONTEXT)[:3]
+        assert [a["answer"] for a in got] == [t for _, t in expected]
+        assert all(math.isclose(a["score"], s, rel_tol=1e-4) for a, (s, _) in
+                   zip(got, expected, strict=True))
+        assert all(self.CONTEXT[a["start"]:a["end"]] == a["answer"] for a in got)
+
+    def test_own_fields_answer_one_span(self, loop, qa_dir):
+        worker = build_worker({"MODEL_PATH": str(qa_dir)})
+        got = answer(loop, worker, {"question": "which?", "context": "alpha beta gamma"})
+        assert set(got["result"]) == {"answer", "score", "start", "end"}
+        assert got["result"]["answer"] in "alpha beta gamma"
+
+    def test_an_input_without_its_context_names_the_field(self, loop, qa_dir):
+        worker = build_worker({"MODEL_PATH": str(qa_dir)})
+        got = answer(loop, worker, {"inputs": {"question": "q"}})
+        assert got["error_code"] == "invalid_input" and "input.inputs.context" in got["error"]
