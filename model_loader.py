@@ -249,8 +249,9 @@ def pick_task(model: ModelFiles, setting: str, tasks: Mapping[str, type[Task]]) 
     The model's kinds come from its config (``serving.detect``: transformers' own auto-class
     tables), its default first. ``WORKER_TASK=auto`` takes the task that serves the default kind
     (``Task.pipeline_tasks``), or whose own ``serves`` rule claims the model; ``WORKER_TASK``
-    names a task, or a kind, to pick another fit. A model no task fits, a forced task that does
-    not fit it, or two tasks that both claim it stop the worker with one line."""
+    names a task, or a kind, to pick another fit. A task's own rule beats a kind. A model no
+    task fits, a forced task that does not fit it, or two tasks that both claim it (two rules,
+    or two kinds) stop the worker with one line."""
     kinds = model.kinds
     arch = describe(model.config)
     if setting != "auto":
@@ -266,8 +267,9 @@ def pick_task(model: ModelFiles, setting: str, tasks: Mapping[str, type[Task]]) 
         raise UnsupportedModel(
             f"WORKER_TASK={setting} cannot serve the model in {model.path} ({arch}: "
             f"{_kinds_text(kinds)}); {_fits_text(model, kinds, tasks)}")
-    claims = [task for task in tasks.values()
-              if task.serves(model) or (kinds and kinds[0] in task.pipeline_tasks)]
+    # A task's own rule (a fork's classifier, say) is more specific than a kind, and wins.
+    claims = [task for task in tasks.values() if task.serves(model)] or [
+        task for task in tasks.values() if kinds and kinds[0] in task.pipeline_tasks]
     if len(claims) == 1:
         return claims[0]
     if claims:

@@ -67,6 +67,34 @@ class FillMaskParameters(StrictInput):
     targets: list[str] | None = Field(default=None, min_length=1, max_length=MAX_LABELS)
 
 
+class ImageClassificationParameters(StrictInput):
+    top_k: int | None = Field(default=None, ge=1, le=1000)
+    function_to_apply: Literal["sigmoid", "softmax", "none"] | None = None
+
+
+class ZeroShotImageParameters(StrictInput):
+    candidate_labels: list[str] = Field(min_length=1, max_length=MAX_LABELS)
+    hypothesis_template: str = Field(default="This is a photo of {}.", max_length=500)
+
+    _labels = field_validator("candidate_labels")(ZeroShotParameters._labels.__func__)
+    _template = field_validator("hypothesis_template")(ZeroShotParameters._template.__func__)
+
+
+class ObjectDetectionParameters(StrictInput):
+    threshold: float = Field(default=0.5, ge=0, le=1)
+
+
+class ImageSegmentationParameters(StrictInput):
+    threshold: float = Field(default=0.9, ge=0, le=1)
+    mask_threshold: float = Field(default=0.5, ge=0, le=1)
+    overlap_mask_area_threshold: float = Field(default=0.5, ge=0, le=1)
+    subtask: Literal["semantic", "instance", "panoptic"] | None = None
+
+
+class NoParameters(StrictInput):
+    pass
+
+
 class Text2TextParameters(StrictInput):
     max_new_tokens: int | None = Field(default=None, ge=1, le=1024)
     num_beams: int | None = Field(default=None, ge=1, le=8)
@@ -116,6 +144,7 @@ class Family:
     inputs: type[StrictInput] | None = None    # one input's fields; None: one text, "text"
     runner: Runner | None = None               # None: transformers' pipeline for the kind
     pair_truncation: bool = False              # the model sees (text, x): the runner fits it
+    media: Literal["text", "image"] = "text"   # what one input is: a text, or an image
 
 
 def _families() -> dict[str, Family]:
@@ -133,6 +162,13 @@ def _families() -> dict[str, Family]:
         Family("question-answering", QuestionAnsweringParameters, _wrap_plain,
                inputs=QuestionAndContext, runner=text_runners.question_answering,
                pair_truncation=True),
+        Family("image-classification", ImageClassificationParameters, _wrap_plain,
+               media="image"),
+        Family("zero-shot-image-classification", ZeroShotImageParameters, _wrap_plain,
+               media="image"),
+        Family("object-detection", ObjectDetectionParameters, _wrap_plain, media="image"),
+        Family("image-segmentation", ImageSegmentationParameters, _wrap_plain, media="image"),
+        Family("depth-estimation", NoParameters, _wrap_plain, media="image"),
     )}
 
 
@@ -149,12 +185,25 @@ def params_key(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True)
 
 
-def to_json(value: Any) -> Any:
-    """A pipeline's result as plain JSON: numpy and torch scalars become Python numbers."""
+def to_json(value: Any, store: Callable[[Any, str], Any] | None = None, name: str = "out"
+            ) -> Any:
+    """A pipeline's result as plain JSON: numpy and torch scalars become Python numbers; an
+    image (a mask, a depth map) becomes ``store(image, name)``'s file, and a depth estimate's
+    ``predicted_depth`` tensor its ``min`` and ``max`` (the map itself is the ``depth`` PNG)."""
     if isinstance(value, dict):
-        return {str(k): to_json(v) for k, v in value.items()}
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if k == "predicted_depth" and hasattr(v, "min"):
+                out["min"], out["max"] = float(v.min()), float(v.max())
+            else:
+                out[str(k)] = to_json(v, store, f"{name}-{k}")
+        return out
     if isinstance(value, list | tuple):
-        return [to_json(v) for v in value]
+        return [to_json(v, store, f"{name}-{i}") for i, v in enumerate(value)]
+    if hasattr(value, "save") and hasattr(value, "mode"):        # a PIL image
+        if store is None:
+            raise TypeError("an image in a result needs a place to store it")
+        return store(value, name)
     if hasattr(value, "tolist"):                # numpy / torch scalars and arrays
         return to_json(value.tolist())
     if isinstance(value, float | int | str | bool) or value is None:

@@ -1,24 +1,29 @@
-"""Text families served with no code: classifiers, zero-shot (NLI), NER taggers, fill-mask.
+"""Models of many kinds served with no code, each through its own kind's pipeline.
 
 Serves every model whose config reads as one of the kinds in ``serving/families.py`` (the
-table that says what differs between them), through transformers' own pipeline for the kind,
-so answers are what users compare against. Two input forms, both validated, unknown fields and
-parameters refused by name::
+table that says what differs between them): text and zero-shot classification, token
+classification (NER), fill-mask, seq2seq text (text2text, summarization, translation),
+extractive question answering, image and zero-shot image classification, object detection,
+image segmentation and depth estimation. Answers are transformers' pipeline's own, which users
+compare against (``serving/text_runners.py`` computes the kinds transformers 5 has no pipeline
+for). Two input forms, both validated, unknown fields and parameters refused by name::
 
-    {"inputs": "text" | ["text", ...], "parameters": {...}}    the Hugging Face API's shape;
-                                                               answers the pipeline's own JSON
-    {"text": "...", <parameters as fields>}                    ours; {"result": ..., "model"}
+    {"inputs": X | [X, ...], "parameters": {...}}     the Hugging Face API's shape; answers the
+                                                       pipeline's own JSON
+    {"text" | "image" | "question"+"context": ..., <parameters as fields>}
+                                                       ours; answers {"result": ..., "model"}
 
-Parameters per kind: text-classification ``top_k``, ``function_to_apply``; zero-shot
-``candidate_labels`` (required), ``multi_label``, ``hypothesis_template``; token-classification
-``aggregation_strategy`` (ours defaults to "simple", the API shape to the pipeline's "none"),
-``ignore_labels``; fill-mask ``top_k``, ``targets``. Texts of concurrent jobs with equal
-parameters share one pipeline call on the device thread (``batcher.py``).
+X is a text, an image (an https:// or s3:// URL fetched under the download rules, or a data:
+URI; decoded within WORKER_MAX_IMAGE_PIXELS), or ``{"question", "context"}``. Masks and depth
+maps are PNG files (``job.store``: inline or links). The parameters of each kind:
+docs/job-contract.md. Inputs of concurrent jobs with equal parameters share one pipeline call
+on the device thread (``batcher.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,15 +31,18 @@ from types import SimpleNamespace
 from typing import Any
 
 import transformers
+from PIL import Image
 from pydantic import Field, create_model
 
 from model_loader import LoadedModel, ModelFiles, place_model
 from serving.batcher import Batcher
 from serving.config import ModelSettings, WorkerSettings
-from serving.errors import InputError
+from serving.errors import InputError, JobTimeout
 from serving.families import FAMILIES, MAX_INPUTS, MAX_TEXT_CHARS, Family, params_key, to_json
 from serving.validation import StrictInput, in_tokenizer_thread, parse_input
 from tasks.base import JobContext, Task
+from tasks.upscale import _DATA_URI, open_image
+from tasks.upscale import _decode_data_uri as decode_data_uri
 
 _MODEL_CLASSES = {
     "text-classification": transformers.AutoModelForSequenceClassification,
@@ -45,7 +53,13 @@ _MODEL_CLASSES = {
     "summarization": transformers.AutoModelForSeq2SeqLM,
     "translation": transformers.AutoModelForSeq2SeqLM,
     "question-answering": transformers.AutoModelForQuestionAnswering,
+    "image-classification": transformers.AutoModelForImageClassification,
+    "zero-shot-image-classification": transformers.AutoModelForZeroShotImageClassification,
+    "object-detection": transformers.AutoModelForObjectDetection,
+    "image-segmentation": transformers.AutoModelForSemanticSegmentation,
+    "depth-estimation": transformers.AutoModelForDepthEstimation,
 }
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
 
 
 class HubShapeInput(StrictInput):
@@ -103,7 +117,7 @@ class PipelineEngine:
             if len(texts) == 1 and self.family.kind == "fill-mask":
                 outs = [outs]                  # fill-mask answers a one-text list unwrapped
             for item, out in zip(group, outs, strict=True):
-                item.result = to_json(out)
+                item.result = out             # made JSON (and files) off the device thread
 
 
 class PipelineTask(Task):
@@ -116,22 +130,34 @@ class PipelineTask(Task):
     def load(cls, model: ModelFiles, settings: ModelSettings) -> LoadedModel:
         kind = settings.task if settings.task in FAMILIES else next(
             k for k in model.kinds if k in FAMILIES)
-        loaded = place_model(model, settings, _MODEL_CLASSES[kind])
-        loaded.tokenizer = transformers.AutoTokenizer.from_pretrained(
-            model.path, trust_remote_code=False)
-        loaded.processor = kind               # the family this worker serves
+        # The exact class the config names (detection found it in transformers' tables).
+        named = [getattr(transformers, a, None) for a in model.architectures]
+        model_class = next((c for c in named if c is not None), _MODEL_CLASSES[kind])
+        loaded = place_model(model, settings, model_class)
+        if any(model.has(name) for name in _TOKENIZER_FILES):
+            loaded.tokenizer = transformers.AutoTokenizer.from_pretrained(
+                model.path, trust_remote_code=False)
+        image_processor = None
+        if FAMILIES[kind].media == "image":
+            image_processor = transformers.AutoImageProcessor.from_pretrained(model.path)
+        loaded.processor = (kind, image_processor)     # the family this worker serves
         return loaded
 
     def __init__(self, loaded: LoadedModel, settings: WorkerSettings) -> None:
         super().__init__(loaded, settings)
-        self.family = FAMILIES[loaded.processor]
+        kind, image_processor = loaded.processor
+        self.family = FAMILIES[kind]
         if self.family.runner is None:
-            self.pipe = transformers.pipeline(self.family.kind, model=loaded.model,
-                                              tokenizer=loaded.tokenizer, device=loaded.device)
+            self.pipe = transformers.pipeline(kind, model=loaded.model,
+                                              tokenizer=loaded.tokenizer,
+                                              image_processor=image_processor,
+                                              device=loaded.device)
         else:                                 # the runner's model and tokenizer, as a pipe's
             self.pipe = SimpleNamespace(model=loaded.model, tokenizer=loaded.tokenizer)
         self.max_tokens = _max_tokens(loaded)
         fields: dict[str, Any] = {"text": (str, Field(min_length=1, max_length=MAX_TEXT_CHARS))}
+        if self.family.media == "image":
+            fields = {"image": (str, Field(min_length=1))}
         if self.family.inputs is not None:
             fields = {name: (info.annotation, info) for name, info in
                       self.family.inputs.model_fields.items()}
@@ -142,14 +168,18 @@ class PipelineTask(Task):
                                settings.max_batch_size, settings.batch_wait_ms)
 
     def warm_up(self) -> None:
-        text: Any = f"warm {self.loaded.tokenizer.mask_token or ''} up"
-        if self.family.inputs is not None:
+        text: Any
+        if self.family.media == "image":
+            text = Image.new("RGB", (64, 48), (120, 60, 30))
+        elif self.family.inputs is not None:
             text = {"question": "who?", "context": "warm up"}
+        else:
+            text = f"warm {self.loaded.tokenizer.mask_token or ''} up"
         params = self._warm_up_params()
         PipelineEngine(self.pipe, self.family).run([PipelineItem(text, params, "")])
 
     def _warm_up_params(self) -> dict[str, Any]:
-        if self.family.kind == "zero-shot-classification":
+        if self.family.kind in ("zero-shot-classification", "zero-shot-image-classification"):
             return {"candidate_labels": ["a", "b"]}
         if self.family.kind in ("text2text-generation", "summarization", "translation"):
             return {"max_new_tokens": 2}
@@ -172,10 +202,14 @@ class PipelineTask(Task):
                 exclude_unset=True)), single, True, fields)
         else:
             named = parse_input(self.named, job_input, {}, prefix=where)
-            own = set(self.family.inputs.model_fields) if self.family.inputs else {"text"}
+            own = (set(self.family.inputs.model_fields) if self.family.inputs
+                   else {self._field})
             values = named.model_dump(exclude=own)
-            one = named.text if self.family.inputs is None else named.model_dump(include=own)
-            name = f"{where}.text" if self.family.inputs is None else where
+            one = (getattr(named, self._field) if self.family.inputs is None
+                   else named.model_dump(include=own))
+            name = f"{where}.{self._field}" if self.family.inputs is None else where
+            if self.family.media == "image":
+                one = self._one_input(one, name)
             request = PipelineRequest([one], self._call_params(
                 {k: v for k, v in values.items() if v is not None}), True, False, [name])
         if self.family.mask_token:
@@ -193,9 +227,20 @@ class PipelineTask(Task):
                 raise InputError("must be an object with "
                                  f"{', '.join(self.family.inputs.model_fields)}", field=name)
             return parse_input(self.family.inputs, value, {}, prefix=name).model_dump()
+        if self.family.media == "image":
+            if not isinstance(value, str) or not (
+                    value[:16].lower().startswith(("https://", "http://", "s3://"))
+                    or _DATA_URI.match(value[:64])):
+                raise InputError("must be an https:// or s3:// URL, or a "
+                                 "data:image/<type>;base64,<data> URI", field=name)
+            return value
         if not isinstance(value, str) or not value or len(value) > MAX_TEXT_CHARS:
             raise InputError(f"must be a text of 1..{MAX_TEXT_CHARS:,} characters", field=name)
         return value
+
+    @property
+    def _field(self) -> str:
+        return "image" if self.family.media == "image" else "text"
 
     def _call_params(self, given: dict[str, Any]) -> dict[str, Any]:
         """What the pipeline or runner is called with: a runner gets every default too."""
@@ -205,19 +250,45 @@ class PipelineTask(Task):
         return {k: v for k, v in {**defaults, **given}.items() if v is not None}
 
     async def answer(self, request: PipelineRequest, job: JobContext) -> Any:
-        if not self.family.pair_truncation:       # else the pairs are fitted to the model
+        inputs = request.texts
+        if self.family.media == "image":
+            inputs = [await self._image(ref, name, job)
+                      for ref, name in zip(request.texts, request.fields, strict=True)]
+        elif not self.family.pair_truncation:     # else the pairs are fitted to the model
             counts = await in_tokenizer_thread(self._token_counts, request.texts)
             for count, name in zip(counts, request.fields, strict=True):
                 if count > self.max_tokens:
                     raise InputError(f"is {count:,} tokens, over the model's {self.max_tokens:,};"
                                      " send a shorter text", field=name)
         key = params_key(request.params)
-        items = [PipelineItem(text, request.params, key) for text in request.texts]
-        await asyncio.gather(*(self.batcher.submit(item) for item in items))
-        results = [item.result for item in items]
+        items = [PipelineItem(one, request.params, key) for one in inputs]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(self.batcher.submit(i) for i in items)),
+                                   max(0.0, job.remaining_s()))
+        except TimeoutError:
+            raise JobTimeout(f"the job ran past {job.timeout_s:g}s (WORKER_JOB_TIMEOUT_S); "
+                             "send fewer inputs") from None
+
+        def store(image: Image.Image, name: str) -> Any:
+            out = io.BytesIO()
+            image.save(out, format="PNG")
+            return job.store(out.getvalue(), "image/png", f"{name}.png")
+
+        results = await asyncio.to_thread(to_json, [i.result for i in items], store, "result")
         if request.hub_shape:
             return self.family.wrap(request.single, results, request.params)
         return {"result": results[0], "model": self.loaded.served_name}
+
+    async def _image(self, ref: str, name: str, job: JobContext) -> Image.Image:
+        """The image at ``ref`` (a URL, under the download rules, or a data URI), decoded
+        within WORKER_MAX_IMAGE_PIXELS; InputError naming ``name`` for anything else."""
+        max_pixels = self.settings.max_image_pixels
+        max_bytes = max_pixels * 4 + 1024 * 1024
+        if ref.startswith("data:"):
+            raw = decode_data_uri(ref, name, max_bytes)
+        else:
+            raw = await job.download(ref, field=name, max_bytes=max_bytes)
+        return await asyncio.to_thread(open_image, raw, max_pixels, name)
 
     def _token_counts(self, texts: list[str]) -> list[int]:
         return [len(ids) for ids in self.loaded.tokenizer(texts)["input_ids"]]

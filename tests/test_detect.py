@@ -151,6 +151,23 @@ class TestPickTask:
         assert pick_task(files(default_model_dir), "chat", tasks) is Chat
 
 
+    def test_a_tasks_own_rule_beats_a_kind(self, tmp_path):
+        """A fork's classifier (its own serves rule) serves a classifier that the built-in
+        pipeline task would also take by its kind."""
+        classifier = config_dir(tmp_path / "cls", transformers.BertConfig(),
+                                "BertForSequenceClassification")
+
+        class Classify(TASKS["pipeline"]):
+            name = "classify"
+
+            @classmethod
+            def serves(cls, model) -> bool:
+                return "BertForSequenceClassification" in model.architectures
+
+        assert pick_task(files(classifier), "auto", TASKS).name == "pipeline"
+        assert pick_task(files(classifier), "auto", {**TASKS, "classify": Classify}) is Classify
+
+
 def test_handler_stops_on_a_vits_model_with_one_line(vits):
     """The whole startup: exit 1, one line naming the architecture and what to do."""
     (vits / "model.safetensors").write_bytes(b"")      # found; never read, detection stops first
