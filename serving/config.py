@@ -222,6 +222,9 @@ WORKER_EMBED_BATCH_SIZE = _var("worker", "WORKER_EMBED_BATCH_SIZE", "64",
 WORKER_MAX_IMAGE_PIXELS = _var("worker", "WORKER_MAX_IMAGE_PIXELS", "1048576",
                                "Largest input image in pixels (width x height), read from its "
                                "header before decoding; 1..268435456")
+WORKER_MAX_AUDIO_SECONDS = _var("worker", "WORKER_MAX_AUDIO_SECONDS", "1800",
+                                "Longest input audio in seconds, read from its header before "
+                                "decoding and enforced while decoding; 1..86400")
 WORKER_JOB_TIMEOUT_S = _var("worker", "WORKER_JOB_TIMEOUT_S", "600",
                             "A job still running after this many seconds fails; 1..86400")
 WORKER_DECODE = _var("worker", "WORKER_DECODE", "auto",
@@ -262,6 +265,7 @@ class WorkerSettings:
     embed_batch_size: int         # texts per embedding forward pass
     job_timeout_s: float          # per-job time limit, seconds
     max_image_pixels: int = 1048576   # input image size limit, pixels
+    max_audio_seconds: float = 1800.0  # input audio length limit, seconds
     intake: str = "fast"              # fast | sdk: how the runpod loop takes jobs (intake.py)
     decode: str = "auto"              # auto | compiled | eager (serving/graphs.py)
     compile_cache_dir: str | None = None   # torch.compile's on-disk caches (None: torch's own)
@@ -284,6 +288,7 @@ class WorkerSettings:
             embed_batch_size=r.integer(WORKER_EMBED_BATCH_SIZE, 1, 4096),
             job_timeout_s=r.number(WORKER_JOB_TIMEOUT_S, 1, 86400),
             max_image_pixels=r.integer(WORKER_MAX_IMAGE_PIXELS, 1, 268435456),
+            max_audio_seconds=r.number(WORKER_MAX_AUDIO_SECONDS, 1, 86400),
             intake=r.choice(WORKER_INTAKE, ("fast", "sdk")),
             decode=r.choice(WORKER_DECODE, ("auto", "compiled", "eager")),
             compile_cache_dir=_compile_cache_dir(r.text(WORKER_COMPILE_CACHE_DIR)),

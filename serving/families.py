@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from serving import text_runners
+from serving.delivery import Artefact
 from serving.validation import StrictInput
 
 MAX_TEXT_CHARS = 20_000            # one input text; longer inputs are refused, naming the field
@@ -95,6 +96,22 @@ class NoParameters(StrictInput):
     pass
 
 
+class SpeechRecognitionParameters(StrictInput):
+    return_timestamps: bool | Literal["word", "char"] | None = None
+    chunk_length_s: float | None = Field(default=None, gt=0, le=30)
+    stride_length_s: float | None = Field(default=None, ge=0, le=10)
+    language: str | None = Field(default=None, min_length=2, max_length=32)   # Whisper's
+    task: Literal["transcribe", "translate"] | None = None                    # Whisper's
+
+
+class AudioClassificationParameters(StrictInput):
+    top_k: int | None = Field(default=None, ge=1, le=1000)
+
+
+class TextToAudioParameters(StrictInput):
+    output_format: Literal["wav", "flac", "mp3"] = "wav"      # ours: the file's format
+
+
 class Text2TextParameters(StrictInput):
     max_new_tokens: int | None = Field(default=None, ge=1, le=1024)
     num_beams: int | None = Field(default=None, ge=1, le=8)
@@ -144,7 +161,10 @@ class Family:
     inputs: type[StrictInput] | None = None    # one input's fields; None: one text, "text"
     runner: Runner | None = None               # None: transformers' pipeline for the kind
     pair_truncation: bool = False              # the model sees (text, x): the runner fits it
-    media: Literal["text", "image"] = "text"   # what one input is: a text, or an image
+    media: Literal["text", "image", "audio"] = "text"   # what one input is
+    batch: bool = True                         # inputs of several jobs share a pipeline call
+    # The job's parameters -> the pipeline's keyword arguments (ours removed, some regrouped).
+    call: Callable[[dict[str, Any]], dict[str, Any]] = dict
 
 
 def _families() -> dict[str, Family]:
@@ -169,7 +189,27 @@ def _families() -> dict[str, Family]:
         Family("object-detection", ObjectDetectionParameters, _wrap_plain, media="image"),
         Family("image-segmentation", ImageSegmentationParameters, _wrap_plain, media="image"),
         Family("depth-estimation", NoParameters, _wrap_plain, media="image"),
+        Family("automatic-speech-recognition", SpeechRecognitionParameters, _wrap_plain,
+               media="audio", call=_speech_call),
+        Family("audio-classification", AudioClassificationParameters, _wrap_plain,
+               media="audio"),
+        # Speech lengths differ per text: one text per call, so no padding reaches the audio.
+        Family("text-to-audio", TextToAudioParameters, _wrap_plain, batch=False,
+               call=_without_format),
     )}
+
+
+def _speech_call(params: dict[str, Any]) -> dict[str, Any]:
+    """Whisper's language and task go to generate, as the pipeline takes them."""
+    call = {k: v for k, v in params.items() if k not in ("language", "task")}
+    generate = {k: params[k] for k in ("language", "task") if k in params}
+    if generate:
+        call["generate_kwargs"] = generate
+    return call
+
+
+def _without_format(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if k != "output_format"}
 
 
 def _wrap_list(single: bool, results: list[Any], params: dict[str, Any]) -> Any:
@@ -206,6 +246,6 @@ def to_json(value: Any, store: Callable[[Any, str], Any] | None = None, name: st
         return store(value, name)
     if hasattr(value, "tolist"):                # numpy / torch scalars and arrays
         return to_json(value.tolist())
-    if isinstance(value, float | int | str | bool) or value is None:
-        return value
+    if isinstance(value, float | int | str | bool | Artefact) or value is None:
+        return value                           # an Artefact: a file delivery makes inline or a link
     raise TypeError(f"a pipeline answered a {type(value).__name__}, which is not JSON")

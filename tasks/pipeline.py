@@ -23,26 +23,32 @@ on the device thread (``batcher.py``).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import io
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import transformers
 from PIL import Image
 from pydantic import Field, create_model
 
 from model_loader import LoadedModel, ModelFiles, place_model
+from serving.audio import OUTPUT_TYPES, decode_audio, encode_audio
 from serving.batcher import Batcher
 from serving.config import ModelSettings, WorkerSettings
 from serving.errors import InputError, JobTimeout
 from serving.families import FAMILIES, MAX_INPUTS, MAX_TEXT_CHARS, Family, params_key, to_json
 from serving.validation import StrictInput, in_tokenizer_thread, parse_input
 from tasks.base import JobContext, Task
-from tasks.upscale import _DATA_URI, open_image
-from tasks.upscale import _decode_data_uri as decode_data_uri
+from tasks.upscale import open_image
+
+_MEDIA_URI = re.compile(r"data:(image|audio|video|application)/[A-Za-z0-9.+-]+;base64,", re.ASCII)
 
 _MODEL_CLASSES = {
     "text-classification": transformers.AutoModelForSequenceClassification,
@@ -58,6 +64,9 @@ _MODEL_CLASSES = {
     "object-detection": transformers.AutoModelForObjectDetection,
     "image-segmentation": transformers.AutoModelForSemanticSegmentation,
     "depth-estimation": transformers.AutoModelForDepthEstimation,
+    "automatic-speech-recognition": transformers.AutoModelForSpeechSeq2Seq,
+    "audio-classification": transformers.AutoModelForAudioClassification,
+    "text-to-audio": transformers.AutoModelForTextToWaveform,
 }
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
 
@@ -107,13 +116,18 @@ class PipelineEngine:
         for item in items:
             if not item.cancelled.is_set():
                 groups.setdefault(item.key, []).append(item)
+        if not self.family.batch:         # one input per call
+            groups = {str(n): [item] for n, group in enumerate(groups.values())
+                      for item in group}
         for group in groups.values():
-            texts = [item.text for item in group]
+            # A pipeline may take its input dict apart: each call gets its own copy.
+            texts = [dict(i.text) if isinstance(i.text, dict) else i.text for i in group]
             if self.family.runner is not None:
                 outs = self.family.runner(self.pipe.model, self.pipe.tokenizer, texts,
                                           group[0].params, self.family.kind)
             else:
-                outs = self.pipe(texts, batch_size=len(texts), **group[0].params)
+                outs = self.pipe(texts, batch_size=len(texts),
+                                 **self.family.call(group[0].params))
             if len(texts) == 1 and self.family.kind == "fill-mask":
                 outs = [outs]                  # fill-mask answers a one-text list unwrapped
             for item, out in zip(group, outs, strict=True):
@@ -137,27 +151,39 @@ class PipelineTask(Task):
         if any(model.has(name) for name in _TOKENIZER_FILES):
             loaded.tokenizer = transformers.AutoTokenizer.from_pretrained(
                 model.path, trust_remote_code=False)
-        image_processor = None
+        image_processor = feature_extractor = None
         if FAMILIES[kind].media == "image":
             image_processor = transformers.AutoImageProcessor.from_pretrained(model.path)
-        loaded.processor = (kind, image_processor)     # the family this worker serves
+        if FAMILIES[kind].media == "audio":
+            feature_extractor = transformers.AutoFeatureExtractor.from_pretrained(model.path)
+        # The family this worker serves, and its preprocessors.
+        loaded.processor = (kind, image_processor, feature_extractor)
         return loaded
 
     def __init__(self, loaded: LoadedModel, settings: WorkerSettings) -> None:
         super().__init__(loaded, settings)
-        kind, image_processor = loaded.processor
+        kind, image_processor, feature_extractor = loaded.processor
         self.family = FAMILIES[kind]
         if self.family.runner is None:
             self.pipe = transformers.pipeline(kind, model=loaded.model,
                                               tokenizer=loaded.tokenizer,
                                               image_processor=image_processor,
+                                              feature_extractor=feature_extractor,
                                               device=loaded.device)
         else:                                 # the runner's model and tokenizer, as a pipe's
             self.pipe = SimpleNamespace(model=loaded.model, tokenizer=loaded.tokenizer)
+        self.sampling_rate = int(getattr(feature_extractor, "sampling_rate", 16000) or 16000)
+        # Audio of different lengths is padded in a batch: where the model neither sees a mask
+        # nor pads every input to one fixed size itself (Whisper's 30 s, AST's frames), padding
+        # would change an answer with its batch-mates, so only equal lengths share a call.
+        self.pads_safely = feature_extractor is None or bool(
+            getattr(feature_extractor, "return_attention_mask", False)
+            or getattr(feature_extractor, "n_samples", None)
+            or getattr(feature_extractor, "max_length", None))
         self.max_tokens = _max_tokens(loaded)
         fields: dict[str, Any] = {"text": (str, Field(min_length=1, max_length=MAX_TEXT_CHARS))}
-        if self.family.media == "image":
-            fields = {"image": (str, Field(min_length=1))}
+        if self.family.media in ("image", "audio"):
+            fields = {self.family.media: (str, Field(min_length=1))}
         if self.family.inputs is not None:
             fields = {name: (info.annotation, info) for name, info in
                       self.family.inputs.model_fields.items()}
@@ -171,6 +197,9 @@ class PipelineTask(Task):
         text: Any
         if self.family.media == "image":
             text = Image.new("RGB", (64, 48), (120, 60, 30))
+        elif self.family.media == "audio":
+            text = {"raw": np.zeros(self.sampling_rate, dtype=np.float32),
+                    "sampling_rate": self.sampling_rate}
         elif self.family.inputs is not None:
             text = {"question": "who?", "context": "warm up"}
         else:
@@ -208,7 +237,7 @@ class PipelineTask(Task):
             one = (getattr(named, self._field) if self.family.inputs is None
                    else named.model_dump(include=own))
             name = f"{where}.{self._field}" if self.family.inputs is None else where
-            if self.family.media == "image":
+            if self.family.media != "text":
                 one = self._one_input(one, name)
             request = PipelineRequest([one], self._call_params(
                 {k: v for k, v in values.items() if v is not None}), True, False, [name])
@@ -227,12 +256,13 @@ class PipelineTask(Task):
                 raise InputError("must be an object with "
                                  f"{', '.join(self.family.inputs.model_fields)}", field=name)
             return parse_input(self.family.inputs, value, {}, prefix=name).model_dump()
-        if self.family.media == "image":
+        if self.family.media != "text":
+            media = self.family.media
             if not isinstance(value, str) or not (
                     value[:16].lower().startswith(("https://", "http://", "s3://"))
-                    or _DATA_URI.match(value[:64])):
+                    or _MEDIA_URI.match(value[:80])):
                 raise InputError("must be an https:// or s3:// URL, or a "
-                                 "data:image/<type>;base64,<data> URI", field=name)
+                                 f"data:{media}/<type>;base64,<data> URI", field=name)
             return value
         if not isinstance(value, str) or not value or len(value) > MAX_TEXT_CHARS:
             raise InputError(f"must be a text of 1..{MAX_TEXT_CHARS:,} characters", field=name)
@@ -240,7 +270,7 @@ class PipelineTask(Task):
 
     @property
     def _field(self) -> str:
-        return "image" if self.family.media == "image" else "text"
+        return "text" if self.family.media == "text" else self.family.media
 
     def _call_params(self, given: dict[str, Any]) -> dict[str, Any]:
         """What the pipeline or runner is called with: a runner gets every default too."""
@@ -254,6 +284,9 @@ class PipelineTask(Task):
         if self.family.media == "image":
             inputs = [await self._image(ref, name, job)
                       for ref, name in zip(request.texts, request.fields, strict=True)]
+        elif self.family.media == "audio":
+            inputs = [await self._audio(ref, name, job)
+                      for ref, name in zip(request.texts, request.fields, strict=True)]
         elif not self.family.pair_truncation:     # else the pairs are fitted to the model
             counts = await in_tokenizer_thread(self._token_counts, request.texts)
             for count, name in zip(counts, request.fields, strict=True):
@@ -261,7 +294,7 @@ class PipelineTask(Task):
                     raise InputError(f"is {count:,} tokens, over the model's {self.max_tokens:,};"
                                      " send a shorter text", field=name)
         key = params_key(request.params)
-        items = [PipelineItem(one, request.params, key) for one in inputs]
+        items = [PipelineItem(one, request.params, self._key(key, one)) for one in inputs]
         try:
             await asyncio.wait_for(asyncio.gather(*(self.batcher.submit(i) for i in items)),
                                    max(0.0, job.remaining_s()))
@@ -274,7 +307,11 @@ class PipelineTask(Task):
             image.save(out, format="PNG")
             return job.store(out.getvalue(), "image/png", f"{name}.png")
 
-        results = await asyncio.to_thread(to_json, [i.result for i in items], store, "result")
+        raw = [i.result for i in items]
+        if self.family.kind == "text-to-audio":
+            fmt = request.params.get("output_format", "wav")
+            raw = await asyncio.to_thread(self._audio_files, raw, fmt, job)
+        results = await asyncio.to_thread(to_json, raw, store, "result")
         if request.hub_shape:
             return self.family.wrap(request.single, results, request.params)
         return {"result": results[0], "model": self.loaded.served_name}
@@ -290,6 +327,35 @@ class PipelineTask(Task):
             raw = await job.download(ref, field=name, max_bytes=max_bytes)
         return await asyncio.to_thread(open_image, raw, max_pixels, name)
 
+    def _key(self, key: str, one: Any) -> str:
+        if self.pads_safely or not isinstance(one, dict):
+            return key
+        return f"{key}|{len(one['raw'])}"        # only equal lengths batch together
+
+    async def _audio(self, ref: str, name: str, job: JobContext) -> dict[str, Any]:
+        """The audio at ``ref`` (a URL under the download rules, or a data URI) as mono
+        samples at the model's rate, within WORKER_MAX_AUDIO_SECONDS."""
+        max_bytes = self.settings.max_input_bytes * 8
+        if ref.startswith("data:"):
+            raw = decode_data_uri(ref, name, max_bytes)
+        else:
+            raw = await job.download(ref, field=name)
+        samples = await asyncio.to_thread(
+            decode_audio, raw, sampling_rate=self.sampling_rate,
+            max_seconds=self.settings.max_audio_seconds, field=name)
+        return {"raw": samples, "sampling_rate": self.sampling_rate}
+
+    @staticmethod
+    def _audio_files(results: list[Any], fmt: str, job: JobContext) -> list[Any]:
+        """Each generated waveform as an audio file (job.store), with its sampling rate."""
+        files = []
+        for n, result in enumerate(results):
+            rate = int(result["sampling_rate"])
+            data = encode_audio(np.asarray(result["audio"]), rate, fmt)
+            files.append({"audio": job.store(data, OUTPUT_TYPES[fmt], f"audio-{n}.{fmt}"),
+                          "sampling_rate": rate})
+        return files
+
     def _token_counts(self, texts: list[str]) -> list[int]:
         return [len(ids) for ids in self.loaded.tokenizer(texts)["input_ids"]]
 
@@ -303,3 +369,18 @@ def _max_tokens(loaded: LoadedModel) -> int:
               getattr(loaded.tokenizer, "model_max_length", None)]
     return min(int(x) for x in limits if isinstance(x, int) and 0 < x < 10**9) if any(
         isinstance(x, int) and 0 < x < 10**9 for x in limits) else 512
+
+
+def decode_data_uri(uri: str, field_name: str, max_bytes: int) -> bytes:
+    """The bytes of a ``data:<type>;base64,`` URI, at most ``max_bytes``."""
+    head = _MEDIA_URI.match(uri[:80])
+    if head is None:
+        raise InputError("must be a data:<type>/<subtype>;base64,<data> URI", field=field_name)
+    payload = uri[head.end():]
+    if len(payload) > 4 * (max_bytes // 3) + 4:
+        raise InputError(f"holds more than {max_bytes:,} bytes of data", field=field_name)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError("is not valid base64 after 'data:<type>;base64,'",
+                         field=field_name) from None
