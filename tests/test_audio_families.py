@@ -280,3 +280,26 @@ class TestBadAudio:
     def test_a_file_url_is_refused(self, loop, workers):
         got = answer(loop, workers["audio-classification"], {"audio": "file:///etc/passwd"})
         assert got["error_code"] == "invalid_input" and "input.audio" in got["error"]
+
+
+def test_handler_transcribes_a_job_file_too_large_for_one_argument(model_dirs, tmp_path):
+    """``python handler.py --test_input @job.json``: a 10 s WAV is 430 KiB as a data URI, over
+    Linux's 128 KiB cap on one command-line argument."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.support.dockerfile import ROOT
+
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"input": {"audio": data_uri(wav_bytes(tone(10.0)))}}))
+    assert job.stat().st_size > 128 * 1024
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("MODEL_", "WORKER_", "BUCKET_", "HF_", "RUNPOD_"))}
+    env = {**clean, "MODEL_PATH": str(model_dirs["automatic-speech-recognition"]),
+           "WORKER_MAX_AUDIO_SECONDS": "30"}
+    done = subprocess.run([sys.executable, "handler.py", "--test_input", f"@{job}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    answer_line = [line for line in done.stdout.splitlines() if line.startswith("{")][-1]
+    assert json.loads(answer_line)["output"][0]["result"]["text"]
