@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -61,8 +62,31 @@ def _dpt() -> tuple[Any, Any]:
             transformers.DPTImageProcessor(size={"height": 32, "width": 32}))
 
 
-MODELS = {"image-classification": _vit, "object-detection": _yolos,
-          "image-segmentation": _segformer, "depth-estimation": _dpt}
+def _clip(path: Path) -> tuple[Any, Any]:
+    """A dual encoder, with a character-level CLIP tokenizer written here (no merges)."""
+    chars = "abcdefghijklmnopqrstuvwxyz.,"
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    transformers.CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt")
+                               ).save_pretrained(path)
+    end = vocab["<|endoftext|>"]
+    text = {"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 64,
+            "bos_token_id": vocab["<|startoftext|>"], "eos_token_id": end, "pad_token_id": end}
+    vision = {"image_size": 32, "patch_size": 8, "hidden_size": 16, "intermediate_size": 16,
+              "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32},
+                                                crop_size={"height": 32, "width": 32})
+    return transformers.CLIPModel(config), processor
+
+
+MODELS = {"zero-shot-image-classification": _clip, "image-classification": _vit,
+          "object-detection": _yolos, "image-segmentation": _segformer, "depth-estimation": _dpt}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +95,7 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     dirs = {}
     for kind, make in MODELS.items():
         torch.manual_seed(0)
-        model, processor = make()
+        model, processor = make(root / kind) if make is _clip else make()
         model.save_pretrained(root / kind)
         processor.save_pretrained(root / kind)
         dirs[kind] = root / kind
@@ -128,6 +152,7 @@ class TestTheHubShapeAnswersWhatThePipelineAnswers:
         ("image-classification", {}),
         ("image-classification", {"top_k": 2}),
         ("object-detection", {"threshold": 0.0}),
+        ("zero-shot-image-classification", {"candidate_labels": ["cat", "dog", "owl"]}),
     ])
     def test_same_json(self, loop, workers, pipelines, kind, parameters):
         images = [picture(1), picture(2, (36, 44))]
