@@ -8,6 +8,7 @@ Run it:
     python handler.py                                  the RunPod worker loop (production), or
                                                        ./test_input.json when run locally
     python handler.py --test_input '{"input": {...}}'  one job, printed; exit 1 if it failed
+    python handler.py --test_input @job.json           the same, the job read from a file
     python -m dev.local_endpoint -- python handler.py  a local endpoint that behaves like RunPod
 
 A startup failure (bad setting, no model) prints one line saying what and how to fix it and
@@ -67,6 +68,9 @@ def _local_test_job(argv: list[str]) -> dict[str, Any] | None:
         return None
     if "--test_input" in argv:
         raw = argv[argv.index("--test_input") + 1]
+        if raw.startswith("@"):          # a file: media too large for one argument (128 KiB)
+            with open(raw[1:], encoding="utf-8") as f:
+                raw = f.read()
     elif os.path.exists("test_input.json"):
         with open("test_input.json", encoding="utf-8") as f:
             raw = f.read()

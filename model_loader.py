@@ -11,12 +11,14 @@ Where the model is looked for, in this order (the first hit wins)::
     4. HF_HUB_CACHE                    a Hugging Face cache, e.g. on a network volume
     5. the Hub, only with MODEL_ALLOW_DOWNLOAD=true
 
-Which task serves the model is the task's own rule (``Task.serves`` in ``tasks/``), asked in
-the registry's order when ``WORKER_TASK=auto``; a model no task serves stops the worker with one
-line naming its architecture. The task loads its model (``Task.load``) with ``place_model``
-below, which owns device, dtype and placement. Only safetensors weights are loaded (pickle
-checkpoints run code on load) and remote code is never trusted. When nothing is found,
-``ModelNotFound`` lists every place and how to fix it.
+Which task serves the model comes from its config (``serving/detect.py`` reads its
+architecture in transformers' own auto-class tables as pipeline kinds, its default first) and
+each task's ``pipeline_tasks`` (or its own ``serves`` rule), whatever the registry's order; a
+model no task serves, a WORKER_TASK that does not fit it, or two tasks claiming it stop the
+worker with one line naming its architecture, before any weight is read. The task loads its
+model (``Task.load``) with ``place_model`` below, which owns device, dtype and placement. Only
+safetensors weights are loaded (pickle checkpoints run code on load) and remote code is never
+trusted. When nothing is found, ``ModelNotFound`` lists every place and how to fix it.
 
 The name the worker answers as (``model`` in answers, ``/v1/models``, the startup line) is
 MODEL_SERVED_NAME when set; else, for MODEL_PATH, the name recorded in the directory's
@@ -68,6 +70,7 @@ from transformers import (  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from serving.config import ModelSettings, WorkerSettings  # noqa: E402
+from serving.detect import describe, model_kinds  # noqa: E402
 from serving.device import DEVICE_THREAD, is_out_of_memory  # noqa: E402
 from serving.errors import ModelNotFound, SettingsError, UnsupportedModel  # noqa: E402
 
@@ -220,6 +223,12 @@ class ModelFiles:
         """True when the directory holds ``name`` (a file or a folder)."""
         return (self.path / name).exists()
 
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The pipeline tasks the model can serve, its default first (``serving.detect``)."""
+        files = [name for name in ("modules.json",) if self.has(name)]
+        return model_kinds(self.config, files)
+
 
 def read_model_files(source: ModelSource) -> ModelFiles:
     """The config of the model in ``source``; quantized checkpoints are refused."""
@@ -235,19 +244,58 @@ def read_model_files(source: ModelSource) -> ModelFiles:
 
 
 def pick_task(model: ModelFiles, setting: str, tasks: Mapping[str, type[Task]]) -> type[Task]:
-    """The task for ``model``: WORKER_TASK when it names one, else the first whose rule says so."""
+    """The task for ``model``, whatever the registry's order.
+
+    The model's kinds come from its config (``serving.detect``: transformers' own auto-class
+    tables), its default first. ``WORKER_TASK=auto`` takes the task that serves the default kind
+    (``Task.pipeline_tasks``), or whose own ``serves`` rule claims the model; ``WORKER_TASK``
+    names a task, or a kind, to pick another fit. A task's own rule beats a kind. A model no
+    task fits, a forced task that does not fit it, or two tasks that both claim it (two rules,
+    or two kinds) stop the worker with one line."""
+    kinds = model.kinds
+    arch = describe(model.config)
     if setting != "auto":
-        if setting not in tasks:
+        by_kind = {kind: task for task in tasks.values() for kind in task.pipeline_tasks}
+        task = tasks.get(setting) or by_kind.get(setting)
+        if task is None:
             raise SettingsError(f"WORKER_TASK={setting!r} is not allowed; use one of "
-                                f"auto, {', '.join(tasks)}")
-        return tasks[setting]
-    for task in tasks.values():
-        if task.serves(model):
+                                f"auto, {', '.join(tasks)}"
+                                + (f", or a kind: {', '.join(sorted(by_kind))}" if by_kind else ""))
+        if task.serves(model) or (set(task.pipeline_tasks) & set(kinds)) or (
+                not task.pipeline_tasks and not kinds):
             return task
-    kind = ", ".join(model.architectures) or getattr(model.config, "model_type", "unknown")
+        raise UnsupportedModel(
+            f"WORKER_TASK={setting} cannot serve the model in {model.path} ({arch}: "
+            f"{_kinds_text(kinds)}); {_fits_text(model, kinds, tasks)}")
+    # A task's own rule (a fork's classifier, say) is more specific than a kind, and wins.
+    claims = [task for task in tasks.values() if task.serves(model)] or [
+        task for task in tasks.values() if kinds and kinds[0] in task.pipeline_tasks]
+    if len(claims) == 1:
+        return claims[0]
+    if claims:
+        names = ", ".join(task.name for task in claims)
+        raise UnsupportedModel(
+            f"tasks {names} all serve the model in {model.path} ({arch}); set WORKER_TASK to "
+            "the one that should")
     raise UnsupportedModel(
-        f"no task serves the model in {model.path} ({kind}); tasks: {', '.join(tasks)}. "
-        "Add one for it (README: Fork it, add a task), or set WORKER_TASK if one of them fits")
+        f"no task serves the model in {model.path} ({arch}: {_kinds_text(kinds)}); "
+        f"{_fits_text(model, kinds, tasks)}")
+
+
+def _kinds_text(kinds: tuple[str, ...]) -> str:
+    if not kinds:
+        return "a kind of model this version of transformers does not know"
+    return f"read as {kinds[0]}" + (f", also {', '.join(kinds[1:])}" if kinds[1:] else "")
+
+
+def _fits_text(model: ModelFiles, kinds: tuple[str, ...], tasks: Mapping[str, type[Task]]) -> str:
+    """Which WORKER_TASK would serve the model, or how to add a task."""
+    fits = [task.name for task in tasks.values()
+            if task.serves(model) or set(task.pipeline_tasks) & set(kinds)]
+    if fits:
+        return f"tasks that fit it: {', '.join(fits)} (set WORKER_TASK to one)"
+    return (f"no task here serves it (tasks: {', '.join(tasks)}); add one for it (README: "
+            "Fork it, add a task)")
 
 
 def served_name(settings: ModelSettings, source: ModelSource) -> str:

@@ -12,6 +12,7 @@ here, one concern per module:
     batcher.py        work from concurrent jobs gathered into shared forward passes
     device.py         the one device thread, and what an out-of-memory or device fault means
     config.py         every setting, read from the environment in one typed place
+    detect.py         what kind of model a directory holds, read exactly from its config
     errors.py         the error tree, and the one place an exception becomes a job answer
     validation.py     the job envelope and pydantic input helpers tasks use
     delivery.py       inline answers, or links to stored answers and files

@@ -128,8 +128,10 @@ MODEL_SERVED_NAME = _var("model", "MODEL_SERVED_NAME", None,
 MODEL_WARMUP = _var("model", "MODEL_WARMUP", "true",
                     "Run one small job (the task's warm-up) at startup, before taking jobs")
 WORKER_TASK = _var("model", "WORKER_TASK", "auto",
-                   "What the model serves: auto (the first task in tasks/__init__.py whose rule "
-                   "recognises the model), or a task's name: generate, embed, upscale")
+                   "What the model serves: auto (the task whose kind the model's config reads "
+                   "as, e.g. text-generation -> generate), a task's name (generate, embed, "
+                   "upscale) or a kind (text-generation, feature-extraction, image-to-image); "
+                   "a task that does not fit the model stops the start")
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -221,6 +223,9 @@ WORKER_MAX_IMAGE_PIXELS = _var("worker", "WORKER_MAX_IMAGE_PIXELS", "1048576",
                                "Largest image in pixels (width x height) as the model runs it, "
                                "padding included (1016x1016 pads to 1024x1024), read from its "
                                "header before decoding; 1..268435456")
+WORKER_MAX_AUDIO_SECONDS = _var("worker", "WORKER_MAX_AUDIO_SECONDS", "1800",
+                                "Longest input audio in seconds, read from its header before "
+                                "decoding and enforced while decoding; 1..86400")
 WORKER_JOB_TIMEOUT_S = _var("worker", "WORKER_JOB_TIMEOUT_S", "600",
                             "A job still running after this many seconds fails; 1..86400")
 WORKER_DECODE = _var("worker", "WORKER_DECODE", "auto",
@@ -261,6 +266,7 @@ class WorkerSettings:
     embed_batch_size: int         # texts per embedding forward pass
     job_timeout_s: float          # per-job time limit, seconds
     max_image_pixels: int = 1048576   # input image size limit, pixels
+    max_audio_seconds: float = 1800.0  # input audio length limit, seconds
     intake: str = "fast"              # fast | sdk: how the runpod loop takes jobs (intake.py)
     decode: str = "auto"              # auto | compiled | eager (serving/graphs.py)
     compile_cache_dir: str | None = None   # torch.compile's on-disk caches (None: torch's own)
@@ -283,6 +289,7 @@ class WorkerSettings:
             embed_batch_size=r.integer(WORKER_EMBED_BATCH_SIZE, 1, 4096),
             job_timeout_s=r.number(WORKER_JOB_TIMEOUT_S, 1, 86400),
             max_image_pixels=r.integer(WORKER_MAX_IMAGE_PIXELS, 1, 268435456),
+            max_audio_seconds=r.number(WORKER_MAX_AUDIO_SECONDS, 1, 86400),
             intake=r.choice(WORKER_INTAKE, ("fast", "sdk")),
             decode=r.choice(WORKER_DECODE, ("auto", "compiled", "eager")),
             compile_cache_dir=_compile_cache_dir(r.text(WORKER_COMPILE_CACHE_DIR)),

@@ -153,7 +153,9 @@ class Worker:
                 async for chunk in self.task.stream(request, context):
                     yield chunk
                 return
-            answer = dict(await self.task.answer(request, context))
+            answer = await self.task.answer(request, context)
+            # An object, or a list where a task answers in the Hugging Face API's shape.
+            answer = answer if isinstance(answer, list) else dict(answer)
             yield await self._delivered(self._deliver, answer, job, mode, context.deadline)
         except Exception as exc:  # noqa: BLE001 - the job boundary: every failure is answered
             answer = error_response(exc, openai=openai)
@@ -275,8 +277,9 @@ class Worker:
                     if getattr(request, "stream", False):
                         raise InputError("stream is not available for batch items",
                                          field=f"input.batch.{index}.stream")
-                    result: dict[str, Any] = dict(
-                        await self.task.answer(request, context.for_item(index)))
+                    answer = await self.task.answer(request, context.for_item(index))
+                    result: dict[str, Any] = (
+                        {"result": answer} if isinstance(answer, list) else dict(answer))
                 except Exception as exc:  # noqa: BLE001 - one item's failure is its own answer
                     if not isinstance(exc, WorkerError):
                         log.exception("batch item %d of job %s failed", index, job.get("id"))

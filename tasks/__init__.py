@@ -2,8 +2,10 @@
 
 A task is a ``tasks.base.Task`` subclass in its own module: it recognises its models, loads them,
 declares its input contract and answers jobs (``tasks/base.py`` says what each part does).
-``WORKER_TASK=auto`` asks each task below, in order, whether it serves the model
-(``Task.serves``); the first that does serves it. ``WORKER_TASK=<name>`` picks one outright.
+``WORKER_TASK=auto`` gives the model to the task whose ``pipeline_tasks`` holds the kind its
+config reads as (``serving/detect.py``), or whose own ``Task.serves`` rule claims it; the order
+below does not matter, and two tasks claiming one model stop the start. ``WORKER_TASK=<name>``
+(or a kind) picks another task that fits the model.
 
 To add a task: write ``tasks/<name>.py`` (``tasks/upscale.py`` is a complete example that
 returns files) and add one line to ``TASKS``. Nothing else in the worker names a task.
@@ -19,12 +21,14 @@ from __future__ import annotations
 from tasks.base import JobContext, Task
 from tasks.embed import EmbedTask
 from tasks.generate import GenerateTask
+from tasks.pipeline import PipelineTask
 from tasks.upscale import UpscaleTask
 
 TASKS: dict[str, type[Task]] = {
     "generate": GenerateTask,
     "embed": EmbedTask,
     "upscale": UpscaleTask,
+    "pipeline": PipelineTask,
 }
 
 __all__ = ["TASKS", "JobContext", "Task"]

@@ -122,6 +122,9 @@ class Task:
 
     name: ClassVar[str] = ""
     openai_routes: ClassVar[tuple[str, ...]] = ()   # e.g. ("/v1/chat/completions",)
+    # The kinds of model it serves, as pipeline task names ("text-generation", ...; the list is
+    # serving.detect.KINDS): WORKER_TASK=auto gives it every model whose config reads as one.
+    pipeline_tasks: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, loaded: LoadedModel, settings: WorkerSettings) -> None:
         self.loaded = loaded
@@ -130,7 +133,8 @@ class Task:
 
     @classmethod
     def serves(cls, model: ModelFiles) -> bool:
-        """True when ``model`` holds a model of this task (WORKER_TASK=auto asks each task)."""
+        """True when ``model`` holds a model of this task beyond ``pipeline_tasks``: a task's
+        own detection rule (WORKER_TASK=auto asks each task)."""
         return False
 
     @classmethod

@@ -41,7 +41,6 @@ import torch
 import transformers
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from transformers import AutoTokenizer
-from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
 from model_loader import LoadedModel, ModelFiles, place_model
 from serving.batcher import Batcher
@@ -52,8 +51,6 @@ from tasks.base import JobContext, Task
 
 POOLING_MODES = ("mean", "cls", "max")
 TOKENIZE_SLICE_CHARS = 256 * 1024   # characters tokenized in one call to the tokenizer thread
-_BASE_MODEL_CLASSES = frozenset(MODEL_MAPPING_NAMES.values())
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 
 
 class EmbedInput(StrictInput):
@@ -202,16 +199,9 @@ class EmbedTask(Task):
     """Embedding jobs on an encoder model, batched across concurrent jobs."""
 
     name = "embed"
+    # bare text encoders and sentence-transformers folders
+    pipeline_tasks = ("feature-extraction",)
     openai_routes = ("/v1/embeddings",)
-
-    @classmethod
-    def serves(cls, model: ModelFiles) -> bool:
-        """A sentence-transformers directory, or a text model without a head (``BertModel``)."""
-        if model.has("modules.json") or model.has("1_Pooling"):
-            return True
-        return (bool(model.architectures)
-                and all(a in _BASE_MODEL_CLASSES for a in model.architectures)
-                and any(model.has(name) for name in _TOKENIZER_FILES))
 
     @classmethod
     def load(cls, model: ModelFiles, settings: ModelSettings) -> LoadedModel:

@@ -45,7 +45,6 @@ import transformers
 from jinja2 import TemplateError
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from transformers import AutoTokenizer, GenerationConfig
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from model_loader import LoadedModel, ModelFiles, place_model
 from serving.batcher import Batcher
@@ -172,21 +171,12 @@ def model_context(loaded: LoadedModel) -> int | None:
     return None
 
 
-_CAUSAL_LM_CLASSES = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-
-
 class GenerateTask(Task):
     """Generation jobs on a causal language model, batched across concurrent jobs."""
 
     name = "generate"
+    pipeline_tasks = ("text-generation",)     # causal language models
     openai_routes = ("/v1/chat/completions", "/v1/completions")
-
-    @classmethod
-    def serves(cls, model: ModelFiles) -> bool:
-        """Causal language models: an architecture ``AutoModelForCausalLM`` loads."""
-        if model.architectures:
-            return any(a in _CAUSAL_LM_CLASSES for a in model.architectures)
-        return getattr(model.config, "model_type", None) in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     @classmethod
     def load(cls, model: ModelFiles, settings: ModelSettings) -> LoadedModel:

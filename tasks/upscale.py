@@ -130,10 +130,7 @@ class UpscaleTask(Task):
     """Super-resolution jobs on a Swin2SR model, batched across concurrent jobs."""
 
     name = "upscale"
-
-    @classmethod
-    def serves(cls, model: ModelFiles) -> bool:
-        return any(a.endswith("ForImageSuperResolution") for a in model.architectures)
+    pipeline_tasks = ("image-to-image",)      # super-resolution: Swin2SR
 
     @classmethod
     def load(cls, model: ModelFiles, settings: ModelSettings) -> LoadedModel:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from transformers import ViTConfig, ViTForImageClassification
+from transformers import VideoMAEConfig
 
 from model_loader import ModelSource, pick_task, read_model_files, served_name
 from serving.config import ModelSettings
@@ -25,11 +25,12 @@ def files(path: Path, origin: str = "MODEL_PATH"):
     return read_model_files(ModelSource(path, origin))
 
 
-def tiny_vit(path: Path) -> Path:
-    """An image classifier: a model no task of this worker serves."""
-    config = ViTConfig(image_size=8, patch_size=4, hidden_size=8, num_hidden_layers=1,
-                       num_attention_heads=1, intermediate_size=8, num_labels=2)
-    ViTForImageClassification(config).save_pretrained(path, safe_serialization=True)
+def video_classifier(path: Path) -> Path:
+    """A video classifier: a kind of model no task of this worker serves (config and an empty
+    weights file: detection stops before any weight is read)."""
+    config = VideoMAEConfig(architectures=["VideoMAEForVideoClassification"])
+    config.save_pretrained(path)
+    (path / "model.safetensors").write_bytes(b"")
     return path
 
 
@@ -50,8 +51,10 @@ class TestDetection:
     def test_swin2sr_is_upscale(self, swin2sr_dir):
         assert pick_task(files(swin2sr_dir), "auto", TASKS).name == "upscale"
 
-    def test_worker_task_overrides_detection(self, minilm_dir):
-        assert pick_task(files(minilm_dir), "generate", TASKS).name == "generate"
+    def test_worker_task_that_does_not_fit_the_model_names_the_tasks_that_do(self, minilm_dir):
+        with pytest.raises(UnsupportedModel, match="WORKER_TASK=generate cannot serve.*BertModel"
+                                                   ".*tasks that fit it: embed"):
+            pick_task(files(minilm_dir), "generate", TASKS)
 
     def test_an_unknown_worker_task_names_the_choices(self, minilm_dir):
         with pytest.raises(SettingsError, match="WORKER_TASK='rank' is not allowed; use one of "
@@ -59,8 +62,8 @@ class TestDetection:
             pick_task(files(minilm_dir), "rank", TASKS)
 
     def test_a_model_no_task_serves_names_its_architecture(self, tmp_path):
-        with pytest.raises(UnsupportedModel, match="ViTForImageClassification.*add a task"):
-            pick_task(files(tiny_vit(tmp_path / "vit")), "auto", TASKS)
+        with pytest.raises(UnsupportedModel, match="VideoMAEForVideoClassification.*add one"):
+            pick_task(files(video_classifier(tmp_path / "video")), "auto", TASKS)
 
 
 class TestStartupWithAModelNoTaskServes:
@@ -79,15 +82,16 @@ class TestStartupWithAModelNoTaskServes:
         assert len(lines) == 1, result.stderr[-2000:]
         return lines[0]
 
-    def test_an_image_classifier(self, tmp_path):
-        line = self.start({"MODEL_PATH": str(tiny_vit(tmp_path / "vit"))})
-        assert "no task serves the model" in line and "ViTForImageClassification" in line
+    def test_a_video_classifier(self, tmp_path):
+        line = self.start({"MODEL_PATH": str(video_classifier(tmp_path / "video"))})
+        assert "no task serves the model" in line and "VideoMAEForVideoClassification" in line
         assert "README: Fork it, add a task" in line
 
-    def test_a_task_forced_onto_a_model_it_cannot_load(self, swin2sr_dir):
+    def test_a_task_forced_onto_a_model_it_does_not_fit(self, swin2sr_dir):
+        """Refused from the config, before any weight is read (no half-loaded model)."""
         line = self.start({"MODEL_PATH": str(swin2sr_dir), "WORKER_TASK": "generate"})
-        assert "the generate task could not load the model" in line
-        assert "Swin2SRForImageSuperResolution" in line and "add a task" in line
+        assert "WORKER_TASK=generate cannot serve the model" in line
+        assert "Swin2SRForImageSuperResolution" in line and "tasks that fit it: upscale" in line
 
 
 class TestServedName:

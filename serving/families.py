@@ -1,0 +1,251 @@
+"""Model families served from the model's own config: one table of transformers pipelines.
+
+Owns what differs between the families ``tasks/pipeline.py`` serves: which pipeline runs, which
+parameters a job may pass to it (typed, with limits; anything else is refused by name), and how
+one input's result is shaped for each of the two input forms:
+
+- the Hugging Face Inference API's ``{"inputs": X, "parameters": {...}}``: the answer is what
+  ``transformers.pipeline(<kind>, model=<the same directory>)(X, **parameters)`` returns, as
+  JSON (a list ``X`` is a list of inputs, answered in order);
+- the worker's own fields, ``{"text": "...", <parameters as fields>}``: the answer is
+  ``{"result": <that input's result>, "model": <served name>}``.
+
+Inputs of concurrent jobs with equal parameters share one pipeline call (its own batching), on
+the device thread. Never imports runpod or boto3; never lets a pipeline fetch a URL or open a
+path: its inputs are plain strings here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from serving import text_runners
+from serving.delivery import Artefact
+from serving.validation import StrictInput
+
+MAX_TEXT_CHARS = 20_000            # one input text; longer inputs are refused, naming the field
+MAX_LABELS = 64                    # zero-shot candidate labels: each one is a forward pass
+MAX_INPUTS = 64                    # inputs of one Hugging Face-shaped job
+
+
+class TextClassificationParameters(StrictInput):
+    top_k: int | None = Field(default=None, ge=1, le=1000)
+    function_to_apply: Literal["sigmoid", "softmax", "none"] | None = None
+
+
+class ZeroShotParameters(StrictInput):
+    candidate_labels: list[str] = Field(min_length=1, max_length=MAX_LABELS)
+    multi_label: bool = False
+    hypothesis_template: str = Field(default="This example is {}.", max_length=500)
+
+    @field_validator("candidate_labels")
+    @classmethod
+    def _labels(cls, labels: list[str]) -> list[str]:
+        if any(not label.strip() or len(label) > 200 for label in labels):
+            raise ValueError("each label must be 1..200 characters, not blank")
+        return labels
+
+    @field_validator("hypothesis_template")
+    @classmethod
+    def _template(cls, template: str) -> str:
+        if template.count("{}") != 1:
+            raise ValueError("must hold '{}' exactly once, where the label goes")
+        return template
+
+
+class TokenClassificationParameters(StrictInput):
+    aggregation_strategy: Literal["none", "simple", "first", "average", "max"] = "simple"
+    ignore_labels: list[str] | None = Field(default=None, max_length=MAX_LABELS)
+
+
+class FillMaskParameters(StrictInput):
+    top_k: int = Field(default=5, ge=1, le=100)
+    targets: list[str] | None = Field(default=None, min_length=1, max_length=MAX_LABELS)
+
+
+class ImageClassificationParameters(StrictInput):
+    top_k: int | None = Field(default=None, ge=1, le=1000)
+    function_to_apply: Literal["sigmoid", "softmax", "none"] | None = None
+
+
+class ZeroShotImageParameters(StrictInput):
+    candidate_labels: list[str] = Field(min_length=1, max_length=MAX_LABELS)
+    hypothesis_template: str = Field(default="This is a photo of {}.", max_length=500)
+
+    _labels = field_validator("candidate_labels")(ZeroShotParameters._labels.__func__)
+    _template = field_validator("hypothesis_template")(ZeroShotParameters._template.__func__)
+
+
+class ObjectDetectionParameters(StrictInput):
+    threshold: float = Field(default=0.5, ge=0, le=1)
+
+
+class ImageSegmentationParameters(StrictInput):
+    threshold: float = Field(default=0.9, ge=0, le=1)
+    mask_threshold: float = Field(default=0.5, ge=0, le=1)
+    overlap_mask_area_threshold: float = Field(default=0.5, ge=0, le=1)
+    subtask: Literal["semantic", "instance", "panoptic"] | None = None
+
+
+class NoParameters(StrictInput):
+    pass
+
+
+class SpeechRecognitionParameters(StrictInput):
+    return_timestamps: bool | Literal["word", "char"] | None = None
+    chunk_length_s: float | None = Field(default=None, gt=0, le=30)
+    stride_length_s: float | None = Field(default=None, ge=0, le=10)
+    language: str | None = Field(default=None, min_length=2, max_length=32)   # Whisper's
+    task: Literal["transcribe", "translate"] | None = None                    # Whisper's
+
+
+class AudioClassificationParameters(StrictInput):
+    top_k: int | None = Field(default=None, ge=1, le=1000)
+
+
+class TextToAudioParameters(StrictInput):
+    output_format: Literal["wav", "flac", "mp3"] = "wav"      # ours: the file's format
+
+
+class Text2TextParameters(StrictInput):
+    max_new_tokens: int | None = Field(default=None, ge=1, le=1024)
+    num_beams: int | None = Field(default=None, ge=1, le=8)
+    do_sample: bool | None = None
+    temperature: float | None = Field(default=None, gt=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0, le=1000)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+
+
+class QuestionAnsweringParameters(StrictInput):
+    top_k: int = Field(default=1, ge=1, le=20)
+    max_answer_len: int = Field(default=15, ge=1, le=512)
+    doc_stride: int = Field(default=128, ge=0, le=1024)
+    handle_impossible_answer: bool = False
+
+
+class QuestionAndContext(StrictInput):
+    question: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    context: str = Field(min_length=1, max_length=MAX_TEXT_CHARS * 10)
+
+
+def _wrap_text_classification(single: bool, results: list[Any], params: dict[str, Any]) -> Any:
+    # As the pipeline answers: one string without top_k is a one-element list.
+    if single:
+        return [results[0]] if "top_k" not in params else results[0]
+    return results
+
+
+def _wrap_plain(single: bool, results: list[Any], params: dict[str, Any]) -> Any:
+    return results[0] if single else results
+
+
+# A runner computes the kinds transformers 5 has no pipeline for, on the device thread:
+# runner(model, tokenizer, inputs, params, kind) -> one JSON result per input.
+Runner = Callable[[Any, Any, list[Any], dict[str, Any], str], list[Any]]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One row of the table: a kind and what differs about it."""
+
+    kind: str
+    parameters: type[StrictInput]
+    wrap: Callable[[bool, list[Any], dict[str, Any]], Any]   # per-input results -> X's answer
+    mask_token: bool = False                                  # the text must hold the mask token
+    inputs: type[StrictInput] | None = None    # one input's fields; None: one text, "text"
+    runner: Runner | None = None               # None: transformers' pipeline for the kind
+    pair_truncation: bool = False              # the model sees (text, x): the runner fits it
+    media: Literal["text", "image", "audio"] = "text"   # what one input is
+    batch: bool = True                         # inputs of several jobs share a pipeline call
+    # The job's parameters -> the pipeline's keyword arguments (ours removed, some regrouped).
+    call: Callable[[dict[str, Any]], dict[str, Any]] = dict
+
+
+def _families() -> dict[str, Family]:
+    text2text = {"parameters": Text2TextParameters, "wrap": _wrap_list,
+                 "runner": text_runners.text2text}
+    return {f.kind: f for f in (
+        Family("text-classification", TextClassificationParameters, _wrap_text_classification),
+        Family("zero-shot-classification", ZeroShotParameters, _wrap_plain,
+               pair_truncation=True),
+        Family("token-classification", TokenClassificationParameters, _wrap_plain),
+        Family("fill-mask", FillMaskParameters, _wrap_plain, mask_token=True),
+        Family("text2text-generation", **text2text),
+        Family("summarization", **text2text),
+        Family("translation", **text2text),
+        Family("question-answering", QuestionAnsweringParameters, _wrap_plain,
+               inputs=QuestionAndContext, runner=text_runners.question_answering,
+               pair_truncation=True),
+        Family("image-classification", ImageClassificationParameters, _wrap_plain,
+               media="image"),
+        Family("zero-shot-image-classification", ZeroShotImageParameters, _wrap_plain,
+               media="image"),
+        Family("object-detection", ObjectDetectionParameters, _wrap_plain, media="image"),
+        Family("image-segmentation", ImageSegmentationParameters, _wrap_plain, media="image"),
+        Family("depth-estimation", NoParameters, _wrap_plain, media="image"),
+        Family("automatic-speech-recognition", SpeechRecognitionParameters, _wrap_plain,
+               media="audio", call=_speech_call),
+        Family("audio-classification", AudioClassificationParameters, _wrap_plain,
+               media="audio"),
+        # Speech lengths differ per text: one text per call, so no padding reaches the audio.
+        Family("text-to-audio", TextToAudioParameters, _wrap_plain, batch=False,
+               call=_without_format),
+    )}
+
+
+def _speech_call(params: dict[str, Any]) -> dict[str, Any]:
+    """Whisper's language and task go to generate, as the pipeline takes them."""
+    call = {k: v for k, v in params.items() if k not in ("language", "task")}
+    generate = {k: params[k] for k in ("language", "task") if k in params}
+    if generate:
+        call["generate_kwargs"] = generate
+    return call
+
+
+def _without_format(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if k != "output_format"}
+
+
+def _wrap_list(single: bool, results: list[Any], params: dict[str, Any]) -> Any:
+    # As the 4.x text2text pipelines answered: a list of one {"<kind>_text": ...} per input.
+    return [results[0]] if single else [[r] for r in results]
+
+
+FAMILIES: dict[str, Family] = _families()
+
+
+def params_key(params: dict[str, Any]) -> str:
+    """Inputs whose parameters give the same key share one pipeline call."""
+    return json.dumps(params, sort_keys=True)
+
+
+def to_json(value: Any, store: Callable[[Any, str], Any] | None = None, name: str = "out"
+            ) -> Any:
+    """A pipeline's result as plain JSON: numpy and torch scalars become Python numbers; an
+    image (a mask, a depth map) becomes ``store(image, name)``'s file, and a depth estimate's
+    ``predicted_depth`` tensor its ``min`` and ``max`` (the map itself is the ``depth`` PNG)."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if k == "predicted_depth" and hasattr(v, "min"):
+                out["min"], out["max"] = float(v.min()), float(v.max())
+            else:
+                out[str(k)] = to_json(v, store, f"{name}-{k}")
+        return out
+    if isinstance(value, list | tuple):
+        return [to_json(v, store, f"{name}-{i}") for i, v in enumerate(value)]
+    if hasattr(value, "save") and hasattr(value, "mode"):        # a PIL image
+        if store is None:
+            raise TypeError("an image in a result needs a place to store it")
+        return store(value, name)
+    if hasattr(value, "tolist"):                # numpy / torch scalars and arrays
+        return to_json(value.tolist())
+    if isinstance(value, float | int | str | bool | Artefact) or value is None:
+        return value                           # an Artefact: a file delivery makes inline or a link
+    raise TypeError(f"a pipeline answered a {type(value).__name__}, which is not JSON")

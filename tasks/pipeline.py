@@ -1,0 +1,392 @@
+"""Models of many kinds served with no code, each through its own kind's pipeline.
+
+Serves every model whose config reads as one of the kinds in ``serving/families.py`` (the
+table that says what differs between them): text and zero-shot classification, token
+classification (NER), fill-mask, seq2seq text (text2text, summarization, translation),
+extractive question answering, image and zero-shot image classification, object detection,
+image segmentation and depth estimation. Answers are transformers' pipeline's own, which users
+compare against (``serving/text_runners.py`` computes the kinds transformers 5 has no pipeline
+for). Two input forms, both validated, unknown fields and parameters refused by name::
+
+    {"inputs": X | [X, ...], "parameters": {...}}     the Hugging Face API's shape; answers the
+                                                       pipeline's own JSON
+    {"text" | "image" | "question"+"context": ..., <parameters as fields>}
+                                                       ours; answers {"result": ..., "model"}
+
+X is a text, an image (an https:// or s3:// URL fetched under the download rules, or a data:
+URI; decoded within WORKER_MAX_IMAGE_PIXELS), or ``{"question", "context"}``. Masks and depth
+maps are PNG files (``job.store``: inline or links). The parameters of each kind:
+docs/job-contract.md. Inputs of concurrent jobs with equal parameters share one pipeline call
+on the device thread (``batcher.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import functools
+import io
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import transformers
+from PIL import Image
+from pydantic import Field, create_model
+
+from model_loader import LoadedModel, ModelFiles, place_model
+from serving.audio import OUTPUT_TYPES, decode_audio, encode_audio
+from serving.batcher import Batcher
+from serving.config import ModelSettings, WorkerSettings
+from serving.errors import InputError, JobTimeout
+from serving.families import FAMILIES, MAX_INPUTS, MAX_TEXT_CHARS, Family, params_key, to_json
+from serving.media import ImageLimits, decode_image, in_decode_pool
+from serving.validation import StrictInput, in_tokenizer_thread, parse_input
+from tasks.base import JobContext, Task
+
+_MEDIA_URI = re.compile(r"data:(image|audio|video|application)/[A-Za-z0-9.+-]+;base64,", re.ASCII)
+
+_MODEL_CLASSES = {
+    "text-classification": transformers.AutoModelForSequenceClassification,
+    "zero-shot-classification": transformers.AutoModelForSequenceClassification,
+    "token-classification": transformers.AutoModelForTokenClassification,
+    "fill-mask": transformers.AutoModelForMaskedLM,
+    "text2text-generation": transformers.AutoModelForSeq2SeqLM,
+    "summarization": transformers.AutoModelForSeq2SeqLM,
+    "translation": transformers.AutoModelForSeq2SeqLM,
+    "question-answering": transformers.AutoModelForQuestionAnswering,
+    "image-classification": transformers.AutoModelForImageClassification,
+    "zero-shot-image-classification": transformers.AutoModelForZeroShotImageClassification,
+    "object-detection": transformers.AutoModelForObjectDetection,
+    "image-segmentation": transformers.AutoModelForSemanticSegmentation,
+    "depth-estimation": transformers.AutoModelForDepthEstimation,
+    "automatic-speech-recognition": transformers.AutoModelForSpeechSeq2Seq,
+    "audio-classification": transformers.AutoModelForAudioClassification,
+    "text-to-audio": transformers.AutoModelForTextToWaveform,
+}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
+
+
+class HubShapeInput(StrictInput):
+    """The Hugging Face Inference API's envelope; ``parameters`` is checked per kind."""
+
+    inputs: Any
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PipelineRequest:
+    texts: list[Any]                    # one text, or one input's fields, per input
+    params: dict[str, Any]              # exactly what the pipeline is called with
+    single: bool                        # one input, not a list (the API shape answers it bare)
+    hub_shape: bool
+    fields: list[str]                   # each text's field, for errors
+    stream: bool = False
+
+
+@dataclass(eq=False)
+class PipelineItem:
+    """One text while it waits for and goes through a pipeline call."""
+
+    text: Any                           # a string, or an input's fields (question answering)
+    params: dict[str, Any]
+    key: str
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    on_done: Callable[[], None] | None = None
+
+    def reset_for_retry(self) -> bool:
+        self.result = None
+        return True
+
+
+class PipelineEngine:
+    """Runs a batch of items on the device thread: one pipeline call per parameter set."""
+
+    def __init__(self, pipe: Any, family: Family) -> None:
+        self.pipe = pipe
+        self.family = family
+
+    def run(self, items: list[PipelineItem]) -> None:
+        groups: dict[str, list[PipelineItem]] = {}
+        for item in items:
+            if not item.cancelled.is_set():
+                groups.setdefault(item.key, []).append(item)
+        if not self.family.batch:         # one input per call
+            groups = {str(n): [item] for n, group in enumerate(groups.values())
+                      for item in group}
+        for group in groups.values():
+            # A pipeline may take its input dict apart: each call gets its own copy.
+            texts = [dict(i.text) if isinstance(i.text, dict) else i.text for i in group]
+            if self.family.runner is not None:
+                outs = self.family.runner(self.pipe.model, self.pipe.tokenizer, texts,
+                                          group[0].params, self.family.kind)
+            else:
+                outs = self.pipe(texts, batch_size=len(texts),
+                                 **self.family.call(group[0].params))
+            if len(texts) == 1 and self.family.kind == "fill-mask":
+                outs = [outs]                  # fill-mask answers a one-text list unwrapped
+            for item, out in zip(group, outs, strict=True):
+                item.result = out             # made JSON (and files) off the device thread
+
+
+class PipelineTask(Task):
+    """Jobs for the text families, through transformers' pipeline for the model's kind."""
+
+    name = "pipeline"
+    pipeline_tasks = tuple(FAMILIES)
+
+    @classmethod
+    def load(cls, model: ModelFiles, settings: ModelSettings) -> LoadedModel:
+        kind = settings.task if settings.task in FAMILIES else next(
+            k for k in model.kinds if k in FAMILIES)
+        # The exact class the config names (detection found it in transformers' tables).
+        named = [getattr(transformers, a, None) for a in model.architectures]
+        model_class = next((c for c in named if c is not None), _MODEL_CLASSES[kind])
+        loaded = place_model(model, settings, model_class)
+        if any(model.has(name) for name in _TOKENIZER_FILES):
+            loaded.tokenizer = transformers.AutoTokenizer.from_pretrained(
+                model.path, trust_remote_code=False)
+        image_processor = feature_extractor = None
+        if FAMILIES[kind].media == "image":
+            image_processor = transformers.AutoImageProcessor.from_pretrained(model.path)
+        if FAMILIES[kind].media == "audio":
+            feature_extractor = transformers.AutoFeatureExtractor.from_pretrained(model.path)
+        # The family this worker serves, and its preprocessors.
+        loaded.processor = (kind, image_processor, feature_extractor)
+        return loaded
+
+    def __init__(self, loaded: LoadedModel, settings: WorkerSettings) -> None:
+        super().__init__(loaded, settings)
+        kind, image_processor, feature_extractor = loaded.processor
+        self.family = FAMILIES[kind]
+        if self.family.runner is None:
+            self.pipe = transformers.pipeline(kind, model=loaded.model,
+                                              tokenizer=loaded.tokenizer,
+                                              image_processor=image_processor,
+                                              feature_extractor=feature_extractor,
+                                              device=loaded.device)
+        else:                                 # the runner's model and tokenizer, as a pipe's
+            self.pipe = SimpleNamespace(model=loaded.model, tokenizer=loaded.tokenizer)
+        self.sampling_rate = int(getattr(feature_extractor, "sampling_rate", 16000) or 16000)
+        # Audio of different lengths is padded in a batch: where the model neither sees a mask
+        # nor pads every input to one fixed size itself (Whisper's 30 s, AST's frames), padding
+        # would change an answer with its batch-mates, so only equal lengths share a call.
+        self.pads_safely = feature_extractor is None or bool(
+            getattr(feature_extractor, "return_attention_mask", False)
+            or getattr(feature_extractor, "n_samples", None)
+            or getattr(feature_extractor, "max_length", None))
+        self.max_tokens = _max_tokens(loaded)
+        fields: dict[str, Any] = {"text": (str, Field(min_length=1, max_length=MAX_TEXT_CHARS))}
+        if self.family.media in ("image", "audio"):
+            fields = {self.family.media: (str, Field(min_length=1))}
+        if self.family.inputs is not None:
+            fields = {name: (info.annotation, info) for name, info in
+                      self.family.inputs.model_fields.items()}
+        self.named = create_model(
+            f"{self.family.parameters.__name__.removesuffix('Parameters')}Input",
+            __base__=self.family.parameters, **fields)
+        self.batcher = Batcher(PipelineEngine(self.pipe, self.family),
+                               settings.max_batch_size, settings.batch_wait_ms)
+
+    def warm_up(self) -> None:
+        text: Any
+        if self.family.media == "image":
+            text = Image.new("RGB", (64, 48), (120, 60, 30))
+        elif self.family.media == "audio":
+            text = {"raw": np.zeros(self.sampling_rate, dtype=np.float32),
+                    "sampling_rate": self.sampling_rate}
+        elif self.family.inputs is not None:
+            text = {"question": "who?", "context": "warm up"}
+        else:
+            text = f"warm {self.loaded.tokenizer.mask_token or ''} up"
+        params = self._warm_up_params()
+        PipelineEngine(self.pipe, self.family).run([PipelineItem(text, params, "")])
+
+    def _warm_up_params(self) -> dict[str, Any]:
+        if self.family.kind in ("zero-shot-classification", "zero-shot-image-classification"):
+            return {"candidate_labels": ["a", "b"]}
+        if self.family.kind in ("text2text-generation", "summarization", "translation"):
+            return {"max_new_tokens": 2}
+        return self._call_params({})
+
+    def parse(self, job_input: dict[str, Any], where: str = "input") -> PipelineRequest:
+        if "inputs" in job_input:
+            envelope = parse_input(HubShapeInput, job_input, {}, prefix=where)
+            params = parse_input(self.family.parameters, envelope.parameters, {},
+                                 prefix=f"{where}.parameters")
+            raw = envelope.inputs
+            single = not isinstance(raw, list)
+            values = [raw] if single else list(raw)
+            fields = [f"{where}.inputs"] if single else [
+                f"{where}.inputs.{i}" for i in range(len(values))]
+            if not values or len(values) > MAX_INPUTS:
+                raise InputError(f"must hold 1..{MAX_INPUTS} inputs", field=f"{where}.inputs")
+            texts = [self._one_input(v, name) for v, name in zip(values, fields, strict=True)]
+            request = PipelineRequest(texts, self._call_params(params.model_dump(
+                exclude_unset=True)), single, True, fields)
+        else:
+            named = parse_input(self.named, job_input, {}, prefix=where)
+            own = (set(self.family.inputs.model_fields) if self.family.inputs
+                   else {self._field})
+            values = named.model_dump(exclude=own)
+            one = (getattr(named, self._field) if self.family.inputs is None
+                   else named.model_dump(include=own))
+            name = f"{where}.{self._field}" if self.family.inputs is None else where
+            if self.family.media != "text":
+                one = self._one_input(one, name)
+            request = PipelineRequest([one], self._call_params(
+                {k: v for k, v in values.items() if v is not None}), True, False, [name])
+        if self.family.mask_token:
+            mask = self.loaded.tokenizer.mask_token
+            for text, name in zip(request.texts, request.fields, strict=True):
+                if mask not in text:
+                    raise InputError(f"holds no mask token; put {mask} where the word goes",
+                                     field=name)
+        return request
+
+    def _one_input(self, value: Any, name: str) -> Any:
+        """One input of the API shape: a text, or the family's fields."""
+        if self.family.inputs is not None:
+            if not isinstance(value, dict):
+                raise InputError("must be an object with "
+                                 f"{', '.join(self.family.inputs.model_fields)}", field=name)
+            return parse_input(self.family.inputs, value, {}, prefix=name).model_dump()
+        if self.family.media != "text":
+            media = self.family.media
+            if not isinstance(value, str) or not (
+                    value[:16].lower().startswith(("https://", "http://", "s3://"))
+                    or _MEDIA_URI.match(value[:80])):
+                raise InputError("must be an https:// or s3:// URL, or a "
+                                 f"data:{media}/<type>;base64,<data> URI", field=name)
+            return value
+        if not isinstance(value, str) or not value or len(value) > MAX_TEXT_CHARS:
+            raise InputError(f"must be a text of 1..{MAX_TEXT_CHARS:,} characters", field=name)
+        return value
+
+    @property
+    def _field(self) -> str:
+        return "text" if self.family.media == "text" else self.family.media
+
+    def _call_params(self, given: dict[str, Any]) -> dict[str, Any]:
+        """What the pipeline or runner is called with: a runner gets every default too."""
+        if self.family.runner is None:
+            return given
+        defaults = self.family.parameters.model_construct().model_dump()
+        return {k: v for k, v in {**defaults, **given}.items() if v is not None}
+
+    async def answer(self, request: PipelineRequest, job: JobContext) -> Any:
+        inputs = request.texts
+        if self.family.media == "image":
+            inputs = [await self._image(ref, name, job)
+                      for ref, name in zip(request.texts, request.fields, strict=True)]
+        elif self.family.media == "audio":
+            inputs = [await self._audio(ref, name, job)
+                      for ref, name in zip(request.texts, request.fields, strict=True)]
+        elif not self.family.pair_truncation:     # else the pairs are fitted to the model
+            counts = await in_tokenizer_thread(self._token_counts, request.texts)
+            for count, name in zip(counts, request.fields, strict=True):
+                if count > self.max_tokens:
+                    raise InputError(f"is {count:,} tokens, over the model's {self.max_tokens:,};"
+                                     " send a shorter text", field=name)
+        key = params_key(request.params)
+        items = [PipelineItem(one, request.params, self._key(key, one)) for one in inputs]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(self.batcher.submit(i) for i in items)),
+                                   max(0.0, job.remaining_s()))
+        except TimeoutError:
+            raise JobTimeout(f"the job ran past {job.timeout_s:g}s (WORKER_JOB_TIMEOUT_S); "
+                             "send fewer inputs") from None
+
+        def store(image: Image.Image, name: str) -> Any:
+            out = io.BytesIO()
+            image.save(out, format="PNG")
+            return job.store(out.getvalue(), "image/png", f"{name}.png")
+
+        raw = [i.result for i in items]
+        if self.family.kind == "text-to-audio":
+            fmt = request.params.get("output_format", "wav")
+            raw = await in_decode_pool(self._audio_files, raw, fmt, job, deadline=job.deadline,
+                                       cancelled=job.cancelled)
+        # Encoding files (masks, depth maps) is image work: the decode pool, as decoding.
+        results = await in_decode_pool(to_json, raw, store, "result", deadline=job.deadline,
+                                       cancelled=job.cancelled)
+        if request.hub_shape:
+            return self.family.wrap(request.single, results, request.params)
+        return {"result": results[0], "model": self.loaded.served_name}
+
+    async def _image(self, ref: str, name: str, job: JobContext) -> Image.Image:
+        """The image at ``ref`` (a URL, under the download rules, or a data URI), decoded
+        within WORKER_MAX_IMAGE_PIXELS; InputError naming ``name`` for anything else."""
+        max_pixels = self.settings.max_image_pixels
+        max_bytes = max_pixels * 4 + 1024 * 1024
+        if ref.startswith("data:"):
+            raw = decode_data_uri(ref, name, max_bytes)
+        else:
+            raw = await job.download(ref, field=name, max_bytes=max_bytes)
+        # The structure is checked before Pillow reads it; decoding runs in the decode pool,
+        # dropped once the job has ended (serving/media.py).
+        return await decode_image(raw, ImageLimits(max_pixels), field=name,
+                                  deadline=job.deadline, cancelled=job.cancelled)
+
+    def _key(self, key: str, one: Any) -> str:
+        if self.pads_safely or not isinstance(one, dict):
+            return key
+        return f"{key}|{len(one['raw'])}"        # only equal lengths batch together
+
+    async def _audio(self, ref: str, name: str, job: JobContext) -> dict[str, Any]:
+        """The audio at ``ref`` (a URL under the download rules, or a data URI) as mono
+        samples at the model's rate, within WORKER_MAX_AUDIO_SECONDS."""
+        if ref.startswith("data:"):      # within the job's input, itself within its limit
+            raw = decode_data_uri(ref, name, self.settings.max_input_bytes)
+        else:
+            raw = await job.download(ref, field=name)
+        decode = functools.partial(decode_audio, raw, sampling_rate=self.sampling_rate,
+                                   max_seconds=self.settings.max_audio_seconds, field=name)
+        samples = await in_decode_pool(decode, deadline=job.deadline, cancelled=job.cancelled)
+        return {"raw": samples, "sampling_rate": self.sampling_rate}
+
+    @staticmethod
+    def _audio_files(results: list[Any], fmt: str, job: JobContext) -> list[Any]:
+        """Each generated waveform as an audio file (job.store), with its sampling rate."""
+        files = []
+        for n, result in enumerate(results):
+            rate = int(result["sampling_rate"])
+            data = encode_audio(np.asarray(result["audio"]), rate, fmt)
+            files.append({"audio": job.store(data, OUTPUT_TYPES[fmt], f"audio-{n}.{fmt}"),
+                          "sampling_rate": rate})
+        return files
+
+    def _token_counts(self, texts: list[str]) -> list[int]:
+        return [len(ids) for ids in self.loaded.tokenizer(texts)["input_ids"]]
+
+    @property
+    def device_fault(self) -> str | None:
+        return self.batcher.device_fault or super().device_fault
+
+
+def _max_tokens(loaded: LoadedModel) -> int:
+    limits = [getattr(loaded.model.config, "max_position_embeddings", None),
+              getattr(loaded.tokenizer, "model_max_length", None)]
+    return min(int(x) for x in limits if isinstance(x, int) and 0 < x < 10**9) if any(
+        isinstance(x, int) and 0 < x < 10**9 for x in limits) else 512
+
+
+def decode_data_uri(uri: str, field_name: str, max_bytes: int) -> bytes:
+    """The bytes of a ``data:<type>;base64,`` URI, at most ``max_bytes``."""
+    head = _MEDIA_URI.match(uri[:80])
+    if head is None:
+        raise InputError("must be a data:<type>/<subtype>;base64,<data> URI", field=field_name)
+    payload = uri[head.end():]
+    if len(payload) > 4 * (max_bytes // 3) + 4:
+        raise InputError(f"holds more than {max_bytes:,} bytes of data", field=field_name)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError("is not valid base64 after 'data:<type>;base64,'",
+                         field=field_name) from None
