@@ -45,6 +45,7 @@ bench: model
 	$(PY) -m bench.intake_bench
 	$(PY) -m bench.peer_bench
 	$(PY) -m bench.upscale_bench
+	$(PY) -m bench.families_bench
 
 lint: setup
 	$(PY) -m ruff check .
