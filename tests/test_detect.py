@@ -102,13 +102,12 @@ class TestKinds:
 
 
 class TestPickTask:
-    def test_a_vits_speech_model_is_not_claimed_by_embed(self, vits):
+    def test_a_vits_speech_model_is_text_to_audio_not_embed(self, vits):
         """Pins a misdetection: embed claimed VITS, started, then failed every job."""
-        with pytest.raises(UnsupportedModel) as err:
-            pick_task(files(vits), "auto", TASKS)
-        message = str(err.value)
-        assert "VitsModel: read as text-to-audio" in message
-        assert "no task here serves it" in message and "add one" in message
+        assert pick_task(files(vits), "auto", TASKS).name == "pipeline"
+        with pytest.raises(UnsupportedModel, match="WORKER_TASK=embed cannot serve.*VitsModel: "
+                                                   "read as text-to-audio"):
+            pick_task(files(vits), "embed", TASKS)
 
     def test_whisper_forced_to_generate_stops_with_one_line(self, whisper):
         """Pins a misdetection: WORKER_TASK=generate half-loaded Whisper and answered garbage."""
@@ -168,14 +167,17 @@ class TestPickTask:
         assert pick_task(files(classifier), "auto", {**TASKS, "classify": Classify}) is Classify
 
 
-def test_handler_stops_on_a_vits_model_with_one_line(vits):
+def test_handler_stops_on_whisper_forced_to_generate_with_one_line(whisper):
     """The whole startup: exit 1, one line naming the architecture and what to do."""
-    (vits / "model.safetensors").write_bytes(b"")      # found; never read, detection stops first
+    (whisper / "model.safetensors").write_bytes(b"")   # found; never read, detection stops first
     clean = {k: v for k, v in os.environ.items()
              if not k.startswith(("MODEL_", "WORKER_", "BUCKET_", "HF_", "RUNPOD_"))}
     result = subprocess.run([sys.executable, "handler.py"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120, env={**clean, "MODEL_PATH": str(vits)})
+                            text=True, timeout=120,
+                            env={**clean, "MODEL_PATH": str(whisper), "WORKER_TASK": "generate"})
     assert result.returncode == 1, result.stderr[-2000:]
     assert "Traceback" not in result.stderr + result.stdout
     lines = [line for line in result.stderr.splitlines() if "startup failed" in line]
-    assert len(lines) == 1 and "VitsModel" in lines[0], result.stderr[-2000:]
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert "WhisperForConditionalGeneration" in lines[0]
+    assert "tasks that fit it: pipeline" in lines[0]
