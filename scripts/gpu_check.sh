@@ -148,7 +148,8 @@ fi
 
 # (A dry run collects them and each skips: no CUDA device.)
 step "gpu tests" 180 env GPU_CHECK_MODEL="$SMALL" GPU_CHECK_LARGE_MODEL="$LARGE" \
-  "$PY" -m pytest --noconftest -p no:cacheprovider -m gpu tests/test_gpu.py -q -rA --durations=0
+  "$PY" -m pytest --noconftest -p no:cacheprovider -m gpu tests/test_gpu.py \
+  tests/test_gpu_families.py -q -rA --durations=0
 
 if has pydantic; then
   step "engine bench (small): first runs, decode step, throughput" 180 "$PY" -m bench.gpu_bench \

@@ -17,7 +17,6 @@ import wave
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -116,6 +115,8 @@ def wav_bytes(samples: np.ndarray, rate: int = RATE, channels: int = 1) -> bytes
 
 def encoded(samples: np.ndarray, fmt: str, codec: str, rate: int = RATE) -> bytes:
     """A file written by FFmpeg's own encoders (the formats clients send)."""
+    import av
+
     out = io.BytesIO()
     with av.open(out, mode="w", format=fmt) as container:
         stream = container.add_stream(codec, rate=48000 if codec == "libopus" else rate)

@@ -1,0 +1,236 @@
+"""Families benchmark: 8 concurrent jobs through the worker, against transformers' pipeline
+called one input at a time and with the 8 inputs as one list, in the same run. Not a test.
+
+    .venv/bin/python -m bench.families_bench                 # ~3 min on 2 CPU cores
+    .venv/bin/python -m bench.families_bench --kinds text-classification fill-mask
+
+Each kind's model is a small one with random weights, made here (a BERT of 4 layers and 256
+wide for the text kinds, a ViT-tiny-sized image model, a wav2vec2 of 4 layers, ...): the time
+of a forward pass does not depend on the weights' values, and these sizes keep the run short
+on a CPU while being large enough that the model, not Python, is most of the time.
+
+- worker: 8 jobs at once through ``Worker.handle`` (the worker's own fields: parsing, media
+  decoding, the batcher, the pipeline, JSON), as RunPod's loop would run them.
+- one at a time: the same pipeline object called on each input in turn (what a worker without
+  batching does at best).
+- as a list: the pipeline called once on the 8 inputs with ``batch_size=8`` (batching with no
+  job machinery at all).
+
+A ratio over 1 means the worker's 8 jobs finish sooner. Results go to
+``bench/results/<device>-families.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import platform
+import statistics
+import tempfile
+import time
+import wave
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+
+from serving.worker import build_worker
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+JOBS = 8
+SENTENCES = [
+    "The film was a quiet delight from the first scene to the last.",
+    "Service was slow and the soup arrived cold, which ruined the evening.",
+    "Our flight to Lisbon left on time and landed early.",
+    "The new phone's battery lasts two days, but the camera is disappointing.",
+    "Researchers in Oslo published the results of the trial on Tuesday.",
+    "I would not recommend this hotel to anyone travelling with children.",
+    "The orchestra played Brahms, and the hall was full to the last seat.",
+    "Prices rose again in March, pushed by energy and food costs.",
+]
+
+
+def _bert(path: Path, head: Any, **config: Any) -> None:
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(_vocab(path.parent)))
+    tokenizer.save_pretrained(path)
+    bert = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=256,
+                                   num_hidden_layers=4, num_attention_heads=4,
+                                   intermediate_size=1024, **config)
+    head(bert).save_pretrained(path)
+
+
+def _vocab(root: Path) -> Path:
+    """A word-piece vocabulary of the benchmark's words (no download)."""
+    path = root / "vocab.txt"
+    if not path.exists():
+        words = sorted({w.strip(".,'").lower() for s in SENTENCES for w in s.split()})
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        letters = [chr(c) for c in range(97, 123)] + [f"##{chr(c)}" for c in range(97, 123)]
+        path.write_text("\n".join(specials + letters + list(".,'?") + words) + "\n")
+    return path
+
+
+def _labels(*names: str) -> dict[str, Any]:
+    return {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+
+
+def _image_model(path: Path, model: Any, processor: Any) -> None:
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+
+
+def _ctc(path: Path) -> None:
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4,
+             **{c: i + 5 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz'")}}
+    path.mkdir(parents=True)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    transformers.Wav2Vec2CTCTokenizer(str(path / "vocab.json")).save_pretrained(path)
+    transformers.Wav2Vec2FeatureExtractor(return_attention_mask=True).save_pretrained(path)
+    config = transformers.Wav2Vec2Config(vocab_size=len(vocab), hidden_size=256,
+                                         num_hidden_layers=4, num_attention_heads=4,
+                                         intermediate_size=1024, feat_extract_norm="layer",
+                                         pad_token_id=0)
+    transformers.Wav2Vec2ForCTC(config).save_pretrained(path)
+
+
+MAKERS: dict[str, Callable[[Path], None]] = {
+    "text-classification": lambda p: _bert(
+        p, transformers.BertForSequenceClassification, **_labels("NEG", "POS")),
+    "zero-shot-classification": lambda p: _bert(
+        p, transformers.BertForSequenceClassification,
+        **_labels("contradiction", "neutral", "entailment")),
+    "token-classification": lambda p: _bert(
+        p, transformers.BertForTokenClassification, **_labels("O", "B-PER", "B-LOC")),
+    "fill-mask": lambda p: _bert(p, transformers.BertForMaskedLM),
+    "question-answering": lambda p: _bert(p, transformers.BertForQuestionAnswering),
+    "image-classification": lambda p: _image_model(
+        p, transformers.ViTForImageClassification(transformers.ViTConfig(
+            hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768,
+            **_labels("cat", "dog"))),
+        transformers.ViTImageProcessor()),
+    "object-detection": lambda p: _image_model(
+        p, transformers.YolosForObjectDetection(transformers.YolosConfig(
+            hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768,
+            image_size=[256, 256], **_labels("a", "b"))),
+        transformers.YolosImageProcessor(size={"shortest_edge": 256, "longest_edge": 256})),
+    "automatic-speech-recognition": _ctc,
+}
+
+
+def _inputs(kind: str) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    """(job inputs, pipeline inputs, pipeline parameters) for 8 jobs of ``kind``."""
+    params: dict[str, Any] = {}
+    if kind in ("image-classification", "object-detection"):
+        images = [Image.fromarray(np.random.default_rng(i).integers(
+            0, 256, (240, 320, 3), dtype=np.uint8)) for i in range(JOBS)]
+        jobs = [{"image": _png_uri(image)} for image in images]
+        return jobs, images, params
+    if kind == "automatic-speech-recognition":
+        clips = [(np.random.default_rng(i).standard_normal(32000) * 0.1).astype(np.float32)
+                 for i in range(JOBS)]
+        jobs = [{"audio": _wav_uri(clip)} for clip in clips]
+        return jobs, [{"raw": c, "sampling_rate": 16000} for c in clips], params
+    texts = list(SENTENCES)
+    if kind == "fill-mask":
+        texts = [s.replace("the", "[MASK]", 1) if "the" in s else "[MASK] " + s for s in texts]
+    if kind == "zero-shot-classification":
+        params = {"candidate_labels": ["travel", "food", "music"]}
+    if kind == "question-answering":
+        context = " ".join(SENTENCES)
+        jobs = [{"question": f"What happened {i}?", "context": context} for i in range(JOBS)]
+        return jobs, [dict(j) for j in jobs], params
+    return [{"text": t, **params} for t in texts], texts, params
+
+
+def _png_uri(image: Image.Image) -> str:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def _wav_uri(clip: np.ndarray) -> str:
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((clip.clip(-1, 1) * 32767).astype("<i2").tobytes())
+    return "data:audio/wav;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def _direct(kind: str, pipe: Any, inputs: list[Any], params: dict[str, Any]) -> Any:
+    from serving import text_runners
+
+    if kind == "question-answering":        # no pipeline in transformers 5: our runner alone
+        qa = {"top_k": 1, "max_answer_len": 15, "doc_stride": 128,
+              "handle_impossible_answer": False}
+        return text_runners.question_answering(pipe.model, pipe.tokenizer, inputs, qa, kind)
+    return pipe(inputs, batch_size=len(inputs), **params)
+
+
+def bench_kind(kind: str, root: Path, repeats: int) -> dict[str, Any]:
+    path = root / kind
+    torch.manual_seed(0)
+    MAKERS[kind](path)
+    worker = build_worker({"MODEL_PATH": str(path), "WORKER_MAX_BATCH_SIZE": str(JOBS),
+                           "WORKER_BATCH_WAIT_MS": "10"})
+    pipe = worker.task.pipe
+    jobs, inputs, params = _inputs(kind)
+
+    async def run_jobs() -> None:
+        async def one(n: int, job: dict[str, Any]) -> None:
+            async for out in worker.handle({"id": f"j{n}", "input": job}):
+                assert "error" not in out, out
+        await asyncio.gather(*(one(n, job) for n, job in enumerate(jobs)))
+
+    def timed(fn: Callable[[], Any]) -> float:
+        fn()                                     # warm: allocator, kernels, caches
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    worker_s = timed(lambda: asyncio.run(run_jobs()))
+    one_s = timed(lambda: [_direct(kind, pipe, [x], params) for x in inputs])
+    list_s = timed(lambda: _direct(kind, pipe, inputs, params))
+    return {"kind": kind, "worker_8_jobs_s": worker_s, "one_at_a_time_s": one_s,
+            "as_one_list_s": list_s, "vs_one_at_a_time": one_s / worker_s,
+            "vs_one_list": list_s / worker_s}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--kinds", nargs="*", default=list(MAKERS), choices=list(MAKERS))
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(torch.get_num_threads())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in args.kinds:
+            row = bench_kind(kind, Path(tmp), args.repeats)
+            rows.append(row)
+            print(f"{kind:32} 8 jobs {row['worker_8_jobs_s']:.3f}s | one at a time "
+                  f"{row['one_at_a_time_s']:.3f}s ({row['vs_one_at_a_time']:.2f}x) | as one "
+                  f"list {row['as_one_list_s']:.3f}s ({row['vs_one_list']:.2f}x)", flush=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = RESULTS / f"{device}-families.json"
+    out.write_text(json.dumps({"device": device, "machine": platform.machine(),
+                               "threads": torch.get_num_threads(), "jobs": JOBS,
+                               "torch": torch.__version__,
+                               "transformers": transformers.__version__, "rows": rows},
+                              indent=2) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
