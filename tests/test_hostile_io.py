@@ -717,7 +717,8 @@ class TestUploadsEndWithTheirJob:
         assert freed, "the upload outlived its job"
         assert dribbler.hung_up.wait(DID_NOT_HANG_S), "the upload's connection stayed open"
         meanwhile = sorted(timed_link(loop, one, s3_server) for _ in range(3))[1]
-        assert meanwhile <= 1.5 * alone, (meanwhile, alone)
+        # 1.5x, plus 0.25 s for a loaded machine's scheduling: a held thread costs minutes.
+        assert meanwhile <= 1.5 * alone + 0.25, (meanwhile, alone)
 
 
 # --------------------------------------------------------------------------------------------

@@ -266,7 +266,9 @@ class TestImageBombs:
                 assert result["error"].startswith("input.image: is a JPEG of more than 48 scans")
             beside.append(seconds)
         alone_s, beside_s = statistics.median(alone), statistics.median(beside)
-        assert beside_s <= 1.5 * alone_s, f"the victim took {beside_s:.2f}s, {alone_s:.2f}s alone"
+        # 1.5x, plus 0.25 s for a loaded machine's scheduling: the bombs cost seconds each.
+        assert beside_s <= 1.5 * alone_s + 0.25, (
+            f"the victim took {beside_s:.2f}s, {alone_s:.2f}s alone")
 
     def test_a_png_of_a_thousand_colour_profiles_is_refused_at_once(self, loop,
                                                                     upscale_worker):
