@@ -525,7 +525,8 @@ WORKER_POD_PORT = _var("launch", "WORKER_POD_PORT", "8000",
                        "<port>/http on the pod); 1..65535")
 WORKER_POD_API_KEY = _var("launch", "WORKER_POD_API_KEY", None,
                           "pod mode only: clients must send 'Authorization: Bearer <key>'; "
-                          "unset: a key is made at each start and written to "
+                          "16 characters at least; unset: a key is made at each start and "
+                          "written to "
                           "WORKER_POD_KEY_FILE (never printed)", secret=True)
 WORKER_POD_KEY_FILE = _var("launch", "WORKER_POD_KEY_FILE", "~/.config/runpod-worker/pod-api-key",
                            "pod mode without WORKER_POD_API_KEY: where the key made at start is "

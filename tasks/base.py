@@ -20,6 +20,7 @@ and nothing else (Cog's ``setup()``/``predict()``, with detection and the contra
     stream(request, job)
                     optional: chunks as they are produced, for requests with ``stream`` true
     openai_routes   the OpenAI-compatible routes it serves (none by default)
+    example_input   a small valid job input, shown by the local endpoint's banner
 
 The worker owns the rest, the same for every task: the job envelope and its size, output_mode,
 batch jobs (``batch``, ``batch_url``), the whole-job time limit, cancel, delivery (inline or a
@@ -120,6 +121,7 @@ class Task:
 
     name: ClassVar[str] = ""
     openai_routes: ClassVar[tuple[str, ...]] = ()   # e.g. ("/v1/chat/completions",)
+    example_input: ClassVar[dict[str, Any]] = {}    # a small valid job input, for the banner
 
     def __init__(self, loaded: LoadedModel, settings: WorkerSettings) -> None:
         self.loaded = loaded

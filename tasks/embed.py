@@ -203,6 +203,7 @@ class EmbedTask(Task):
 
     name = "embed"
     openai_routes = ("/v1/embeddings",)
+    example_input = {"texts": ["Hello", "world"]}
 
     @classmethod
     def serves(cls, model: ModelFiles) -> bool:

@@ -180,6 +180,7 @@ class GenerateTask(Task):
 
     name = "generate"
     openai_routes = ("/v1/chat/completions", "/v1/completions")
+    example_input = {"messages": [{"role": "user", "content": "Hello"}], "max_new_tokens": 32}
 
     @classmethod
     def serves(cls, model: ModelFiles) -> bool:

@@ -127,6 +127,8 @@ class UpscaleTask(Task):
     """Super-resolution jobs on a Swin2SR model, batched across concurrent jobs."""
 
     name = "upscale"
+    example_input = {"image": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLb"
+                              "SncAAAAFUlEQVR42mM8UaHBgA0wMeAAg1MCAB4nAXgllso1AAAAAElFTkSuQmCC"}
 
     @classmethod
     def serves(cls, model: ModelFiles) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import stat
 import subprocess
@@ -101,8 +102,13 @@ class TestLaunchCommand:
             LaunchSettings.from_env({"WORKER_MODE": "lambda"})
 
     @pytest.mark.parametrize("key", ["Q", "k-123456789", "fifteen-chars-k"])
-    def test_a_pod_key_shorter_than_16_characters_is_refused_naming_the_rule(self, key, capsys):
+    def test_a_pod_key_shorter_than_16_characters_is_refused_naming_the_rule(
+            self, key, capsys, monkeypatch):
         """Pins: a one-character WORKER_POD_API_KEY was served, and fell to 60 guesses."""
+        def launched(*args: object) -> None:     # the process edge: never start the pod here
+            raise AssertionError(f"pod mode started with a {len(key)}-character key")
+
+        monkeypatch.setattr(os, "execve", launched)
         with pytest.raises(SystemExit) as exit_info:
             main({"WORKER_MODE": "pod", "WORKER_POD_API_KEY": key})
         assert exit_info.value.code == 1
@@ -197,6 +203,17 @@ def _every_command_line() -> str:
     return "\n".join(found)
 
 
+def _banner_request(log_path: Path, deadline: float) -> dict:
+    """The body of the curl request the endpoint's banner prints, once it has printed it."""
+    while True:
+        for line in log_path.read_text().splitlines():
+            if line.strip().startswith("curl -s -X POST"):
+                words = shlex.split(line)
+                return json.loads(words[words.index("-d") + 1])
+        assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.5)
+
+
 @pytest.mark.slow
 class TestPodMode:
     def test_on_a_runpod_pod_the_image_serves_runpods_api_only_with_a_key_it_made(
@@ -230,6 +247,11 @@ class TestPodMode:
                 answer = _post(url, job, key, timeout=120)
                 assert answer["status"] == "COMPLETED", answer
                 assert answer["output"][0]["finish_reason"] in ("stop", "length")
+            # The banner's own request: the generate task's example (messages), answered.
+            banner = _banner_request(log_path, time.monotonic() + 120)
+            assert "messages" in banner["input"] and "prompt" not in banner["input"]
+            answer = _post(url, banner, key, timeout=120)
+            assert answer["status"] == "COMPLETED" and answer["output"][0]["text"], answer
             # Still running: the worker took jobs from the endpoint instead of answering
             # ./test_input.json and exiting, which a container restart policy would loop.
             assert process.poll() is None
