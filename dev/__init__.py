@@ -10,7 +10,8 @@
     worker_process.py   a worker process run against the endpoint
     task_example.py     the served task's example input, for the banner (imports the tasks,
                         in a process of its own)
-    wire.py             JSON errors, capped and timed body reads, the key comparison
+    wire.py             JSON errors, capped and timed body reads, the key comparison,
+                        the cap on connections per peer address
 
 May import ``serving`` (its configuration and errors); ``task_example.py`` alone imports the
 project's tasks. Nothing in ``serving`` or the forker's files imports ``dev``: pod mode starts

@@ -31,7 +31,7 @@ import ipaddress
 import json
 import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -44,7 +44,7 @@ from dev.jobs import (
     JobBoard,
     JobStatusBody,
 )
-from dev.wire import MIB, error, key_matches, read_capped, size
+from dev.wire import MIB, error, key_matches, peer_gate_factory, read_capped, size
 
 RUN_LIMIT_BYTES = 10 * MIB          # RunPod docs: /run input and result, 10 MB
 RUNSYNC_LIMIT_BYTES = 20 * MIB      # RunPod docs: /runsync input and result, 20 MB
@@ -263,7 +263,7 @@ class LocalEndpoint:
         try:
             assert runner.server is not None
             server = await self._loop.create_server(
-                _gate_factory(runner.server, self.peers, self.max_connections_per_peer),
+                peer_gate_factory(runner.server, self.peers, self.max_connections_per_peer),
                 self.host, self.port, reuse_address=True)
             self.port = server.sockets[0].getsockname()[1]
             self._ready.set()
@@ -452,68 +452,6 @@ async def _errors_as_json(request: web.Request, handler: Any) -> web.StreamRespo
         if exc.headers.get("Connection") == "close":
             answer.force_close()
         return answer
-
-
-# -------------------------------------------------------------------- connections per peer
-_TOO_MANY = (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
-             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s")
-
-
-class _PeerGate(asyncio.Protocol):
-    """One connection: counted against its peer address, and handed to aiohttp's own protocol
-    only if the address holds fewer than the cap; otherwise answered 429 and closed unread."""
-
-    def __init__(self, make: Callable[[], asyncio.Protocol], peers: dict[str, int],
-                 cap: int) -> None:
-        self._make, self._peers, self._cap = make, peers, cap
-        self._peer: str | None = None
-        self._inner: asyncio.Protocol | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        peername = transport.get_extra_info("peername")
-        peer = str(peername[0]) if peername else "?"
-        if self._peers.get(peer, 0) >= self._cap:
-            body = json.dumps({"error": f"too many connections from {peer} (at most "
-                                        f"{self._cap} at once); close some and retry"}).encode()
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(_TOO_MANY % (len(body), body))
-            transport.close()
-            return
-        self._peer = peer
-        self._peers[peer] = self._peers.get(peer, 0) + 1
-        self._inner = self._make()
-        self._inner.connection_made(transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._peer is not None:
-            left = self._peers.get(self._peer, 1) - 1
-            if left > 0:
-                self._peers[self._peer] = left
-            else:
-                self._peers.pop(self._peer, None)
-            self._peer = None
-        if self._inner is not None:
-            self._inner.connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        if self._inner is not None:
-            self._inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self._inner.eof_received() if self._inner is not None else None
-
-    def pause_writing(self) -> None:
-        if self._inner is not None:
-            self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self._inner is not None:
-            self._inner.resume_writing()
-
-
-def _gate_factory(make: Callable[[], asyncio.Protocol], peers: dict[str, int],
-                  cap: int) -> Callable[[], asyncio.Protocol]:
-    return lambda: _PeerGate(make, peers, cap)
 
 
 # ------------------------------------------------------------------------- OpenAI answers

@@ -1,5 +1,5 @@
 """What both sides of the local endpoint share on the wire: JSON errors, capped and timed body
-reads, and the key check.
+reads, the key check, and the cap on connections per peer address.
 
 Never imports runpod or torch.
 """
@@ -7,8 +7,9 @@ Never imports runpod or torch.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
@@ -58,3 +59,67 @@ def key_matches(request: web.Request, keys: Sequence[str]) -> bool:
     for key in keys:
         found |= secrets.compare_digest(given.encode(), key.encode())
     return found and bool(given)
+
+
+# -------------------------------------------------------------------- connections per peer
+_TOO_MANY = (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
+             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s")
+
+
+class PeerGate(asyncio.Protocol):
+    """One connection: counted against its peer address, and handed to aiohttp's own protocol
+    only if the address holds fewer than the cap; otherwise answered 429 and closed unread."""
+
+    def __init__(self, make: Callable[[], asyncio.Protocol], peers: dict[str, int],
+                 cap: int) -> None:
+        self._make, self._peers, self._cap = make, peers, cap
+        self._peer: str | None = None
+        self._inner: asyncio.Protocol | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peername = transport.get_extra_info("peername")
+        peer = str(peername[0]) if peername else "?"
+        if self._peers.get(peer, 0) >= self._cap:
+            body = json.dumps({"error": f"too many connections from {peer} (at most "
+                                        f"{self._cap} at once); close some and retry"}).encode()
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(_TOO_MANY % (len(body), body))
+            transport.close()
+            return
+        self._peer = peer
+        self._peers[peer] = self._peers.get(peer, 0) + 1
+        self._inner = self._make()
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._peer is not None:
+            left = self._peers.get(self._peer, 1) - 1
+            if left > 0:
+                self._peers[self._peer] = left
+            else:
+                self._peers.pop(self._peer, None)
+            self._peer = None
+        if self._inner is not None:
+            self._inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._inner is not None:
+            self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._inner is not None else None
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+
+def peer_gate_factory(make: Callable[[], asyncio.Protocol], peers: dict[str, int],
+                      cap: int) -> Callable[[], asyncio.Protocol]:
+    """A protocol factory for ``loop.create_server``: ``make``'s protocols (aiohttp's server),
+    each behind a ``PeerGate`` counting in ``peers`` (address -> open connections)."""
+    return lambda: PeerGate(make, peers, cap)

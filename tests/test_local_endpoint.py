@@ -407,8 +407,7 @@ class TestPublishedPort:
         finally:
             endpoint.stop()
 
-    def test_the_read_timeout_never_cuts_an_answer_that_takes_longer(
-            self, bare_endpoint: LocalEndpoint) -> None:
+    def test_the_read_timeout_never_cuts_an_answer_that_takes_longer(self) -> None:
         """A guard: the timeout is for requests arriving, not for answers (long-polls,
         /runsync waits)."""
         endpoint = LocalEndpoint(api_key=API_KEY, read_timeout_s=1.0).start()
