@@ -28,7 +28,7 @@ import secrets
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
@@ -266,10 +266,14 @@ class JobBoard:
         return self.runsync_limit_bytes if job is not None and job.sync else self.run_limit_bytes
 
     # --------------------------------------------------------------------- worker routes
-    def add_routes(self, app: web.Application, prefix: str) -> None:
-        """Serve the worker routes under ``prefix`` (``/v2/{endpoint_id}``)."""
-        app.router.add_get(prefix + "/job-take/{worker_id}", self._job_take)
-        app.router.add_get(prefix + "/job-take-batch/{worker_id}", self._job_take)
+    def add_routes(self, app: web.Application, prefix: str,
+                   job_take: Callable[[web.Request], Awaitable[web.Response]] | None = None
+                   ) -> None:
+        """Serve the worker routes under ``prefix`` (``/v2/{endpoint_id}``); ``job_take``
+        answers job-take and job-take-batch in place of ``self.job_take`` (it calls it)."""
+        take = job_take or self.job_take
+        app.router.add_get(prefix + "/job-take/{worker_id}", take)
+        app.router.add_get(prefix + "/job-take-batch/{worker_id}", take)
         app.router.add_get(prefix + "/job-stop/{worker_id}", self._job_stop)
         app.router.add_post(prefix + "/job-done/{worker_id}/{job_id}", self._job_done)
         app.router.add_post(prefix + "/job-stream/{worker_id}/{job_id}", self._job_stream)
@@ -294,7 +298,9 @@ class JobBoard:
                 del pending[job_id]
         return worker_id
 
-    async def _job_take(self, request: web.Request) -> web.Response:
+    async def job_take(self, request: web.Request) -> web.Response:
+        """job-take and job-take-batch: long-poll for queued jobs, hand out up to the number
+        asked for (``batch_size``)."""
         worker_id = self._worker(request)
         wanted = 1
         if "job-take-batch" in request.path:

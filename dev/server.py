@@ -291,8 +291,16 @@ class LocalEndpoint:
             app.router.add_route(verb, p + "/health", self._health)
         app.router.add_post(p + "/purge-queue", self._purge_queue)
         app.router.add_route("*", p + "/openai/v1/{path:.*}", self._openai)
-        self.board.add_routes(app, p)
+        self.board.add_routes(app, p, job_take=self._job_take)
         return app
+
+    # A seam for subclasses that watch the worker side (a test records every job-take).
+    async def _job_take(self, request: web.Request) -> web.Response:
+        return await self.board.job_take(request)
+
+    @property
+    def _jobs(self) -> dict[str, Job]:
+        return self.board.jobs
 
     # ---------------------------------------------------------------------- client routes
     def _refused(self, request: web.Request) -> web.Response | None:
