@@ -45,6 +45,11 @@ from dev.jobs import (
     JobStatusBody,
 )
 from dev.wire import MIB, error, key_matches, peer_gate_factory, read_capped, size
+from serving.config import (
+    POD_KEY_MIN_CHARS,
+    WORKER_POD_MAX_CONNECTIONS_PER_PEER,
+    WORKER_POD_READ_TIMEOUT_S,
+)
 
 RUN_LIMIT_BYTES = 10 * MIB          # RunPod docs: /run input and result, 10 MB
 RUNSYNC_LIMIT_BYTES = 20 * MIB      # RunPod docs: /runsync input and result, 20 MB
@@ -54,9 +59,12 @@ RUNSYNC_WAIT_MS = 90_000            # /runsync waits 90 s unless ?wait= says oth
 RUNSYNC_WAIT_RANGE_MS = (1_000, 300_000)  # the ?wait= values RunPod documents
 EXECUTION_TIMEOUT_S = 600.0         # RunPod's default endpoint execution timeout
 POLL_HOLD_S = 2.0                   # how long job-take and job-stop hold an empty answer
-READ_TIMEOUT_S = 30.0               # request headers (and a body) must arrive within this
-MAX_CONNECTIONS_PER_PEER = 256      # open connections one peer address may hold
-MIN_KEY_CHARS = 16                  # a shorter client key falls to guessing
+# Pod mode's defaults, declared once in serving/config.py: headers (and a body) must arrive
+# within READ_TIMEOUT_S; one peer address holds at most MAX_CONNECTIONS_PER_PEER connections;
+# a client key beyond loopback has MIN_KEY_CHARS at least (a shorter one falls to guessing).
+READ_TIMEOUT_S = float(WORKER_POD_READ_TIMEOUT_S.default or 0)
+MAX_CONNECTIONS_PER_PEER = int(WORKER_POD_MAX_CONNECTIONS_PER_PEER.default or 0)
+MIN_KEY_CHARS = POD_KEY_MIN_CHARS
 
 _WORKER_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 _T = TypeVar("_T")

@@ -554,7 +554,7 @@ class LaunchSettings:
     pod_port: int                            # pod mode: where the local endpoint listens
     pod_key_file: Path                       # pod mode without a key: where one is written
     pod_api_key: str | None = field(default=None, repr=False)
-    pod_read_timeout_s: float = 30.0         # pod mode: headers (and a body) must arrive by then
+    pod_read_timeout_s: float = 30.0         # pod mode: headers (and a body) must arrive, s
     pod_max_connections_per_peer: int = 256  # pod mode: open connections per peer address
 
     @classmethod
