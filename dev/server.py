@@ -14,8 +14,9 @@ key, compared in constant time); an endpoint bound to anything but loopback refu
 without one, or with one shorter than ``MIN_KEY_CHARS``, which a caller could guess.
 
 Connections, as a public port needs: request headers must arrive whole within
-``read_timeout_s`` of the connection opening (or of its previous answer), and a body within
-``read_timeout_s`` of its headers, else the connection is closed (slowloris); one peer address
+``read_timeout_s`` of the connection opening (or of its previous answer), else the connection
+is closed (slowloris); a body not whole ``read_timeout_s`` after its headers is answered 408 and
+its connection not kept (aiohttp reads on for at most 10 s, then closes it); one peer address
 holds at most ``max_connections_per_peer`` connections at once, and one more is answered 429
 and closed before anything of it is read, so a flood from one address cannot take every
 socket. Behind a proxy all its callers share its address: the cap is per proxy, so it is sized
