@@ -533,13 +533,25 @@ WORKER_POD_PORT = _var("launch", "WORKER_POD_PORT", "8000",
                        "<port>/http on the pod); 1..65535")
 WORKER_POD_API_KEY = _var("launch", "WORKER_POD_API_KEY", None,
                           "pod mode only: clients must send 'Authorization: Bearer <key>'; "
-                          "unset: a key is made at each start and written to "
+                          "16 characters at least; unset: a key is made at each start and "
+                          "written to "
                           "WORKER_POD_KEY_FILE (never printed)", secret=True)
 WORKER_POD_KEY_FILE = _var("launch", "WORKER_POD_KEY_FILE", "~/.config/runpod-worker/pod-api-key",
                            "pod mode without WORKER_POD_API_KEY: where the key made at start is "
                            "written, mode 0600 (the log names this file, never the key)")
+WORKER_POD_READ_TIMEOUT_S = _var("launch", "WORKER_POD_READ_TIMEOUT_S", "30",
+                                 "pod mode only: a connection whose request headers (or body) "
+                                 "have not arrived this many seconds after it opened (or after "
+                                 "its last answer, or its headers) is closed; 1..3600")
+WORKER_POD_MAX_CONNECTIONS_PER_PEER = _var("launch", "WORKER_POD_MAX_CONNECTIONS_PER_PEER", "256",
+                                           "pod mode only: open connections one peer address "
+                                           "(behind RunPod's proxy: the proxy) may hold; more "
+                                           "are answered 429; 1..65535")
 
 WORKER_MODES = ("auto", "serverless", "pod")
+POD_KEY_MIN_CHARS = 16          # a shorter key falls to guessing through the public proxy
+# Where pod mode hands the client key to the local endpoint: its environment, never argv.
+LOCAL_ENDPOINT_API_KEY_ENV = "LOCAL_ENDPOINT_API_KEY"
 
 
 @dataclass(frozen=True)
@@ -550,6 +562,8 @@ class LaunchSettings:
     pod_port: int                            # pod mode: where the local endpoint listens
     pod_key_file: Path                       # pod mode without a key: where one is written
     pod_api_key: str | None = field(default=None, repr=False)
+    pod_read_timeout_s: float = 30.0         # pod mode: headers (and a body) must arrive, s
+    pod_max_connections_per_peer: int = 256  # pod mode: open connections per peer address
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> LaunchSettings:
@@ -561,10 +575,19 @@ class LaunchSettings:
             on_pod = bool(r.env.get("RUNPOD_POD_ID", "").strip()
                           and not r.env.get("RUNPOD_WEBHOOK_GET_JOB", "").strip())
             mode = "pod" if on_pod else "serverless"
+        key = r.text(WORKER_POD_API_KEY)
+        if key is not None and len(key) < POD_KEY_MIN_CHARS:
+            # Never echo the key: only its length.
+            raise SettingsError(f"WORKER_POD_API_KEY has {len(key)} characters; use at least "
+                                f"{POD_KEY_MIN_CHARS} (e.g. `openssl rand -hex 24`), or unset it "
+                                "to have a key made at each start")
         return cls(mode=mode,
                    pod_port=r.integer(WORKER_POD_PORT, 1, 65535),
-                   pod_api_key=r.text(WORKER_POD_API_KEY),
-                   pod_key_file=Path(r.required_text(WORKER_POD_KEY_FILE)).expanduser())
+                   pod_api_key=key,
+                   pod_key_file=Path(r.required_text(WORKER_POD_KEY_FILE)).expanduser(),
+                   pod_read_timeout_s=r.number(WORKER_POD_READ_TIMEOUT_S, 1, 3600),
+                   pod_max_connections_per_peer=r.integer(WORKER_POD_MAX_CONNECTIONS_PER_PEER,
+                                                          1, 65535))
 
 
 def settings_table() -> str:

@@ -9,13 +9,17 @@ with one of::
     WORKER_MODE=pod                   python -u -m dev.local_endpoint --host 0.0.0.0 \\
                                           --port WORKER_POD_PORT (8000) \\
                                           --key-file WORKER_POD_KEY_FILE \\
+                                          --read-timeout-s WORKER_POD_READ_TIMEOUT_S \\
+                                          --max-connections-per-peer \\
+                                              WORKER_POD_MAX_CONNECTIONS_PER_PEER \\
                                           -- python -u handler.py
         for development on a GPU pod: the same worker behind a local endpoint that speaks
         RunPod's API (/v2/local/runsync, /run, /status, /stream, ...), reachable over HTTP
     WORKER_MODE=auto (default)        pod on a RunPod pod (``RUNPOD_POD_ID`` set and no job
                                       queue, ``RUNPOD_WEBHOOK_GET_JOB``), else serverless
 
-Pod mode is never open: the client key is ``WORKER_POD_API_KEY``, or, without one, a key the
+Pod mode is never open: the client key is ``WORKER_POD_API_KEY`` (16 characters at least, or
+the container exits 1 naming the variable), or, without one, a key the
 endpoint makes at start and writes to ``WORKER_POD_KEY_FILE`` (mode 0600; the log names the
 file). The key goes to the endpoint in its environment (``LOCAL_ENDPOINT_API_KEY``), never on a
 command line (``/proc/*/cmdline`` is readable by every user), and ``WORKER_POD_API_KEY`` is
@@ -28,7 +32,8 @@ restart policy would turn into a loop).
 endpoint, which passes it on) directly. An invalid ``WORKER_MODE`` exits 1 with one line naming
 the variable and its legal values, before anything is loaded.
 
-This module never imports torch, runpod or boto3: it only chooses a command.
+This module never imports torch, runpod or boto3, nor ``dev/`` (the endpoint and aiohttp, 0.2 s
+that every serverless start would pay): it only chooses a command.
 """
 
 from __future__ import annotations
@@ -37,8 +42,12 @@ import os
 import sys
 from collections.abc import Mapping
 
-from dev.local_endpoint import API_KEY_ENV
-from serving.config import PROJECT_ROOT, WORKER_POD_API_KEY, LaunchSettings
+from serving.config import (
+    LOCAL_ENDPOINT_API_KEY_ENV,
+    PROJECT_ROOT,
+    WORKER_POD_API_KEY,
+    LaunchSettings,
+)
 from serving.errors import SettingsError
 
 
@@ -50,6 +59,8 @@ def launch_command(settings: LaunchSettings, python: str = sys.executable) -> li
         return worker
     return [python, "-u", "-m", "dev.local_endpoint", "--host", "0.0.0.0",
             "--port", str(settings.pod_port), "--key-file", str(settings.pod_key_file),
+            "--read-timeout-s", f"{settings.pod_read_timeout_s:g}",
+            "--max-connections-per-peer", str(settings.pod_max_connections_per_peer),
             "--", *worker]
 
 
@@ -60,9 +71,9 @@ def launch_env(settings: LaunchSettings, env: Mapping[str, str]) -> dict[str, st
     out = dict(env)
     if settings.mode == "pod":
         out.pop(WORKER_POD_API_KEY.name, None)
-        out.pop(API_KEY_ENV, None)
+        out.pop(LOCAL_ENDPOINT_API_KEY_ENV, None)
         if settings.pod_api_key:
-            out[API_KEY_ENV] = settings.pod_api_key
+            out[LOCAL_ENDPOINT_API_KEY_ENV] = settings.pod_api_key
     return out
 
 

@@ -20,6 +20,7 @@ and nothing else (Cog's ``setup()``/``predict()``, with detection and the contra
     stream(request, job)
                     optional: chunks as they are produced, for requests with ``stream`` true
     openai_routes   the OpenAI-compatible routes it serves (none by default)
+    example_input   a small valid job input, shown by the local endpoint's banner
 
 The worker owns the rest, the same for every task: the job envelope and its size, output_mode,
 batch jobs (``batch``, ``batch_url``), the whole-job time limit, cancel, delivery (inline or a
@@ -125,6 +126,7 @@ class Task:
     # The kinds of model it serves, as pipeline task names ("text-generation", ...; the list is
     # serving.detect.KINDS): WORKER_TASK=auto gives it every model whose config reads as one.
     pipeline_tasks: ClassVar[tuple[str, ...]] = ()
+    example_input: ClassVar[dict[str, Any]] = {}    # a small valid job input, for the banner
 
     def __init__(self, loaded: LoadedModel, settings: WorkerSettings) -> None:
         self.loaded = loaded
@@ -136,6 +138,12 @@ class Task:
         """True when ``model`` holds a model of this task beyond ``pipeline_tasks``: a task's
         own detection rule (WORKER_TASK=auto asks each task)."""
         return False
+
+    @classmethod
+    def example(cls, model: ModelFiles, setting: str = "auto") -> dict[str, Any]:
+        """A small valid job input for ``model`` (``example_input`` unless a task serves
+        several kinds, each with its own input); WORKER_TASK is ``setting``."""
+        return cls.example_input
 
     @classmethod
     def load(cls, model: ModelFiles, settings: ModelSettings) -> LoadedModel:

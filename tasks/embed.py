@@ -202,6 +202,7 @@ class EmbedTask(Task):
     # bare text encoders and sentence-transformers folders
     pipeline_tasks = ("feature-extraction",)
     openai_routes = ("/v1/embeddings",)
+    example_input = {"texts": ["Hello", "world"]}
 
     @classmethod
     def load(cls, model: ModelFiles, settings: ModelSettings) -> LoadedModel:

@@ -177,6 +177,7 @@ class GenerateTask(Task):
     name = "generate"
     pipeline_tasks = ("text-generation",)     # causal language models
     openai_routes = ("/v1/chat/completions", "/v1/completions")
+    example_input = {"messages": [{"role": "user", "content": "Hello"}], "max_new_tokens": 32}
 
     @classmethod
     def load(cls, model: ModelFiles, settings: ModelSettings) -> LoadedModel:

@@ -29,6 +29,7 @@ import functools
 import io
 import re
 import threading
+import wave
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -142,9 +143,16 @@ class PipelineTask(Task):
     pipeline_tasks = tuple(FAMILIES)
 
     @classmethod
+    def example(cls, model: ModelFiles, setting: str = "auto") -> dict[str, Any]:
+        kind = _kind(model, setting)
+        if kind == "fill-mask":                  # BERT's [MASK], RoBERTa's <mask>, ...
+            mask = transformers.AutoTokenizer.from_pretrained(model.path).mask_token
+            return {"text": f"Paris is the {mask} of France."}
+        return EXAMPLES[kind]
+
+    @classmethod
     def load(cls, model: ModelFiles, settings: ModelSettings) -> LoadedModel:
-        kind = settings.task if settings.task in FAMILIES else next(
-            k for k in model.kinds if k in FAMILIES)
+        kind = _kind(model, settings.task)
         # The exact class the config names (detection found it in transformers' tables).
         named = [getattr(transformers, a, None) for a in model.architectures]
         model_class = next((c for c in named if c is not None), _MODEL_CLASSES[kind])
@@ -390,3 +398,44 @@ def decode_data_uri(uri: str, field_name: str, max_bytes: int) -> bytes:
     except (binascii.Error, ValueError):
         raise InputError("is not valid base64 after 'data:<type>;base64,'",
                          field=field_name) from None
+
+
+def _kind(model: ModelFiles, setting: str) -> str:
+    """The kind this worker serves the model as: WORKER_TASK's, else the model's first."""
+    return setting if setting in FAMILIES else next(k for k in model.kinds if k in FAMILIES)
+
+
+_PIXEL = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFUlEQVR42mM8"
+          "UaHBgA0wMeAAg1MCAB4nAXgllso1AAAAAElFTkSuQmCC")
+
+
+def _silence() -> str:
+    """A 20 ms silent WAV as a data URI: a runnable example that fits on a line or two."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(b"\0\0" * 160)
+    return "data:audio/wav;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+EXAMPLES: dict[str, dict[str, Any]] = {
+    "text-classification": {"text": "I loved it"},
+    "zero-shot-classification": {"text": "The match ended late",
+                                 "candidate_labels": ["sport", "politics"]},
+    "token-classification": {"text": "Ada Lovelace lived in London"},
+    "text2text-generation": {"text": "translate English to German: Hello"},
+    "summarization": {"text": "A long article to summarise."},
+    "translation": {"text": "Hello, world"},
+    "question-answering": {"question": "Where is the tower?",
+                           "context": "The tower is in Paris."},
+    "image-classification": {"image": _PIXEL},
+    "zero-shot-image-classification": {"image": _PIXEL, "candidate_labels": ["cat", "dog"]},
+    "object-detection": {"image": _PIXEL},
+    "image-segmentation": {"image": _PIXEL},
+    "depth-estimation": {"image": _PIXEL},
+    "automatic-speech-recognition": {"audio": _silence()},
+    "audio-classification": {"audio": _silence()},
+    "text-to-audio": {"text": "Hello there"},
+}

@@ -131,6 +131,8 @@ class UpscaleTask(Task):
 
     name = "upscale"
     pipeline_tasks = ("image-to-image",)      # super-resolution: Swin2SR
+    example_input = {"image": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLb"
+                              "SncAAAAFUlEQVR42mM8UaHBgA0wMeAAg1MCAB4nAXgllso1AAAAAElFTkSuQmCC"}
 
     @classmethod
     def load(cls, model: ModelFiles, settings: ModelSettings) -> LoadedModel:

@@ -304,3 +304,14 @@ def test_handler_transcribes_a_job_file_too_large_for_one_argument(model_dirs, t
     assert done.returncode == 0, done.stderr[-2000:]
     answer_line = [line for line in done.stdout.splitlines() if line.startswith("{")][-1]
     assert json.loads(answer_line)["output"][0]["result"]["text"]
+
+
+def test_each_kinds_banner_example_is_a_valid_job(loop, workers, model_dirs):
+    """The local endpoint's banner prints ``Task.example``: it must answer, not fail."""
+    from model_loader import ModelSource, read_model_files
+
+    for name, worker in workers.items():
+        files = read_model_files(ModelSource(model_dirs[name], "MODEL_PATH"))
+        example = type(worker.task).example(files)
+        out = answer(loop, worker, example)
+        assert "error" not in out, (name, example, out)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import stat
 import subprocess
@@ -29,6 +30,7 @@ from tests.support.dockerfile import ROOT, image_command
 from tests.support.s3 import free_port
 
 PY = sys.executable
+POD_KEY = "k-0123456789abcdef"       # 18 characters: pod keys need 16 at least
 
 
 def _env(model_dir: Path, **extra: str) -> dict[str, str]:
@@ -47,18 +49,29 @@ class TestLaunchCommand:
                                             "WORKER_POD_KEY_FILE": "/keys/pod"})
         assert launch_command(settings, "py") == [
             "py", "-u", "-m", "dev.local_endpoint", "--host", "0.0.0.0", "--port", "8000",
-            "--key-file", "/keys/pod", "--", "py", "-u", "handler.py"]
+            "--key-file", "/keys/pod", "--read-timeout-s", "30",
+            "--max-connections-per-peer", "256", "--", "py", "-u", "handler.py"]
+
+    def test_pod_passes_its_connection_limits_to_the_endpoint(self):
+        settings = LaunchSettings.from_env({"WORKER_MODE": "pod",
+                                            "WORKER_POD_READ_TIMEOUT_S": "2.5",
+                                            "WORKER_POD_MAX_CONNECTIONS_PER_PEER": "7"})
+        command = launch_command(settings, "py")
+        assert command[command.index("--read-timeout-s") + 1] == "2.5"
+        assert command[command.index("--max-connections-per-peer") + 1] == "7"
+        with pytest.raises(SettingsError, match="WORKER_POD_READ_TIMEOUT_S=0.0 is out of range"):
+            LaunchSettings.from_env({"WORKER_POD_READ_TIMEOUT_S": "0"})
 
     def test_the_pod_key_travels_in_the_environment_never_on_the_command_line(self):
         env = {"WORKER_MODE": "POD", "WORKER_POD_PORT": "9001",
-               "WORKER_POD_API_KEY": "k-123456789", "PATH": "/bin"}
+               "WORKER_POD_API_KEY": POD_KEY, "PATH": "/bin"}
         settings = LaunchSettings.from_env(env)
         command = launch_command(settings, "py")
         assert command[command.index("--port") + 1] == "9001"
-        assert not any("k-123456789" in part for part in command)
-        assert "k-123456789" not in repr(settings)
+        assert not any(POD_KEY in part for part in command)
+        assert POD_KEY not in repr(settings)
         launched = start.launch_env(settings, env)
-        assert launched["LOCAL_ENDPOINT_API_KEY"] == "k-123456789"
+        assert launched["LOCAL_ENDPOINT_API_KEY"] == POD_KEY
         assert "WORKER_POD_API_KEY" not in launched    # the endpoint removes its own variable
         assert launched["PATH"] == "/bin"
 
@@ -88,11 +101,64 @@ class TestLaunchCommand:
         with pytest.raises(SettingsError, match=r"WORKER_MODE='lambda'.*auto, serverless, pod"):
             LaunchSettings.from_env({"WORKER_MODE": "lambda"})
 
+    @pytest.mark.parametrize("key", ["Q", "k-123456789", "fifteen-chars-k"])
+    def test_a_pod_key_shorter_than_16_characters_is_refused_naming_the_rule(
+            self, key, capsys, monkeypatch):
+        """Pins: a one-character WORKER_POD_API_KEY was served, and fell to 60 guesses."""
+        def launched(*args: object) -> None:     # the process edge: never start the pod here
+            raise AssertionError(f"pod mode started with a {len(key)}-character key")
+
+        monkeypatch.setattr(os, "execve", launched)
+        with pytest.raises(SystemExit) as exit_info:
+            main({"WORKER_MODE": "pod", "WORKER_POD_API_KEY": key})
+        assert exit_info.value.code == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and key not in err
+        assert f"WORKER_POD_API_KEY has {len(key)} characters; use at least 16" in err
+
+    def test_a_pod_key_of_16_characters_is_accepted(self):
+        settings = LaunchSettings.from_env({"WORKER_MODE": "pod", "WORKER_POD_API_KEY": "k" * 16})
+        assert settings.pod_api_key == "k" * 16
+
     def test_the_launcher_exits_1_on_a_bad_setting_before_loading_anything(self, capsys):
         with pytest.raises(SystemExit) as exit_info:
             main({"WORKER_POD_PORT": "99999"})
         assert exit_info.value.code == 1
         assert "WORKER_POD_PORT=99999 is out of range" in capsys.readouterr().err
+
+
+def _imported_by(code: str, env: dict[str, str] | None = None) -> list[str]:
+    """The ``dev`` and ``aiohttp`` modules a fresh interpreter holds after running ``code``."""
+    probe = (code + "\nimport json, sys\nprint(json.dumps(sorted(m for m in sys.modules "
+             "if m.split('.')[0] in ('dev', 'aiohttp'))))")
+    done = subprocess.run([PY, "-c", probe], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+class TestServerlessStartImports:
+    """The serverless start never loads the local endpoint: dev/ and aiohttp (about 0.2 s)
+    belong to pod mode only."""
+
+    def test_choosing_the_serverless_command_imports_no_dev_module_nor_aiohttp(self):
+        """Pins: serving/launch.py imported dev.local_endpoint, hence aiohttp, on every start."""
+        code = ("from serving.config import LaunchSettings\n"
+                "from serving.launch import launch_command, launch_env\n"
+                "settings = LaunchSettings.from_env({})\n"
+                "assert launch_command(settings)[-1] == 'handler.py'\n"
+                "launch_env(settings, {})")
+        assert _imported_by(code) == []
+
+    @pytest.mark.slow
+    def test_the_worker_loop_never_imports_dev(self, default_model_dir):
+        """handler.py's worker loop: the model loaded and the SDK imported, no dev module."""
+        code = ("import handler\n"
+                "assert handler.WORKER is not None\n"
+                "handler._SDK.result()")
+        env = {**os.environ, "MODEL_PATH": str(default_model_dir), "MODEL_WARMUP": "false",
+               "RUNPOD_WEBHOOK_GET_JOB": "http://127.0.0.1:9/job-take/$ID"}
+        assert [m for m in _imported_by(code, env) if m.split(".")[0] == "dev"] == []
 
 
 @pytest.mark.slow
@@ -137,6 +203,17 @@ def _every_command_line() -> str:
     return "\n".join(found)
 
 
+def _banner_request(log_path: Path, deadline: float) -> dict:
+    """The body of the curl request the endpoint's banner prints, once it has printed it."""
+    while True:
+        for line in log_path.read_text().splitlines():
+            if line.strip().startswith("curl -s -X POST"):
+                words = shlex.split(line)
+                return json.loads(words[words.index("-d") + 1])
+        assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.5)
+
+
 @pytest.mark.slow
 class TestPodMode:
     def test_on_a_runpod_pod_the_image_serves_runpods_api_only_with_a_key_it_made(
@@ -170,6 +247,11 @@ class TestPodMode:
                 answer = _post(url, job, key, timeout=120)
                 assert answer["status"] == "COMPLETED", answer
                 assert answer["output"][0]["finish_reason"] in ("stop", "length")
+            # The banner's own request: the generate task's example (messages), answered.
+            banner = _banner_request(log_path, time.monotonic() + 120)
+            assert "messages" in banner["input"] and "prompt" not in banner["input"]
+            answer = _post(url, banner, key, timeout=120)
+            assert answer["status"] == "COMPLETED" and answer["output"][0]["text"], answer
             # Still running: the worker took jobs from the endpoint instead of answering
             # ./test_input.json and exiting, which a container restart policy would loop.
             assert process.poll() is None

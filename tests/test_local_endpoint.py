@@ -4,8 +4,10 @@ the SDK's real client, real HTTP on loopback. Fixtures: tests/support/endpoint.p
 from __future__ import annotations
 
 import asyncio
+import json
 import queue
 import re
+import shlex
 import signal
 import stat
 import subprocess
@@ -19,7 +21,7 @@ import pytest
 import requests
 import runpod
 
-from dev.local_endpoint import LocalEndpoint, WorkerProcess, descendants
+from dev.local_endpoint import LocalEndpoint, WorkerProcess, descendants, usage_text
 from serving.config import PROJECT_ROOT
 from tests.support.endpoint import (
     API_KEY,
@@ -314,6 +316,206 @@ class TestNeverOpenBeyondLoopback:
     @pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
     def test_loopback_may_stay_keyless_for_make_serve(self, host: str) -> None:
         assert LocalEndpoint(host=host).api_key is None
+
+    def test_an_endpoint_beyond_loopback_refuses_a_key_shorter_than_16_characters(self) -> None:
+        """Pins: a one-character client key was served on 0.0.0.0, and fell to 60 guesses."""
+        with pytest.raises(ValueError, match="client key of 15 characters: use at least 16"):
+            LocalEndpoint(host="0.0.0.0", api_key="k" * 15)
+        assert LocalEndpoint(host="0.0.0.0", api_key="k" * 16).api_key == "k" * 16
+
+    def test_the_cli_refuses_a_short_key_beyond_loopback_in_one_line_naming_the_variable(
+            self) -> None:
+        done = subprocess.run(
+            [sys.executable, "-m", "dev.local_endpoint", "--host", "0.0.0.0", "--port", "0",
+             "--", "true"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=30,
+            env={"PATH": "/usr/bin:/bin", "LOCAL_ENDPOINT_API_KEY": "Zq9"})
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1 and "Zq9" not in done.stderr
+        assert "LOCAL_ENDPOINT_API_KEY has 3 characters" in done.stderr
+        assert "at least 16" in done.stderr
+
+
+async def _closed(reader: asyncio.StreamReader) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    return await reader.read()
+
+
+class TestPublishedPort:
+    """What pod mode's public port meets: connections that never finish a request, and floods
+    from one address. Real sockets on loopback; a second loopback address plays another peer."""
+
+    def test_connections_whose_headers_never_finish_are_closed_within_the_timeout(
+            self) -> None:
+        """Pins: 200 half-open connections were still open after 80 s (aiohttp's own clock
+        for a connection's next request is an hour)."""
+        endpoint = LocalEndpoint(api_key=API_KEY, read_timeout_s=1.0).start()
+
+        async def scenario() -> None:
+            slow = [await asyncio.open_connection("127.0.0.1", endpoint.port)
+                    for _ in range(20)]
+            for _, writer in slow[:15]:     # a request line and part of the headers, no end
+                writer.write(b"POST /v2/local/run HTTP/1.1\r\nHost: x\r\nX-Slow: a")
+                await writer.drain()
+            # the other 5 send nothing at all
+            async with asyncio.timeout(1.0 + 4.0):   # the timeout, and slack for 2 CPUs
+                await asyncio.gather(*(_closed(reader) for reader, _ in slow))
+            for _, writer in slow:
+                writer.close()
+
+        try:
+            asyncio.run(scenario())
+            assert call(endpoint, "GET", "health")[0] == 200
+        finally:
+            endpoint.stop()
+
+    def test_a_kept_alive_connection_whose_next_headers_never_finish_is_closed(self) -> None:
+        endpoint = LocalEndpoint(api_key=API_KEY, read_timeout_s=1.0).start()
+
+        async def scenario() -> None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", endpoint.port)
+            writer.write(b"GET /v2/local/health HTTP/1.1\r\nHost: x\r\n"
+                         b"Authorization: Bearer " + API_KEY.encode() + b"\r\n\r\n")
+            assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+            writer.write(b"GET /v2/local/health HTTP/1.1\r\nHost: x\r\n")   # never ends
+            async with asyncio.timeout(1.0 + 4.0):
+                await _closed(reader)
+            writer.close()
+
+        try:
+            asyncio.run(scenario())
+        finally:
+            endpoint.stop()
+
+    def test_a_body_that_never_arrives_whole_is_answered_408_within_the_timeout(self) -> None:
+        endpoint = LocalEndpoint(api_key=API_KEY, read_timeout_s=1.0).start()
+
+        async def scenario() -> None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", endpoint.port)
+            writer.write(b"POST /v2/local/run HTTP/1.1\r\nHost: x\r\n"
+                         b"Authorization: Bearer " + API_KEY.encode() + b"\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                         b'{"inp')
+            async with asyncio.timeout(1.0 + 4.0):
+                head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 408"), head
+            assert b"Connection: close" in head
+            writer.close()
+
+        try:
+            asyncio.run(scenario())
+            assert call(endpoint, "GET", "health")[1]["jobs"]["inQueue"] == 0
+        finally:
+            endpoint.stop()
+
+    def test_the_read_timeout_never_cuts_an_answer_that_takes_longer(self) -> None:
+        """A guard: the timeout is for requests arriving, not for answers (long-polls,
+        /runsync waits)."""
+        endpoint = LocalEndpoint(api_key=API_KEY, read_timeout_s=1.0).start()
+        try:
+            status, body = call(endpoint, "POST", "runsync?wait=2500", {"input": {}})
+            assert (status, body["status"]) == (200, "IN_QUEUE")
+        finally:
+            endpoint.stop()
+
+    def test_a_flood_from_one_address_is_refused_past_the_cap_while_another_is_served(
+            self) -> None:
+        """Pins: one address could open connections without limit."""
+        endpoint = LocalEndpoint(api_key=API_KEY, max_connections_per_peer=4).start()
+        health = (b"GET /v2/local/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                  b"Authorization: Bearer " + API_KEY.encode() + b"\r\n\r\n")
+
+        async def scenario() -> None:
+            flood = [await asyncio.open_connection("127.0.0.1", endpoint.port)
+                     for _ in range(4)]
+            extra = [await asyncio.open_connection("127.0.0.1", endpoint.port)
+                     for _ in range(3)]
+            async with asyncio.timeout(5):
+                refused = await asyncio.gather(*(_closed(reader) for reader, _ in extra))
+            for answer in refused:
+                assert answer.startswith(b"HTTP/1.1 429"), answer
+                assert b"too many connections from 127.0.0.1 (at most 4" in answer
+            # Another peer is served, and so is a request on an admitted connection.
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", endpoint.port, local_addr=("127.0.0.2", 0))
+            writer.write(health)
+            async with asyncio.timeout(5):
+                assert (await _closed(reader)).startswith(b"HTTP/1.1 200")
+            reader, writer = flood[0]
+            writer.write(health)
+            async with asyncio.timeout(5):
+                assert (await _closed(reader)).startswith(b"HTTP/1.1 200")
+            for _, writer in flood + extra:
+                writer.close()
+
+        try:
+            asyncio.run(scenario())
+        finally:
+            endpoint.stop()
+
+
+class TestBanner:
+    """What the CLI prints once the worker is ready: a request the served task accepts."""
+
+    @pytest.mark.parametrize("example", [
+        {"messages": [{"role": "user", "content": "Hello"}], "max_new_tokens": 32},
+        {"texts": ["Hello", "world"]},
+        {"image": "data:image/png;base64,iVBORw0KGgo="},
+    ], ids=["generate", "embed", "upscale"])
+    def test_the_banner_calls_the_endpoint_with_the_served_tasks_example(
+            self, bare_endpoint: LocalEndpoint, example: dict) -> None:
+        """Pins: the banner showed {"prompt": "Hello"} whatever the task."""
+        text = usage_text(bare_endpoint, ["python", "handler.py"], None, example)
+        curl = shlex.split(next(line for line in text.splitlines() if "curl -s" in line))
+        assert json.loads(curl[curl.index("-d") + 1]) == {"input": example}
+        assert f"run_sync({example!r})" in text
+        assert "prompt" not in text
+
+    def test_without_a_known_task_the_banner_leaves_the_input_to_the_caller(
+            self, bare_endpoint: LocalEndpoint) -> None:
+        text = usage_text(bare_endpoint, ["python", "my_worker.py"])
+        curl = shlex.split(next(line for line in text.splitlines() if "curl -s" in line))
+        assert json.loads(curl[curl.index("-d") + 1]) == {"input": {}}
+        assert "your worker's" in text and "prompt" not in text
+
+    def test_every_task_example_is_valid_input_for_its_task(self) -> None:
+        import base64
+        import io
+
+        from PIL import Image
+
+        from serving.config import WorkerSettings
+        from serving.validation import parse_input
+        from tasks import TASKS
+        from tasks.embed import EmbedInput
+        from tasks.generate import GenerateInput
+        from tasks.upscale import UpscaleInput
+
+        contracts = {"generate": GenerateInput, "embed": EmbedInput, "upscale": UpscaleInput}
+        assert set(contracts) == set(TASKS)
+        limits = {"limits": WorkerSettings.from_env({})}
+        for name, task in TASKS.items():
+            assert task.example_input, f"{name} has no example_input"
+            parse_input(contracts[name], task.example_input, limits)
+        uri = TASKS["upscale"].example_input["image"]
+        image = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+        image.load()
+
+    @pytest.mark.slow
+    def test_the_task_example_program_names_the_task_the_worker_would_serve(
+            self, default_model_dir: Path) -> None:
+        from tasks.generate import GenerateTask
+
+        env = {"PATH": "/usr/bin:/bin", "MODEL_PATH": str(default_model_dir)}
+        done = subprocess.run([sys.executable, "-m", "dev.task_example"], cwd=PROJECT_ROOT,
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert json.loads(done.stdout) == {"task": "generate",
+                                           "input": GenerateTask.example_input}
+        done = subprocess.run([sys.executable, "-m", "dev.task_example"], cwd=PROJECT_ROOT,
+                              env={**env, "MODEL_PATH": "/nonexistent"}, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 1
+        assert done.stderr.startswith("task_example: MODEL_PATH=/nonexistent does not exist")
 
 
 class TestSdkConfigFileKey:

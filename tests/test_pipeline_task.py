@@ -266,3 +266,14 @@ class TestQuestionAnswering:
         worker = build_worker({"MODEL_PATH": str(qa_dir)})
         got = answer(loop, worker, {"inputs": {"question": "q"}})
         assert got["error_code"] == "invalid_input" and "input.inputs.context" in got["error"]
+
+
+def test_each_kinds_banner_example_is_a_valid_job(loop, workers, model_dirs):
+    """The local endpoint's banner prints ``Task.example``: it must answer, not fail."""
+    from model_loader import ModelSource, read_model_files
+
+    for name, worker in workers.items():
+        files = read_model_files(ModelSource(model_dirs[name], "MODEL_PATH"))
+        example = type(worker.task).example(files)
+        out = answer(loop, worker, example)
+        assert "error" not in out, (name, example, out)
