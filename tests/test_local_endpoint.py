@@ -491,9 +491,11 @@ class TestBanner:
         from tasks.upscale import UpscaleInput
 
         contracts = {"generate": GenerateInput, "embed": EmbedInput, "upscale": UpscaleInput}
-        assert set(contracts) == set(TASKS)
+        # The pipeline task's example depends on the kind: each is run in the families' tests.
+        assert set(contracts) == set(TASKS) - {"pipeline"}
         limits = {"limits": WorkerSettings.from_env({})}
-        for name, task in TASKS.items():
+        for name in contracts:
+            task = TASKS[name]
             assert task.example_input, f"{name} has no example_input"
             parse_input(contracts[name], task.example_input, limits)
         uri = TASKS["upscale"].example_input["image"]
