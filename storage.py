@@ -119,8 +119,8 @@ _KNOWN_TRANSIENT_CODES = frozenset(("SlowDown", "RequestTimeout", "InternalError
 # Reading: "no such object" and "not yours to read" must look alike to the caller.
 _UNREADABLE_CODES = frozenset(("NoSuchKey", "NotFound", "AccessDenied", "AllAccessDisabled"))
 _UNREADABLE = "cannot be read: there is no such object, or no permission to read it"
-_PRIVATE_ENDPOINT = ("the host is or resolves to a private or reserved address; a job's storage "
-                     "must be at a public address unless the worker sets "
+_PRIVATE_ENDPOINT = ("the host is not, or does not resolve to, a public address; a job's "
+                     "storage must be at a public address unless the worker sets "
                      "DOWNLOAD_ALLOW_PRIVATE=true")
 _ENDPOINT_FIELD = "s3Config.endpointUrl"
 

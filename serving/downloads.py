@@ -74,6 +74,8 @@ T = TypeVar("T")
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset((301, 302, 303, 307, 308))
 _CHUNK = 1024 * 1024
+_REFUSED = ("the host is not, or does not resolve to, a public address (private or reserved "
+            "addresses are refused unless DOWNLOAD_ALLOW_PRIVATE=true)")
 _SHOWN_URL_CHARS = 200
 # Characters a request target keeps as they are; everything else (spaces, non-ASCII, controls)
 # is percent-encoded. "%" is kept so an already-encoded URL is not encoded twice.
@@ -348,11 +350,11 @@ def _fetch_http(url: str, out: BinaryIO, settings: DownloadSettings, policy: Add
     try:
         addresses = resolve(host, port, policy)
     except AddressRefused:
-        # The resolved address is not shown: for an internal name it is internal information.
-        raise DownloadError(f"{shown}: the host is or resolves to a private or reserved "
-                            "address; such URLs are refused unless DOWNLOAD_ALLOW_PRIVATE=true"
-                            ) from None
+        # One message for a private address and a name that does not resolve, and no address
+        # shown: either would tell a job which internal names the worker's DNS knows.
+        raise DownloadError(f"{shown}: {_REFUSED}") from None
     except OSError:
+        # Only where every address is allowed (DOWNLOAD_ALLOW_PRIVATE): nothing to hide there.
         raise DownloadError(f"{shown}: the host name does not resolve") from None
     # http.client sends the target as ASCII: spaces and non-ASCII characters are escaped.
     target = quote(parts.path or "/", safe=_URL_SAFE) + (

@@ -26,6 +26,11 @@ from model_loader import LoadedModel
 
 FinishReason = str  # "stop" | "length" | "cancelled" | "timeout"
 MIN_TEMPERATURE = 1e-4  # below this, sampling is greedy (dividing by less overflows)
+# Text is decoded a few tokens at a time (_Text). Output that keeps ending in part of a character
+# is settled once this many tokens are pending, up to SETTLE_TOKENS from its end: more bytes
+# than the rest of any character (at most 3), so the text before them can no longer change.
+FLUSH_TOKENS = 8
+SETTLE_TOKENS = 4
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,64 @@ class SamplingParams:
     repetition_penalty: float = 1.0   # 1.0: off; HF semantics (divide positive logits)
     seed: int | None = None           # None: a fresh random seed
     stop: tuple[str, ...] = ()
+
+
+@dataclass
+class _Text:
+    """A sequence's text, decoded incrementally: a step costs as much late as early.
+
+    ``stable`` is the final text of the tokens before ``read``. Each step decodes the tokens
+    from ``prefix`` (a few before ``read``) on and drops ``prefix_text``, the text of
+    ``prefix:read``, from its front: decoding with the tokens before keeps what depends on a
+    neighbour (a leading space) as a whole decode has it. The rest is ``pending`` until it ends
+    in a whole character; then it is stable. Output that keeps ending in part of a character (an
+    emoji split over tokens, a run of invalid bytes) would keep it pending and the decoded span
+    growing, so past FLUSH_TOKENS its text up to SETTLE_TOKENS tokens from the end is made
+    stable, once the later tokens show it cannot change. A decoder whose earlier text does
+    change with later tokens (one that cleans up spaces before punctuation) is caught by the
+    ``startswith`` check and decoded again from the start.
+    """
+
+    stable: str = ""
+    pending: str = ""
+    prefix: int = 0
+    read: int = 0
+    prefix_text: str = ""
+    searched: int = 0                # characters of ``stable`` searched for stop strings
+
+    @property
+    def text(self) -> str:
+        return self.stable + self.pending
+
+    def advance(self, decode: Callable[[list[int]], str], ids: list[int], end: int) -> None:
+        """Take in ``ids[:end]`` (``end`` never decreases)."""
+        window = decode(ids[self.prefix:end])
+        if not window.startswith(self.prefix_text):
+            self.stable, self.prefix, self.read, self.prefix_text, self.searched = "", 0, 0, "", 0
+            window = decode(ids[:end])
+        if not window.endswith("\ufffd"):
+            self._settle(decode, ids, window, end)
+            return
+        self.pending = window[len(self.prefix_text):]
+        if end - self.read > FLUSH_TOKENS:
+            cut = end - SETTLE_TOKENS
+            head = decode(ids[self.prefix:cut])
+            # The text up to ``cut`` is final once the tokens after it closed its last character:
+            # then the whole window has more text than ``head``. Tokens without text (skipped
+            # special tokens) cannot close it; after 4 x FLUSH_TOKENS it is settled anyway (a
+            # mistake is then caught by the check above).
+            if head.startswith(self.prefix_text) and window.startswith(head) and (
+                    len(window) > len(head) or end - self.read > 4 * FLUSH_TOKENS):
+                self._settle(decode, ids, head, cut)
+                self.pending = window[len(head):]
+
+    def _settle(self, decode: Callable[[list[int]], str], ids: list[int], window: str,
+                end: int) -> None:
+        """Make the text of ``ids[:end]`` (``window`` from ``prefix``) stable."""
+        self.stable += window[len(self.prefix_text):]
+        self.pending = ""
+        self.prefix, self.read = self.read, end
+        self.prefix_text = decode(ids[self.prefix:self.read])
 
 
 @dataclass(eq=False)
@@ -56,6 +119,7 @@ class Sequence:
     emitted: int = 0                                 # characters already streamed
     finish_reason: FinishReason | None = None
     generator: torch.Generator | None = None
+    decoded: _Text = field(default_factory=_Text, repr=False)
 
     @property
     def done(self) -> bool:
@@ -263,6 +327,9 @@ class Engine:
                 next_ids[row] = _sample(logits[row], s.params, s.generator)
         return next_ids
 
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
     def _advance(self, s: Sequence, token: int) -> None:
         """Add a token to a sequence; decide whether it finished; stream the new text."""
         if s.cancelled.is_set():
@@ -276,13 +343,17 @@ class Engine:
         elif s.deadline is not None and time.monotonic() > s.deadline:
             s.finish_reason = "timeout"
         # Text is needed every step only to stream it or to look for stop strings; otherwise
-        # it is decoded once, at the end (decoding every step costs more than it seems).
+        # it is decoded once, at the end. Every step decodes only the last few tokens and
+        # searches only the new text (_Text), so its cost does not grow with the output.
         if not (s.done or s.on_text is not None or s.params.stop):
             return
-        text = self.tokenizer.decode(
-            s.generated[:-1] if token in self.eos_ids else s.generated,
-            skip_special_tokens=True)
-        cut = _find_stop(text, s.params.stop)
+        decoded = s.decoded
+        decoded.advance(self._decode, s.generated,
+                        len(s.generated) - (token in self.eos_ids))
+        text = decoded.text
+        longest = max((len(stop) for stop in s.params.stop), default=0)
+        cut = _find_stop(text, s.params.stop, max(0, decoded.searched - longest + 1))
+        decoded.searched = len(decoded.stable)
         if cut is not None:
             text = text[:cut]
             s.finish_reason = "stop"
@@ -314,9 +385,9 @@ def _sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator 
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
-def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    """Index where the earliest stop string begins, or None."""
-    hits = [i for i in (text.find(stop) for stop in stops) if i >= 0]
+def _find_stop(text: str, stops: tuple[str, ...], start: int = 0) -> int | None:
+    """Index where the earliest stop string begins at or after ``start``, or None."""
+    hits = [i for i in (text.find(stop, start) for stop in stops) if i >= 0]
     return min(hits) if hits else None
 
 
@@ -327,7 +398,7 @@ def _safe_prefix(text: str, stops: tuple[str, ...]) -> int:
         end -= 1
     for stop in stops:
         for k in range(min(len(stop) - 1, end), 0, -1):
-            if text[:end].endswith(stop[:k]):
-                end = min(end, len(text[:end]) - k)
+            if text.endswith(stop[:k], 0, end):      # text[:end] without copying it
+                end -= k
                 break
     return end

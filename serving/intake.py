@@ -14,8 +14,16 @@ are short:
 - a taken job waits for ``run_jobs``' next 0.1 s poll before its task starts.
 
 ``Intake`` counts each job once, asks again as soon as a job ends, and starts a taken job at
-once. The SDK's hooks cannot do this: 1.12.0 reads ``jobs_fetcher`` and ``jobs_handler`` from
-the start config only in its local test mode (no ``RUNPOD_WEBHOOK_GET_JOB``), and a
+once. It also runs only what it can run: an element of the job-take answer that is not an object
+with a non-empty string ``id``, or whose id the worker already holds, is dropped with one log
+line naming what was wrong, never its content, and the good jobs taken with it run. In 1.12.0
+such an element ends the SDK's loop: without an ``id`` it exits 1 and loses the jobs taken with
+it; with an integer one it fails every later job-take URL and spins without polling again while
+the heartbeat still reports the worker healthy. Errors the loop retries are logged, and an error
+waits ``ERROR_WAIT_S`` before the next job-take rather than asking again at once.
+
+The SDK's hooks cannot do this: 1.12.0 reads ``jobs_fetcher`` and ``jobs_handler`` from the start
+config only in its local test mode (no ``RUNPOD_WEBHOOK_GET_JOB``), and a
 ``concurrency_modifier`` cannot change how jobs are counted (a changed value even stops intake
 until every job has drained). ``Intake`` is installed only on the SDK version it was written
 against; on any other the SDK's own scaler runs and one warning says so. ``WORKER_INTAKE=sdk``
@@ -38,6 +46,7 @@ from runpod.version import __version__ as SDK_VERSION
 SUPPORTED_SDK_VERSION = "1.12.0"
 WAKE_S = 0.1          # the SDK's own poll, kept only so shutdown is noticed as soon as before
 FULL_WAIT_S = 1.0     # the SDK's pause when full; a job ending cuts it short
+ERROR_WAIT_S = 1.0    # after a failed job-take; SIGTERM cuts it short
 
 log = logging.getLogger("worker.intake")
 sdk_log = rp_scale.log   # the SDK's logger: the loop's own messages keep its format
@@ -68,9 +77,10 @@ class Intake(rp_scale.JobScaler):
             try:
                 acquired = await asyncio.wait_for(self.jobs_fetcher(session, jobs_needed),
                                                   timeout=self.jobs_fetcher_timeout)
-                if not acquired:
+                jobs = self._runnable(acquired or [])
+                if not jobs:
                     continue
-                for job in acquired:
+                for job in jobs:
                     await self.jobs_queue.put(job)
                     self.job_progress.add(job)
                 self._job_taken.set()
@@ -79,13 +89,31 @@ class Intake(rp_scale.JobScaler):
                 await asyncio.sleep(5)   # the SDK's debounce
             except asyncio.CancelledError:
                 raise
-            except (TimeoutError, TypeError):
-                pass                     # the SDK retries these at once too
+            except TimeoutError:
+                log.debug("job-take: no answer within %s s; asking again",
+                          self.jobs_fetcher_timeout)
             except Exception as error:  # noqa: BLE001 - as the SDK: log, ask again
                 sdk_log.error(f"Failed to get job. | Error Type: {type(error).__name__} | "
                               f"Error Message: {error}")
+                await _wait(self._shutdown_event, ERROR_WAIT_S)
             finally:
                 await asyncio.sleep(0)
+
+    def _runnable(self, acquired: list[Any]) -> list[dict[str, Any]]:
+        """The taken jobs the loop can run; one log line for each element dropped."""
+        jobs: list[dict[str, Any]] = []
+        held = {job.id for job in self.job_progress}
+        for position, job in enumerate(acquired, 1):
+            problem = _malformed(job)
+            if problem is None and job["id"] in held:
+                problem = "its id is a job this worker already holds"
+            if problem is not None:
+                log.error("job-take answer, element %d of %d: %s; dropped, the other jobs run",
+                          position, len(acquired), problem)
+                continue
+            held.add(job["id"])
+            jobs.append(job)
+        return jobs
 
     async def run_jobs(self, session: Any) -> None:
         """The SDK's ``run_jobs``, except that a taken job wakes it."""
@@ -117,6 +145,19 @@ class Intake(rp_scale.JobScaler):
             await super().handle_job(session, job)
         finally:
             self._job_ended.set()        # after the SDK removed the job from job_progress
+
+
+def _malformed(job: Any) -> str | None:
+    """What makes a job-take element unrunnable, in words that show none of its content."""
+    if not isinstance(job, dict):
+        return f"not an object but {type(job).__name__}"
+    if "id" not in job:
+        return "an object without an id"
+    if not isinstance(job["id"], str):
+        return f"an object whose id is {type(job['id']).__name__}, not a string"
+    if not job["id"]:
+        return "an object whose id is empty"
+    return None
 
 
 async def _wait(event: asyncio.Event, timeout_s: float) -> None:

@@ -7,13 +7,19 @@ connect where the job says; this module is what keeps those connections honest.
   loopback, link-local, site-local (fec0::/10), CGNAT, reserved, multicast and unspecified
   addresses are refused, and so is any IPv6 address that embeds a non-public IPv4 address:
   IPv4-mapped (::ffff:a.b.c.d), 6to4 (2002::/16), Teredo (2001::/32, server and client), NAT64
-  (64:ff9b::/96) and local-use NAT64 (64:ff9b:1::/48). ``DOWNLOAD_ALLOW_PRIVATE=true`` lifts
-  the rule (local tests, same-VPC servers).
+  (64:ff9b::/96) and local-use NAT64 (64:ff9b:1::/48). The IANA special-purpose blocks are
+  listed here (``_SPECIAL_V4``, ``_SPECIAL_V6``) rather than left to ``ipaddress``, whose tables
+  differ between CPython releases (3.11.7 counts 192.0.0.8 as global, 3.13.0 counts
+  2001:20::1 as global; neither knows 3fff::/20). ``DOWNLOAD_ALLOW_PRIVATE=true`` lifts the
+  rule (local tests, same-VPC servers).
 - Resolution (``resolve``): a host name is resolved once and every address it has is checked
   before anything is sent; the caller then connects to one of those checked addresses, never to
   the name, so DNS cannot answer differently between the check and the connection. A refusal
   (``AddressRefused``) therefore says nothing about the remote port: open, closed or filtered
-  look the same.
+  look the same. Nor does it say whether the name resolved: under the address rule a name that
+  does not resolve is refused with the same message as one that resolves to a private
+  address, so a job cannot map the worker's internal DNS names (the difference is logged at
+  DEBUG, for the operator).
 - Time (``Deadline``): a total limit on one transfer. Its watchdog shuts down every socket
   ``watch``ed for it when the time is up, which ends a blocked read or write at once, so no
   server holds a transfer past its limit by answering one byte at a time. Per-read timeouts
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import re
 import socket
 import threading
@@ -36,12 +43,40 @@ from types import TracebackType
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 AddressPolicy = Callable[[IPAddress], bool]
 
-# Not is_private in every supported CPython: CGNAT (RFC 6598) before 3.12.4, site-local and
-# local-use NAT64 in none of them.
-_BLOCKED_V4 = (ipaddress.ip_network("100.64.0.0/10"),)
-_BLOCKED_V6 = (ipaddress.ip_network("fec0::/10"), ipaddress.ip_network("64:ff9b:1::/48"))
+# IANA's special-purpose address registries, the blocks not globally reachable (and the few
+# reachable ones no download has business with), so the rule is the same on every CPython:
+# ``ipaddress``'s own tables change between patch releases. Python's flags are checked too.
+_SPECIAL_V4 = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8",            # this network
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",    # private use
+    "100.64.0.0/10",        # shared address space (CGNAT): not is_private before 3.12.4
+    "127.0.0.0/8", "169.254.0.0/16",                    # loopback, link-local
+    "192.0.0.0/24",         # IETF protocol assignments, the anycast .9 and .10 too: 3.11.7
+                            # counts 192.0.0.8 and up as global
+    "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24",   # documentation
+    "192.88.99.0/24",       # 6to4 relay anycast (deprecated by RFC 7526): relays anywhere
+    "198.18.0.0/15",        # benchmarking
+    "224.0.0.0/4", "240.0.0.0/4",                       # multicast, reserved (and broadcast)
+))
+_SPECIAL_V6 = tuple(ipaddress.ip_network(n) for n in (
+    "::/127",               # unspecified, loopback
+    "::ffff:0:0/96",        # IPv4-mapped: judged by its IPv4 address before this table
+    "64:ff9b:1::/48",       # local-use NAT64
+    "100::/64", "100:0:0:1::/64",                       # discard-only, dummy prefix
+    "2001::/23",            # IETF protocol assignments (Teredo, benchmarking, ORCHID, AMT,
+                            # anycast): 3.12.4+ counts parts of it as global
+    "2001:db8::/32", "3fff::/20",                       # documentation (3fff:: in no CPython)
+    "5f00::/16",            # segment routing SIDs
+    "fc00::/7", "fe80::/10", "fec0::/10",               # unique-local, link-local, site-local
+    "ff00::/8",             # multicast
+))
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
+
+log = logging.getLogger("worker.netguard")
+
+
+REFUSED = "the host is not, or does not resolve to, a public address"
 
 
 class AddressRefused(Exception):
@@ -53,7 +88,7 @@ class AddressRefused(Exception):
 
 
 def _is_public_ip(address: IPAddress) -> bool:
-    blocked = _BLOCKED_V4 if address.version == 4 else _BLOCKED_V6
+    blocked = _SPECIAL_V4 if address.version == 4 else _SPECIAL_V6
     if any(address in net for net in blocked):
         return False
     return not (address.is_private or address.is_loopback or address.is_link_local
@@ -130,9 +165,27 @@ def resolve(host: str, port: int, policy: AddressPolicy) -> list[str]:
     """Every address ``host`` resolves to, in resolver order, once all are checked.
 
     Raises AddressRefused when any address is not allowed (a host with one private address is
-    refused whole, rather than picking its public one), and socket.gaierror when the name does
-    not resolve. Connect to the returned addresses, never to ``host`` again.
+    refused whole, rather than picking its public one). A name that does not resolve raises
+    socket.gaierror only under ``allow_any_address``; under any other policy it raises the same
+    AddressRefused as a private one, so the caller cannot tell "internal name" from "no such
+    name" (the cause goes to the DEBUG log). Connect to the returned addresses, never to
+    ``host`` again.
     """
+    try:
+        addresses = _lookup(host, port)
+    except OSError as err:
+        if policy is allow_any_address:
+            raise
+        log.debug("address rule: %r refused: it does not resolve (%s)", host, err)
+        raise AddressRefused(REFUSED) from None
+    for ip in addresses:
+        if not policy(ipaddress.ip_address(ip)):
+            log.debug("address rule: %r refused: it resolves to %s", host, ip)
+            raise AddressRefused(REFUSED)
+    return addresses
+
+
+def _lookup(host: str, port: int) -> list[str]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except UnicodeError:
@@ -144,9 +197,6 @@ def resolve(host: str, port: int, policy: AddressPolicy) -> list[str]:
             addresses.append(ip)
     if not addresses:
         raise socket.gaierror(socket.EAI_NONAME, "no address")
-    for ip in addresses:
-        if not policy(ipaddress.ip_address(ip)):
-            raise AddressRefused("the host resolves to a private or reserved address")
     return addresses
 
 

@@ -44,7 +44,7 @@ class TestAddresses:
 
     def test_a_name_resolving_to_loopback_is_refused_without_saying_its_address(
             self, http_server) -> None:
-        with pytest.raises(DownloadError, match="resolves to a private") as err:
+        with pytest.raises(DownloadError, match="does not resolve to, a public") as err:
             download_bytes(http_server.url("/data/10", host="localhost"),
                            DownloadSettings.from_env({}))
         assert "127.0.0.1" not in str(err.value)   # an internal name's address stays internal
@@ -55,6 +55,28 @@ class TestAddresses:
     def test_metadata_private_and_mapped_addresses_are_refused(self, url: str) -> None:
         with pytest.raises(DownloadError, match="private or reserved"):
             download_bytes(url, DownloadSettings.from_env({}))
+
+    # IANA special-purpose blocks that some CPython release's ipaddress counts as global.
+    @pytest.mark.parametrize("address", [
+        "192.0.0.8", "192.0.0.9", "192.0.0.200",    # IETF protocol assignments (3.11.7: global)
+        "192.88.99.1",                              # 6to4 relay anycast, deprecated
+        "3fff::1",                                  # IPv6 documentation (RFC 9637)
+        "2001:1::1", "2001:3::1", "2001:4:112::1", "2001:20::1", "2001:30::1",  # 2001::/23
+        "5f00::1", "100:0:0:1::1",                  # SRv6 SIDs, dummy prefix
+        "::ffff:192.0.0.8", "64:ff9b::c000:8", "2002:c000:8::1",   # 192.0.0.8 embedded
+    ])
+    def test_special_purpose_blocks_are_refused_whatever_the_python(self, address: str) -> None:
+        """Pins 192.0.0.8 counting as public on Python 3.11.7, and 2001:20::1 on 3.13.0."""
+        assert not is_public_address(ipaddress.ip_address(address))
+
+    @pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "192.0.1.1", "192.31.196.1",
+                                         "2606:4700:4700::1111", "2001:200::1"])
+    def test_globally_routable_addresses_stay_public(self, address: str) -> None:
+        assert is_public_address(ipaddress.ip_address(address))
+
+    def test_a_url_to_the_ietf_protocol_block_is_refused(self) -> None:
+        with pytest.raises(DownloadError, match="not, or does not resolve to, a public"):
+            download_bytes("http://192.0.0.8/x", DownloadSettings.from_env({}))
 
     def test_loopback_is_allowed_when_allowed_and_the_host_name_is_kept(
             self, http_server) -> None:

@@ -11,8 +11,10 @@ import time
 import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from serving.device import DEVICE_THREAD
+from serving.engine import FLUSH_TOKENS
 from serving.worker import Worker, build_worker
 from tasks.generate import GenerateTask
 from tests.support.worker import LoopThread, chat, collect
@@ -243,6 +245,73 @@ class RecordingTokenizer:
         return self._inner.apply_chat_template(*args, **kwargs)
 
 
+class CountingTokenizer(RecordingTokenizer):
+    """The real tokenizer, noting how many tokens each decode call is given."""
+
+    def __init__(self, inner) -> None:
+        super().__init__(inner)
+        self.decoded: list[int] = []
+
+    def decode(self, ids, *args, **kwargs):
+        self.decoded.append(len(ids))
+        return self._inner.decode(ids, *args, **kwargs)
+
+
+def force_tokens(model, tokens: list[int]):
+    """A hook on the real model's forward that makes its i-th pass pick ``tokens[i]``."""
+    script = iter(tokens)
+
+    def hook(module, args, kwargs, output):
+        token = next(script, None)
+        if token is not None:
+            output.logits.fill_(-1e4)
+            output.logits[..., token] = 0.0
+        return output
+    return model.register_forward_hook(hook, with_kwargs=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_long(default_model_dir, tmp_path_factory) -> Worker:
+    """A tiny GPT-2 with a 1024-token context, for long outputs at little cost."""
+    return build_tiny_gpt2(default_model_dir, tmp_path_factory.mktemp("tiny-gpt2-long"), 1024)
+
+
+class TestStopStringCost:
+    """The real tokenizer; the model is a tiny one whose choices a forward hook dictates."""
+
+    def test_a_long_run_of_partial_characters_decodes_a_bounded_span_per_token(
+            self, loop, tiny_gpt2_long):
+        """Pins the stop check decoding the whole output at every token (2-8 ms per token per
+        stream once the output was long and ended in half a character)."""
+        worker = tiny_gpt2_long
+        tok = worker.loaded.tokenizer
+        vocab, to_char = tok.get_vocab(), bytes_to_unicode()
+
+        def byte_tokens(data: bytes) -> list[int]:
+            return [vocab[to_char[b]] for b in data]
+
+        script = (byte_tokens("😀".encode() * 60)        # ends in part of an emoji 3 steps in 4
+                  + byte_tokens(b"\xf0" * 120)          # a start byte never completed: a run
+                  + tok.encode(" done. END and more"))   # of U+FFFD, every step ending in one
+        expected = tok.decode(script, skip_special_tokens=True)
+        expected = expected[:expected.index("END")]
+        counting = CountingTokenizer(tok)
+        own = fresh_worker(worker, dataclasses.replace(worker.loaded, tokenizer=counting))
+        handle = force_tokens(own.loaded.model, script)
+        try:
+            chunks = loop.run(collect(own, {"prompt": "Say it.", "stream": True, "stop": "END",
+                                            "max_new_tokens": len(script)}))
+        finally:
+            handle.remove()
+        assert "".join(c["text"] for c in chunks) == expected
+        assert chunks[-1]["finish_reason"] == "stop"
+        steps = chunks[-1]["usage"]["completion_tokens"]
+        assert steps > 180, steps
+        # The old check decoded every token so far, at every step: up to ~190 tokens here.
+        assert max(counting.decoded) <= 2 * FLUSH_TOKENS, max(counting.decoded)
+        assert len(counting.decoded) <= 3 * steps, (len(counting.decoded), steps)
+
+
 class TestInputCosts:
     def test_a_4_mb_prompt_is_refused_by_its_length_before_it_is_tokenized(self, loop, worker):
         out = answer(loop, worker, {"prompt": "word " * 800_000})
@@ -305,20 +374,25 @@ class TestChatTemplates:
         assert "Paris" in answer(loop, strict, chat(CAPITAL, max_new_tokens=12))["text"]
 
 
-@pytest.fixture(scope="module")
-def tiny_gpt2(default_model_dir, tmp_path_factory) -> Worker:
-    """A random GPT-2 with absolute positions and a 64-token context, saved as safetensors."""
-    out = tmp_path_factory.mktemp("tiny-gpt2")
+def build_tiny_gpt2(default_model_dir, out, context: int) -> Worker:
+    """A random GPT-2 with absolute positions and the default model's tokenizer, saved as
+    safetensors: decoding costs next to nothing."""
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(default_model_dir / name, out / name)
     vocab = len(AutoTokenizer.from_pretrained(out))
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+    config = GPT2Config(vocab_size=vocab, n_positions=context, n_embd=32, n_layer=2, n_head=2,
                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
     GPT2LMHeadModel(config).save_pretrained(out)
     assert (out / "model.safetensors").is_file()
     return build_worker({"MODEL_PATH": str(out), "MODEL_NAME": "tiny/gpt2",
                          "WORKER_BATCH_WAIT_MS": "50"})
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(default_model_dir, tmp_path_factory) -> Worker:
+    """A tiny GPT-2 with a 64-token context."""
+    return build_tiny_gpt2(default_model_dir, tmp_path_factory.mktemp("tiny-gpt2"), 64)
 
 
 class TestModelContext:

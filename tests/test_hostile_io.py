@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import json
+import logging
 import socket
 import sys
 import threading
@@ -774,3 +775,73 @@ class TestDownloadsEndWithTheirJob:
             assert all(future.result(5) is not None for future in held)
         finally:
             server.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# 8. A refusal does not tell an internal name from one that does not exist
+# --------------------------------------------------------------------------------------------
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def netguard_log() -> Iterator[_Lines]:
+    logger = logging.getLogger("worker.netguard")
+    lines, level = _Lines(), logger.level
+    logger.addHandler(lines)
+    logger.setLevel(logging.DEBUG)
+    yield lines
+    logger.removeHandler(lines)
+    logger.setLevel(level)
+
+
+class TestRefusalsDoNotMapInternalNames:
+    """A job's URL or ``s3Config`` aimed at a name the worker's DNS knows as internal, and at
+    one that does not exist, gets the same answer, so a job cannot map internal DNS names.
+
+    "localhost" plays the internal name (it resolves to loopback); the audit hook makes any
+    other name fail at the real resolver call, as NXDOMAIN does.
+    """
+
+    INTERNAL, MISSING = "localhost", "db-7.corp.internal"
+
+    def test_a_download_from_a_private_and_an_unresolvable_host_is_refused_alike(
+            self, loop, worker, connections, netguard_log) -> None:
+        """Pins the leak: "resolves to a private address" against "does not resolve"."""
+        errors = [answer(loop, worker, {"batch_url": f"http://{host}:8080/batch.jsonl"})
+                  for host in (self.INTERNAL, self.MISSING)]
+        assert errors[0].get("error_code") == errors[1].get("error_code") == "download_failed"
+        assert errors[0]["error"].replace(self.INTERNAL, "HOST") == \
+            errors[1]["error"].replace(self.MISSING, "HOST"), errors
+        assert "DOWNLOAD_ALLOW_PRIVATE" in errors[0]["error"]
+        assert connections.seen == []
+        # The operator's DEBUG log keeps the difference.
+        assert any("does not resolve" in line and self.MISSING in line
+                   for line in netguard_log.lines), netguard_log.lines
+        assert any("resolves to" in line and self.INTERNAL in line
+                   for line in netguard_log.lines), netguard_log.lines
+
+    def test_a_jobs_storage_at_a_private_and_an_unresolvable_host_is_refused_alike(
+            self, loop, worker, connections) -> None:
+        """Pins the leak: an input error for the internal name, retries and a storage error
+        for the missing one."""
+        errors = [answer(loop, worker, {"batch_url": "s3://bucket/in.jsonl"},
+                         s3Config=s3_config(f"http://{host}:9000"))
+                  for host in (self.INTERNAL, self.MISSING)]
+        assert errors[0].get("error_code") == errors[1].get("error_code") == "invalid_input"
+        assert errors[0]["error"].startswith("s3Config.endpointUrl: ")
+        assert errors[0]["error"].replace(self.INTERNAL, "HOST") == \
+            errors[1]["error"].replace(self.MISSING, "HOST"), errors
+        assert connections.seen == []
+
+    def test_an_unresolvable_host_still_says_so_where_private_addresses_are_allowed(
+            self, connections) -> None:
+        """With DOWNLOAD_ALLOW_PRIVATE there is nothing to hide: the real cause is shown."""
+        allowed = DownloadSettings.from_env({"DOWNLOAD_ALLOW_PRIVATE": "true"})
+        with pytest.raises(DownloadError, match="the host name does not resolve"):
+            download_bytes(f"http://{self.MISSING}/x", allowed)
