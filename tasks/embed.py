@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
@@ -202,6 +202,8 @@ class EmbedTask(Task):
     """Embedding jobs on an encoder model, batched across concurrent jobs."""
 
     name = "embed"
+    input = EmbedInput
+    example = {"texts": ["Hello", "world"]}
     openai_routes = ("/v1/embeddings",)
 
     @classmethod
@@ -230,12 +232,9 @@ class EmbedTask(Task):
         with torch.inference_mode():
             self.loaded.model(**inputs)
 
-    @property
-    def device_fault(self) -> str | None:
-        return self.batcher.device_fault
-
-    def __init__(self, loaded: LoadedModel, settings: WorkerSettings) -> None:
-        super().__init__(loaded, settings)
+    def __init__(self, loaded: LoadedModel, settings: WorkerSettings,
+                 env: Mapping[str, str] | None = None) -> None:
+        super().__init__(loaded, settings, env)
         self.tokenizer = loaded.tokenizer
         self.pooling = read_pooling(loaded.source.path)
         self.dim = int(loaded.model.config.hidden_size)

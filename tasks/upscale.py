@@ -1,10 +1,9 @@
 """The image super-resolution task: an image in, the same image at the model's scale out.
 
-A complete example of a task whose output is a file. It owns the job contract for
+A complete example of a batched task whose output is a file. It serves
 ``Swin2SRForImageSuperResolution`` models (any checkpoint, such as
-``caidas/swin2SR-classical-sr-x2-64``): recognising them, loading the model and its image
-processor, decoding and checking images, and encoding the result. Images of the same size
-from concurrent jobs share forward passes through ``batcher.py`` on the one device thread.
+``caidas/swin2SR-classical-sr-x2-64``). Images from concurrent jobs share forward passes:
+``predict_batch`` runs one pass per group of equally sized images.
 
 Input (``job["input"]``)::
 
@@ -14,7 +13,8 @@ Input (``job["input"]``)::
 
 PNG, JPEG and WebP images are accepted (the first frame of an animated one). The pixel count is
 read from the image header and checked against WORKER_MAX_IMAGE_PIXELS before any pixel is
-decoded, so a small file that claims a huge image (a decompression bomb) costs nothing.
+decoded, so a small file that claims a huge image (a decompression bomb) costs nothing
+(``serving/inputs.py`` fetches and decodes every ``Image`` field).
 
 Answer: ``{"image": <file>, "width", "height", "model"}``: the output is exactly the model's
 scale times the input's size (the padding the processor adds is cut off again). ``<file>`` is
@@ -25,213 +25,65 @@ as for every task.
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
 import io
-import re
-import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import PIL.Image
 import torch
-import transformers
-from PIL import Image, UnidentifiedImageError
-from pydantic import field_validator
-from transformers import AutoImageProcessor
+from transformers import AutoImageProcessor, AutoModelForImageToImage
 
-from model_loader import LoadedModel, ModelFiles, place_model
-from serving.batcher import Batcher
-from serving.config import ModelSettings, WorkerSettings
-from serving.errors import InputError, JobTimeout
-from serving.validation import StrictInput, parse_input
-from tasks.base import JobContext, Task
+from tasks.base import Image, Input, OutputFile, Task
 
 FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"),
            "webp": ("WEBP", "image/webp")}
-INPUT_FORMATS = ["PNG", "JPEG", "WEBP"]          # what Pillow may open; nothing else is tried
-_DATA_URI = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,", re.ASCII)
-# A compressed image is smaller than its pixels; a file larger than this for the pixel limit
-# is refused before it is read whole (4 bytes a pixel, plus room for metadata).
-_BYTES_PER_PIXEL = 4
-_HEADER_ROOM = 1024 * 1024
+BLANK = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAACAAAAAgCAIAAAD8GO2jAAAAGUlEQVR42u3BMQEA"
+         "AADCoPVP7WENoAAAAG4MIAABITLN7AAAAABJRU5ErkJggg==")      # a black 32x32 PNG
 
 
-class UpscaleInput(StrictInput):
+class UpscaleInput(Input):
     """The fields of an upscale job."""
 
-    image: str
+    image: Image
     output_format: Literal["png", "jpeg", "webp"] = "png"
-
-    @field_validator("image")
-    @classmethod
-    def _url_or_data_uri(cls, value: str) -> str:
-        lowered = value[:16].lower()
-        if not (lowered.startswith(("https://", "http://", "s3://"))
-                or _DATA_URI.match(value[:64])):
-            raise ValueError("must be an https:// or s3:// URL, or a "
-                             "data:image/<type>;base64,<data> URI")
-        return value
-
-
-@dataclass(frozen=True)
-class UpscaleRequest:
-    image: str
-    output_format: str
-    stream: bool = False                 # images are answered whole
-
-
-@dataclass(eq=False)
-class UpscaleItem:
-    """One image while it waits for and goes through a forward pass."""
-
-    pixels: torch.Tensor                 # (3, H', W') float, padded by the processor
-    height: int                          # the input's own size, before padding
-    width: int
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    output: torch.Tensor | None = None   # (H*scale, W*scale, 3) uint8 on the CPU
-    on_done: Callable[[], None] | None = None   # set by the batcher
-
-    def reset_for_retry(self) -> bool:
-        self.output = None
-        return True
-
-
-class UpscaleEngine:
-    """Runs a batch of images: one forward pass per group of equally sized inputs."""
-
-    def __init__(self, loaded: LoadedModel, scale: int) -> None:
-        self.model = loaded.model
-        self.device = loaded.device
-        self.dtype = next(loaded.model.parameters()).dtype
-        self.scale = scale
-
-    def run(self, items: list[UpscaleItem]) -> None:
-        groups: dict[tuple[int, ...], list[UpscaleItem]] = {}
-        for item in items:
-            if not item.cancelled.is_set():
-                groups.setdefault(tuple(item.pixels.shape), []).append(item)
-        for group in groups.values():
-            batch = torch.stack([i.pixels for i in group]).to(self.device, self.dtype)
-            with torch.inference_mode():
-                out = self.model(pixel_values=batch).reconstruction
-                # [0, 1] floats to 8-bit channels-last, on the CPU, for Pillow.
-                out = out.float().clamp_(0, 1).mul_(255).round_().to(torch.uint8)
-                out = out.permute(0, 2, 3, 1).cpu()
-            for row, item in enumerate(group):
-                item.output = out[row, :item.height * self.scale, :item.width * self.scale]
 
 
 class UpscaleTask(Task):
     """Super-resolution jobs on a Swin2SR model, batched across concurrent jobs."""
 
     name = "upscale"
+    input = UpscaleInput
+    example = {"image": BLANK}
+    architectures = ("ForImageSuperResolution",)
+    model_class = AutoModelForImageToImage
+    max_batch_size = 256                   # as many as WORKER_MAX_BATCH_SIZE allows
 
-    @classmethod
-    def serves(cls, model: ModelFiles) -> bool:
-        return any(a.endswith("ForImageSuperResolution") for a in model.architectures)
+    def setup(self) -> None:
+        self.processor = AutoImageProcessor.from_pretrained(self.loaded.source.path)
+        self.scale = int(getattr(self.model.config, "upscale", 1) or 1)
+        self.dtype = next(self.model.parameters()).dtype
 
-    @classmethod
-    def load(cls, model: ModelFiles, settings: ModelSettings) -> LoadedModel:
-        loaded = place_model(model, settings, transformers.AutoModelForImageToImage)
-        loaded.processor = AutoImageProcessor.from_pretrained(model.path)
-        return loaded
+    def predict_batch(self, inputs: list[UpscaleInput]) -> list[dict[str, Any]]:
+        pixels = [self.processor(i.image, return_tensors="pt")["pixel_values"][0] for i in inputs]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, p in enumerate(pixels):
+            groups.setdefault(tuple(p.shape), []).append(index)
+        outputs: list[torch.Tensor] = [torch.empty(0)] * len(inputs)
+        for rows in groups.values():
+            batch = torch.stack([pixels[r] for r in rows]).to(self.device, self.dtype)
+            out = self.model(pixel_values=batch).reconstruction
+            # [0, 1] floats to 8-bit channels-last, on the CPU, for Pillow.
+            out = out.float().clamp_(0, 1).mul_(255).round_().to(torch.uint8).permute(0, 2, 3, 1)
+            out = out.cpu()
+            for row, index in enumerate(rows):
+                image = inputs[index].image
+                outputs[index] = out[row, :image.height * self.scale, :image.width * self.scale]
+        return [self.answer_for(i.output_format, out) for i, out in zip(inputs, outputs,
+                                                                         strict=True)]
 
-    def __init__(self, loaded: LoadedModel, settings: WorkerSettings) -> None:
-        super().__init__(loaded, settings)
-        self.processor = loaded.processor
-        self.scale = int(getattr(loaded.model.config, "upscale", 1) or 1)
-        self.batcher = Batcher(UpscaleEngine(loaded, self.scale), settings.max_batch_size,
-                               settings.batch_wait_ms)
-
-    def warm_up(self) -> None:
-        """One forward pass on a small blank image."""
-        item = self._prepare(Image.new("RGB", (32, 32)))
-        self.batcher.engine.run([item])
-
-    @property
-    def device_fault(self) -> str | None:
-        return self.batcher.device_fault
-
-    # ------------------------------------------------------------------------------------------
-    def parse(self, job_input: dict[str, Any], where: str = "input") -> UpscaleRequest:
-        data = parse_input(UpscaleInput, job_input, {"limits": self.settings}, prefix=where)
-        return UpscaleRequest(data.image, data.output_format)
-
-    async def answer(self, request: UpscaleRequest, job: JobContext) -> dict[str, Any]:
-        field_name = "input.image"
-        max_pixels = self.settings.max_image_pixels
-        max_bytes = max_pixels * _BYTES_PER_PIXEL + _HEADER_ROOM
-        if request.image.startswith("data:"):
-            raw = _decode_data_uri(request.image, field_name, max_bytes)
-        else:
-            raw = await job.download(request.image, field=field_name, max_bytes=max_bytes)
-        image = await asyncio.to_thread(open_image, raw, max_pixels, field_name)
-        item = await asyncio.to_thread(self._prepare, image)
-        try:
-            await asyncio.wait_for(self.batcher.submit(item), max(0.0, job.remaining_s()))
-        except TimeoutError:
-            raise JobTimeout(f"the job ran past {job.timeout_s:g}s (WORKER_JOB_TIMEOUT_S); "
-                             "send a smaller image") from None
-        assert item.output is not None
-        pil_format, content_type = FORMATS[request.output_format]
-        encoded = await asyncio.to_thread(_encode, item.output, pil_format)
-        height, width = int(item.output.shape[0]), int(item.output.shape[1])
-        return {"image": job.store(encoded, content_type, f"image.{request.output_format}"),
-                "width": width, "height": height, "model": self.loaded.served_name}
-
-    def _prepare(self, image: Image.Image) -> UpscaleItem:
-        pixels = self.processor(image, return_tensors="pt")["pixel_values"][0]
-        return UpscaleItem(pixels, height=image.height, width=image.width)
-
-
-# ----------------------------------------------------------------------------------------------
-# Decoding and encoding (Pillow)
-# ----------------------------------------------------------------------------------------------
-def _decode_data_uri(uri: str, field_name: str, max_bytes: int) -> bytes:
-    head = _DATA_URI.match(uri)
-    assert head is not None             # the input model checked the prefix
-    payload = uri[head.end():]
-    if len(payload) > 4 * (max_bytes // 3) + 4:
-        raise InputError(f"holds more than {max_bytes:,} bytes of image data",
-                         field=field_name)
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise InputError("is not valid base64 after 'data:image/...;base64,'",
-                         field=field_name) from None
-
-
-def open_image(raw: bytes, max_pixels: int, field_name: str = "input.image") -> Image.Image:
-    """Decode ``raw`` as an RGB image; InputError naming ``field_name`` for anything else.
-
-    The size is read from the header and checked before any pixel is decoded.
-    """
-    try:
-        image = Image.open(io.BytesIO(raw), formats=INPUT_FORMATS)
-    except Image.DecompressionBombError:       # Pillow's own guard, far above ours
-        raise InputError(f"claims a size over the limit of {max_pixels:,} pixels "
-                         "(WORKER_MAX_IMAGE_PIXELS)", field=field_name) from None
-    except UnidentifiedImageError:
-        raise InputError("is not a PNG, JPEG or WebP image", field=field_name) from None
-    except Exception:  # noqa: BLE001 - a malformed header is the caller's input
-        raise InputError("has an unreadable image header", field=field_name) from None
-    width, height = image.size
-    if width < 1 or height < 1:
-        raise InputError("is an empty image", field=field_name)
-    if width * height > max_pixels:
-        raise InputError(f"is {width}x{height} ({width * height:,} pixels), over the limit of "
-                         f"{max_pixels:,} (WORKER_MAX_IMAGE_PIXELS)", field=field_name)
-    try:
-        image.load()
-        return image.convert("RGB")
-    except Exception:  # noqa: BLE001 - truncated or corrupt pixel data
-        raise InputError("could not be decoded: the image data is truncated or corrupt",
-                         field=field_name) from None
-
-
-def _encode(pixels: torch.Tensor, pil_format: str) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(pixels.numpy()).save(out, format=pil_format)
-    return out.getvalue()
+    def answer_for(self, output_format: str, pixels: torch.Tensor) -> dict[str, Any]:
+        pil_format, content_type = FORMATS[output_format]
+        encoded = io.BytesIO()
+        PIL.Image.fromarray(pixels.numpy()).save(encoded, format=pil_format)
+        return {"image": OutputFile(encoded.getvalue(), content_type, f"image.{output_format}"),
+                "width": int(pixels.shape[1]), "height": int(pixels.shape[0]),
+                "model": self.loaded.served_name}
