@@ -34,7 +34,10 @@ The parts, each with a default a task overrides only when it must::
     max_batch_size, batch_wait_ms, predict_batch(inputs)
                     batching across concurrent jobs, declared: with ``max_batch_size`` (capped
                     by WORKER_MAX_BATCH_SIZE) the worker gathers inputs and calls
-                    ``predict_batch`` with a list; it returns one answer per input, in order
+                    ``predict_batch`` with a list; it returns one output per input, in order
+    respond(output, input)
+                    optional: turns an output into the answer in a thread off the device (CPU
+                    work such as encoding an image), so the device thread moves on
     Settings        a ``TaskSettings`` class of the task's own limits, read from the environment
                     with its ``env_prefix``; the task reads ``self.options``
     openai_routes   the OpenAI-compatible routes it serves (none by default)
@@ -220,6 +223,11 @@ class Task:
         raise NotImplementedError(f"{type(self).__name__} sets max_batch_size but defines no "
                                   "predict_batch")
 
+    def respond(self, output: Any, input: Any) -> dict[str, Any]:
+        """The answer for ``predict``'s (or ``predict_batch``'s) ``output``, in a thread off the
+        device: CPU work such as encoding an image. By default the output is the answer."""
+        return output
+
     def warm_up(self) -> None:
         """One small run before the first job (device thread): by default, ``example``."""
         if not self.example or self.input is None:
@@ -232,9 +240,10 @@ class Task:
         data = asyncio.run(resolve_media(request.input, job, request.where,
                                          self.settings.max_image_pixels))
         if self.max_batch_size:
-            inference(self.predict_batch, [data])
+            (output,) = inference(self.predict_batch, [data])
         else:
-            inference(self.predict, *((data, job) if self._predict_takes_job else (data,)))
+            output = inference(self.predict, *((data, job) if self._predict_takes_job else (data,)))
+        self.respond(output, data)
 
     # ------------------------------------------------------------------------------------------
     # What the worker calls; a task overrides these only for what declarations cannot say.
@@ -250,7 +259,7 @@ class Task:
 
     async def answer(self, request: Any, job: JobContext) -> dict[str, Any]:
         """Fetch and decode the request's media, then ``predict`` (or a batched
-        ``predict_batch``) on the device thread."""
+        ``predict_batch``) on the device thread, then ``respond`` in a thread."""
         data = await resolve_media(request.input, job, request.where,
                                    self.settings.max_image_pixels)
         if self.max_batch_size:
@@ -260,11 +269,14 @@ class Task:
             except TimeoutError:
                 raise JobTimeout(f"the job ran past {job.timeout_s:g}s (WORKER_JOB_TIMEOUT_S); "
                                  "send a smaller input") from None
-            return checked_answer(self, item.output)
-        args = (data, job) if self._predict_takes_job else (data,)
-        if inspect.iscoroutinefunction(self.predict):
-            return checked_answer(self, await self.predict(*args))
-        return checked_answer(self, await self.on_device(inference, self.predict, *args))
+            output = item.output
+        else:
+            args = (data, job) if self._predict_takes_job else (data,)
+            output = (await self.predict(*args) if inspect.iscoroutinefunction(self.predict)
+                      else await self.on_device(inference, self.predict, *args))
+        if type(self).respond is not Task.respond:
+            output = await asyncio.to_thread(self.respond, output, data)
+        return checked_answer(self, output)
 
     async def stream(self, request: Any, job: JobContext) -> AsyncIterator[dict[str, Any]]:
         """Chunks of a streamed answer; by default the whole answer as one chunk."""

@@ -62,7 +62,8 @@ class UpscaleTask(Task):
         self.scale = int(getattr(self.model.config, "upscale", 1) or 1)
         self.dtype = next(self.model.parameters()).dtype
 
-    def predict_batch(self, inputs: list[UpscaleInput]) -> list[dict[str, Any]]:
+    def predict_batch(self, inputs: list[UpscaleInput]) -> list[torch.Tensor]:
+        """The upscaled pixels of each input: (H*scale, W*scale, 3) uint8 on the CPU."""
         pixels = [self.processor(i.image, return_tensors="pt")["pixel_values"][0] for i in inputs]
         groups: dict[tuple[int, ...], list[int]] = {}
         for index, p in enumerate(pixels):
@@ -75,15 +76,15 @@ class UpscaleTask(Task):
             out = out.float().clamp_(0, 1).mul_(255).round_().to(torch.uint8).permute(0, 2, 3, 1)
             out = out.cpu()
             for row, index in enumerate(rows):
-                image = inputs[index].image
+                image = inputs[index].image       # the padding the processor added is cut off
                 outputs[index] = out[row, :image.height * self.scale, :image.width * self.scale]
-        return [self.answer_for(i.output_format, out) for i, out in zip(inputs, outputs,
-                                                                         strict=True)]
+        return outputs
 
-    def answer_for(self, output_format: str, pixels: torch.Tensor) -> dict[str, Any]:
-        pil_format, content_type = FORMATS[output_format]
+    def respond(self, output: torch.Tensor, input: UpscaleInput) -> dict[str, Any]:
+        """The image encoded in the asked format (in a thread, off the device)."""
+        pil_format, content_type = FORMATS[input.output_format]
         encoded = io.BytesIO()
-        PIL.Image.fromarray(pixels.numpy()).save(encoded, format=pil_format)
-        return {"image": OutputFile(encoded.getvalue(), content_type, f"image.{output_format}"),
-                "width": int(pixels.shape[1]), "height": int(pixels.shape[0]),
-                "model": self.loaded.served_name}
+        PIL.Image.fromarray(output.numpy()).save(encoded, format=pil_format)
+        return {"image": OutputFile(encoded.getvalue(), content_type,
+                                    f"image.{input.output_format}"),
+                "width": int(output.shape[1]), "height": int(output.shape[0])}

@@ -227,6 +227,14 @@ class TestDeclaredBatching:
         out = run(loop, serve(upscale_worker, CountTask), {"batch": [{"n": 1}, {"n": 2}]})
         assert [r["file"]["data"] for r in out["results"]] == ["MQ==", "Mg=="]
 
+    def test_respond_runs_off_the_device_thread(self, loop, upscale_worker):
+        class Responding(CountTask):
+            def respond(self, output: dict[str, Any], input: CountInput) -> dict[str, Any]:
+                return {"n": output["n"], "thread": threading.current_thread().name}
+
+        out = run(loop, serve(upscale_worker, Responding), {"n": 5})
+        assert out["n"] == 5 and not out["thread"].startswith("device")
+
     def test_the_default_warm_up_answers_the_example(self, upscale_worker):
         task = CountTask(upscale_worker.loaded, upscale_worker.settings)
         task.warm_up()
