@@ -8,7 +8,7 @@ A task is one class in one file of ``tasks/``. It declares; the worker does the 
     class ClassifyTask(Task):
         name = "classify"                        # WORKER_TASK, the startup line, errors
         input = ClassifyInput                    # parsed and validated by the worker
-        example = {"text": "I loved it"}         # warm-up, the contract test, the schema
+        example = {"text": "I loved it"}         # warm-up and the contract test send it
         architectures = ("ForSequenceClassification",)   # serves(): which models are its own
         model_class = AutoModelForSequenceClassification # load(): how its weights load
 
@@ -28,9 +28,10 @@ The parts, each with a default a task overrides only when it must::
     setup()         after loading, on the device thread: a tokenizer, a processor
     warm_up()       by default answers ``example`` once, so the first job pays no start-up
     predict(input, job)
-                    the answer, a JSON-ready dict, run on the device thread (``predict(input)``
-                    also works); ``async def predict`` runs on the event loop instead (await
-                    ``self.on_device(fn, ...)`` for the model)
+                    the answer, a JSON-ready dict, run on the device thread under
+                    ``torch.inference_mode()`` (``predict(input)`` also works; ``"model"``, the
+                    served name, is added when left out); ``async def predict`` runs on the
+                    event loop instead (await ``self.on_device(fn, ...)`` for the model)
     max_batch_size, batch_wait_ms, predict_batch(inputs)
                     batching across concurrent jobs, declared: with ``max_batch_size`` (capped
                     by WORKER_MAX_BATCH_SIZE) the worker gathers inputs and calls
