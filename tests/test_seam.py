@@ -80,6 +80,20 @@ class TestMediaInputs:
         assert out["sound"] == [12, "audio/wav"]
         assert out["images"] == [["RGB", 3, 2], ["RGB", 5, 4]]
 
+    def test_an_s3_url_is_read_from_the_jobs_own_bucket(self, loop, upscale_worker, s3_server):
+        import boto3
+        bucket = s3_server.make_bucket()
+        client = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1",
+                              aws_access_key_id=s3_server.access_key,
+                              aws_secret_access_key=s3_server.secret_key)
+        client.put_object(Bucket=bucket, Key="in/blob.bin", Body=b"\x01\x02\x03")
+        client.close()
+        s3_config = {"accessId": s3_server.access_key, "accessSecret": s3_server.secret_key,
+                     "bucketName": bucket, "endpointUrl": s3_server.endpoint}
+        out = run(loop, serve(upscale_worker, MediaTask), {"file": f"s3://{bucket}/in/blob.bin"},
+                  s3Config=s3_config)
+        assert out["file"] == [3, "010203"]
+
     def test_a_bad_image_in_a_list_names_its_index(self, loop, upscale_worker):
         worker = serve(upscale_worker, MediaTask)
         bad = "data:image/png;base64," + base64.b64encode(b"not a png").decode()
