@@ -481,21 +481,25 @@ def place_model(model: ModelFiles, settings: ModelSettings, model_class: Any,
 
 
 def load_task(settings: ModelSettings, worker_settings: WorkerSettings,
-              tasks: Mapping[str, type[Task]], warmup: bool | None = None) -> Task:
+              tasks: Mapping[str, type[Task]], warmup: bool | None = None,
+              env: Mapping[str, str] | None = None) -> Task:
     """Find the model, pick its task, load and warm it up on the device thread, and log one
-    startup line. Call once per worker. Raises WorkerError (one line, no traceback)."""
-    return DEVICE_THREAD.submit(_load_task, settings, worker_settings, tasks, warmup).result()
+    startup line. ``env`` is where the task's own settings are read (default: os.environ).
+    Call once per worker. Raises WorkerError (one line, no traceback)."""
+    return DEVICE_THREAD.submit(_load_task, settings, worker_settings, tasks, warmup,
+                                env).result()
 
 
 def _load_task(settings: ModelSettings, worker_settings: WorkerSettings,
-               tasks: Mapping[str, type[Task]], warmup: bool | None) -> Task:
+               tasks: Mapping[str, type[Task]], warmup: bool | None,
+               env: Mapping[str, str] | None = None) -> Task:
     model = read_model_files(resolve_model_source(settings))
     task_class = pick_task(model, settings.task, tasks)
     try:
         loaded = task_class.load(model, settings)
         loaded.task = task_class.name
         loaded.stats.task = task_class.name
-        task = task_class(loaded, worker_settings)
+        task = task_class(loaded, worker_settings, env)
         if settings.warmup if warmup is None else warmup:
             start = time.perf_counter()
             task.warm_up()

@@ -122,7 +122,7 @@ def usage_text(endpoint: LocalEndpoint, command: Sequence[str],
                key_file: Path | None = None,
                example: Mapping[str, Any] | None = None) -> str:
     """What the CLI prints once the worker is ready: how to call the endpoint, with ``example``
-    as the job input (the served task's ``example_input``; None: an empty input for the
+    as the job input (the served task's ``example``; None: an empty input for the
     caller to fill). It names where the client key is (``key_file``, if it made one), never
     the key itself."""
     if endpoint.api_key is None:

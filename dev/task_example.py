@@ -4,7 +4,7 @@ serves with this environment, printed as one JSON line ``{"task": name, "input":
 It finds the model and picks its task exactly as the worker does (``model_loader``: the
 directory by MODEL_PATH, the baked model or the caches; the task by WORKER_TASK or each task's
 rule), reads only the model's config, and never downloads (MODEL_ALLOW_DOWNLOAD is ignored).
-The input is the task's own ``Task.example`` (its ``example_input``, or one per kind). It exits 1
+The input is the task's own ``Task.example_for`` (its ``example``, or one per kind). It exits 1
 with one line on stderr when no model is found or no task serves it.
 
 The local endpoint's CLI runs it to print an example request for the task its worker serves.
@@ -33,7 +33,7 @@ def main(env: Mapping[str, str] | None = None) -> int:
     except WorkerError as err:
         print(f"task_example: {str(err).splitlines()[0]}", file=sys.stderr, flush=True)
         return 1
-    example = task.example(model, settings.task)
+    example = task.example_for(model, settings.task)
     print(json.dumps({"task": task.name, "input": example}), flush=True)
     return 0
 

@@ -42,6 +42,7 @@ from serving.delivery import (
 from serving.downloads import load_jsonl_url
 from serving.errors import InputError, JobTimeout, PayloadTooLarge, WorkerError, error_response
 from serving.netguard import Deadline
+from serving.runner import rename_files
 from serving.validation import check_job_input
 from storage import Storage, storage_for_job, storage_from_settings
 from tasks import TASKS, JobContext, Task
@@ -125,6 +126,9 @@ class Worker:
         job_id = str(job.get("id", "job")) if isinstance(job, dict) else "job"
         openai = is_openai_job(job)
         try:
+            if isinstance(job, Mapping) and "output_mode" in job:
+                raise InputError("belongs inside the input: send {\"input\": {..., "
+                                 "\"output_mode\": ...}}", field="output_mode")
             job_input = dict(check_job_input(job, self.settings.max_input_bytes))
             if openai:  # RunPod's OpenAI-compatible routes (openai_compat.py)
                 async for item in self._openai_routes().handle(job_input):
@@ -278,8 +282,9 @@ class Worker:
                         raise InputError("stream is not available for batch items",
                                          field=f"input.batch.{index}.stream")
                     answer = await self.task.answer(request, context.for_item(index))
-                    result: dict[str, Any] = (
-                        {"result": answer} if isinstance(answer, list) else dict(answer))
+                    answer = {"result": answer} if isinstance(answer, list) else dict(answer)
+                    # Each item's files get its index, so two items' image.png differ.
+                    result: dict[str, Any] = rename_files(answer, f"{index}-")
                 except Exception as exc:  # noqa: BLE001 - one item's failure is its own answer
                     if not isinstance(exc, WorkerError):
                         log.exception("batch item %d of job %s failed", index, job.get("id"))
@@ -349,6 +354,6 @@ def build_worker(env: Mapping[str, str] | None = None) -> Worker:
     storage_settings = StorageSettings.from_env(env)
     download_settings = DownloadSettings.from_env(env)
     storage = storage_from_settings(storage_settings)   # builds a client; no network
-    task = load_task(ModelSettings.from_env(env), settings, TASKS)
+    task = load_task(ModelSettings.from_env(env), settings, TASKS, env=env)
     return Worker(settings=settings, storage_settings=storage_settings,
                   download_settings=download_settings, storage=storage, task=task)

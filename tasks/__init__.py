@@ -1,19 +1,22 @@
 """The tasks a worker can serve, one module each, and the one place they are registered.
 
-A task is a ``tasks.base.Task`` subclass in its own module: it recognises its models, loads them,
-declares its input contract and answers jobs (``tasks/base.py`` says what each part does).
-``WORKER_TASK=auto`` gives the model to the task whose ``pipeline_tasks`` holds the kind its
-config reads as (``serving/detect.py``), or whose own ``Task.serves`` rule claims it; the order
-below does not matter, and two tasks claiming one model stop the start. ``WORKER_TASK=<name>``
-(or a kind) picks another task that fits the model.
+A task is a ``tasks.base.Task`` subclass in its own module: it declares its input model, the
+models it serves and how they load, and writes ``predict`` (``tasks/base.py`` says what each
+part does; docs/tasks.md how to write and test one). ``WORKER_TASK=auto`` gives the model to
+the task whose ``pipeline_tasks`` holds the kind its config reads as (``serving/detect.py``),
+or whose own ``Task.serves`` rule claims it (a rule beats a kind); the order below does not
+matter, and two tasks claiming one model stop the start. ``WORKER_TASK=<name>`` (or a kind)
+picks another task that fits the model.
 
-To add a task: write ``tasks/<name>.py`` (``tasks/upscale.py`` is a complete example that
-returns files) and add one line to ``TASKS``. Nothing else in the worker names a task.
+To add a task: write ``tasks/<name>.py`` (the README's classifier is a whole one;
+``tasks/upscale.py`` a batched one whose answers are image files) and add one line to
+``TASKS``. Nothing else in the worker names a task. ``generate`` and ``embed`` use the seam's
+advanced form (their own ``parse``/``answer``/``stream``): generate streams and batches token by
+token, embed batches each text of a job on its own and serves the OpenAI embeddings route.
 
 The plugin seam: the worker's own modules (``worker.py``, ``model_loader.py``,
 ``openai_compat.py``) reach tasks only through ``TASKS`` and the ``Task`` interface; a task
-imports the worker's helpers (``model_loader``, ``validation``, ``batcher``, ``tasks.base``),
-never the other way round.
+imports the worker's helpers through ``tasks.base``, never the other way round.
 """
 
 from __future__ import annotations

@@ -1,30 +1,62 @@
-"""The seam between the worker and a model: what a task is, and what each job gives it.
+"""The seam between the worker and a model: a forker's one import, ``from tasks.base import ...``.
 
-A task is one class in one file of ``tasks/`` that owns everything particular to its models,
-and nothing else (Cog's ``setup()``/``predict()``, with detection and the contract added)::
+A task is one class in one file of ``tasks/``. It declares; the worker does the rest::
 
-    name            the task's name: WORKER_TASK, the startup line, error messages
-    serves(model)   its detection rule: does this model directory hold one of its models?
+    class ClassifyInput(Input):                  # the job contract: a pydantic model
+        text: str = Field(min_length=1)
+
+    class ClassifyTask(Task):
+        name = "classify"                        # WORKER_TASK, the startup line, errors
+        input = ClassifyInput                    # parsed and validated by the worker
+        example = {"text": "I loved it"}         # warm-up and the contract test send it
+        architectures = ("ForSequenceClassification",)   # serves(): which models are its own
+        model_class = AutoModelForSequenceClassification # load(): how its weights load
+
+        def setup(self) -> None: ...             # what else it needs, once (device thread)
+        def predict(self, input, job) -> dict: ...        # one job, on the device thread
+
+The parts, each with a default a task overrides only when it must::
+
+    input, example  the input model (``Input``: unknown fields refused, errors name the field)
+                    and one small valid input; ``Image``, ``Audio`` and ``File`` fields arrive
+                    fetched and decoded (``serving/inputs.py``: URLs under the download rules,
+                    data: URIs); ``Field`` sets limits
+    serves(model)   detection: an architecture ending in one of ``architectures``; built-in
+                    tasks declare ``pipeline_tasks`` instead, the kinds (``text-generation``,
+                    ...) a model's config is read as exactly (``serving/detect.py``)
     load(model, settings)
-                    loading, on the device thread: the model class, tokenizer or processor,
-                    dtype. ``model_loader.place_model`` finds the weights' device and dtype and
-                    places them (no host copy); the task adds what else it needs
-    warm_up()       one small run at startup, on the device thread, so the first job pays no
-                    kernel or allocator start-up
-    parse(job_input, where)
-                    validates the job input with its pydantic model (the contract: fields,
-                    limits, error messages) and returns a request; errors name the field
-    answer(request, job)
-                    the answer, a JSON-ready dict; files it produces go in as
-                    ``job.store(data, content_type, name)``
-    stream(request, job)
-                    optional: chunks as they are produced, for requests with ``stream`` true
+                    ``model_loader.place_model`` with ``model_class`` (device, dtype, no host
+                    copy); override it to load something else
+    setup()         after loading, on the device thread: a tokenizer, a processor
+    warm_up()       by default answers ``example`` once, so the first job pays no start-up
+    predict(input, job)
+                    the answer, a JSON-ready dict, run on the device thread under
+                    ``torch.inference_mode()`` (``predict(input)`` also works; ``"model"``, the
+                    served name, is added when left out); ``async def predict`` runs on the
+                    event loop instead (await ``self.on_device(fn, ...)`` for the model)
+    max_batch_size, batch_wait_ms, predict_batch(inputs)
+                    batching across concurrent jobs, declared: with ``max_batch_size`` (capped
+                    by WORKER_MAX_BATCH_SIZE) the worker gathers inputs and calls
+                    ``predict_batch`` with a list; it returns one output per input, in order
+    check(input, where)
+                    optional: refuse an input before it reaches the device (its media already
+                    fetched and decoded), raising InputError naming the field under ``where``
+    respond(output, input)
+                    optional: turns an output into the answer in a thread off the device (CPU
+                    work such as encoding an image), so the device thread moves on
+    Settings        a ``TaskSettings`` class of the task's own limits, read from the environment
+                    with its ``env_prefix``; the task reads ``self.options``
     openai_routes   the OpenAI-compatible routes it serves (none by default)
-    example_input   a small valid job input, shown by the local endpoint's banner
+
+Files in an answer: ``job.store(data, content_type, name)``, or ``OutputFile(...)`` from
+``predict_batch``; delivery makes each inline or a link. Advanced tasks (``tasks/generate.py``,
+streaming) override ``parse(job_input, where)``, ``answer(request, job)`` and
+``stream(request, job)`` themselves: the worker calls only those three.
 
 The worker owns the rest, the same for every task: the job envelope and its size, output_mode,
-batch jobs (``batch``, ``batch_url``), the whole-job time limit, cancel, delivery (inline or a
-link) and the error boundary. A task never imports runpod or boto3.
+batch jobs (``batch``, ``batch_url``), the whole-job time limit, cancel, the batcher and its
+out-of-memory split, the device-fault state, media downloads, delivery and the error boundary.
+A task never imports runpod or boto3.
 
 ``JobContext`` is what a task knows of the job it answers: its id, its deadline and cancel
 flag, its progress reports, its safe downloads, and where its files go.
@@ -33,27 +65,48 @@ flag, its progress reports, its safe downloads, and where its files go.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from model_loader import LoadedModel, ModelFiles
+from pydantic import BaseModel, Field
+
+from model_loader import LoadedModel, ModelFiles, place_model
+from serving.batcher import Batcher
 from serving.config import DownloadSettings, ModelSettings, WorkerSettings
 from serving.delivery import Artefact
 from serving.device import DEVICE_THREAD, is_device_fault, is_out_of_memory, release_memory
 from serving.downloads import DownloadStop, download_bytes, run_download
-from serving.errors import DeviceFault, InputError, JobTimeout, OutOfMemory
+from serving.errors import DeviceFault, DownloadError, InputError, JobTimeout, OutOfMemory
+from serving.inputs import Audio, AudioBytes, File, Image, resolve_media
+from serving.media import in_decode_pool
+from serving.runner import (
+    PredictEngine,
+    PredictItem,
+    Request,
+    TaskSettings,
+    checked_answer,
+    inference,
+    takes_job,
+)
+from serving.validation import StrictInput, parse_input
 
 if TYPE_CHECKING:
     from storage import Storage
 
+__all__ = ["Audio", "AudioBytes", "Field", "File", "Image", "Input", "JobContext", "LoadedModel",
+           "ModelFiles", "OutputFile", "Task", "TaskSettings"]
+
 log = logging.getLogger("worker.task")
 ProgressFn = Callable[[dict[str, Any]], None]
 T = TypeVar("T")
+Input = StrictInput                 # base of a task's input model
+OutputFile = Artefact               # a file in an answer: OutputFile(data, content_type, name)
 
 
 @dataclass
@@ -67,7 +120,6 @@ class JobContext:
     storage: Callable[[], Storage | None]              # the job's s3Config, else the worker's
     progress: ProgressFn | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
-    name_prefix: str = ""                              # batch items: "3-", so names differ
     own_storage: bool = False                          # the job sent s3Config (read any key)
     transfers: Executor | None = None                  # the worker's download pool
 
@@ -76,17 +128,22 @@ class JobContext:
 
         Delivery makes it ``{"data": <base64>, "bytes", "sha256", "content_type"}`` when the
         answer fits inline, else uploads it as its own object (this content type, key
-        ``<prefix>/<job id>/<name>``) and puts the link object there.
+        ``<prefix>/<job id>/<name>``; a batch item's name gets its index, ``3-<name>``) and puts
+        the link object there.
         """
-        return Artefact(data, content_type, self.name_prefix + name)
+        return Artefact(data, content_type, name)
 
-    async def download(self, url: str, *, field: str, max_bytes: int | None = None) -> bytes:
+    async def download(self, url: str, *, field: str, max_bytes: int | None = None,
+                       limit: str = "DOWNLOAD_MAX_BYTES") -> bytes:
         """The bytes at an ``https://`` or ``s3://`` URL, fetched under the download rules
         (public addresses only, size and time limits; ``s3://`` from this job's storage).
+        ``max_bytes`` lowers the size limit for this field; ``limit`` names it in the error.
         Raises DownloadError or InputError naming ``field``."""
         settings = self.downloads
         if max_bytes is not None and max_bytes < settings.max_bytes:
             settings = replace(settings, max_bytes=max_bytes)
+        else:
+            limit = "DOWNLOAD_MAX_BYTES"
 
         def fetch(stop: DownloadStop) -> bytes:
             storage = self.storage() if url.lower().startswith("s3://") else None
@@ -95,9 +152,13 @@ class JobContext:
 
         if not isinstance(url, str) or "://" not in url:
             raise InputError("must be an https:// or s3:// URL", field=field)
-        # Downloads wait on the network: never in the default pool, which delivers answers.
-        # They end with the job (its deadline, a cancel), freeing their pool thread at once.
-        return await run_download(self.transfers, fetch)
+        try:
+            # Downloads wait on the network: never in the default pool, which delivers answers.
+            # They end with the job (its deadline, a cancel), freeing their pool thread at once.
+            return await run_download(self.transfers, fetch)
+        except DownloadError as exc:
+            raise DownloadError(f"{field}: {str(exc).replace('(DOWNLOAD_MAX_BYTES)', f'({limit})')}"
+                                ) from None
 
     def report(self, progress: dict[str, Any]) -> None:
         """Send a progress update (shown by /status while the job runs); never fails the job."""
@@ -114,64 +175,147 @@ class JobContext:
             raise JobTimeout(f"the job ran past {self.timeout_s:g}s (WORKER_JOB_TIMEOUT_S)")
 
     def for_item(self, index: int) -> JobContext:
-        """The context of item ``index`` of a batch job: same job, its own file names."""
-        return replace(self, progress=None, name_prefix=f"{self.name_prefix}{index}-")
+        """The context of item ``index`` of a batch job: same job, no progress of its own."""
+        return replace(self, progress=None)
 
 
 class Task:
-    """Base of every task; see the module docstring for what a subclass defines."""
+    """Base of every task; the module docstring says what a subclass declares."""
 
     name: ClassVar[str] = ""
+    input: ClassVar[type[BaseModel] | None] = None
+    example: ClassVar[dict[str, Any]] = {}
+    architectures: ClassVar[tuple[str, ...]] = ()   # suffixes: ("ForSequenceClassification",)
+    model_class: ClassVar[Any] = None               # a transformers Auto class
+    max_batch_size: ClassVar[int] = 0               # 0: one job at a time through predict
+    batch_wait_ms: ClassVar[int | None] = None      # None: WORKER_BATCH_WAIT_MS
+    Settings: ClassVar[type[TaskSettings] | None] = None
     openai_routes: ClassVar[tuple[str, ...]] = ()   # e.g. ("/v1/chat/completions",)
     # The kinds of model it serves, as pipeline task names ("text-generation", ...; the list is
     # serving.detect.KINDS): WORKER_TASK=auto gives it every model whose config reads as one.
     pipeline_tasks: ClassVar[tuple[str, ...]] = ()
-    example_input: ClassVar[dict[str, Any]] = {}    # a small valid job input, for the banner
 
-    def __init__(self, loaded: LoadedModel, settings: WorkerSettings) -> None:
+    def __init__(self, loaded: LoadedModel, settings: WorkerSettings,
+                 env: Mapping[str, str] | None = None) -> None:
         self.loaded = loaded
         self.settings = settings
+        self.model = loaded.model
+        self.device = loaded.device
+        self.options = self.Settings.from_env(env) if self.Settings is not None else None
         self._device_fault: str | None = None
+        self._predict_takes_job = takes_job(self.predict)
+        if self.max_batch_size:
+            size = min(self.max_batch_size, settings.max_batch_size)
+            wait = settings.batch_wait_ms if self.batch_wait_ms is None else self.batch_wait_ms
+            self.batcher = Batcher(PredictEngine(self), size, wait)
+        self.setup()
 
     @classmethod
     def serves(cls, model: ModelFiles) -> bool:
-        """True when ``model`` holds a model of this task beyond ``pipeline_tasks``: a task's
-        own detection rule (WORKER_TASK=auto asks each task)."""
-        return False
+        """True when ``model`` holds a model of this task by the task's own rule, beyond its
+        ``pipeline_tasks`` (read exactly from the config): an architecture ending in one of
+        ``architectures``. WORKER_TASK=auto asks each task; a task's own rule beats a kind."""
+        return bool(cls.architectures) and any(
+            a.endswith(cls.architectures) for a in model.architectures)
 
     @classmethod
-    def example(cls, model: ModelFiles, setting: str = "auto") -> dict[str, Any]:
-        """A small valid job input for ``model`` (``example_input`` unless a task serves
-        several kinds, each with its own input); WORKER_TASK is ``setting``."""
-        return cls.example_input
+    def example_for(cls, model: ModelFiles, setting: str = "auto") -> dict[str, Any]:
+        """A small valid job input for ``model`` (the local endpoint's banner prints it):
+        ``example``, unless a task serves several kinds, each with its own input; WORKER_TASK
+        is ``setting``."""
+        return cls.example
 
     @classmethod
     def load(cls, model: ModelFiles, settings: ModelSettings) -> LoadedModel:
         """Load ``model`` for this task. Runs on the device thread, once per worker."""
-        raise NotImplementedError
+        if cls.model_class is None:
+            raise NotImplementedError(f"{cls.__name__} sets no model_class and no load()")
+        return place_model(model, settings, cls.model_class)
+
+    def setup(self) -> None:
+        """What else the task needs after loading (a tokenizer, a processor); device thread."""
+
+    def predict(self, input: Any, job: JobContext) -> dict[str, Any]:
+        """The answer to one job's input (device thread, unless declared ``async def``)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no predict or predict_batch")
+
+    def predict_batch(self, inputs: list[Any]) -> list[dict[str, Any]]:
+        """One answer per input, in order (device thread); used when max_batch_size is set."""
+        raise NotImplementedError(f"{type(self).__name__} sets max_batch_size but defines no "
+                                  "predict_batch")
+
+    def check(self, input: Any, where: str) -> None:
+        """Refuse ``input`` before the device, raising InputError naming a field under
+        ``where``; its media are fetched and decoded. By default every input passes."""
+
+    def respond(self, output: Any, input: Any) -> dict[str, Any]:
+        """The answer for ``predict``'s (or ``predict_batch``'s) ``output``, in a thread off the
+        device: CPU work such as encoding an image. By default the output is the answer."""
+        return output
 
     def warm_up(self) -> None:
-        """One small run before the first job. Runs on the device thread."""
+        """One small run before the first job (device thread): by default, ``example``."""
+        if not self.example or self.input is None:
+            return
+        if not self.max_batch_size and inspect.iscoroutinefunction(self.predict):
+            return                           # an async predict warms up in its own warm_up
+        job = JobContext("warm-up", time.monotonic() + self.settings.job_timeout_s,
+                         self.settings.job_timeout_s, DownloadSettings.from_env({}), lambda: None)
+        request = self.parse(dict(self.example), where="example")
+        data = asyncio.run(resolve_media(request.input, job, request.where,
+                                         self.settings.max_image_pixels))
+        if self.max_batch_size:
+            (output,) = inference(self.predict_batch, [data])
+        else:
+            output = inference(self.predict, *((data, job) if self._predict_takes_job else (data,)))
+        self.respond(output, data)
 
+    # ------------------------------------------------------------------------------------------
+    # What the worker calls; a task overrides these only for what declarations cannot say.
+    # ------------------------------------------------------------------------------------------
     def parse(self, job_input: dict[str, Any], where: str = "input") -> Any:
-        """The request for ``job_input``; InputError naming the field (under ``where``)."""
-        raise NotImplementedError
+        """The request for ``job_input``: checked against ``input``; InputError names the field.
+        Limits from settings reach validators as ``info.context["limits"]`` (WorkerSettings)
+        and ``info.context["options"]`` (the task's own ``Settings``)."""
+        if self.input is None:
+            raise NotImplementedError(f"{type(self).__name__} declares no input model")
+        context = {"limits": self.settings, "options": self.options}
+        return Request(parse_input(self.input, job_input, context, prefix=where), where)
 
     async def answer(self, request: Any, job: JobContext) -> dict[str, Any]:
-        raise NotImplementedError
+        """Fetch and decode the request's media, then ``predict`` (or a batched
+        ``predict_batch``) on the device thread, then ``respond`` in a thread."""
+        data = await resolve_media(request.input, job, request.where,
+                                   self.settings.max_image_pixels)
+        self.check(data, request.where)
+        if self.max_batch_size:
+            item = PredictItem(data)
+            try:
+                await asyncio.wait_for(self.batcher.submit(item), max(0.0, job.remaining_s()))
+            except TimeoutError:
+                raise JobTimeout(f"the job ran past {job.timeout_s:g}s (WORKER_JOB_TIMEOUT_S); "
+                                 "send a smaller input") from None
+            output = item.output
+        else:
+            args = (data, job) if self._predict_takes_job else (data,)
+            output = (await self.predict(*args) if inspect.iscoroutinefunction(self.predict)
+                      else await self.on_device(inference, self.predict, *args))
+        if type(self).respond is not Task.respond:    # CPU work: the decode pool, as decoding
+            output = await in_decode_pool(self.respond, output, data, deadline=job.deadline,
+                                          cancelled=job.cancelled)
+        return checked_answer(self, output)
 
     async def stream(self, request: Any, job: JobContext) -> AsyncIterator[dict[str, Any]]:
         """Chunks of a streamed answer; by default the whole answer as one chunk."""
         yield await self.answer(request, job)
 
     async def on_device(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` on the device thread, where all torch work runs (unbatched; see
-        ``batcher.py`` to share forward passes across jobs). Out of memory becomes
-        OutOfMemory after the memory is released; a broken device becomes DeviceFault and the
-        worker asks to be replaced."""
+        """``fn(*args)`` on the device thread, where all torch work runs (unbatched). Out of
+        memory becomes OutOfMemory after the memory is released; a broken device becomes
+        DeviceFault and the worker asks to be replaced."""
         loop = asyncio.get_running_loop()
-        if self._device_fault is not None:
-            raise DeviceFault(self._device_fault)
+        if self.device_fault is not None:
+            raise DeviceFault(self.device_fault)
         try:
             return await loop.run_in_executor(DEVICE_THREAD, fn, *args)
         except Exception as exc:
@@ -189,5 +333,11 @@ class Task:
 
     @property
     def device_fault(self) -> str | None:
-        """Why the device is unusable, once it is; the worker is then replaced."""
-        return self._device_fault
+        """Why the device is unusable, once it is; the worker is then replaced. Watches
+        ``on_device`` and every ``Batcher`` the task holds, so no task has to report it."""
+        if self._device_fault is not None:
+            return self._device_fault
+        for value in vars(self).values():
+            if isinstance(value, Batcher) and value.device_fault is not None:
+                return value.device_fault
+        return None

@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
@@ -201,8 +201,9 @@ class EmbedTask(Task):
     name = "embed"
     # bare text encoders and sentence-transformers folders
     pipeline_tasks = ("feature-extraction",)
+    input = EmbedInput
+    example = {"texts": ["Hello", "world"]}
     openai_routes = ("/v1/embeddings",)
-    example_input = {"texts": ["Hello", "world"]}
 
     @classmethod
     def load(cls, model: ModelFiles, settings: ModelSettings) -> LoadedModel:
@@ -221,12 +222,9 @@ class EmbedTask(Task):
         with torch.inference_mode():
             self.loaded.model(**inputs)
 
-    @property
-    def device_fault(self) -> str | None:
-        return self.batcher.device_fault
-
-    def __init__(self, loaded: LoadedModel, settings: WorkerSettings) -> None:
-        super().__init__(loaded, settings)
+    def __init__(self, loaded: LoadedModel, settings: WorkerSettings,
+                 env: Mapping[str, str] | None = None) -> None:
+        super().__init__(loaded, settings, env)
         self.tokenizer = loaded.tokenizer
         self.pooling = read_pooling(loaded.source.path)
         self.dim = int(loaded.model.config.hidden_size)

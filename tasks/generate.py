@@ -37,7 +37,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
@@ -176,8 +176,9 @@ class GenerateTask(Task):
 
     name = "generate"
     pipeline_tasks = ("text-generation",)     # causal language models
+    input = GenerateInput
+    example = {"messages": [{"role": "user", "content": "Hello"}], "max_new_tokens": 16}
     openai_routes = ("/v1/chat/completions", "/v1/completions")
-    example_input = {"messages": [{"role": "user", "content": "Hello"}], "max_new_tokens": 32}
 
     @classmethod
     def load(cls, model: ModelFiles, settings: ModelSettings) -> LoadedModel:
@@ -232,8 +233,9 @@ class GenerateTask(Task):
         for n in rows:
             self.batcher.engine.run([Sequence(list(ids), params) for _ in range(n)])
 
-    def __init__(self, loaded: LoadedModel, settings: WorkerSettings) -> None:
-        super().__init__(loaded, settings)
+    def __init__(self, loaded: LoadedModel, settings: WorkerSettings,
+                 env: Mapping[str, str] | None = None) -> None:
+        super().__init__(loaded, settings, env)
         self.tokenizer = loaded.tokenizer
         self.context = model_context(loaded)
         self._use(*choose_engine(loaded, settings, self.context))
@@ -286,10 +288,6 @@ class GenerateTask(Task):
         messages = None if data.messages is None else [m.model_dump() for m in data.messages]
         return GenerateRequest(messages, data.prompt if messages is None else None, params,
                                data.max_new_tokens is not None, data.stream, where)
-
-    @property
-    def device_fault(self) -> str | None:
-        return self.batcher.device_fault
 
     async def prepare(self, request: GenerateRequest, job: JobContext | None = None) -> Sequence:
         """Tokenize (in the tokenizer thread) and check the request against the model's limits.

@@ -30,7 +30,7 @@ import io
 import re
 import threading
 import wave
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -143,7 +143,7 @@ class PipelineTask(Task):
     pipeline_tasks = tuple(FAMILIES)
 
     @classmethod
-    def example(cls, model: ModelFiles, setting: str = "auto") -> dict[str, Any]:
+    def example_for(cls, model: ModelFiles, setting: str = "auto") -> dict[str, Any]:
         kind = _kind(model, setting)
         if kind == "fill-mask":                  # BERT's [MASK], RoBERTa's <mask>, ...
             mask = transformers.AutoTokenizer.from_pretrained(model.path).mask_token
@@ -169,8 +169,9 @@ class PipelineTask(Task):
         loaded.processor = (kind, image_processor, feature_extractor)
         return loaded
 
-    def __init__(self, loaded: LoadedModel, settings: WorkerSettings) -> None:
-        super().__init__(loaded, settings)
+    def __init__(self, loaded: LoadedModel, settings: WorkerSettings,
+                 env: Mapping[str, str] | None = None) -> None:
+        super().__init__(loaded, settings, env)
         kind, image_processor, feature_extractor = loaded.processor
         self.family = FAMILIES[kind]
         if self.family.runner is None:
@@ -199,6 +200,10 @@ class PipelineTask(Task):
         self.named = create_model(
             f"{self.family.parameters.__name__.removesuffix('Parameters')}Input",
             __base__=self.family.parameters, **fields)
+        # The seam's declarations, for this worker's kind: its input model and an example.
+        self.input = self.named
+        self.example = (EXAMPLES.get(kind) or
+                        {"text": f"Paris is the {loaded.tokenizer.mask_token} of France."})
         self.batcher = Batcher(PipelineEngine(self.pipe, self.family),
                                settings.max_batch_size, settings.batch_wait_ms)
 
@@ -373,9 +378,6 @@ class PipelineTask(Task):
     def _token_counts(self, texts: list[str]) -> list[int]:
         return [len(ids) for ids in self.loaded.tokenizer(texts)["input_ids"]]
 
-    @property
-    def device_fault(self) -> str | None:
-        return self.batcher.device_fault or super().device_fault
 
 
 def _max_tokens(loaded: LoadedModel) -> int:

@@ -496,9 +496,9 @@ class TestBanner:
         limits = {"limits": WorkerSettings.from_env({})}
         for name in contracts:
             task = TASKS[name]
-            assert task.example_input, f"{name} has no example_input"
-            parse_input(contracts[name], task.example_input, limits)
-        uri = TASKS["upscale"].example_input["image"]
+            assert task.example, f"{name} has no example"
+            parse_input(contracts[name], task.example, limits)
+        uri = TASKS["upscale"].example["image"]
         image = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
         image.load()
 
@@ -512,7 +512,7 @@ class TestBanner:
                               env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         assert json.loads(done.stdout) == {"task": "generate",
-                                           "input": GenerateTask.example_input}
+                                           "input": GenerateTask.example}
         done = subprocess.run([sys.executable, "-m", "dev.task_example"], cwd=PROJECT_ROOT,
                               env={**env, "MODEL_PATH": "/nonexistent"}, capture_output=True,
                               text=True, timeout=120)

@@ -274,6 +274,6 @@ def test_each_kinds_banner_example_is_a_valid_job(loop, workers, model_dirs):
 
     for name, worker in workers.items():
         files = read_model_files(ModelSource(model_dirs[name], "MODEL_PATH"))
-        example = type(worker.task).example(files)
+        example = type(worker.task).example_for(files)
         out = answer(loop, worker, example)
         assert "error" not in out, (name, example, out)

@@ -87,3 +87,21 @@ def upscale_worker(swin2sr_dir: Path) -> Worker:
     """A tiny random Swin2SR model behind the real job wiring (task detected from it)."""
     return build_worker({"MODEL_PATH": str(swin2sr_dir), "WORKER_BATCH_WAIT_MS": "50",
                          "DOWNLOAD_ALLOW_PRIVATE": "true"})
+
+
+@pytest.fixture(scope="session")
+def pipeline_worker(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Worker:
+    """The pipeline task on a tiny random text classifier (MiniLM's tokenizer, no download)."""
+    import torch
+    import transformers
+
+    path = tmp_path_factory.mktemp("classifier") / "tiny-classifier"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32, id2label={0: "NEG", 1: "POS"},
+        label2id={"NEG": 0, "POS": 1})
+    transformers.BertForSequenceClassification(config).save_pretrained(path)
+    return build_worker({"MODEL_PATH": str(path), "WORKER_BATCH_WAIT_MS": "20"})
