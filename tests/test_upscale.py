@@ -261,9 +261,10 @@ class TestImageBombs:
             refused, (out, seconds) = loop.run(together())
             assert out["width"] == 192, out
             assert refused["failed"] == 8
-            for result in refused["results"]:
+            for index, result in enumerate(refused["results"]):
                 assert result["error_code"] == "invalid_input"
-                assert result["error"].startswith("input.image: is a JPEG of more than 48 scans")
+                assert result["error"].startswith(
+                    f"input.batch.{index}.image: is a JPEG of more than 48 scans")
             beside.append(seconds)
         alone_s, beside_s = statistics.median(alone), statistics.median(beside)
         # 1.5x, plus 0.25 s for a loaded machine's scheduling: the bombs cost seconds each.
