@@ -27,7 +27,7 @@
 #
 # Every worker here runs with WORKER_CONCURRENCY=WORKER_MAX_BATCH_SIZE=32 (the goals' 32 jobs
 # at once) and one compile cache, so a step finds the compiled step an earlier one made; the
-# first step measures the compile itself, with that cache still empty.
+# eager-and-compiled step measures the compile itself, with an empty cache of its own.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -139,11 +139,15 @@ LARGE="$WORK/large"
 export MODEL_PATH="$SMALL"       # the model every worker below serves
 
 if has pydantic; then
-  # First, while the compile cache is empty: the floor, WORKER_DECODE=eager, compiled with the
-  # empty cache (the compile's cost), compiled finding it (every later worker).
+  # First the cold start: the floor, WORKER_DECODE=eager and compiled (which answers eagerly at
+  # once and exits before its step has compiled).
   step "cold start and compile cost (small)" 150 "$PY" -m bench.worker_bench --only cold \
     --decode eager compiled --compile-cache "$CACHE" --repeat 1 --no-worker-loop \
     --out "$OUT/worker-bench.json"
+  # Eager against compiled: first answer, the compiled step serving (with an empty compile cache
+  # of its own, then finding it, copied into $CACHE for the steps below), tokens/s at 1, 32 jobs.
+  step "eager and compiled paths (small)" 200 "$PY" -m bench.worker_bench --only switch \
+    --compile-cache "$CACHE" --out "$OUT/worker-bench.json"
 fi
 
 # (A dry run collects them and each skips: no CUDA device.)
