@@ -145,9 +145,11 @@ class Engine:
                 successor = self._successor(running.seqs)
                 if successor is not None:
                     # A faster engine is ready (serving/graphs.py): it carries these sequences
-                    # on from the tokens they have, as after a failed batch.
+                    # on from the tokens they have, as after a failed batch; this engine's
+                    # caches go first.
+                    seqs, running, fresh = running.seqs, None, None
                     with torch.inference_mode(False):
-                        successor.run(running.seqs, admit, max_rows)
+                        successor.run(seqs, admit, max_rows)
                     return
                 self._step(running)
 

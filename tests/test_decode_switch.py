@@ -114,6 +114,7 @@ def _in_flight(task: Task) -> list[Sequence]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)     # a compile on two busy cores: minutes
 def test_a_compiled_worker_answers_at_once_and_switches_between_two_steps(
         small_dir, compile_dir, caplog):
     """The first job is answered on the eager engine while the step compiles off the job path;
@@ -167,6 +168,7 @@ def test_a_compiled_worker_answers_at_once_and_switches_between_two_steps(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)     # a compile on two busy cores: minutes
 def test_a_compiled_step_that_drifts_from_eager_leaves_the_worker_eager_and_says_so_once(
         small_dir, compile_dir, monkeypatch, caplog):
     """The check against eager decoding (GraphEngine.drift) runs before the switch; with a
