@@ -146,7 +146,7 @@ if has pydantic; then
     --out "$OUT/worker-bench.json"
   # Eager against compiled: first answer, the compiled step serving (with an empty compile cache
   # of its own, then finding it, copied into $CACHE for the steps below), tokens/s at 1, 32 jobs.
-  step "eager and compiled paths (small)" 200 "$PY" -m bench.worker_bench --only switch \
+  step "eager and compiled paths (small)" 300 "$PY" -m bench.worker_bench --only switch \
     --compile-cache "$CACHE" --out "$OUT/worker-bench.json"
 fi
 
