@@ -47,6 +47,7 @@ def test_the_benches_read_the_decode_path_and_its_drift_from_the_startup_line() 
     assert parse_startup_line(switching)["decode"] == note
 
 
+@pytest.mark.timeout(1600)     # the run's own limit is 1500 s
 def test_gpu_check_rehearsed_on_the_cpu_measures_every_goal(default_model_dir, tmp_path):
     """``GPU_CHECK_DRY_RUN=1 make gpu-check`` from a copy of the repository as a GPU machine
     gets it (tracked files, no ``models/``) with the folder ``gpu_wheels.sh`` makes beside the
