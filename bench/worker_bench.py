@@ -386,8 +386,11 @@ def bench_switch(path: Path, levels: list[int], new_tokens: int,
     empty_cache, cache = work / "compile-cache", compile_cache or work / "compile-cache"
     compiled = {**settings, "WORKER_DECODE": "compiled"}
     eager = switch_probe(path, {**settings, "WORKER_DECODE": "eager"}, levels, new_tokens)
+    print(f"  eager: first answer {eager['first_answer_s']:.2f} s", flush=True)
     empty = switch_probe(path, {**compiled, "WORKER_COMPILE_CACHE_DIR": str(empty_cache)},
                          levels, new_tokens)
+    print(f"  compiled, empty compile cache: first answer {empty['first_answer_s']:.2f} s, "
+          f"serving after {empty.get('serving_s') or 0:.1f} s", flush=True)
     if cache != empty_cache:
         shutil.copytree(empty_cache, cache, dirs_exist_ok=True)
     found = switch_probe(path, {**compiled, "WORKER_COMPILE_CACHE_DIR": str(cache)}, levels,

@@ -146,7 +146,9 @@ if has pydantic; then
     --out "$OUT/worker-bench.json"
   # Eager against compiled: first answer, the compiled step serving (with an empty compile cache
   # of its own, then finding it, copied into $CACHE for the steps below), tokens/s at 1, 32 jobs.
-  step "eager and compiled paths (small)" 300 "$PY" -m bench.worker_bench --only switch \
+  # Three fresh workers, one compiling from empty: on two busy CPU cores (the dry run) minutes.
+  SWITCH_S=300; [ "$DRY" = 1 ] && SWITCH_S=600
+  step "eager and compiled paths (small)" "$SWITCH_S" "$PY" -m bench.worker_bench --only switch \
     --compile-cache "$CACHE" --out "$OUT/worker-bench.json"
 fi
 
