@@ -73,6 +73,10 @@ log = logging.getLogger("worker.graphs")
 # largest one at most; a step that reads the wrong cache column, mask or position moves them
 # by a large share of it. Beyond this, WORKER_DECODE=auto decodes eagerly instead.
 MAX_DRIFT = 0.25
+# The compile waits for the worker's first answer, or this long without one: a scale-up's first
+# job is usually queued before the worker starts, and on few cores a compile beside it slowed
+# its answer 1.6x (the gpu-check dry run on two busy CPU cores).
+FIRST_ANSWER_GRACE_S = 10.0
 
 
 def compile_cache(directory: str | None) -> str | None:
@@ -567,7 +571,8 @@ class SwitchingEngine(Engine):
     steps once it is compiled (off the job path), captured and checked against eager decoding.
 
     ``start`` sizes the static cache from the device's free memory (``plan_cache``) and
-    compiles in a thread of its own while this engine serves. The device thread takes over from
+    compiles in a thread of its own while this engine serves, from the first answer on (or
+    after ``FIRST_ANSWER_GRACE_S`` without one). The device thread takes over from
     there: capturing the graphs and the drift check run on it between two steps (inside a run,
     or when the device is idle, whichever comes first), and the sequences in flight carry on in
     the compiled engine from the tokens they have, as after a failed batch. A compile, capture
@@ -588,6 +593,7 @@ class SwitchingEngine(Engine):
         self.handed_over = 0                       # sequences in flight at the switch
         self.timings: dict[str, float] = {}        # compile_s, capture_s, drift, ready_after_s
         self._pending: GraphEngine | None = None
+        self._answered = threading.Event()          # a job's sequence has finished
         self._probe: list[int] = []
         self._started_at = 0.0
         self._thread: threading.Thread | None = None
@@ -608,6 +614,7 @@ class SwitchingEngine(Engine):
         ``memory``: the device's figures, measured here when not given.
         """
         self._started_at = time.monotonic()
+        self._answered.clear()                  # the warm-up's runs are no job's answer
         self._probe = list(prompt_ids)
         graphs = "CUDA graphs, " if self.device.type == "cuda" else ""
         memory = memory or DeviceMemory.measure(self.device)
@@ -634,6 +641,7 @@ class SwitchingEngine(Engine):
 
     def _compile(self, graph: GraphEngine) -> None:
         """The compile thread: compile, then leave the rest to the device thread."""
+        self._answered.wait(FIRST_ANSWER_GRACE_S)
         try:
             self.timings["compile_s"] = graph.compile()
         except Exception as exc:  # noqa: BLE001 - a failed compile leaves the worker eager
@@ -696,6 +704,10 @@ class SwitchingEngine(Engine):
             engine.run(sequences, admit, max_rows)
         else:
             super().run(sequences, admit, max_rows)
+
+    def _finish(self, s: Sequence) -> None:
+        super()._finish(s)
+        self._answered.set()
 
     def _successor(self, running: list[Sequence]) -> Engine | None:
         """Between two eager steps: the compiled engine, once ready, takes ``running`` on."""
