@@ -470,6 +470,22 @@ def post_concurrently(urls_and_bodies: list[tuple[str, dict[str, Any]]], timeout
 
 
 # ----------------------------------------------------------------------------------------------
+def wait_for_switch(log_path: Path, timeout_s: float = 900) -> str | None:
+    """A worker on the compiled path answers eagerly until its step is ready: wait (reading
+    its log) for the line that says it switched or will not, so throughput is measured on what
+    serves from then on. Returns that line; None at once for a worker that decodes eagerly."""
+    text = log_path.read_text(errors="replace")
+    if "decode eager now, compiled once ready" not in text:
+        return None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in log_path.read_text(errors="replace").splitlines():
+            if "decode: switched to the compiled step" in line or "will not serve" in line:
+                return line[line.index("decode:"):]
+        time.sleep(0.5)         # another process's log: nothing to await but the file
+    raise RuntimeError(f"the worker did not switch to its compiled step in {timeout_s:g} s")
+
+
 def bench_throughput(path: Path, levels: list[int], max_new_tokens: int, repeat: int,
                      worker_env: dict[str, str] | None = None,
                      decode_note: list[str] | None = None) -> list[dict[str, Any]]:
@@ -501,6 +517,9 @@ def bench_throughput(path: Path, levels: list[int], max_new_tokens: int, repeat:
         if decode_note is not None:
             decode_note.append(parse_startup_line(
                 log_path.read_text(errors="replace"))["decode"] or "not in the log")
+        settled = wait_for_switch(log_path)
+        if decode_note is not None and settled:
+            decode_note[-1] += f" | {settled}"
         import logging
 
         import runpod

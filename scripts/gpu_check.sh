@@ -168,7 +168,9 @@ else
 fi
 
 if has runpod pydantic aiohttp; then
-  step "worker bench (real worker loop)" 150 "$PY" -m bench.worker_bench --only throughput \
+  # The worker answers eagerly until its compiled step is ready; the bench waits for it.
+  LOOP_S=150; [ "$DRY" = 1 ] && LOOP_S=300
+  step "worker bench (real worker loop)" "$LOOP_S" "$PY" -m bench.worker_bench --only throughput \
     --concurrency 1 32 --max-new-tokens 32 --repeat 2 --out "$OUT/worker-bench.json"
 else
   echo "== worker bench: skipped (runpod, pydantic or aiohttp missing)" | tee -a "$LOG"
