@@ -30,9 +30,13 @@ WORKER_DECODE=auto the compiled one (``serving/graphs.py``), else the eager ``En
 - ``throughput``: tokens/s through the Batcher on the eager engine and on the worker's engine at
   each ``--concurrency``, against one sequence at a time and against ``model.generate`` of the
   same batch (the ceiling the issue measures against);
-- ``compile-cost``: two fresh ``handler.py --test_input`` processes with WORKER_DECODE=compiled
-  and one new, empty WORKER_COMPILE_CACHE_DIR: the warm-up seconds of the startup line when the
-  compile runs (empty cache) and when the second process finds it.
+- ``compile-cost``: two fresh worker processes with WORKER_DECODE=compiled and one new, empty
+  WORKER_COMPILE_CACHE_DIR: seconds from process start to the first answer and to the compiled
+  step serving, when the compile runs (empty cache) and when the second process finds it.
+
+With WORKER_DECODE=compiled (or auto on CUDA) the worker answers eagerly while its step compiles
+off the job path (``graphs.SwitchingEngine``); after ``first-batch`` the bench waits for the
+switch and measures the compiled engine as "the worker's engine".
 
 Every result records the versions it ran with (``versions``) and the decode path.
 """
@@ -159,8 +163,12 @@ def load_worker_task(model_dir: Path) -> Any:
 
 
 def describe_engine(engine: Any) -> dict[str, Any]:
-    from serving.graphs import GraphEngine
+    from serving.graphs import GraphEngine, SwitchingEngine
 
+    if isinstance(engine, SwitchingEngine):
+        if engine.serving is None:
+            return {"kind": "eager", "why": engine.why_eager or "the compiled step not ready"}
+        return {**describe_engine(engine.serving), "switch": engine.timings}
     if isinstance(engine, GraphEngine):
         return {"kind": "compiled" if engine.compiled else "static cache, not compiled",
                 "slots": engine.slots, "columns": engine.columns,
@@ -287,22 +295,25 @@ def throughput(loaded: Any, engines: dict[str, Any], prompt: list[int], levels: 
 
 
 def compile_cost(model_dir: Path, cache_dir: Path | None = None) -> dict[str, Any]:
-    """The compile's cost at warm-up: two fresh ``handler.py --test_input`` processes with
-    WORKER_DECODE=compiled and the same new WORKER_COMPILE_CACHE_DIR; the first compiles (the
-    cache is empty), the second finds the compiled step (the CUDA graph is captured in each)."""
-    from bench.worker_bench import test_mode_process
+    """The compile's cost, off the job path: two fresh worker processes with
+    WORKER_DECODE=compiled and the same new WORKER_COMPILE_CACHE_DIR (``worker_bench``'s switch
+    probe); the first compiles (the cache is empty), the second finds the compiled step (the
+    CUDA graph is captured in each). Seconds from process start to the first answer (eager, at
+    once) and to the compiled step serving, and what the switch took."""
+    from bench.worker_bench import switch_probe
 
     cache = cache_dir or Path(tempfile.mkdtemp(prefix="compile-cache-"))
     if cache.exists() and any(cache.iterdir()):
         raise SystemExit(f"compile-cost needs an empty compile cache, and {cache} is not")
     env = {"WORKER_DECODE": "compiled", "WORKER_COMPILE_CACHE_DIR": str(cache)}
-    cold = test_mode_process(model_dir, env)
-    warm = test_mode_process(model_dir, env)
+    cold = switch_probe(model_dir, env, [], 0)
+    warm = switch_probe(model_dir, env, [], 0)
     result = {"cache_dir": str(cache), "cold_cache": cold, "warm_cache": warm,
-              "warmup_s_cold_cache": cold["warmup_s"], "warmup_s_warm_cache": warm["warmup_s"],
-              "saved_by_cache_s": cold["warmup_s"] - warm["warmup_s"]}
-    print(f"  compile and capture at warm-up: {cold['warmup_s']:.1f} s with an empty cache, "
-          f"{warm['warmup_s']:.1f} s finding it ({cold['decode']})", flush=True)
+              "serving_s_cold_cache": cold.get("serving_s"),
+              "serving_s_warm_cache": warm.get("serving_s")}
+    print(f"  compiled step serving {cold.get('serving_s') or 0:.1f} s after start with an "
+          f"empty cache, {warm.get('serving_s') or 0:.1f} s finding it; first answers "
+          f"{cold['first_answer_s']:.1f} s and {warm['first_answer_s']:.1f} s", flush=True)
     return result
 
 
@@ -317,7 +328,7 @@ def run(model_dir: Path, measures: list[str], levels: list[int], new_tokens: int
         return result
 
     from serving.engine import Engine
-    from serving.graphs import GraphEngine
+    from serving.graphs import GraphEngine, SwitchingEngine
 
     task = load_worker_task(model_dir)
     loaded = task.loaded
@@ -326,6 +337,7 @@ def run(model_dir: Path, measures: list[str], levels: list[int], new_tokens: int
     prompt = list(loaded.tokenizer(PROMPT)["input_ids"])
     result.update({
         "decode_path": stats.note,
+        "startup_note": stats.note,
         "worker_settings": {"max_batch_size": task.settings.max_batch_size,
                             "decode": task.settings.decode,
                             "compile_cache_dir": task.settings.compile_cache_dir},
@@ -336,6 +348,20 @@ def run(model_dir: Path, measures: list[str], levels: list[int], new_tokens: int
     print(f"  {stats.note}; warm-up {stats.warmup_s:.2f} s", flush=True)
     if "first-batch" in measures:      # before anything else runs on the engine
         result["first_batch"] = first_batch(worker_engine, prompt)
+    if isinstance(worker_engine, SwitchingEngine):
+        # The compiled path answers eagerly until its step is ready: measure what serves then.
+        worker_engine.settled.wait(900)
+        graph = worker_engine.serving
+        result["switch"] = {**worker_engine.timings, "why_eager": worker_engine.why_eager}
+        if graph is not None:
+            result["decode_path"] = (
+                f"decode compiled ({graph.slots} slots x {graph.columns} tokens, switched "
+                f"{worker_engine.timings['ready_after_s']:.1f} s after the warm-up), "
+                f"{worker_engine.timings['drift']:.1e} from eager")
+            worker_engine = graph
+        else:
+            result["decode_path"] = f"decode eager ({worker_engine.why_eager})"
+        print(f"  {result['decode_path']}", flush=True)
 
     engines: dict[str, Any] = {"worker": worker_engine}
     if isinstance(worker_engine, GraphEngine):   # else the worker's engine is the eager one

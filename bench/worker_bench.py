@@ -10,6 +10,10 @@ What is measured, and against what:
   starts), against the floor: a fresh process that only imports torch and loads the same
   safetensors files with ``safetensors.torch.load_file``. Median of ``--repeat``, interleaved;
   with the import-time budget of the test mode by package (``python -X importtime``).
+- eager and compiled paths (``bench_switch``): fresh processes with WORKER_DECODE=eager and
+  compiled: the first answer after process start (compiled as a ratio to eager), the time until
+  the compiled step serves (empty compile cache, then found), tokens/s at 1 and 32 concurrent
+  jobs on each path. On a CPU, the rehearsal on a two-layer cut of the model.
 - per-job overhead: a one-token job through ``Worker.handle`` (validation, tokenizing, batcher,
   engine, delivery) against ``model.generate`` of one token on the same prompt, in-process.
 - throughput: N concurrent jobs through the local endpoint and the real runpod worker loop,
@@ -112,10 +116,10 @@ def bench_cold_start(path: Path, repeat: int, decodes: list[str] | None = None,
     - floor: a process that only imports torch and reads the same safetensors files onto the
       device (``safetensors.torch.load_file``);
     - test mode: ``python handler.py --test_input`` with a one-token job, start to exit; with
-      ``decodes``, once per WORKER_DECODE value. ``compiled`` runs with its own compile cache
-      (``compile_cache``, else a new directory): its first run finds it empty and compiles (the
-      first worker of an endpoint), the ``repeat`` runs after it find the compiled step (every
-      later worker); both are reported;
+      ``decodes``, once per WORKER_DECODE value. ``compiled`` answers eagerly at once (its step
+      compiles off the job path, and the process exits before it is done; ``bench_switch``
+      times the compile and the switch) and runs with its own compile cache (``compile_cache``,
+      else a new directory);
     - worker loop: ``python handler.py`` behind the local endpoint with the same job already
       queued, from process start to the job's answer (what a RunPod cold start costs the
       first caller, less the platform's own container start).
@@ -162,15 +166,11 @@ def bench_cold_start(path: Path, repeat: int, decodes: list[str] | None = None,
     # One entry per test-mode setting: the environment's own (no WORKER_DECODE given), or each
     # WORKER_DECODE value; compiled with a cache of its own.
     settings: dict[str, dict[str, str]] = {}
-    cold_compile: dict[str, Any] | None = None
     for decode in decodes or []:
         settings[decode] = {"WORKER_DECODE": decode}
         if decode == "compiled":
             cache = compile_cache or Path(tempfile.mkdtemp(prefix="compile-cache-"))
             settings[decode]["WORKER_COMPILE_CACHE_DIR"] = str(cache)
-            if not cache.exists() or not any(cache.iterdir()):
-                cold_compile = test_mode_process(path, settings[decode])   # pays the compile
-                cold_compile.pop("stderr")
     if not settings:
         settings["environment"] = {}
     floors, loops = [], []
@@ -204,16 +204,6 @@ def bench_cold_start(path: Path, repeat: int, decodes: list[str] | None = None,
         result["startup_line"] = main["startup_line"]
     if decodes:
         result["by_decode"] = by_setting
-        if cold_compile is not None:
-            result["by_decode"]["compiled_cold_cache"] = {
-                "process_s": cold_compile["process_s"],
-                "ratio_to_floor": cold_compile["process_s"] / floor_s,
-                "decode": cold_compile["decode"],
-                "startup_line": {k: cold_compile.get(k) for k in keys}}
-            warm = by_setting["compiled"].get("startup_line", {}).get("warmup_s")
-            result["compile"] = {"warmup_s_cold_cache": cold_compile.get("warmup_s"),
-                                 "warmup_s_warm_cache": warm,
-                                 "cache_dir": settings["compiled"]["WORKER_COMPILE_CACHE_DIR"]}
     if worker_loop:
         result["worker_loop_first_answer_s"] = statistics.median(loops)
         result["worker_loop_ratio_to_floor"] = statistics.median(loops) / floor_s
@@ -288,6 +278,131 @@ def bench_overhead(path: Path, repeat: int) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
+def cut_model(source: Path, out: Path, layers: int) -> Path:
+    """The first ``layers`` layers of ``source`` with its own embeddings and tokenizer: real
+    weights (varied tokens, unlike a random model) at a fraction of the compile time."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, num_hidden_layers=layers,
+                                                 dtype=torch.float32)
+    model.save_pretrained(out, safe_serialization=True)
+    for f in source.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (
+                "config.json", "model.safetensors.index.json", "builder.json"):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def _switch_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """In a fresh process: load the task as the worker does, answer one job, wait for the
+    compiled step (if any), then time concurrent jobs. Seconds count from ``spec["started"]``,
+    the parent's clock just before it started this process."""
+    from model_loader import load_task
+    from serving.config import ModelSettings, WorkerSettings
+    from serving.graphs import SwitchingEngine
+    from tasks import TASKS
+
+    env = {**os.environ, "WORKER_TASK": "generate"}
+    task = load_task(ModelSettings.from_env(env), WorkerSettings.from_env(env), TASKS)
+
+    async def answer(i: int, tokens: int) -> dict[str, Any]:
+        return await task.answer(task.parse(job(i, tokens)))
+
+    asyncio.run(answer(0, 1))
+    out: dict[str, Any] = {"first_answer_s": time.time() - spec["started"],
+                           "decode": task.loaded.stats.note}
+    engine = task.batcher.engine
+    if isinstance(engine, SwitchingEngine):
+        # What the compile costs the jobs served meanwhile: one job after another until the
+        # compiled step is ready (eager, beside the compile thread).
+        tokens, start = 0, time.perf_counter()
+        while not engine.prepared.is_set() and not engine.settled.is_set():
+            done = asyncio.run(answer(1, max(spec["new_tokens"], 16)))
+            tokens += done["usage"]["completion_tokens"]
+        elapsed = time.perf_counter() - start
+        out["while_compiling_tokens_per_s"] = tokens / elapsed if tokens else None
+        engine.settled.wait(spec["wait_s"])
+        out["serving_s"] = (time.time() - spec["started"]) if engine.serving else None
+        out["why_eager"] = engine.why_eager
+        out["switch"] = engine.timings
+    out["tokens_per_s"] = {}
+    for n in spec["levels"]:
+        async def many(n: int = n) -> list[dict[str, Any]]:
+            return await asyncio.gather(*(answer(i, spec["new_tokens"]) for i in range(n)))
+
+        asyncio.run(many(1))                        # this level's shapes, once
+        start = time.perf_counter()
+        answers = asyncio.run(many())
+        elapsed = time.perf_counter() - start
+        out["tokens_per_s"][str(n)] = sum(a["usage"]["completion_tokens"]
+                                          for a in answers) / elapsed
+    return out
+
+
+def switch_probe(path: Path, env: dict[str, str], levels: list[int], new_tokens: int,
+                 wait_s: float = 900) -> dict[str, Any]:
+    """A fresh process serving ``path`` with ``env``: seconds from its start to the first
+    answer and (compiled path) to the compiled step serving, then tokens/s at each level of
+    concurrent jobs (greedy, ``new_tokens`` each, end token included)."""
+    spec = {"levels": levels, "new_tokens": new_tokens, "wait_s": wait_s}
+    started = time.time()
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.worker_bench", "--switch-child",
+         json.dumps({**spec, "started": started})], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "MODEL_PATH": str(path), **env})
+    if done.returncode != 0:
+        raise RuntimeError(f"the switch probe exited {done.returncode}:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_switch(path: Path, levels: list[int], new_tokens: int,
+                 compile_cache: Path | None = None, env: dict[str, str] | None = None
+                 ) -> dict[str, Any]:
+    """The eager path against the compiled one, each in fresh processes: the first answer
+    after process start (compiled as a ratio to eager: the compiled path answers at the eager
+    cold start and compiles off the job path), the time until the compiled step serves, with
+    an empty compile cache (an endpoint's first worker) and with it filled (every later one),
+    and tokens/s at each level of concurrent jobs on each path once it serves.
+
+    On a CPU this is the rehearsal: a two-layer cut of ``path`` with short limits (a compile of
+    the whole default model costs minutes there and tells nothing about a GPU).
+    """
+    import torch
+
+    settings = {"WORKER_MAX_BATCH_SIZE": str(max(levels)), "WORKER_CONCURRENCY": str(max(levels)),
+                **(env or {})}
+    work = Path(tempfile.mkdtemp(prefix="switch-bench-"))
+    if not torch.cuda.is_available():
+        path = cut_model(path, work / "two-layers", 2)
+        settings.update({"WORKER_MAX_PROMPT_TOKENS": "128", "WORKER_MAX_NEW_TOKENS": "64",
+                         "WORKER_DEFAULT_MAX_NEW_TOKENS": "64"})
+    import shutil
+
+    # The first compiled worker finds an empty cache of its own; the second finds what it left,
+    # copied into ``compile_cache`` when given (so later workers there find it too).
+    empty_cache, cache = work / "compile-cache", compile_cache or work / "compile-cache"
+    compiled = {**settings, "WORKER_DECODE": "compiled"}
+    eager = switch_probe(path, {**settings, "WORKER_DECODE": "eager"}, levels, new_tokens)
+    print(f"  eager: first answer {eager['first_answer_s']:.2f} s", flush=True)
+    empty = switch_probe(path, {**compiled, "WORKER_COMPILE_CACHE_DIR": str(empty_cache)},
+                         levels, new_tokens)
+    print(f"  compiled, empty compile cache: first answer {empty['first_answer_s']:.2f} s, "
+          f"serving after {empty.get('serving_s') or 0:.1f} s", flush=True)
+    if cache != empty_cache:
+        shutil.copytree(empty_cache, cache, dirs_exist_ok=True)
+    found = switch_probe(path, {**compiled, "WORKER_COMPILE_CACHE_DIR": str(cache)}, levels,
+                         new_tokens)
+    return {"model": str(path), "settings": settings, "new_tokens": new_tokens,
+            "eager": eager, "compiled_empty_cache": empty, "compiled_cache_found": found,
+            "first_answer_ratio_to_eager": {
+                "empty_cache": empty["first_answer_s"] / eager["first_answer_s"],
+                "cache_found": found["first_answer_s"] / eager["first_answer_s"]}}
+
+
+# ----------------------------------------------------------------------------------------------
 class DirectGenerate:
     """The ceiling: one direct batched ``model.generate`` of the bench's prompts, in-process,
     on the device and in the dtype the worker picks there."""
@@ -355,6 +470,22 @@ def post_concurrently(urls_and_bodies: list[tuple[str, dict[str, Any]]], timeout
 
 
 # ----------------------------------------------------------------------------------------------
+def wait_for_switch(log_path: Path, timeout_s: float = 900) -> str | None:
+    """A worker on the compiled path answers eagerly until its step is ready: wait (reading
+    its log) for the line that says it switched or will not, so throughput is measured on what
+    serves from then on. Returns that line; None at once for a worker that decodes eagerly."""
+    text = log_path.read_text(errors="replace")
+    if "decode eager now, compiled once ready" not in text:
+        return None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in log_path.read_text(errors="replace").splitlines():
+            if "decode: switched to the compiled step" in line or "will not serve" in line:
+                return line[line.index("decode:"):]
+        time.sleep(0.5)         # another process's log: nothing to await but the file
+    raise RuntimeError(f"the worker did not switch to its compiled step in {timeout_s:g} s")
+
+
 def bench_throughput(path: Path, levels: list[int], max_new_tokens: int, repeat: int,
                      worker_env: dict[str, str] | None = None,
                      decode_note: list[str] | None = None) -> list[dict[str, Any]]:
@@ -386,6 +517,9 @@ def bench_throughput(path: Path, levels: list[int], max_new_tokens: int, repeat:
         if decode_note is not None:
             decode_note.append(parse_startup_line(
                 log_path.read_text(errors="replace"))["decode"] or "not in the log")
+        settled = wait_for_switch(log_path)
+        if decode_note is not None and settled:
+            decode_note[-1] += f" | {settled}"
         import logging
 
         import runpod
@@ -474,7 +608,9 @@ def write_svg(rows: list[dict[str, Any]], out: Path, title: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["cold", "overhead", "throughput"], nargs="*")
+    parser.add_argument("--only", choices=["cold", "switch", "overhead", "throughput"],
+                        nargs="*")
+    parser.add_argument("--switch-child", help=argparse.SUPPRESS)
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 8, 16])
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--repeat", type=int, default=3,
@@ -487,14 +623,18 @@ def main() -> None:
                              "(compiled: with an empty compile cache once, then finding it)")
     parser.add_argument("--compile-cache", type=Path,
                         help="cold start: the compile cache of --decode compiled (default: a "
-                             "new directory)")
+                             "new directory); switch: where the compiled step is left for "
+                             "later workers")
     parser.add_argument("--no-worker-loop", action="store_true",
                         help="cold start: leave out the worker loop's first answer")
     args = parser.parse_args()
+    if args.switch_child:
+        print(json.dumps(_switch_child(json.loads(args.switch_child))), flush=True)
+        os._exit(0)            # the compile thread may still run: nothing of it is wanted
     path = model_dir()
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    only = set(args.only or ["cold", "overhead", "throughput"])
+    only = set(args.only or ["cold", "switch", "overhead", "throughput"])
     out = args.out or RESULTS / f"{device}.json"
     # With --only, the sections not run are kept from the results file: each has its own
     # time and the machine's load (1-minute average) before and after, so a section measured
@@ -539,6 +679,27 @@ def main() -> None:
         print("  handler's imports, cumulative: "
               + ", ".join(f"{k} {v:.2f}"
                           for k, v in budget["handler_imports_cumulative_s"].items()))
+    if "switch" in only:
+        print("eager and compiled paths: first answer, switch, tokens/s ...", flush=True)
+        begin("switch")
+        levels = [1, 32]
+        result["switch"] = sw = bench_switch(path, levels, 32, args.compile_cache)
+        end("switch")
+        for name in ("eager", "compiled_empty_cache", "compiled_cache_found"):
+            found = sw[name]
+            serving = found.get("serving_s")
+            print(f"  {name:<21} first answer {found['first_answer_s']:6.2f} s after start"
+                  + (f", compiled step serving after {serving:6.1f} s" if serving else
+                     f", stays eager: {found['why_eager']}" if "why_eager" in found else "")
+                  + "; " + ", ".join(f"{n} jobs {r:7.1f} tok/s"
+                                     for n, r in found["tokens_per_s"].items()))
+        during = sw["compiled_empty_cache"].get("while_compiling_tokens_per_s")
+        if during:
+            print(f"  one job at a time while the step compiles: {during:.1f} tok/s = "
+                  f"x{during / sw['eager']['tokens_per_s']['1']:.2f} the eager worker's")
+        ratio = sw["first_answer_ratio_to_eager"]
+        print(f"  first answer, compiled / eager: x{ratio['empty_cache']:.2f} (empty compile "
+              f"cache), x{ratio['cache_found']:.2f} (cache found)")
     if "overhead" in only:
         print("per-job overhead ...", flush=True)
         begin("overhead")

@@ -27,7 +27,7 @@
 #
 # Every worker here runs with WORKER_CONCURRENCY=WORKER_MAX_BATCH_SIZE=32 (the goals' 32 jobs
 # at once) and one compile cache, so a step finds the compiled step an earlier one made; the
-# first step measures the compile itself, with that cache still empty.
+# eager-and-compiled step measures the compile itself, with an empty cache of its own.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -139,11 +139,17 @@ LARGE="$WORK/large"
 export MODEL_PATH="$SMALL"       # the model every worker below serves
 
 if has pydantic; then
-  # First, while the compile cache is empty: the floor, WORKER_DECODE=eager, compiled with the
-  # empty cache (the compile's cost), compiled finding it (every later worker).
+  # First the cold start: the floor, WORKER_DECODE=eager and compiled (which answers eagerly at
+  # once and exits before its step has compiled).
   step "cold start and compile cost (small)" 150 "$PY" -m bench.worker_bench --only cold \
     --decode eager compiled --compile-cache "$CACHE" --repeat 1 --no-worker-loop \
     --out "$OUT/worker-bench.json"
+  # Eager against compiled: first answer, the compiled step serving (with an empty compile cache
+  # of its own, then finding it, copied into $CACHE for the steps below), tokens/s at 1, 32 jobs.
+  # Three fresh workers, one compiling from empty: on two busy CPU cores (the dry run) minutes.
+  SWITCH_S=300; [ "$DRY" = 1 ] && SWITCH_S=600
+  step "eager and compiled paths (small)" "$SWITCH_S" "$PY" -m bench.worker_bench --only switch \
+    --compile-cache "$CACHE" --out "$OUT/worker-bench.json"
 fi
 
 # (A dry run collects them and each skips: no CUDA device.)
@@ -163,7 +169,9 @@ else
 fi
 
 if has runpod pydantic aiohttp; then
-  step "worker bench (real worker loop)" 150 "$PY" -m bench.worker_bench --only throughput \
+  # The worker answers eagerly until its compiled step is ready; the bench waits for it.
+  LOOP_S=150; [ "$DRY" = 1 ] && LOOP_S=300
+  step "worker bench (real worker loop)" "$LOOP_S" "$PY" -m bench.worker_bench --only throughput \
     --concurrency 1 32 --max-new-tokens 32 --repeat 2 --out "$OUT/worker-bench.json"
 else
   echo "== worker bench: skipped (runpod, pydantic or aiohttp missing)" | tee -a "$LOG"

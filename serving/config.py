@@ -232,12 +232,18 @@ WORKER_DECODE = _var("worker", "WORKER_DECODE", "auto",
                      "How generation decodes: compiled (a static KV cache and one compiled "
                      "step, a CUDA graph on a GPU; see serving/graphs.py), eager (one kernel "
                      "launch at a time, any model), or auto (compiled on CUDA when the model "
-                     "allows it, else eager); the startup line says which")
+                     "allows it, else eager); compiled answers eagerly until its step is "
+                     "ready, then switches; the startup line and the log say which")
 WORKER_COMPILE_CACHE_DIR = _var("worker", "WORKER_COMPILE_CACHE_DIR", "auto",
                                 "Where compiled decode steps are cached for the next worker: "
                                 "a directory, or auto (/runpod-volume/torch-compile-cache when "
                                 "a network volume is mounted, else "
                                 "~/.cache/runpod-worker/torch-compile)")
+WORKER_GPU_MEMORY_UTILIZATION = _var("worker", "WORKER_GPU_MEMORY_UTILIZATION", "0.9",
+                                     "Share of the GPU's memory the worker may fill; the "
+                                     "compiled decode step's static cache takes what the "
+                                     "weights and the warm-up leave of it (WORKER_MAX_BATCH_SIZE "
+                                     "slots at most); 0.1..1.0")
 
 
 # A prompt's characters are bounded before it is tokenized (tokenizing megabytes costs seconds
@@ -270,6 +276,7 @@ class WorkerSettings:
     intake: str = "fast"              # fast | sdk: how the runpod loop takes jobs (intake.py)
     decode: str = "auto"              # auto | compiled | eager (serving/graphs.py)
     compile_cache_dir: str | None = None   # torch.compile's on-disk caches (None: torch's own)
+    gpu_memory_utilization: float = 0.9   # share of GPU memory to fill (graphs.plan_cache)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -293,6 +300,7 @@ class WorkerSettings:
             intake=r.choice(WORKER_INTAKE, ("fast", "sdk")),
             decode=r.choice(WORKER_DECODE, ("auto", "compiled", "eager")),
             compile_cache_dir=_compile_cache_dir(r.text(WORKER_COMPILE_CACHE_DIR)),
+            gpu_memory_utilization=r.number(WORKER_GPU_MEMORY_UTILIZATION, 0.1, 1.0),
         )
 
 

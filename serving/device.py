@@ -16,7 +16,9 @@ import torch
 # Every computation on the model runs on this one thread: loading, warm-up, every batch. Each
 # thread that calls torch gets its own OpenMP pool, and two pools on the same cores slow each
 # other down for good (measured on 2 cores: an 8-row decode took 5.6 s instead of 4.6 s once
-# a second thread had run torch).
+# a second thread had run torch). One exception: the compiled decode step compiles in a thread of
+# its own (serving/graphs.py, SwitchingEngine), so that no job waits for it; what it leaves to
+# the device (capturing CUDA graphs, the check against eager) runs here, between two steps.
 DEVICE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
 
 

@@ -206,7 +206,20 @@ class Engine:
                         return
                     running = None
                     continue
+                successor = self._successor(running.seqs)
+                if successor is not None:
+                    # A faster engine is ready (serving/graphs.py): it carries these sequences
+                    # on from the tokens they have, as after a failed batch; this engine's
+                    # caches go first.
+                    seqs, running, fresh = running.seqs, None, None
+                    with torch.inference_mode(False):
+                        successor.run(seqs, admit, max_rows)
+                    return
                 self._step(running)
+
+    def _successor(self, running: list[Sequence]) -> Engine | None:
+        """Asked between two steps: an engine to hand ``running`` over to, or None."""
+        return None
 
     def _finished_before_start(self, s: Sequence) -> bool:
         if s.done:

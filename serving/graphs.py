@@ -25,8 +25,15 @@ out-of-memory retry (``batcher.py``). A prefill wider than ``cur`` shifts the ro
 dropping the leading columns no row uses gives a smaller window, or the cache is full, the rows
 shift left (a full cache always has such columns: no sequence is longer than ``columns``, the
 longest prompt plus the most new tokens a job may ask for, within the model's context).
-``drift`` checks the compiled step against eager decoding before the first job. Should the
-compiled step still fail while serving (anything but running out of memory or a device fault,
+
+The worker does not wait for any of it (``SwitchingEngine``): it answers its first jobs on the
+eager engine while the step compiles in a thread of its own, then, on the device thread between
+two steps, captures the graphs, checks the step against eager decoding (``drift``) and switches;
+the sequences in flight carry on in the compiled engine. The static cache is sized from the
+device's free memory after the weights and the warm-up (``plan_cache``, with
+WORKER_GPU_MEMORY_UTILIZATION as the headroom); the settings are its upper bounds, and a model
+that leaves no room for one row decodes eagerly, saying why. Should the compiled step still fail
+while serving (anything but running out of memory or a device fault,
 which ``batcher.py`` handles), the engine decodes eagerly from then on: the sequences in flight
 resume from the tokens they have, as after any failed batch, and no job sees the failure.
 
@@ -41,8 +48,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +62,7 @@ from transformers.generation.configuration_utils import CompileConfig
 
 from model_loader import LoadedModel
 from serving.config import WorkerSettings
-from serving.device import is_device_fault, is_out_of_memory, release_memory
+from serving.device import DEVICE_THREAD, is_device_fault, is_out_of_memory, release_memory
 from serving.engine import Engine, SamplingParams, Sequence, _Running
 from serving.errors import SettingsError
 
@@ -64,6 +73,10 @@ log = logging.getLogger("worker.graphs")
 # largest one at most; a step that reads the wrong cache column, mask or position moves them
 # by a large share of it. Beyond this, WORKER_DECODE=auto decodes eagerly instead.
 MAX_DRIFT = 0.25
+# The compile waits for the worker's first answer, or this long without one: a scale-up's first
+# job is usually queued before the worker starts, and on few cores a compile beside it slowed
+# its answer 1.6x (the gpu-check dry run on two busy CPU cores).
+FIRST_ANSWER_GRACE_S = 10.0
 
 
 def compile_cache(directory: str | None) -> str | None:
@@ -177,16 +190,8 @@ class GraphEngine(Engine):
         return None
 
     def _init_cache(self) -> None:
-        """Allocate every layer's tensors now, shaped as the model's own cache is.
-
-        One eager forward of one token gives each layer's key and value shapes (heads and head
-        sizes may differ between layers); the static layers are sized from them.
-        """
-        probe = DynamicCache(config=self.model.config)
-        ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
-        with torch.no_grad():
-            self.model(input_ids=ids, use_cache=True, **{self._cache_kw: probe}, **self._extra)
-        for static, layer in zip(self.cache.layers, probe.layers, strict=True):
+        """Allocate every layer's tensors now, shaped as the model's own cache is."""
+        for static, layer in zip(self.cache.layers, _probe_cache(self).layers, strict=True):
             k, v = layer.keys, layer.values
             static.lazy_initialization(k.new_empty((self.slots, *k.shape[1:])),
                                        v.new_empty((self.slots, *v.shape[1:])))
@@ -238,10 +243,7 @@ class GraphEngine(Engine):
         log.error("the compiled decode step failed (%s); decoding eagerly from now on, the jobs "
                   "in flight resume where they were (WORKER_DECODE=eager skips the compiled "
                   "path)", self.failed, exc_info=exc)
-        self._clear()
-        for layer in self.cache.layers:     # the eager engine's caches may need the memory
-            layer.keys = layer.values = None
-        release_memory()
+        self.release()                      # the eager engine's caches may need the memory
 
     def _clear(self) -> None:
         self.rows = [None] * self.slots
@@ -416,10 +418,7 @@ class GraphEngine(Engine):
             for rows in (1, self.slots):
                 self.run([Sequence(list(prompt_ids), params) for _ in range(rows)])
             for window in self.windows:
-                self._clear()
-                self.cur = window - 1            # as if the rows' histories filled the window
-                self.mask[:, self.cur] = 1
-                self._set_write_column()
+                self._fill_window(window)
                 for _ in range(3):               # a warm-up run, the recording, a replay
                     self._call_step(window)
                     self._set_write_column()
@@ -429,6 +428,301 @@ class GraphEngine(Engine):
         self.compile_s = time.perf_counter() - start
         return self.compile_s
 
+    def compile(self) -> float:
+        """Compile the step, or load it from the compile cache, on any thread: one call at
+        each window size (one compilation serves them all). Returns the seconds it took.
+
+        Off the job path: the eager engine serves meanwhile. On CUDA each size also runs once
+        in this thread's graph tree (a warm-up run, nothing recorded); ``capture`` records the
+        graphs on the thread that replays them (a CUDA graph tree belongs to one thread).
+        """
+        start = time.perf_counter()
+        with torch.no_grad():
+            for window in self.windows:
+                self._fill_window(window)
+                self._call_step(window)
+            self._clear()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.compile_s = time.perf_counter() - start
+        return self.compile_s
+
+    def capture(self) -> float:
+        """Record every window size's CUDA graph on this thread (the device thread, between
+        two steps: capture needs the device to itself): a warm-up run in this thread's graph
+        tree, the recording, a replay. After ``compile``, so nothing compiles here; on a CPU
+        one call per size. Returns the seconds the device was held."""
+        runs = 3 if self.compiled and self.device.type == "cuda" else 1
+        start = time.perf_counter()
+        with torch.no_grad():
+            for window in self.windows:
+                self._fill_window(window)
+                for _ in range(runs):
+                    self._call_step(window)
+                    self._set_write_column()
+            self._clear()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def _fill_window(self, window: int) -> None:
+        """Empty slots, the write column at the window's last: as if histories filled it."""
+        self._clear()
+        self.cur = window - 1
+        self.mask[:, self.cur] = 1
+        self._set_write_column()
+
+    def release(self) -> None:
+        """Give the static cache's memory back (the engine will not decode again)."""
+        self._clear()
+        for layer in self.cache.layers:
+            layer.keys = layer.values = None
+        release_memory()
+
+
+def _probe_cache(engine: Engine) -> DynamicCache:
+    """The model's own cache after one eager forward of one token: each layer's key and value
+    shapes and dtype (heads and head sizes may differ between layers)."""
+    probe = DynamicCache(config=engine.model.config)
+    ids = torch.full((1, 1), engine.pad_id, dtype=torch.long, device=engine.device)
+    with torch.no_grad():
+        engine.model(input_ids=ids, use_cache=True, **{engine._cache_kw: probe}, **engine._extra)
+    return probe
+
+
+def kv_bytes_per_token(engine: Engine) -> int:
+    """Bytes one token takes in the static cache: keys and values of every layer."""
+    return sum(layer.keys.numel() * layer.keys.element_size()
+               + layer.values.numel() * layer.values.element_size()
+               for layer in _probe_cache(engine).layers)
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """The device's memory as the static cache is sized: after the weights and the warm-up."""
+
+    total: int          # bytes on the device
+    free: int           # bytes free now (everything else: weights, CUDA context, other users)
+    warmup_peak: int    # bytes the warm-up held beyond what stays allocated: a batch's need
+
+    @classmethod
+    def measure(cls, device: torch.device) -> DeviceMemory | None:
+        """The figures on CUDA (the allocator's cached blocks given back first); None on a
+        CPU, where the settings alone size the cache."""
+        if device.type != "cuda":
+            return None
+        release_memory()
+        free, total = torch.cuda.mem_get_info(device)
+        peak = torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device)
+        return cls(total=total, free=free, warmup_peak=max(peak, 0))
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """The static cache chosen: ``slots`` rows of ``columns`` tokens, or none (slots 0)."""
+
+    slots: int
+    columns: int
+    why: str            # for the startup line: the size and what set it, or why there is none
+
+
+def _gib(n: float) -> str:
+    return f"{n / 1024**3:.2f} GiB"
+
+
+def plan_cache(memory: DeviceMemory | None, token_bytes: int, settings: WorkerSettings,
+               context: int | None) -> CachePlan:
+    """Size the static cache from the device's free memory; the settings are upper bounds.
+
+    A row holds the longest sequence a job may make (WORKER_MAX_PROMPT_TOKENS +
+    WORKER_MAX_NEW_TOKENS, within the model's context), so every job the settings admit fits
+    it; the rows (slots, at most WORKER_MAX_BATCH_SIZE) are what give way. The budget, as
+    vLLM's gpu_memory_utilization: WORKER_GPU_MEMORY_UTILIZATION of the device, less what is in
+    use after the weights and the warm-up, less the warm-up's peak (what the eager engine's
+    batches need beside the cache while the compiled step is prepared, and the step's own
+    activations after). No room for one row: slots 0, and the worker decodes eagerly.
+    """
+    columns = settings.max_prompt_tokens + settings.max_new_tokens
+    if context is not None:
+        columns = min(columns, context)
+    slots = settings.max_batch_size
+    if memory is None:
+        return CachePlan(slots, columns, "the settings' bounds: no device memory to measure")
+    row = columns * token_bytes
+    budget = (int(memory.total * settings.gpu_memory_utilization)
+              - (memory.total - memory.free) - memory.warmup_peak)
+    fit = max(budget, 0) // max(row, 1)
+    share = f"WORKER_GPU_MEMORY_UTILIZATION={settings.gpu_memory_utilization:g}"
+    if fit >= slots:
+        return CachePlan(slots, columns, f"{_gib(slots * row)} of the {_gib(budget)} left "
+                                         f"under {share}")
+    if fit >= 1:
+        return CachePlan(fit, columns, (
+            f"{_gib(fit * row)}: {fit} of WORKER_MAX_BATCH_SIZE={slots} slots fit in the "
+            f"{_gib(budget)} left under {share}"))
+    return CachePlan(0, columns, (
+        f"one slot of {columns} tokens needs {_gib(row)} and {_gib(max(budget, 0))} is left "
+        f"under {share} after the weights and the warm-up; lower WORKER_MAX_PROMPT_TOKENS + "
+        "WORKER_MAX_NEW_TOKENS or raise the share"))
+
+
+class SwitchingEngine(Engine):
+    """Decodes eagerly from the first job; hands over to a compiled ``GraphEngine`` between two
+    steps once it is compiled (off the job path), captured and checked against eager decoding.
+
+    ``start`` sizes the static cache from the device's free memory (``plan_cache``) and
+    compiles in a thread of its own while this engine serves, from the first answer on (or
+    after ``FIRST_ANSWER_GRACE_S`` without one). The device thread takes over from
+    there: capturing the graphs and the drift check run on it between two steps (inside a run,
+    or when the device is idle, whichever comes first), and the sequences in flight carry on in
+    the compiled engine from the tokens they have, as after a failed batch. A compile, capture
+    or check that fails leaves this engine eager for good, logged once with the reason.
+    """
+
+    def __init__(self, loaded: LoadedModel, settings: WorkerSettings, context: int | None,
+                 cache_dir: str | None) -> None:
+        super().__init__(loaded)
+        self.settings = settings
+        self.context = context
+        self.cache_dir = cache_dir
+        self.plan: CachePlan | None = None
+        self.serving: GraphEngine | None = None   # the compiled engine, once switched to
+        self.why_eager: str | None = None          # why it stays eager, once it knows
+        self.settled = threading.Event()           # switched, or eager for good
+        self.prepared = threading.Event()          # compiled, waiting for the device thread
+        self.handed_over = 0                       # sequences in flight at the switch
+        self.timings: dict[str, float] = {}        # compile_s, capture_s, drift, ready_after_s
+        self._pending: GraphEngine | None = None
+        self._answered = threading.Event()          # a job's sequence has finished
+        self._probe: list[int] = []
+        self._started_at = 0.0
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def warm_up(self, prompt_ids: list[int], rows: tuple[int, ...]) -> str:
+        """The eager warm-up (a run of each of ``rows`` sequences), then ``start``; returns
+        the startup line's note."""
+        params = SamplingParams(max_new_tokens=4)
+        for n in rows:
+            super().run([Sequence(list(prompt_ids), params) for _ in range(n)])
+        return self.start(prompt_ids)
+
+    def start(self, prompt_ids: list[int], memory: DeviceMemory | None = None) -> str:
+        """Size the cache, allocate it and start compiling; returns the startup line's note.
+
+        Call on the device thread after the eager warm-up (its peak is in the sizing).
+        ``memory``: the device's figures, measured here when not given.
+        """
+        self._started_at = time.monotonic()
+        self._answered.clear()                  # the warm-up's runs are no job's answer
+        self._probe = list(prompt_ids)
+        graphs = "CUDA graphs, " if self.device.type == "cuda" else ""
+        memory = memory or DeviceMemory.measure(self.device)
+        self.plan = plan = plan_cache(memory, kv_bytes_per_token(self), self.settings,
+                                      self.context)
+        if plan.slots == 0:
+            self._stay_eager(f"no room for a static cache: {plan.why}")
+            return f"decode eager (no room for the compiled step's cache: {plan.why})"
+        try:
+            graph = GraphEngine(self.loaded, plan.slots, plan.columns)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            release_memory()
+            self._stay_eager(f"its static cache of {plan.slots} x {plan.columns} tokens did "
+                             "not fit")
+            return f"decode eager ({self.why_eager})"
+        self._thread = threading.Thread(target=self._compile, args=(graph,), name="compile",
+                                        daemon=True)
+        self._thread.start()
+        return (f"decode eager now, compiled once ready ({graphs}{plan.slots} slots x "
+                f"{plan.columns} tokens: {plan.why}; compile cache "
+                f"{self.cache_dir or 'torch default'})")
+
+    def _compile(self, graph: GraphEngine) -> None:
+        """The compile thread: compile, then leave the rest to the device thread."""
+        self._answered.wait(FIRST_ANSWER_GRACE_S)
+        try:
+            self.timings["compile_s"] = graph.compile()
+        except Exception as exc:  # noqa: BLE001 - a failed compile leaves the worker eager
+            log.debug("compiling the decode step failed", exc_info=exc)
+            graph.release()
+            self._stay_eager(f"compiling failed: {_first_line(exc)}")
+            return
+        self._pending = graph
+        self.prepared.set()
+        # Switch even if no job comes: when the device thread is next idle (a run in progress
+        # switches between two of its steps first).
+        DEVICE_THREAD.submit(self._switch)
+
+    def _switch(self) -> GraphEngine | None:
+        """Capture, check and switch (device thread, between steps); the engine to use."""
+        with self._lock:
+            graph, self._pending = self._pending, None
+            if graph is None:
+                return self.serving
+            try:
+                with torch.inference_mode(False):     # called from the eager loop's steps
+                    capture_s = graph.capture()
+                    drift = graph.drift(self._probe)
+            except Exception as exc:
+                if is_device_fault(exc):
+                    raise
+                graph.release()
+                self._stay_eager(f"capturing or checking the compiled step failed: "
+                                 f"{_first_line(exc)}")
+                return None
+            if not drift <= MAX_DRIFT:
+                graph.release()
+                self._stay_eager(f"the compiled step's logits were {drift:.0%} of the largest "
+                                 f"away from eager decoding's (at most {MAX_DRIFT:.0%})")
+                return None
+            self.timings.update(capture_s=capture_s, drift=drift,
+                                ready_after_s=time.monotonic() - self._started_at)
+            self.serving = graph
+            self.settled.set()
+            log.info("decode: switched to the compiled step %.1f s after the warm-up (compiled "
+                     "in %.1f s off the job path, captured in %.0f ms between two steps, "
+                     "%.1e from eager)", self.timings["ready_after_s"],
+                     self.timings.get("compile_s", 0.0), capture_s * 1000, drift)
+            return graph
+
+    def _stay_eager(self, why: str) -> None:
+        self.why_eager = why
+        self.settled.set()
+        log.warning("decode: the compiled step will not serve (%s); decoding eagerly "
+                    "(WORKER_DECODE=eager skips it)", why)
+
+    def run(self, sequences: list[Sequence],
+            admit: Callable[[int], list[Sequence]] | None = None,
+            max_rows: int | None = None) -> None:
+        """As ``Engine.run``, on the compiled engine once it serves."""
+        if self.plan is None and self.why_eager is None:     # no warm-up ran (MODEL_WARMUP)
+            self.start(list(self.tokenizer("Hello")["input_ids"]))
+        engine = self._switch() if self.prepared.is_set() else None
+        if engine is not None:
+            engine.run(sequences, admit, max_rows)
+        else:
+            super().run(sequences, admit, max_rows)
+
+    def _finish(self, s: Sequence) -> None:
+        super()._finish(s)
+        self._answered.set()
+
+    def _successor(self, running: list[Sequence]) -> Engine | None:
+        """Between two eager steps: the compiled engine, once ready, takes ``running`` on."""
+        if not self.prepared.is_set():
+            return None
+        engine = self._switch()
+        if engine is not None:
+            self.handed_over += len(running)
+        return engine
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
 
 def choose_engine(loaded: LoadedModel, settings: WorkerSettings,
                   context: int | None) -> tuple[Engine, str]:
@@ -436,7 +730,8 @@ def choose_engine(loaded: LoadedModel, settings: WorkerSettings,
 
     ``compiled`` on a model the path cannot serve is a startup error naming the reason; ``auto``
     takes the compiled path on CUDA only (on a CPU the compile costs minutes and saves little)
-    and otherwise, or when the static cache does not fit, decodes eagerly and says why.
+    and otherwise decodes eagerly and says why. The compiled path is a ``SwitchingEngine``: it
+    answers at once, eagerly, and switches once its compiled step is ready.
     """
     if settings.decode == "eager":
         return Engine(loaded), "decode eager (WORKER_DECODE=eager)"
@@ -448,19 +743,6 @@ def choose_engine(loaded: LoadedModel, settings: WorkerSettings,
             raise SettingsError(f"WORKER_DECODE=compiled cannot serve this model: {why_not}; "
                                 "set WORKER_DECODE=eager (or auto)")
         return Engine(loaded), f"decode eager (WORKER_DECODE=auto: {why_not})"
-    # The longest sequence a job may make: the cache never has to drop a row's history.
-    columns = settings.max_prompt_tokens + settings.max_new_tokens
-    if context is not None:
-        columns = min(columns, context)
     cache_dir = compile_cache(settings.compile_cache_dir)
-    try:
-        engine = GraphEngine(loaded, settings.max_batch_size, columns)
-    except Exception as exc:
-        if settings.decode == "compiled" or not is_out_of_memory(exc):
-            raise
-        release_memory()
-        return Engine(loaded), (f"decode eager (WORKER_DECODE=auto: a static cache of "
-                                f"{settings.max_batch_size} x {columns} tokens does not fit)")
-    graphs = "CUDA graphs, " if loaded.device.type == "cuda" else ""
-    return engine, (f"decode compiled ({graphs}{engine.slots} slots x {columns} tokens, "
-                    f"compile cache {cache_dir or 'torch default'})")
+    return (SwitchingEngine(loaded, settings, context, cache_dir),
+            "decode eager now, compiled after the first job (no warm-up ran)")

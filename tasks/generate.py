@@ -49,10 +49,9 @@ from transformers import AutoTokenizer, GenerationConfig
 from model_loader import LoadedModel, ModelFiles, place_model
 from serving.batcher import Batcher
 from serving.config import PROMPT_CHARS_PER_TOKEN, ModelSettings, WorkerSettings
-from serving.device import is_device_fault
 from serving.engine import Engine, SamplingParams, Sequence
-from serving.errors import InputError, JobTimeout, SettingsError, excerpt
-from serving.graphs import MAX_DRIFT, GraphEngine, choose_engine
+from serving.errors import InputError, JobTimeout, excerpt
+from serving.graphs import SwitchingEngine, choose_engine
 from serving.validation import StrictInput, in_tokenizer_thread, parse_input
 from tasks.base import JobContext, Task
 
@@ -198,40 +197,20 @@ class GenerateTask(Task):
     def warm_up(self) -> None:
         """Short greedy runs through the engine jobs use, so the first job pays no start-up.
 
-        The compiled engine compiles (or loads its compiled step from the compile cache) and
-        captures its graph here, and runs its prefill at one row and at every slot. On CUDA the
-        eager engine runs one row and a full batch (the allocator grows, the kernels for both
-        shapes load); on a CPU one row, since there is nothing to grow or load.
+        On CUDA one row and a full batch (the allocator grows, the kernels for both shapes
+        load); on a CPU one row, since there is nothing to grow or load. The compiled path then
+        sizes its static cache from what the device has left and starts compiling off the job
+        path (``graphs.SwitchingEngine``): jobs are answered eagerly until it switches.
         """
         ids = list(self.tokenizer("Hello")["input_ids"])
         engine = self.batcher.engine
-        if isinstance(engine, GraphEngine):
-            try:
-                engine.warm_up(ids)
-                drift = engine.drift(ids)
-            except Exception as exc:
-                if self.settings.decode == "compiled" or is_device_fault(exc):
-                    raise
-                log.warning("compiling the decode step failed; decoding eagerly", exc_info=exc)
-                reason = excerpt(str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-                                 80)
-                self._use(Engine(self.loaded), f"decode eager (compiling failed: {reason})")
-            else:
-                # Checked against eager before any job: a compiled step that computes something
-                # else must never answer (a new GPU, driver or torch can break what passed here).
-                if drift <= MAX_DRIFT:
-                    self.loaded.stats.note += f", {drift:.1e} from eager"
-                    return               # the startup line's warm-up time is the compile's
-                why = (f"the compiled step's logits were {drift:.0%} of the largest away from "
-                       f"eager decoding's (at most {MAX_DRIFT:.0%})")
-                if self.settings.decode == "compiled":
-                    raise SettingsError(f"WORKER_DECODE=compiled: {why}; set WORKER_DECODE=eager")
-                log.warning("%s; decoding eagerly", why)
-                self._use(Engine(self.loaded), f"decode eager ({why})")
         rows = (1, self.settings.max_batch_size) if self.loaded.device.type == "cuda" else (1,)
+        if isinstance(engine, SwitchingEngine):
+            self.loaded.stats.note = engine.warm_up(ids, rows)
+            return
         params = SamplingParams(max_new_tokens=4)
         for n in rows:
-            self.batcher.engine.run([Sequence(list(ids), params) for _ in range(n)])
+            engine.run([Sequence(list(ids), params) for _ in range(n)])
 
     def __init__(self, loaded: LoadedModel, settings: WorkerSettings,
                  env: Mapping[str, str] | None = None) -> None:

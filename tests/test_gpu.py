@@ -48,10 +48,26 @@ def _load(path: str = MODEL, **env: str):
 
 
 @pytest.fixture(scope="module")
-def loaded():
+def task():
+    """The worker's task as it starts, after its compiled step (if any) switched in or failed:
+    the compile runs in a thread of its own, and the tests below must not race it."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device: run `make gpu-check` on a GPU machine")
-    return _load()
+    from model_loader import load_task
+    from serving.config import ModelSettings, WorkerSettings
+    from tasks import TASKS
+
+    task = load_task(ModelSettings.from_env({"MODEL_PATH": MODEL}), WorkerSettings.from_env(),
+                     TASKS)
+    settled = getattr(task.batcher.engine, "settled", None)
+    if settled is not None:
+        assert settled.wait(900), "the compiled step neither switched in nor failed"
+    return task
+
+
+@pytest.fixture(scope="module")
+def loaded(task):
+    return task.loaded
 
 
 @pytest.fixture(scope="module")
@@ -231,9 +247,19 @@ def _staggered(engine, ids: list[list[int]], max_new_tokens: int = 16) -> list[l
     return [s.generated for s in seqs]
 
 
-def test_the_default_worker_decodes_with_cuda_graphs(loaded):
-    """WORKER_DECODE=auto on CUDA takes the compiled path, and the startup line says so."""
-    assert loaded.stats.note.startswith("decode compiled (CUDA graphs, "), loaded.stats.note
+def test_the_default_worker_answers_eagerly_then_switches_to_cuda_graphs(task):
+    """WORKER_DECODE=auto on CUDA: the startup line says the worker answers eagerly until the
+    compiled step is ready; it then switches (captured and checked on the device thread)."""
+    note = task.loaded.stats.note
+    assert note.startswith("decode eager now, compiled once ready (CUDA graphs, "), note
+    engine = task.batcher.engine
+    assert engine.serving is not None, engine.why_eager
+    print(f"switch: {engine.timings}")
+    job = {"prompt": "The capital of France is", "max_new_tokens": 8, "temperature": 0}
+    steps = engine.serving.steps
+    answer = asyncio.run(task.answer(task.parse(job)))
+    assert answer["usage"]["completion_tokens"] >= 1
+    assert engine.serving.steps > steps, "the job was not decoded by the compiled step"
 
 
 def test_compiled_decoding_equals_eager_decoding_in_fp32(loaded_fp32):

@@ -40,8 +40,14 @@ def test_the_benches_read_the_decode_path_and_its_drift_from_the_startup_line() 
                                "cache /c), 2.1e-02 from eager")
     eager = line.split("| decode")[0] + "| decode eager (WORKER_DECODE=auto on a CPU)\n"
     assert parse_startup_line(eager)["decode"] == "decode eager (WORKER_DECODE=auto on a CPU)"
+    note = ("decode eager now, compiled once ready (CUDA graphs, 16 slots x 5120 tokens: 1.76 "
+            "GiB of the 120.31 GiB left under WORKER_GPU_MEMORY_UTILIZATION=0.9; compile cache "
+            "/c)")
+    switching = line.split("| decode")[0] + "| " + note + "\n"
+    assert parse_startup_line(switching)["decode"] == note
 
 
+@pytest.mark.timeout(1600)     # the run's own limit is 1500 s
 def test_gpu_check_rehearsed_on_the_cpu_measures_every_goal(default_model_dir, tmp_path):
     """``GPU_CHECK_DRY_RUN=1 make gpu-check`` from a copy of the repository as a GPU machine
     gets it (tracked files, no ``models/``) with the folder ``gpu_wheels.sh`` makes beside the
@@ -74,7 +80,10 @@ def test_gpu_check_rehearsed_on_the_cpu_measures_every_goal(default_model_dir, t
                  "upscale.json"):
         assert (out / name).is_file(), name
     cold = json.loads((out / "worker-bench.json").read_text())["cold_start"]["by_decode"]
-    assert cold["compiled"]["decode"].startswith("decode compiled (")
+    assert cold["compiled"]["decode"].startswith("decode eager now, compiled once ready (")
+    switch = json.loads((out / "worker-bench.json").read_text())["switch"]
+    assert switch["compiled_empty_cache"]["serving_s"] > 0, switch     # it switched
+    assert switch["compiled_cache_found"]["serving_s"] > 0, switch
     assert cold["eager"]["decode"] == "decode eager (WORKER_DECODE=eager)"
     # As auto does on a GPU, every worker (the engine bench's, the worker loop's, the peer
     # bench's) ran the compiled step, and it passed its start-up check against eager.

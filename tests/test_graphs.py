@@ -5,7 +5,8 @@ joins or the cache fills) runs here without compiling, on the real default model
 compared token for token with the eager engine decoding each sequence alone (float32, greedy:
 exact). The compiled step itself (``torch.compile``; on CUDA it is also captured as a CUDA
 graph, which ``tests/test_gpu.py`` checks) runs on a two-layer cut of the same model, in-process
-and through ``handler.py --test_input`` as a user runs it with WORKER_DECODE=compiled.
+and through ``handler.py --test_input`` as a user runs it with WORKER_DECODE=compiled (the
+switch from eager to it: ``tests/test_decode_switch.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from bench.worker_bench import cut_model as _cut_model
 from model_loader import LoadedModel, load_model
 from serving.config import PROJECT_ROOT, ModelSettings, WorkerSettings
 from serving.engine import Engine, SamplingParams, Sequence
@@ -36,21 +38,6 @@ PROMPTS = ["Hello", "Once upon a time, in a small village by the sea, there live
 def loaded(default_model_dir: Path) -> LoadedModel:
     return load_model(ModelSettings.from_env({"MODEL_PATH": str(default_model_dir)}),
                       warmup=False)
-
-
-def _cut_model(source: Path, out: Path, layers: int) -> Path:
-    """The first ``layers`` layers of ``source`` with its own embeddings and tokenizer: real
-    weights (varied tokens, unlike a random model) at a fraction of the compile time."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(source, num_hidden_layers=layers,
-                                                 dtype=torch.float32)
-    model.save_pretrained(out, safe_serialization=True)
-    for f in source.iterdir():
-        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (
-                "config.json", "model.safetensors.index.json", "builder.json"):
-            shutil.copy(f, out / f.name)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -223,22 +210,6 @@ def test_the_compiled_step_gives_the_eager_tokens(small_dir, tmp_path, monkeypat
     assert engine.drift(small.tokenizer("The capital of France is")["input_ids"]) < 1e-4
 
 
-def test_a_compiled_step_that_drifts_from_eager_stops_the_start(small_dir, monkeypatch):
-    """The start-up check against eager decoding (GraphEngine.drift) decides; with a limit no
-    step can meet, WORKER_DECODE=compiled refuses to start, naming the way out."""
-    import tasks.generate
-    from model_loader import load_task
-    from serving.errors import SettingsError
-    from tasks import TASKS
-
-    monkeypatch.setattr(tasks.generate, "MAX_DRIFT", -1.0)
-    env = {"MODEL_PATH": str(small_dir), "WORKER_DECODE": "compiled",
-           "WORKER_MAX_BATCH_SIZE": "2", "WORKER_MAX_PROMPT_TOKENS": "64",
-           "WORKER_MAX_NEW_TOKENS": "16", "WORKER_DEFAULT_MAX_NEW_TOKENS": "16"}
-    with pytest.raises(SettingsError, match="from eager decoding's.*set WORKER_DECODE=eager"):
-        load_task(ModelSettings.from_env(env), WorkerSettings.from_env(env), TASKS)
-
-
 def _test_mode(model: Path, **env: str) -> subprocess.CompletedProcess[str]:
     job = json.dumps({"input": {"prompt": "The capital of France is", "max_new_tokens": 8,
                                 "temperature": 0}})
@@ -247,21 +218,21 @@ def _test_mode(model: Path, **env: str) -> subprocess.CompletedProcess[str]:
                           env={**os.environ, "MODEL_PATH": str(model), **env})
 
 
-def test_worker_decode_compiled_answers_as_eager_does_and_fills_the_compile_cache(
-        small_dir, tmp_path):
-    cache = tmp_path / "compile-cache"
+def test_worker_decode_compiled_answers_the_test_mode_at_once_as_eager_does(small_dir,
+                                                                          tmp_path):
+    """The test mode's one job does not wait for the compile: it is answered on the eager
+    engine while the compiled step is prepared (tests/test_decode_switch.py: the switch)."""
     compiled = _test_mode(small_dir, WORKER_DECODE="compiled",
-                          WORKER_COMPILE_CACHE_DIR=str(cache), WORKER_MAX_BATCH_SIZE="2")
+                          WORKER_COMPILE_CACHE_DIR=str(tmp_path / "cache"),
+                          WORKER_MAX_BATCH_SIZE="2")
     assert compiled.returncode == 0, compiled.stderr[-3000:]
     eager = _test_mode(small_dir, WORKER_DECODE="eager")
     assert eager.returncode == 0, eager.stderr[-3000:]
     answer = json.loads(compiled.stdout.strip().splitlines()[-1])["output"][0]
     assert answer == json.loads(eager.stdout.strip().splitlines()[-1])["output"][0]
     assert answer["usage"]["completion_tokens"] == 8
-    assert "decode compiled (2 slots x" in compiled.stderr
-    assert "from eager" in compiled.stderr          # the start-up check's drift, in the line
+    assert "decode eager now, compiled once ready (2 slots x" in compiled.stderr
     assert "decode eager (WORKER_DECODE=eager)" in eager.stderr
-    assert any((cache / "inductor").rglob("*")), "nothing was cached for the next worker"
 
 
 def test_auto_decodes_eagerly_on_a_cpu_and_says_so(loaded):
