@@ -2,6 +2,8 @@
 #   make run        set up, build the default model, answer one question through the handler
 #   make serve      a local RunPod-like endpoint on :8000 with the worker behind it
 #   make test       set up, build the default model, run the CPU test suite
+#   make test-fast  the same without the tests marked slow: the seam, every task on tiny models,
+#                   the error boundary; the loop to run at every change
 #   make bench      benchmarks (ratios against baselines measured in the same run)
 #   make gpu-check  on a CUDA machine: GPU tests and benchmarks, results in bench/results/gpu-<date>/
 #   make lint       ruff
@@ -11,7 +13,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 QUESTION ?= What is the capital of France?
 
-.PHONY: setup model run serve test bench lint gpu-check clean
+.PHONY: setup model run serve test test-fast bench lint gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +41,9 @@ serve: model
 
 test: model
 	$(PY) -m pytest
+
+test-fast: model
+	$(PY) -m pytest -m "not slow and not gpu" -q
 
 bench: model
 	$(PY) -m bench.worker_bench
