@@ -156,7 +156,8 @@ def load_jsonl_url(url: str, settings: DownloadSettings, *, storage: Storage | N
                    allow_address: AddressPolicy | None = None) -> list[Any]:
     """Download a JSON Lines file (spooled to disk) and return its items, at most
     ``settings.max_items``, each line at most ``max_item_bytes``. DownloadError for the fetch,
-    InputError naming ``field`` and the line for content."""
+    InputError naming ``field`` and the line for content. Holds every item at once: for small
+    files; the worker reads a ``batch_url`` one item at a time (``batchfile.BatchFile``)."""
     with tempfile.TemporaryFile() as f:
         download_to(url, f, settings, storage=storage, job_storage=job_storage,
                     allow_address=allow_address)

@@ -16,6 +16,10 @@ Fields every job may carry beside the task's own::
                   "inline": never a link (fails when too large); "link": always a link
     batch         a list of task inputs, answered in order in "results"
     batch_url     https:// or s3:// URL of a JSON Lines file of task inputs (for large batches)
+
+A batch job holds neither its whole ``batch_url`` file nor its whole answer in memory: the file
+is read one line at a time and answers past BATCH_ANSWER_MEMORY_BYTES are spooled to disk as
+items finish (``batchfile.py``); its temporary files go when it ends, however it ends.
 """
 
 from __future__ import annotations
