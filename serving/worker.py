@@ -246,7 +246,7 @@ class Worker:
             answers = files.enter_context(BatchAnswers(
                 total, memory_bytes=self.settings.answer_memory_bytes,
                 max_bytes=self.settings.max_answer_bytes, spool_dir=self.settings.spool_dir,
-                prepare=functools.partial(self._spooled_files, str(job["id"]), mode,
+                prepare=functools.partial(self._spooled_files, context.job_id, mode,
                                           functools.cache(lambda: self._storage_for(job)))))
             await self._run_items(items, answers, job, context)
             summary = {"failed": answers.failed, "usage": answers.usage,

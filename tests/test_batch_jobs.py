@@ -9,13 +9,17 @@ the same bounds (memory against the answer's and the file's size): ``test_hostil
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
+import io
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+from PIL import Image
 
 from serving.batchfile import BatchAnswers, BatchFile
 from serving.config import DownloadSettings, StorageSettings, WorkerSettings
@@ -51,6 +55,12 @@ def answer(loop: LoopThread, worker: Worker, job_input: dict[str, Any], progress
 
 def texts(item: int, count: int = 2) -> dict[str, Any]:
     return {"texts": [f"item {item} text {j}" for j in range(count)]}
+
+
+def png_uri(width: int, height: int) -> str:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (width * 9 % 256, 40, 90)).save(out, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
 
 
 def jsonl(items: list[Any]) -> bytes:
@@ -169,6 +179,22 @@ class TestSpooledAnswersThroughTheWorker:
                     assert u == pytest.approx(v, abs=1e-5)
             else:
                 assert a == b
+
+    def test_a_spooled_answers_files_are_stored_as_links_as_items_finish(
+            self, loop, upscale_worker, tmp_path):
+        own = configured(upscale_worker, BATCH_ANSWER_MEMORY_BYTES="0",
+                         OUTPUT_LOCAL_DIR=str(tmp_path))
+        batch = [{"image": png_uri(8 + i, 8)} for i in range(3)]
+        out = answer(loop, own, {"batch": batch})
+        assert out["failed"] == 0
+        images = [result["image"] for result in out["results"]]
+        # The answer (links only) fits inline after all; each file is its own object.
+        assert set(out) == {"results", "failed", "usage", "model"}
+        for i, image in enumerate(images):
+            assert image["key"].endswith(f"/batch-1/{i}-image.png")
+        for i, image in enumerate(images):
+            stored = Path(urlsplit(image["url"]).path).read_bytes()
+            assert Image.open(io.BytesIO(stored)).size == (2 * (8 + i), 16)
 
     def test_inline_mode_fails_naming_the_limit_when_a_spooled_answer_is_too_large(
             self, loop, embed_worker, tmp_path):
