@@ -245,6 +245,18 @@ WORKER_GPU_MEMORY_UTILIZATION = _var("worker", "WORKER_GPU_MEMORY_UTILIZATION", 
                                      "weights and the warm-up leave of it (WORKER_MAX_BATCH_SIZE "
                                      "slots at most); 0.1..1.0")
 
+BATCH_ANSWER_MEMORY_BYTES = _var("worker", "BATCH_ANSWER_MEMORY_BYTES", "8388608",
+                                 "Most bytes of answers (as JSON) one batch job holds in memory; "
+                                 "beyond, each item's answer is written to a temporary file as "
+                                 "it finishes; 0..1073741824")
+BATCH_MAX_ANSWER_BYTES = _var("worker", "BATCH_MAX_ANSWER_BYTES", "1000000000",
+                              "Largest answer one batch job may produce (JSON bytes); past it "
+                              "the job fails; 1..1099511627776")
+BATCH_SPOOL_DIR = _var("worker", "BATCH_SPOOL_DIR", None,
+                       "Directory for a batch job's temporary files (its batch_url file, answers "
+                       "over BATCH_ANSWER_MEMORY_BYTES), removed when the job ends; default: "
+                       "the system's temporary directory")
+
 
 # A prompt's characters are bounded before it is tokenized (tokenizing megabytes costs seconds
 # and hundreds of MB): at most this many per token of its token limit (the smaller of
@@ -277,6 +289,9 @@ class WorkerSettings:
     decode: str = "auto"              # auto | compiled | eager (serving/graphs.py)
     compile_cache_dir: str | None = None   # torch.compile's on-disk caches (None: torch's own)
     gpu_memory_utilization: float = 0.9   # share of GPU memory to fill (graphs.plan_cache)
+    answer_memory_bytes: int = 8388608     # a batch job's answers held in memory, JSON bytes
+    max_answer_bytes: int = 1_000_000_000  # a batch job's whole answer, JSON bytes
+    spool_dir: str | None = None           # a batch job's temporary files (None: the system's)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -301,7 +316,18 @@ class WorkerSettings:
             decode=r.choice(WORKER_DECODE, ("auto", "compiled", "eager")),
             compile_cache_dir=_compile_cache_dir(r.text(WORKER_COMPILE_CACHE_DIR)),
             gpu_memory_utilization=r.number(WORKER_GPU_MEMORY_UTILIZATION, 0.1, 1.0),
+            answer_memory_bytes=r.integer(BATCH_ANSWER_MEMORY_BYTES, 0, 1 << 30),
+            max_answer_bytes=r.integer(BATCH_MAX_ANSWER_BYTES, 1, 1 << 40),
+            spool_dir=_spool_dir(r.text(BATCH_SPOOL_DIR)),
         )
+
+
+def _spool_dir(value: str | None) -> str | None:
+    """An existing directory, checked at startup rather than at the first batch job."""
+    if value is not None and not Path(value).expanduser().is_dir():
+        raise SettingsError(f"BATCH_SPOOL_DIR={value!r} is not a directory; create it, or unset "
+                            "it to use the system's temporary directory")
+    return None if value is None else str(Path(value).expanduser())
 
 
 VOLUME = Path("/runpod-volume")      # where RunPod mounts an endpoint's network volume

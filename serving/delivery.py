@@ -47,6 +47,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 from serving.errors import InputError, PayloadTooLarge
@@ -207,6 +208,24 @@ def deliver_output(answer: Any, *, job_id: str, storage: Storage | StorageGetter
     else:
         data, filename, content_type = serialise_answer(answer), ANSWER_FILENAME, JSON_TYPE
     stored = storage.put(storage.key_for(job_id, filename), data, content_type, within=within)
+    return LinkAnswer(output_link=stored.to_link())
+
+
+def deliver_lines_file(write: Callable[[], Path], *, size: int, job_id: str,
+                       storage: StorageGetter, inline_limit_bytes: int,
+                       mode: str | None = "auto", within: Deadline | None = None) -> LinkAnswer:
+    """An answer spooled to disk as JSON Lines (``size`` bytes, too large to send inline), as
+    a link: ``write()`` makes the file, called only once it is certain to be uploaded. Raises
+    as ``deliver_output`` does for ``inline`` and for no storage."""
+    chosen = check_output_mode(mode)
+    what = f"the answer is {size:,}"
+    if chosen == "inline":
+        raise _inline_only(what, inline_limit_bytes, "a download link")
+    target = storage()
+    if target is None:
+        raise _no_storage(chosen, what, inline_limit_bytes, "it as a link")
+    stored = target.put(target.key_for(job_id, ANSWER_LINES_FILENAME), write(), JSONL_TYPE,
+                        within=within)
     return LinkAnswer(output_link=stored.to_link())
 
 

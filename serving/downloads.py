@@ -29,8 +29,10 @@ A job's URL is attacker-controlled: fetched naively it can reach cloud metadata
   than the job that asked for them.
 - Environment proxies (HTTP_PROXY...) are not used: a proxy would resolve the name itself.
 - JSON Lines: each line at most ``max_item_bytes`` (the worker passes WORKER_MAX_INPUT_BYTES),
-  checked before the line is parsed; a line nested too deeply to parse is an input error naming
-  the line. Errors name the line but never echo the file's content or column positions.
+  checked before the line is parsed; a line nested too deeply to parse, or holding an unpaired
+  surrogate, is an input error naming the line, as the same item inline would be. Errors name
+  the line but never echo the file's content or column positions. The worker reads a
+  ``batch_url`` through ``batchfile.py``: spooled to disk, one line at a time.
 
 Each refusal is a DownloadError whose message names the rule and the setting; messages show a
 URL without its query (which may hold a signature). We do not reuse the SDK's ``rp_ssrf``: it
@@ -68,6 +70,7 @@ from serving.netguard import (
 )
 from serving.netguard import address_policy as _policy_for
 from serving.netguard import is_public_address as is_public_address  # re-exported: the one rule
+from serving.validation import checked_json_size
 from storage import S3Storage, Storage
 
 T = TypeVar("T")
@@ -219,7 +222,8 @@ def load_jsonl_url(url: str, settings: DownloadSettings, *, storage: Storage | N
                    allow_address: AddressPolicy | None = None) -> list[Any]:
     """Download a JSON Lines file (spooled to disk) and return its items, at most
     ``settings.max_items``, each line at most ``max_item_bytes``. DownloadError for the fetch,
-    InputError naming ``field`` and the line for content."""
+    InputError naming ``field`` and the line for content. Holds every item at once: for small
+    files; the worker reads a ``batch_url`` one item at a time (``batchfile.BatchFile``)."""
     with tempfile.TemporaryFile() as f:
         download_to(url, f, settings, storage=storage, job_storage=job_storage,
                     allow_address=allow_address)
@@ -234,9 +238,11 @@ def read_jsonl(lines: Iterable[bytes], *, max_items: int, field: str = "batch_ur
 
     Yields each value. Raises PayloadTooLarge naming ``field`` and the 1-based line number for a
     line over ``max_item_bytes`` (before parsing it, and from a file object without reading
-    more of it than that), InputError for a line that is not UTF-8, not JSON or nested too
-    deeply to parse, and PayloadTooLarge past ``max_items`` items (BATCH_MAX_ITEMS). Messages
-    never quote the line: it may be someone else's content.
+    more of it than that), InputError for a line that is not UTF-8, not JSON, nested too
+    deeply to parse, or holding text that is not valid Unicode (an unpaired surrogate; the
+    checks of inline input, ``validation.checked_json_size``), and PayloadTooLarge past
+    ``max_items`` items (BATCH_MAX_ITEMS). Messages never quote the line: it may be someone
+    else's content.
     """
     count = 0
     for number, raw in enumerate(_bounded_lines(lines, max_item_bytes), start=1):
@@ -258,6 +264,9 @@ def read_jsonl(lines: Iterable[bytes], *, max_items: int, field: str = "batch_ur
         except RecursionError:
             raise InputError(f"line {number} is nested too deeply to read", field=field
                              ) from None
+        if b"\\u" in raw:
+            # Strict UTF-8 refuses encoded surrogates: only a "\ud800" escape makes a lone one.
+            checked_json_size(item, field, f"line {number} ")
         count += 1
         if count > max_items:
             raise PayloadTooLarge(f"more than {max_items:,} items; the limit is "

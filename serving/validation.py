@@ -60,22 +60,30 @@ def check_job_input(job: Any, max_bytes: int) -> dict[str, Any]:
                          field="input")
     if not job_input:
         raise InputError("is empty; see the README for the fields a job takes", field="input")
-    try:
-        size = len(json.dumps(job_input, ensure_ascii=False).encode())
-    except UnicodeEncodeError:
-        # JSON's "\ud800" escape parses to a lone surrogate, which no tokenizer can take.
-        raise InputError("holds text that is not valid Unicode (an unpaired surrogate such as "
-                         "\\ud800); send UTF-8 text", field="input") from None
-    except RecursionError:
-        raise InputError("is nested too deeply; no field of a job is nested more than a few "
-                         "levels", field="input") from None
-    except (TypeError, ValueError):
-        raise InputError("is not valid JSON", field="input") from None
+    size = checked_json_size(job_input, "input")
     if size > max_bytes:
         raise PayloadTooLarge(
             f"is {size} bytes, over the limit of {max_bytes} (WORKER_MAX_INPUT_BYTES); "
             "send large inputs by URL instead", field="input")
     return job_input
+
+
+def checked_json_size(value: Any, field: str, what: str = "") -> int:
+    """Bytes of ``value`` as JSON in UTF-8 (the SDK's separators), after the checks every input
+    passes, inline or read from a ``batch_url`` line: InputError naming ``field`` for text that
+    is not valid Unicode, nesting too deep to serialise, or a value JSON cannot hold. ``what``
+    starts the message (``"line 3 "``)."""
+    try:
+        return len(json.dumps(value, ensure_ascii=False).encode())
+    except UnicodeEncodeError:
+        # JSON's "\ud800" escape parses to a lone surrogate, which no tokenizer can take.
+        raise InputError(f"{what}holds text that is not valid Unicode (an unpaired surrogate "
+                         "such as \\ud800); send UTF-8 text", field=field) from None
+    except RecursionError:
+        raise InputError(f"{what}is nested too deeply; no field of a job is nested more than a "
+                         "few levels", field=field) from None
+    except (TypeError, ValueError):
+        raise InputError(f"{what}is not valid JSON", field=field) from None
 
 
 def parse_input(model: type[Model], data: dict[str, Any], context: dict[str, Any],

@@ -16,11 +16,16 @@ Fields every job may carry beside the task's own::
                   "inline": never a link (fails when too large); "link": always a link
     batch         a list of task inputs, answered in order in "results"
     batch_url     https:// or s3:// URL of a JSON Lines file of task inputs (for large batches)
+
+A batch job holds neither its whole ``batch_url`` file nor its whole answer in memory: the file
+is read one line at a time and answers past BATCH_ANSWER_MEMORY_BYTES are spooled to disk as
+items finish (``batchfile.py``); its temporary files go when it ends, however it ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import sys
@@ -31,15 +36,20 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from model_loader import LoadedModel, load_task
+from serving.batchfile import BatchAnswers, BatchFile
 from serving.config import DownloadSettings, ModelSettings, StorageSettings, WorkerSettings
 from serving.delivery import (
+    Artefact,
+    OutputMode,
     check_output_mode,
     deliver_files,
+    deliver_lines_file,
     deliver_output,
+    find_artefacts,
     inline_size,
     measure_answer,
+    replace_artefacts,
 )
-from serving.downloads import load_jsonl_url
 from serving.errors import InputError, JobTimeout, PayloadTooLarge, WorkerError, error_response
 from serving.netguard import Deadline
 from serving.runner import rename_files
@@ -145,9 +155,7 @@ class Worker:
             mode = check_output_mode(job_input.pop("output_mode", None))
             context = self._context(job, job_id, progress)
             if "batch" in job_input or "batch_url" in job_input:
-                answer = await self._batch(job, job_input, context)
-                yield await self._delivered(self._deliver_batch, answer, job, mode,
-                                            context.deadline)
+                yield await self._batch(job, job_input, context, mode)
                 return
             request = self.task.parse(job_input)
             if getattr(request, "stream", False):
@@ -244,9 +252,146 @@ class Worker:
                               inline_limit_bytes=self.storage_settings.inline_limit_bytes,
                               mode=mode, within=within)
 
+    # ------------------------------------------------------------------------------------------
+    # Batch jobs: many task inputs, answered in order, per-item errors
+    # ------------------------------------------------------------------------------------------
+    async def _batch(self, job: Mapping[str, Any], job_input: dict[str, Any],
+                     context: JobContext, mode: OutputMode) -> Any:
+        """Run a batch job's items and deliver its answer. Neither its items (a ``batch_url``
+        is read one line at a time) nor its answers (spooled to disk past
+        BATCH_ANSWER_MEMORY_BYTES) are held whole; its temporary files are removed when it
+        ends, however it ends (batchfile.py)."""
+        with contextlib.ExitStack() as files:
+            # Every upload of this job (spooled items' files, the answer) ends with the job:
+            # its deadline, or at once when it times out or is cancelled.
+            within = files.enter_context(Deadline.until(context.deadline))
+            try:
+                items = await self._batch_items(job, job_input, files)
+                total = len(items) if isinstance(items, list) else items.total
+                answers = files.enter_context(BatchAnswers(
+                    total, memory_bytes=self.settings.answer_memory_bytes,
+                    max_bytes=self.settings.max_answer_bytes, spool_dir=self.settings.spool_dir,
+                    prepare=functools.partial(self._spooled_files, context.job_id, mode,
+                                              functools.cache(lambda: self._storage_for(job)),
+                                              within)))
+                await self._run_items(items, answers, job, context)
+                summary = {"failed": answers.failed, "usage": answers.usage,
+                           "model": self.loaded.served_name}
+                if not answers.spooled:
+                    answer = {"results": answers.results(), **summary}
+                    return await self._delivered(self._deliver_batch, answer, job, mode,
+                                                 context.deadline)
+                return await asyncio.get_running_loop().run_in_executor(
+                    self.uploads, self._deliver_spooled, answers, summary, job, mode, within)
+            except BaseException:
+                within.expire()
+                raise
+
+    async def _run_items(self, items: list[Any] | BatchFile, answers: BatchAnswers,
+                         job: Mapping[str, Any], context: JobContext) -> None:
+        """Every item through the task, at most half the decode rows at once, each answer kept
+        by ``answers`` as it finishes. An item is read only when a row is free for it."""
+        loop = asyncio.get_running_loop()
+        total, done = answers.total, 0
+        last_report = time.monotonic()
+        # At most half the decode rows in flight, so one large batch job leaves room for others.
+        gate = asyncio.Semaphore(max(1, self.settings.max_batch_size // 2))
+        keeping = asyncio.Lock()       # one answer kept at a time: one upload thread per job
+
+        async def run_item(index: int, item: Any) -> None:
+            nonlocal done, last_report
+            try:
+                result = await self._batch_item(index, item, job, context)
+                del item
+                async with keeping:
+                    await loop.run_in_executor(self.uploads, answers.add, index, result)
+            finally:
+                gate.release()
+            done += 1
+            if done < total and time.monotonic() - last_report >= PROGRESS_INTERVAL_S:
+                last_report = time.monotonic()
+                context.report({"done": done, "total": total})
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for index in range(total):
+                    await gate.acquire()
+                    if isinstance(items, list):
+                        item = items[index]
+                    else:     # parsing a line of up to WORKER_MAX_INPUT_BYTES: not on the loop
+                        item = await loop.run_in_executor(self.downloads, items.next_item)
+                    group.create_task(run_item(index, item))
+                    del item
+        except BaseExceptionGroup as failed:   # answers.add refused: the job fails
+            raise failed.exceptions[0] from None
+
+    async def _batch_item(self, index: int, item: Any, job: Mapping[str, Any],
+                          context: JobContext) -> dict[str, Any]:
+        """One item's answer, or its error answer: one item's failure never fails the rest."""
+        try:
+            if not isinstance(item, dict):
+                raise InputError("must be a JSON object", field=f"input.batch.{index}")
+            request = self.task.parse(item, where=f"input.batch.{index}")
+            if getattr(request, "stream", False):
+                raise InputError("stream is not available for batch items",
+                                 field=f"input.batch.{index}.stream")
+            answer = await self.task.answer(request, context.for_item(index))
+            answer = {"result": answer} if isinstance(answer, list) else dict(answer)
+            # Each item's files get its index, so two items' image.png differ.
+            return rename_files(answer, f"{index}-")
+        except Exception as exc:  # noqa: BLE001 - one item's failure is its own answer
+            if not isinstance(exc, WorkerError):
+                log.exception("batch item %d of job %s failed", index, job.get("id"))
+            return {**error_response(exc), "index": index}
+
+    async def _batch_items(self, job: Mapping[str, Any], job_input: dict[str, Any],
+                           files: contextlib.ExitStack) -> list[Any] | BatchFile:
+        """The inline ``batch`` list, or the checked ``batch_url`` file (closed with ``files``)."""
+        extra = sorted(set(job_input) - {"batch", "batch_url"})
+        if extra:
+            raise InputError(f"unknown field beside a batch: {', '.join(extra)}; put task fields "
+                             "in each batch item", field=f"input.{extra[0]}")
+        if "batch" in job_input and "batch_url" in job_input:
+            raise InputError("send exactly one of 'batch' and 'batch_url'", field="input")
+        if "batch_url" in job_input:
+            url = job_input["batch_url"]
+            if not isinstance(url, str):
+                raise InputError("must be an https:// or s3:// URL", field="input.batch_url")
+            storage = await asyncio.to_thread(self._storage_for, job)
+            source = files.enter_context(BatchFile(self.settings.spool_dir))
+            await asyncio.get_running_loop().run_in_executor(
+                self.downloads, functools.partial(
+                    source.fetch, url, self.download_settings, storage=storage,
+                    job_storage=job.get("s3Config") is not None, field="input.batch_url",
+                    max_item_bytes=self.settings.max_input_bytes))
+            return source
+        items = job_input["batch"]
+        if not isinstance(items, list) or not items:
+            raise InputError("must be a non-empty list of task inputs", field="input.batch")
+        limit = self.download_settings.max_items
+        if len(items) > limit:
+            raise InputError(f"has {len(items)} items, over the limit of {limit} "
+                             "(BATCH_MAX_ITEMS)", field="input.batch")
+        return items
+
+    @staticmethod
+    def _spooled_files(job_id: str, mode: str, storage: Callable[[], Storage | None],
+                       within: Deadline, result: dict[str, Any]) -> dict[str, Any]:
+        """An item's answer as a spooled answer holds it: its files as links (the answer is too
+        large to send them inline), or inline for output_mode 'inline' or without storage
+        (delivery then fails the job, or sends the answer inline if it fits after all)."""
+        if not any(True for _ in find_artefacts(result)):
+            return result
+        if mode == "inline" or storage() is None:
+            return replace_artefacts(result, Artefact.inline)
+        linked, _ = deliver_files(result, job_id=job_id, storage=storage, inline_limit_bytes=0,
+                                  mode="link", within=within)
+        return linked
+
     def _deliver_batch(self, answer: dict[str, Any], job: Mapping[str, Any], mode: str,
                        within: Deadline | None) -> Any:
-        """A batch answer too large to send inline goes out with its results as JSON Lines."""
+        """A batch answer held in memory; too large to send inline, its results go out as
+        JSON Lines."""
         limit = self.storage_settings.inline_limit_bytes
         answer, mode = deliver_files(answer, job_id=str(job["id"]),
                                      storage=lambda: self._storage_for(job),
@@ -257,95 +402,28 @@ class Worker:
         link = deliver_output(answer["results"], job_id=str(job["id"]),
                               storage=lambda: self._storage_for(job), inline_limit_bytes=limit,
                               mode="link", within=within)
-        return {**link, "count": len(answer["results"]), "usage": answer["usage"],
-                "model": answer["model"]}
+        return {**link, "count": len(answer["results"]), "failed": answer["failed"],
+                "usage": answer["usage"], "model": answer["model"]}
 
-    # ------------------------------------------------------------------------------------------
-    # Batch jobs: many task inputs, answered in order, per-item errors
-    # ------------------------------------------------------------------------------------------
-    async def _batch(self, job: Mapping[str, Any], job_input: dict[str, Any],
-                     context: JobContext) -> dict[str, Any]:
-        items = await self._batch_items(job, job_input)
-        total, done = len(items), 0
-        last_report = time.monotonic()
-        # At most half the decode rows in flight, so one large batch job leaves room for others.
-        gate = asyncio.Semaphore(max(1, self.settings.max_batch_size // 2))
-
-        async def run_item(index: int, item: Any) -> dict[str, Any]:
-            nonlocal done, last_report
-            async with gate:
-                try:
-                    if not isinstance(item, dict):
-                        raise InputError("must be a JSON object", field=f"input.batch.{index}")
-                    request = self.task.parse(item, where=f"input.batch.{index}")
-                    if getattr(request, "stream", False):
-                        raise InputError("stream is not available for batch items",
-                                         field=f"input.batch.{index}.stream")
-                    answer = await self.task.answer(request, context.for_item(index))
-                    answer = {"result": answer} if isinstance(answer, list) else dict(answer)
-                    # Each item's files get its index, so two items' image.png differ.
-                    result: dict[str, Any] = rename_files(answer, f"{index}-")
-                except Exception as exc:  # noqa: BLE001 - one item's failure is its own answer
-                    if not isinstance(exc, WorkerError):
-                        log.exception("batch item %d of job %s failed", index, job.get("id"))
-                    result = {**error_response(exc), "index": index}
-            done += 1
-            if done < total and time.monotonic() - last_report >= PROGRESS_INTERVAL_S:
-                last_report = time.monotonic()
-                context.report({"done": done, "total": total})
-            return result
-
-        results = await asyncio.gather(*(run_item(i, item) for i, item in enumerate(items)))
-        failed = sum(1 for r in results if "error" in r)
-        return {"results": list(results), "failed": failed, "usage": sum_usage(results),
-                "model": self.loaded.served_name}
-
-    async def _batch_items(self, job: Mapping[str, Any], job_input: dict[str, Any]) -> list[Any]:
-        extra = sorted(set(job_input) - {"batch", "batch_url"})
-        if extra:
-            raise InputError(f"unknown field beside a batch: {', '.join(extra)}; put task fields "
-                             "in each batch item", field=f"input.{extra[0]}")
-        if "batch" in job_input and "batch_url" in job_input:
-            raise InputError("send exactly one of 'batch' and 'batch_url'", field="input")
-        limit = self.download_settings.max_items
-        if "batch" in job_input:
-            items = job_input["batch"]
-            if not isinstance(items, list) or not items:
-                raise InputError("must be a non-empty list of task inputs", field="input.batch")
-        else:
-            url = job_input["batch_url"]
-            if not isinstance(url, str):
-                raise InputError("must be an https:// or s3:// URL", field="input.batch_url")
-            storage = await asyncio.to_thread(self._storage_for, job)
-            items = await asyncio.get_running_loop().run_in_executor(
-                self.downloads, functools.partial(
-                    load_jsonl_url, url, self.download_settings, storage=storage,
-                    job_storage=job.get("s3Config") is not None, field="input.batch_url",
-                    max_item_bytes=self.settings.max_input_bytes))
-            if not items:
-                raise InputError("holds no items", field="input.batch_url")
-        if len(items) > limit:
-            raise InputError(f"has {len(items)} items, over the limit of {limit} "
-                             "(BATCH_MAX_ITEMS)", field="input.batch")
-        return items
+    def _deliver_spooled(self, answers: BatchAnswers, summary: dict[str, Any],
+                         job: Mapping[str, Any], mode: str, within: Deadline | None) -> Any:
+        """A batch answer spooled to disk: read back when it fits inline after all (its JSON
+        Lines are at most the inline limit), else a link to its JSON Lines in item order."""
+        limit = self.storage_settings.inline_limit_bytes
+        if mode != "link" and answers.spooled_bytes <= limit:
+            answer = {"results": answers.results(), **summary}
+            if measure_answer(answer) <= limit:
+                return answer
+        link = deliver_lines_file(answers.write_ordered, size=answers.spooled_bytes,
+                                  job_id=str(job["id"]), storage=lambda: self._storage_for(job),
+                                  inline_limit_bytes=limit, mode=mode, within=within)
+        return {**link, "count": answers.total, **summary}
 
 
 def is_openai_job(job: Any) -> bool:
     """True for a job RunPod forwarded from its OpenAI-compatible endpoint (openai_compat.py)."""
     return (isinstance(job, dict) and isinstance(job.get("input"), dict)
             and "openai_route" in job["input"])
-
-
-def sum_usage(results: list[dict[str, Any]]) -> dict[str, int]:
-    """The batch's usage: each numeric ``usage`` field of the items' answers, summed."""
-    total: dict[str, int] = {}
-    for result in results:
-        usage = result.get("usage")
-        if isinstance(usage, dict):
-            for key, value in usage.items():
-                if isinstance(value, int) and not isinstance(value, bool):
-                    total[key] = total.get(key, 0) + value
-    return total
 
 
 def build_worker(env: Mapping[str, str] | None = None) -> Worker:

@@ -21,9 +21,12 @@ import socket
 import sys
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import boto3
 import pytest
@@ -34,6 +37,7 @@ from serving.errors import DownloadError
 from serving.worker import Worker
 from storage import storage_for_job, storage_from_settings
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY, free_port
+from tests.support.spool import WatchedStorage, spool_files
 from tests.support.worker import LoopThread, chat
 
 pytestmark = pytest.mark.slow
@@ -723,7 +727,7 @@ class TestUploadsEndWithTheirJob:
 
 
 # --------------------------------------------------------------------------------------------
-# 7. A job's downloads end with the job
+# 8. A job's downloads end with the job
 # --------------------------------------------------------------------------------------------
 class WatchedDribbler(Dribbler):
     """A Dribbler whose connection counts can be awaited (``wait_for``)."""
@@ -778,7 +782,7 @@ class TestDownloadsEndWithTheirJob:
 
 
 # --------------------------------------------------------------------------------------------
-# 8. A refusal does not tell an internal name from one that does not exist
+# 9. A refusal does not tell an internal name from one that does not exist
 # --------------------------------------------------------------------------------------------
 class _Lines(logging.Handler):
     def __init__(self) -> None:
@@ -845,3 +849,97 @@ class TestRefusalsDoNotMapInternalNames:
         allowed = DownloadSettings.from_env({"DOWNLOAD_ALLOW_PRIVATE": "true"})
         with pytest.raises(DownloadError, match="the host name does not resolve"):
             download_bytes(f"http://{self.MISSING}/x", allowed)
+
+
+# --------------------------------------------------------------------------------------------
+# 10. A batch job is far larger in memory than on the wire: neither its items nor its answers
+#    are ever held whole
+# --------------------------------------------------------------------------------------------
+EMBED_SLOW_S = 300           # the embedding jobs below run hundreds of texts on a shared CPU
+
+
+def embed_texts(item: int, count: int = 8) -> dict[str, Any]:
+    """An embedding batch item of ``count`` short texts that differ from every other item's."""
+    return {"texts": [f"item {item} text {j}" for j in range(count)]}
+
+
+def traced(fn: Any) -> tuple[Any, int, int]:
+    """``fn()`` under tracemalloc, the traced memory in use when it started, and the peak."""
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        return fn(), base, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+class TestBatchJobMemory:
+    def test_a_large_batch_answer_is_spooled_as_items_finish(self, loop, embed_worker,
+                                                             tmp_path) -> None:
+        """Pins the answer bound: every item's answer was held until the last one ended (3 MB
+        of embeddings as JSON held 12 MB until the upload)."""
+        memory, items, gate = 128 * 1024, 48, 2
+        own = configured(embed_worker, WORKER_MAX_TEXTS="64", WORKER_MAX_BATCH_SIZE=str(2 * gate),
+                         BATCH_ANSWER_MEMORY_BYTES=str(memory))
+        storage = WatchedStorage(tmp_path)
+        own = dataclasses.replace(own, storage=storage)
+        batch = [embed_texts(i) for i in range(items)]
+        out, base, _ = traced(lambda: answer(loop, own, {"batch": batch},
+                                             timeout=EMBED_SLOW_S))
+        link = out["output_link"]
+        held = storage.peaks[-1] - base          # the peak until the answer's upload began
+        item_bytes = link["bytes"] // items
+        # Python objects take up to twice their JSON; the items in flight (the gate) and the
+        # one being kept come on top of what BATCH_ANSWER_MEMORY_BYTES holds.
+        budget = 2 * memory + 2 * (gate + 1) * item_bytes + 512 * 1024
+        assert link["bytes"] > 2 * budget, "too small an answer to tell a bound from none"
+        assert held < budget, f"held {held:,} bytes for a {link['bytes']:,}-byte answer"
+        assert out["count"] == items and out["failed"] == 0
+        lines = Path(urlsplit(link["url"]).path).read_bytes().splitlines()
+        assert len(lines) == items
+        for index in (0, items - 1):            # in item order, whatever order they finished
+            alone = answer(loop, own, batch[index], timeout=EMBED_SLOW_S)["embeddings"]
+            spooled = json.loads(lines[index])["embeddings"]
+            assert len(spooled) == len(alone) == 8
+            for a, b in zip(spooled, alone, strict=True):
+                assert sum(x * y for x, y in zip(a, b, strict=True)) > 0.9999
+
+    def test_a_batch_answer_past_its_cap_fails_naming_the_setting(self, loop, embed_worker,
+                                                                  tmp_path) -> None:
+        """Pins the hard cap: a batch's answer grew without limit, on disk or in memory."""
+        own = configured(embed_worker, WORKER_MAX_TEXTS="64", BATCH_ANSWER_MEMORY_BYTES="0",
+                         BATCH_MAX_ANSWER_BYTES="100000", BATCH_SPOOL_DIR=str(tmp_path))
+        out = answer(loop, own, {"batch": [embed_texts(i) for i in range(16)]},
+                     timeout=EMBED_SLOW_S)
+        assert out.get("error_code") == "payload_too_large", out
+        assert "100,000 bytes" in out["error"] and "BATCH_MAX_ANSWER_BYTES" in out["error"]
+        assert spool_files(tmp_path) == []
+
+    def test_a_batch_url_is_read_one_line_at_a_time(self, loop, embed_worker,
+                                                    http_server) -> None:
+        """Pins lazy reading: the whole file was parsed before any item ran, at about 26 times
+        its size in memory."""
+        # Lines of many small values (dearest to parse); not objects, so each item fails at
+        # once and no model time is spent.
+        line = json.dumps([f"w{k}" for k in range(2000)]).encode()
+        body = b"\n".join([line] * 1000) + b"\n"
+        http_server.files["wide"] = body
+        own = configured(embed_worker, DOWNLOAD_ALLOW_PRIVATE="true", WORKER_MAX_TEXTS="64")
+        url = http_server.url("/jsonl/wide")
+        out, base, peak = traced(lambda: answer(loop, own, {"batch_url": url},
+                                                timeout=EMBED_SLOW_S))
+        assert out["failed"] == 1000, out.get("error")
+        assert out["results"][999]["error"] == "input.batch.999: must be a JSON object"
+        assert peak - base < len(body) / 4, f"{peak - base:,} bytes for a {len(body):,}-byte file"
+
+    def test_a_lone_surrogate_in_a_batch_url_is_refused_as_it_is_inline(
+            self, loop, embed_worker, http_server) -> None:
+        """Pins the shared Unicode check: such an item reached the tokenizer and was answered
+        'internal', where the same text inline is an input error."""
+        http_server.files["surrogate"] = b'{"text": "fine"}\n{"text": "\\ud800"}\n'
+        own = configured(embed_worker, DOWNLOAD_ALLOW_PRIVATE="true")
+        inline = answer(loop, own, {"batch": [{"text": "fine"}, {"text": "\ud800"}]})
+        by_url = answer(loop, own, {"batch_url": http_server.url("/jsonl/surrogate")})
+        assert inline.get("error_code") == by_url.get("error_code") == "invalid_input", by_url
+        assert by_url["error"].startswith("input.batch_url: line 2 holds text that is not "
+                                          "valid Unicode")

@@ -17,7 +17,7 @@ from serving.errors import (
     error_response,
     excerpt,
 )
-from serving.validation import check_job_input, parse_input
+from serving.validation import check_job_input, checked_json_size, parse_input
 from tasks.generate import GenerateInput
 
 LIMITS = WorkerSettings.from_env({})
@@ -153,6 +153,14 @@ class TestHostileJobShapes:
     def test_an_unpaired_surrogate_is_an_input_error_that_says_so(self):
         with pytest.raises(InputError, match="^input: holds text that is not valid Unicode"):
             check_job_input({"id": "j", "input": {"prompt": "\ud800"}}, 10_000)
+
+    def test_the_same_unicode_check_names_a_batch_url_line(self):
+        """One check for inline input and each line of a batch file (a line's surrogate was
+        answered 'internal' before)."""
+        assert checked_json_size({"text": "fine ✓"}, "input") == len('{"text": "fine ✓"}'.encode())
+        with pytest.raises(InputError, match=r"^input.batch_url: line 7 holds text that is not "
+                                             r"valid Unicode .*\\ud800"):
+            checked_json_size({"texts": ["ok", "\udc00"]}, "input.batch_url", "line 7 ")
 
     def test_deep_nesting_is_an_input_error_not_a_crash(self):
         deep: list = []

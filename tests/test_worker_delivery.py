@@ -165,6 +165,7 @@ class TestBatchJobs:
                                                    BATCH_URL_S3_PREFIX="in"))
         out = only(loop, small, {"batch_url": f"s3://{s3_bucket}/in/batch.jsonl"})
         assert out["count"] == 6 and out["model"] == worker.loaded.served_name
+        assert out["failed"] == 0     # beside the link too, so a client need not download it
         body = check_link(out["output_link"])
         results = [json.loads(line) for line in body.decode().splitlines()]
         assert len(results) == 6
