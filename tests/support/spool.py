@@ -12,6 +12,7 @@ import os
 import tracemalloc
 from pathlib import Path
 
+from serving.netguard import Deadline
 from storage import LocalStorage, StoredObject
 
 
@@ -40,9 +41,10 @@ class WatchedStorage(LocalStorage):
         self.peaks: list[int] = []
         self.spool_seen: list[list[str]] = []
 
-    def put(self, key: str, data: bytes | Path, content_type: str) -> StoredObject:
+    def put(self, key: str, data: bytes | Path, content_type: str,
+            within: Deadline | None = None) -> StoredObject:
         if tracemalloc.is_tracing():
             self.peaks.append(tracemalloc.get_traced_memory()[1])
         if self.spool is not None:
             self.spool_seen.append(spool_files(self.spool))
-        return super().put(key, data, content_type)
+        return super().put(key, data, content_type, within=within)
