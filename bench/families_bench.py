@@ -12,7 +12,7 @@ on a CPU while being large enough that the model, not Python, is most of the tim
 - worker: 8 jobs at once through ``Worker.handle`` (the worker's own fields: parsing, media
   decoding, the batcher, the pipeline, JSON), as RunPod's loop would run them.
 - one at a time: the same pipeline object called on each input in turn (what a worker without
-  batching does at best).
+  batching does at best), images and audio decoded from the same bytes the jobs send.
 - as a list: the pipeline called once on the 8 inputs with ``batch_size=8`` (batching with no
   job machinery at all).
 
@@ -132,12 +132,12 @@ def _inputs(kind: str) -> tuple[list[Any], list[Any], dict[str, Any]]:
         images = [Image.fromarray(np.random.default_rng(i).integers(
             0, 256, (240, 320, 3), dtype=np.uint8)) for i in range(JOBS)]
         jobs = [{"image": _png_uri(image)} for image in images]
-        return jobs, images, params
+        return jobs, [_Encoded(_file(job["image"]), "image") for job in jobs], params
     if kind == "automatic-speech-recognition":
         clips = [(np.random.default_rng(i).standard_normal(32000) * 0.1).astype(np.float32)
                  for i in range(JOBS)]
         jobs = [{"audio": _wav_uri(clip)} for clip in clips]
-        return jobs, [{"raw": c, "sampling_rate": 16000} for c in clips], params
+        return jobs, [_Encoded(_file(job["audio"]), "audio") for job in jobs], params
     texts = list(SENTENCES)
     if kind == "fill-mask":
         texts = [s.replace("the", "[MASK]", 1) if "the" in s else "[MASK] " + s for s in texts]
@@ -148,6 +148,26 @@ def _inputs(kind: str) -> tuple[list[Any], list[Any], dict[str, Any]]:
         jobs = [{"question": f"What happened {i}?", "context": context} for i in range(JOBS)]
         return jobs, [dict(j) for j in jobs], params
     return [{"text": t, **params} for t in texts], texts, params
+
+
+class _Encoded:
+    """A file as the job sends it: the direct calls decode it too, as any caller must (the
+    pipeline opens images itself; it needs an ffmpeg binary for audio bytes, so this uses the
+    worker's own decoder), so both sides pay for decoding."""
+
+    def __init__(self, data: bytes, kind: str) -> None:
+        self.data, self.kind = data, kind
+
+    def decoded(self) -> Any:
+        if self.kind == "image":
+            return Image.open(io.BytesIO(self.data)).convert("RGB")
+        from serving.audio import decode_audio
+        return {"raw": decode_audio(self.data, sampling_rate=16000, max_seconds=60, field="f"),
+                "sampling_rate": 16000}
+
+
+def _file(uri: str) -> bytes:
+    return base64.b64decode(uri.split(",", 1)[1])
 
 
 def _png_uri(image: Image.Image) -> str:
@@ -173,6 +193,9 @@ def _direct(kind: str, pipe: Any, inputs: list[Any], params: dict[str, Any]) -> 
         qa = {"top_k": 1, "max_answer_len": 15, "doc_stride": 128,
               "handle_impossible_answer": False}
         return text_runners.question_answering(pipe.model, pipe.tokenizer, inputs, qa, kind)
+    # The pipeline takes an audio dict apart: each call gets its own copies, as the worker's do.
+    inputs = [x.decoded() if isinstance(x, _Encoded) else dict(x) if isinstance(x, dict) else x
+              for x in inputs]
     return pipe(inputs, batch_size=len(inputs), **params)
 
 
