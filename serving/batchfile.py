@@ -40,7 +40,7 @@ from typing import IO, Any
 
 from serving.config import DownloadSettings
 from serving.delivery import inline_size, serialise_answer
-from serving.downloads import download_to, read_jsonl
+from serving.downloads import DownloadStop, download_to, read_jsonl
 from serving.errors import InputError, PayloadTooLarge
 from serving.netguard import AddressPolicy
 from storage import Storage
@@ -59,15 +59,17 @@ class BatchFile:
 
     def fetch(self, url: str, settings: DownloadSettings, *, field: str,
               max_item_bytes: int | None, storage: Storage | None = None,
-              job_storage: bool = False, allow_address: AddressPolicy | None = None) -> int:
-        """Download ``url`` and check every line; returns the number of items.
+              job_storage: bool = False, allow_address: AddressPolicy | None = None,
+              until: float | None = None, stop: DownloadStop | None = None) -> int:
+        """Download ``url`` and check every line; returns the number of items. The download
+        ends at ``until`` (the job's deadline) or when ``stop`` is set (the job ended).
 
         DownloadError for the fetch; InputError naming ``field`` and the line for content, or
         for a file with no items; PayloadTooLarge for a line over ``max_item_bytes`` or more
         than ``settings.max_items`` items (BATCH_MAX_ITEMS).
         """
         download_to(url, self._file, settings, storage=storage, job_storage=job_storage,
-                    allow_address=allow_address)
+                    allow_address=allow_address, until=until, stop=stop)
 
         def lines() -> Iterator[Any]:
             self._file.seek(0)

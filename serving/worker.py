@@ -50,6 +50,7 @@ from serving.delivery import (
     measure_answer,
     replace_artefacts,
 )
+from serving.downloads import run_download
 from serving.errors import InputError, JobTimeout, PayloadTooLarge, WorkerError, error_response
 from serving.netguard import Deadline
 from serving.runner import rename_files
@@ -266,7 +267,7 @@ class Worker:
             # its deadline, or at once when it times out or is cancelled.
             within = files.enter_context(Deadline.until(context.deadline))
             try:
-                items = await self._batch_items(job, job_input, files)
+                items = await self._batch_items(job, job_input, files, context.deadline)
                 total = len(items) if isinstance(items, list) else items.total
                 answers = files.enter_context(BatchAnswers(
                     total, memory_bytes=self.settings.answer_memory_bytes,
@@ -345,7 +346,7 @@ class Worker:
             return {**error_response(exc), "index": index}
 
     async def _batch_items(self, job: Mapping[str, Any], job_input: dict[str, Any],
-                           files: contextlib.ExitStack) -> list[Any] | BatchFile:
+                           files: contextlib.ExitStack, until: float) -> list[Any] | BatchFile:
         """The inline ``batch`` list, or the checked ``batch_url`` file (closed with ``files``)."""
         extra = sorted(set(job_input) - {"batch", "batch_url"})
         if extra:
@@ -359,11 +360,11 @@ class Worker:
                 raise InputError("must be an https:// or s3:// URL", field="input.batch_url")
             storage = await asyncio.to_thread(self._storage_for, job)
             source = files.enter_context(BatchFile(self.settings.spool_dir))
-            await asyncio.get_running_loop().run_in_executor(
-                self.downloads, functools.partial(
-                    source.fetch, url, self.download_settings, storage=storage,
-                    job_storage=job.get("s3Config") is not None, field="input.batch_url",
-                    max_item_bytes=self.settings.max_input_bytes))
+            # The download ends with the job (its deadline, a cancel), freeing its pool thread.
+            await run_download(self.downloads, lambda stop: source.fetch(
+                url, self.download_settings, storage=storage,
+                job_storage=job.get("s3Config") is not None, field="input.batch_url",
+                max_item_bytes=self.settings.max_input_bytes, until=until, stop=stop))
             return source
         items = job_input["batch"]
         if not isinstance(items, list) or not items:

@@ -780,6 +780,25 @@ class TestDownloadsEndWithTheirJob:
         finally:
             server.stop()
 
+    def test_a_timed_out_jobs_dribbled_batch_url_stops_and_frees_its_pool_thread(
+            self, loop, upscale_worker) -> None:
+        """Pins a batch_url download outliving its job: it ran on to DOWNLOAD_TIMEOUT_SECONDS."""
+        server = WatchedDribbler()
+        worker = configured(upscale_worker, WORKER_CONCURRENCY="4", WORKER_JOB_TIMEOUT_S="2",
+                            DOWNLOAD_ALLOW_PRIVATE="true", DOWNLOAD_TIMEOUT_SECONDS="120")
+        try:
+            hostile = asyncio_job(loop, worker, {"batch_url": f"{server.endpoint}/items.jsonl"})
+            assert server.wait_for(lambda: server.open == 1, DID_NOT_HANG_S)
+            timed_out = hostile.result(DID_NOT_HANG_S)
+            assert [item.get("error_code") for item in timed_out] == ["timeout"], timed_out
+            assert server.wait_for(lambda: server.open == 0, 5), "the download outlived the job"
+            everyone = threading.Barrier(5)
+            held = [worker.downloads.submit(everyone.wait, 5) for _ in range(4)]
+            everyone.wait(5)
+            assert all(future.result(5) is not None for future in held)
+        finally:
+            server.stop()
+
 
 # --------------------------------------------------------------------------------------------
 # 9. A refusal does not tell an internal name from one that does not exist
