@@ -51,7 +51,14 @@ from serving.delivery import (
     replace_artefacts,
 )
 from serving.downloads import run_download
-from serving.errors import InputError, JobTimeout, PayloadTooLarge, WorkerError, error_response
+from serving.errors import (
+    DownloadError,
+    InputError,
+    JobTimeout,
+    PayloadTooLarge,
+    WorkerError,
+    error_response,
+)
 from serving.netguard import Deadline
 from serving.runner import rename_files
 from serving.validation import check_job_input
@@ -361,10 +368,13 @@ class Worker:
             storage = await asyncio.to_thread(self._storage_for, job)
             source = files.enter_context(BatchFile(self.settings.spool_dir))
             # The download ends with the job (its deadline, a cancel), freeing its pool thread.
-            await run_download(self.downloads, lambda stop: source.fetch(
-                url, self.download_settings, storage=storage,
-                job_storage=job.get("s3Config") is not None, field="input.batch_url",
-                max_item_bytes=self.settings.max_input_bytes, until=until, stop=stop))
+            try:
+                await run_download(self.downloads, lambda stop: source.fetch(
+                    url, self.download_settings, storage=storage,
+                    job_storage=job.get("s3Config") is not None, field="input.batch_url",
+                    max_item_bytes=self.settings.max_input_bytes, until=until, stop=stop))
+            except DownloadError as exc:           # the field, as every download error names
+                raise DownloadError(f"input.batch_url: {exc}") from None
             return source
         items = job_input["batch"]
         if not isinstance(items, list) or not items:

@@ -142,7 +142,7 @@ def check_clean(loop, small: Worker, job: dict) -> None:
     items = loop.run(answers(small, job), timeout=60)
     assert items, "no answer at all"
     for item in items:
-        assert isinstance(item, dict | str)
+        assert isinstance(item, dict | str | list)   # a list: the Hugging Face shape's answer
         if isinstance(item, dict) and "error" in item:
             assert isinstance(item["error"], str) and item["error"]
             assert "Traceback" not in item["error"] and 'File "' not in item["error"]
@@ -183,3 +183,60 @@ def test_hostile_input_always_gets_a_short_clean_answer_and_the_worker_serves_on
     clean_answer()
     after = loop.run(answers(small, {"id": "after", "input": chat(CAPITAL)}))[0]
     assert after["text"].startswith("The capital of France"), after
+
+
+# ---------------------------------------------------------------------------------------------
+# Media and the model kinds served with no code: hostile images, audio and the API's shape
+# ---------------------------------------------------------------------------------------------
+def _media_values() -> list[str]:
+    """Hostile media as data URIs, made once: bombs past each structural limit, truncated and
+    mislabelled files, bytes that are no media at all."""
+    import base64
+
+    from tests.support import images
+    from tests.test_audio_families import tone, wav_bytes
+
+    png = images.image_bytes(16, 12)
+    wav = wav_bytes(tone(0.2))
+    raws = {
+        "png": [png, png[: len(png) // 2], images.iccp_bomb(80), images.animation(1100),
+                images.png_chunks([(b"tEXt", b"k\0v")] * 300)],
+        "jpeg": [images.jpeg_scan_bomb(64, 120), images.image_bytes(16, 12, "JPEG")[:100]],
+        "wav": [wav, wav[:60], b"RIFF" + b"\xff" * 40, b"\0" * 500],
+    }
+    return [f"data:{'audio' if kind == 'wav' else 'image'}/{kind};base64,"
+            + base64.b64encode(raw).decode() for kind, group in raws.items() for raw in group]
+
+
+media = st.sampled_from(_media_values()) | odd_urls
+media_inputs = st.one_of(
+    st.fixed_dictionaries({"image": media}, optional={"output_format": strings | json_values}),
+    st.fixed_dictionaries({"inputs": media | st.lists(media, max_size=3) | json_values},
+                          optional={"parameters": json_values}),
+    st.fixed_dictionaries({"text": strings}, optional={"top_k": json_values,
+                                                       "function_to_apply": json_values}),
+    st.fixed_dictionaries({"inputs": strings | st.lists(strings, max_size=3)},
+                          optional={"parameters": st.dictionaries(
+                              st.sampled_from(["top_k", "function_to_apply", "x"]),
+                              json_values, max_size=3)}),
+    json_values,
+)
+media_jobs = media_inputs | st.fixed_dictionaries({"batch": st.lists(media_inputs, min_size=1,
+                                                                       max_size=3)})
+
+
+@pytest.mark.parametrize("served", ["upscale_worker", "pipeline_worker"])
+def test_hostile_media_and_api_shapes_get_a_clean_answer_and_the_worker_serves_on(
+        loop, served, request):
+    """Decode bombs, truncated and mislabelled media, the Hugging Face API's shape with
+    arbitrary parameters, for an image task and a model kind served with no code."""
+    worker = request.getfixturevalue(served)
+
+    @settings(FUZZ, max_examples=150)
+    @given(media_jobs)
+    def clean_answer(job_input):
+        check_clean(loop, worker, {"id": "media", "input": job_input})
+
+    clean_answer()
+    after = loop.run(answers(worker, {"id": "after", "input": dict(worker.task.example)}))[0]
+    assert "error" not in after, after

@@ -1,7 +1,8 @@
 """A soak run through the local endpoint and the real worker loop, bounded in count and time.
 
-Hundreds of mixed jobs at full concurrency: whole answers, streams, cancels, bad input and
-answers large enough to go out as links. Every job must reach a final state with the right
+Hundreds of mixed jobs at full concurrency: whole answers, streams, cancels, bad input,
+hostile shapes (private addresses, a lone surrogate, a field out of place) and answers large
+enough to go out as links. Every job must reach a final state with the right
 answer or error; the endpoint's own records account for every job sent, each id once and each
 in a final state; the worker's memory does not grow from the first half to the second.
 """
@@ -28,7 +29,18 @@ PROMPTS = ["Say hello.", "Name a color.", "What is 2 plus 2?", "Name a fruit."]
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 # The final status each kind of job must end in, as the endpoint records it.
 ENDS = {"whole": {"COMPLETED"}, "stream": {"COMPLETED"}, "large": {"COMPLETED"},
-        "bad": {"FAILED"}, "cancel": {"CANCELLED", "COMPLETED"}}
+        "bad": {"FAILED"}, "cancel": {"CANCELLED", "COMPLETED"}, "hostile": {"FAILED"}}
+# Hostile shapes a job may take, each refused with an error naming its field: a batch_url and
+# a job's own storage aimed at private addresses, a lone surrogate, output_mode out of place.
+HOSTILE = [
+    ({"input": {"batch_url": "http://10.0.0.1/items.jsonl"}}, "input.batch_url"),
+    ({"input": {"prompt": "\ud800 hi", "max_new_tokens": 2}}, "not valid Unicode"),
+    ({"input": {"prompt": "hi", "max_new_tokens": 2, "output_mode": "link"},
+      "s3Config": {"accessId": "a", "accessSecret": "s", "bucketName": "bucket",
+                   "endpointUrl": "http://169.254.169.254"}}, "s3Config.endpointUrl"),
+    ({"input": {"messages": [{"role": "user", "content": "hi"}]}, "output_mode": "link"},
+     "output_mode"),
+]
 
 
 def rss_bytes(pid: int) -> int:
@@ -58,8 +70,8 @@ def test_hundreds_of_mixed_jobs_each_end_right_and_memory_stays_flat(soak_servic
                                                "max_new_tokens": 6}}, timeout=120)[0]["text"]
                  for p in PROMPTS}
     rng = random.Random(1234)
-    kinds = rng.choices(["whole", "stream", "bad", "cancel", "large"],
-                        weights=[35, 20, 15, 10, 20], k=JOBS)
+    kinds = rng.choices(["whole", "stream", "bad", "cancel", "large", "hostile"],
+                        weights=[30, 20, 10, 10, 20, 10], k=JOBS)
 
     def run_one(index: int) -> tuple[int, str, str, str | None]:
         """(index, kind, job id, problem or None)"""
@@ -82,6 +94,13 @@ def test_hundreds_of_mixed_jobs_each_end_right_and_memory_stays_flat(soak_servic
             _, body = call(endpoint, "POST", "runsync", {"input": {**chat, "max_new_tokens": -1}})
             ok = body["status"] == "FAILED" and body["error"].startswith("input.max_new_tokens")
             return index, kind, body["id"], None if ok else f"bad input {body!r}"
+        if kind == "hostile":
+            job, field = HOSTILE[index % len(HOSTILE)]
+            _, body = call(endpoint, "POST", "runsync", job, timeout_s=300)
+            if body["status"] not in FINAL:
+                body = endpoint.wait_for_status(body["id"], timeout_s=300)
+            ok = body["status"] == "FAILED" and field in body.get("error", "")
+            return index, kind, body["id"], None if ok else f"hostile {field}: {body!r}"
         if kind == "cancel":
             job = client.run({"input": {"prompt": "Count:", "max_new_tokens": 200}})
             time.sleep(rng.uniform(0.05, 0.5))
