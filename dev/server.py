@@ -162,6 +162,24 @@ class LocalEndpoint:
     def runsync_limit_bytes(self) -> int:
         return self.board.runsync_limit_bytes
 
+    # How long finished jobs' results are kept (RunPod: 30 min for /run, 1 min for /runsync);
+    # settable on a running endpoint, as tests that read every result at the end do.
+    @property
+    def run_retention_s(self) -> float:
+        return self.board.run_retention_s
+
+    @run_retention_s.setter
+    def run_retention_s(self, seconds: float) -> None:
+        self.board.run_retention_s = seconds
+
+    @property
+    def runsync_retention_s(self) -> float:
+        return self.board.runsync_retention_s
+
+    @runsync_retention_s.setter
+    def runsync_retention_s(self, seconds: float) -> None:
+        self.board.runsync_retention_s = seconds
+
     def timings(self, since: float = 0.0) -> list[tuple[float, float]]:
         """(queue wait, execution) seconds of each job submitted after ``since`` (a
         ``time.monotonic()``) that has ended: what RunPod reports as delayTime/executionTime."""

@@ -113,6 +113,16 @@ class TestRunAndStatus:
         assert "does not exist" in body["error"]
 
 
+class TestRetention:
+    def test_result_retention_set_on_the_endpoint_reaches_its_job_board(
+            self, bare_endpoint: LocalEndpoint) -> None:
+        """Pins the split: setting it on the endpoint changed nothing, so the soak's results
+        expired after RunPod's one minute and the soak counted them lost."""
+        bare_endpoint.run_retention_s = bare_endpoint.runsync_retention_s = 3600.0
+        assert bare_endpoint.board.run_retention_s == 3600.0
+        assert bare_endpoint.board.runsync_retention_s == 3600.0
+
+
 class TestStream:
     def test_stream_delivers_every_chunk_in_order(self, stream_service: Service) -> None:
         job = stream_service.client.run({"chunks": 4, "gap_s": 0.4})
