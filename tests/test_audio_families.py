@@ -283,6 +283,8 @@ class TestBadAudio:
         assert got["error_code"] == "invalid_input" and "input.audio" in got["error"]
 
 
+# slow: each test starts a worker process (torch, transformers: ~4 s on 2 cores)
+@pytest.mark.slow
 def test_handler_transcribes_a_job_file_too_large_for_one_argument(model_dirs, tmp_path):
     """``python handler.py --test_input @job.json``: a 10 s WAV is 430 KiB as a data URI, over
     Linux's 128 KiB cap on one command-line argument."""

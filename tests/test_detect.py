@@ -167,6 +167,8 @@ class TestPickTask:
         assert pick_task(files(classifier), "auto", {**TASKS, "classify": Classify}) is Classify
 
 
+# slow: each test starts a worker process (torch, transformers: ~4 s on 2 cores)
+@pytest.mark.slow
 def test_handler_stops_on_whisper_forced_to_generate_with_one_line(whisper):
     """The whole startup: exit 1, one line naming the architecture and what to do."""
     (whisper / "model.safetensors").write_bytes(b"")   # found; never read, detection stops first

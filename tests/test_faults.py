@@ -34,6 +34,8 @@ def fresh_worker(worker: Worker, **limits) -> Worker:
                                task=GenerateTask(worker.loaded, settings))
 
 
+# slow: each test starts a worker process (torch, transformers: ~4 s on 2 cores)
+@pytest.mark.slow
 class TestStartupFaults:
     """Each exits 1 before taking a job, with one line saying what and how to fix it."""
 

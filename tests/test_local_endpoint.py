@@ -557,6 +557,8 @@ class TestSdkConfigFileKey:
             WorkerProcess(bare_endpoint, ["true"], base_env={"HOME": str(tmp_path)})
 
 
+# slow: three two-second jobs, measured running together (~5 s)
+@pytest.mark.slow
 class TestConcurrency:
     def test_three_two_second_jobs_run_in_parallel(self, echo_service: Service) -> None:
         # Relative to one such job alone, timed the same way here (B, >= 2 s). Serial would
@@ -699,6 +701,8 @@ def ask(url: str, auth: str | None) -> int:
                          timeout=30).status_code
 
 
+# slow: each test starts the CLI and a worker process (~4 s)
+@pytest.mark.slow
 class TestCommandLine:
     def test_a_client_key_from_the_environment_is_required_and_never_on_a_command_line(
             self) -> None:

@@ -62,6 +62,8 @@ class TestUploadCutMidway:
         assert object_exists(s3_server, s3_bucket, link["key"])
 
 
+# slow: a server slower than the timeout, through every retry (~6 s)
+@pytest.mark.slow
 class TestSlowServer:
     def test_a_server_slower_than_the_timeout_fails_after_retries(self, proxy, s3_server,
                                                                  s3_bucket):

@@ -68,6 +68,8 @@ class TestDetection:
             pick_task(files(video_classifier(tmp_path / "video")), "auto", TASKS)
 
 
+# slow: each test starts a worker process (torch, transformers: ~4 s on 2 cores)
+@pytest.mark.slow
 class TestStartupWithAModelNoTaskServes:
     """`python handler.py` exits 1 with one line, no traceback (pinned: it used to crash in
     transformers with "Couldn't instantiate the backend tokenizer")."""
