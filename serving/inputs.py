@@ -98,10 +98,10 @@ async def resolve_media(data: BaseModel, job: JobContext, where: str, max_image_
     for name in type(data).model_fields:
         value = getattr(data, name)
         if isinstance(value, MediaRef):
-            setattr(data, name, await _resolve(value, job, f"{where}.{name}", max_image_pixels))
+            setattr(data, name, await resolve_ref(value, job, f"{where}.{name}", max_image_pixels))
         elif isinstance(value, list) and any(isinstance(v, MediaRef) for v in value):
             setattr(data, name, list(await asyncio.gather(*(
-                _resolve(v, job, f"{where}.{name}.{i}", max_image_pixels)
+                resolve_ref(v, job, f"{where}.{name}.{i}", max_image_pixels)
                 if isinstance(v, MediaRef) else _same(v) for i, v in enumerate(value)))))
     return data
 
@@ -110,7 +110,22 @@ async def _same(value: Any) -> Any:
     return value
 
 
-async def _resolve(ref: MediaRef, job: JobContext, field: str, max_image_pixels: int) -> Any:
+def media_ref(kind: str, value: Any, field: str) -> MediaRef:
+    """``value`` checked as a reference to ``kind`` media (what an ``Image``, ``Audio`` or
+    ``File`` field accepts), for code that reads media outside an input model; InputError
+    naming ``field`` otherwise."""
+    try:
+        if not isinstance(value, str):
+            raise ValueError("must be a string")
+        return _Media(kind).check(value)
+    except ValueError as exc:
+        raise InputError(str(exc), field=field) from None
+
+
+async def resolve_ref(ref: MediaRef, job: JobContext, field: str, max_image_pixels: int
+                      ) -> Any:
+    """The media ``ref`` points at, fetched (a data URI, or a URL under the download rules)
+    and, for an image, decoded: a PIL image, ``AudioBytes`` or the file's bytes."""
     if ref.kind == "image":
         max_bytes = max_image_pixels * BYTES_PER_PIXEL + HEADER_ROOM
         limit = f"for an image of at most WORKER_MAX_IMAGE_PIXELS={max_image_pixels:,} pixels"

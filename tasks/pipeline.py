@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import functools
 import io
-import re
 import threading
 import wave
 from collections.abc import Callable, Mapping
@@ -46,11 +44,10 @@ from serving.batcher import Batcher
 from serving.config import ModelSettings, WorkerSettings
 from serving.errors import InputError, JobTimeout
 from serving.families import FAMILIES, MAX_INPUTS, MAX_TEXT_CHARS, Family, params_key, to_json
-from serving.media import ImageLimits, decode_image, in_decode_pool
+from serving.inputs import AudioBytes, MediaRef, media_ref, resolve_ref
+from serving.media import in_decode_pool
 from serving.validation import StrictInput, in_tokenizer_thread, parse_input
 from tasks.base import JobContext, Task
-
-_MEDIA_URI = re.compile(r"data:(image|audio|video|application)/[A-Za-z0-9.+-]+;base64,", re.ASCII)
 
 _MODEL_CLASSES = {
     "text-classification": transformers.AutoModelForSequenceClassification,
@@ -271,13 +268,7 @@ class PipelineTask(Task):
                                  f"{', '.join(self.family.inputs.model_fields)}", field=name)
             return parse_input(self.family.inputs, value, {}, prefix=name).model_dump()
         if self.family.media != "text":
-            media = self.family.media
-            if not isinstance(value, str) or not (
-                    value[:16].lower().startswith(("https://", "http://", "s3://"))
-                    or _MEDIA_URI.match(value[:80])):
-                raise InputError("must be an https:// or s3:// URL, or a "
-                                 f"data:{media}/<type>;base64,<data> URI", field=name)
-            return value
+            return media_ref(self.family.media, value, name)
         if not isinstance(value, str) or not value or len(value) > MAX_TEXT_CHARS:
             raise InputError(f"must be a text of 1..{MAX_TEXT_CHARS:,} characters", field=name)
         return value
@@ -333,33 +324,21 @@ class PipelineTask(Task):
             return self.family.wrap(request.single, results, request.params)
         return {"result": results[0], "model": self.loaded.served_name}
 
-    async def _image(self, ref: str, name: str, job: JobContext) -> Image.Image:
-        """The image at ``ref`` (a URL, under the download rules, or a data URI), decoded
-        within WORKER_MAX_IMAGE_PIXELS; InputError naming ``name`` for anything else."""
-        max_pixels = self.settings.max_image_pixels
-        max_bytes = max_pixels * 4 + 1024 * 1024
-        if ref.startswith("data:"):
-            raw = decode_data_uri(ref, name, max_bytes)
-        else:
-            raw = await job.download(ref, field=name, max_bytes=max_bytes)
-        # The structure is checked before Pillow reads it; decoding runs in the decode pool,
-        # dropped once the job has ended (serving/media.py).
-        return await decode_image(raw, ImageLimits(max_pixels), field=name,
-                                  deadline=job.deadline, cancelled=job.cancelled)
+    async def _image(self, ref: MediaRef, name: str, job: JobContext) -> Image.Image:
+        """The image ``ref`` points at, fetched and decoded as every ``Image`` field is
+        (``serving/inputs.py``: its structure and size checked before any pixel)."""
+        return await resolve_ref(ref, job, name, self.settings.max_image_pixels)
 
     def _key(self, key: str, one: Any) -> str:
         if self.pads_safely or not isinstance(one, dict):
             return key
         return f"{key}|{len(one['raw'])}"        # only equal lengths batch together
 
-    async def _audio(self, ref: str, name: str, job: JobContext) -> dict[str, Any]:
-        """The audio at ``ref`` (a URL under the download rules, or a data URI) as mono
-        samples at the model's rate, within WORKER_MAX_AUDIO_SECONDS."""
-        if ref.startswith("data:"):      # within the job's input, itself within its limit
-            raw = decode_data_uri(ref, name, self.settings.max_input_bytes)
-        else:
-            raw = await job.download(ref, field=name)
-        decode = functools.partial(decode_audio, raw, sampling_rate=self.sampling_rate,
+    async def _audio(self, ref: MediaRef, name: str, job: JobContext) -> dict[str, Any]:
+        """The audio ``ref`` points at, fetched as every ``Audio`` field is, as mono samples
+        at the model's rate, within WORKER_MAX_AUDIO_SECONDS."""
+        sent: AudioBytes = await resolve_ref(ref, job, name, self.settings.max_image_pixels)
+        decode = functools.partial(decode_audio, sent.data, sampling_rate=self.sampling_rate,
                                    max_seconds=self.settings.max_audio_seconds, field=name)
         samples = await in_decode_pool(decode, deadline=job.deadline, cancelled=job.cancelled)
         return {"raw": samples, "sampling_rate": self.sampling_rate}
@@ -386,20 +365,6 @@ def _max_tokens(loaded: LoadedModel) -> int:
     return min(int(x) for x in limits if isinstance(x, int) and 0 < x < 10**9) if any(
         isinstance(x, int) and 0 < x < 10**9 for x in limits) else 512
 
-
-def decode_data_uri(uri: str, field_name: str, max_bytes: int) -> bytes:
-    """The bytes of a ``data:<type>;base64,`` URI, at most ``max_bytes``."""
-    head = _MEDIA_URI.match(uri[:80])
-    if head is None:
-        raise InputError("must be a data:<type>/<subtype>;base64,<data> URI", field=field_name)
-    payload = uri[head.end():]
-    if len(payload) > 4 * (max_bytes // 3) + 4:
-        raise InputError(f"holds more than {max_bytes:,} bytes of data", field=field_name)
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise InputError("is not valid base64 after 'data:<type>;base64,'",
-                         field=field_name) from None
 
 
 def _kind(model: ModelFiles, setting: str) -> str:

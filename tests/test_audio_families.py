@@ -12,7 +12,6 @@ import asyncio
 import base64
 import io
 import json
-import math
 import wave
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import transformers
 from serving.audio import decode_audio, encode_audio
 from serving.families import to_json
 from serving.worker import Worker, build_worker
+from tests.support.families import answer, check_banner_examples, close
 from tests.support.worker import collect
 
 RATE = 16000
@@ -137,19 +137,6 @@ def data_uri(raw: bytes, kind: str = "wav") -> str:
     return f"data:audio/{kind};base64," + base64.b64encode(raw).decode()
 
 
-def answer(loop, worker: Worker, job_input: dict[str, Any]) -> Any:
-    [out] = loop.run(collect(worker, job_input))
-    return out
-
-
-def close(a: Any, b: Any) -> bool:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(close(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, float) or isinstance(b, float):
-        return math.isclose(float(a), float(b), rel_tol=1e-4, abs_tol=1e-6)
-    return a == b
 
 
 class TestDecoding:
@@ -308,12 +295,7 @@ def test_handler_transcribes_a_job_file_too_large_for_one_argument(model_dirs, t
     assert json.loads(answer_line)["output"][0]["result"]["text"]
 
 
-def test_each_kinds_banner_example_is_a_valid_job(loop, workers, model_dirs):
-    """The local endpoint's banner prints ``Task.example``: it must answer, not fail."""
-    from model_loader import ModelSource, read_model_files
 
-    for name, worker in workers.items():
-        files = read_model_files(ModelSource(model_dirs[name], "MODEL_PATH"))
-        example = type(worker.task).example_for(files)
-        out = answer(loop, worker, example)
-        assert "error" not in out, (name, example, out)
+def test_each_kinds_banner_example_is_a_valid_job(loop, workers, model_dirs):
+    """The local endpoint's banner prints ``Task.example_for``: it must answer, not fail."""
+    check_banner_examples(loop, workers, model_dirs)

@@ -22,7 +22,7 @@ from PIL import Image
 
 from serving.families import to_json
 from serving.worker import Worker, build_worker
-from tests.support.worker import collect
+from tests.support.families import answer, check_banner_examples, close
 
 LABELS = {0: "cat", 1: "dog", 2: "owl"}
 
@@ -127,19 +127,6 @@ def data_uri(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
 
 
-def answer(loop, worker: Worker, job_input: dict[str, Any]) -> Any:
-    [out] = loop.run(collect(worker, job_input))
-    return out
-
-
-def close(a: Any, b: Any) -> bool:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(close(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, float) or isinstance(b, float):
-        return math.isclose(float(a), float(b), rel_tol=1e-4, abs_tol=1e-6)
-    return a == b
 
 
 def file_image(artefact: dict[str, Any]) -> Image.Image:
@@ -215,12 +202,7 @@ class TestBadImages:
         assert "over the limit of 1,000" in got["error"] and "input.image" in got["error"]
 
 
-def test_each_kinds_banner_example_is_a_valid_job(loop, workers, model_dirs):
-    """The local endpoint's banner prints ``Task.example``: it must answer, not fail."""
-    from model_loader import ModelSource, read_model_files
 
-    for name, worker in workers.items():
-        files = read_model_files(ModelSource(model_dirs[name], "MODEL_PATH"))
-        example = type(worker.task).example_for(files)
-        out = answer(loop, worker, example)
-        assert "error" not in out, (name, example, out)
+def test_each_kinds_banner_example_is_a_valid_job(loop, workers, model_dirs):
+    """The local endpoint's banner prints ``Task.example_for``: it must answer, not fail."""
+    check_banner_examples(loop, workers, model_dirs)

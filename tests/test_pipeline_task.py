@@ -17,6 +17,7 @@ import torch
 import transformers
 
 from serving.worker import Worker, build_worker
+from tests.support.families import answer, check_banner_examples, close
 from tests.support.worker import collect
 
 NLI = {"contradiction": 0, "neutral": 1, "entailment": 2}
@@ -66,20 +67,6 @@ def pipelines(model_dirs: dict[str, Path]) -> dict[str, Any]:
             for name, path in model_dirs.items()}
 
 
-def close(a: Any, b: Any) -> bool:
-    """Equal JSON, numbers within float tolerance (batched rows are padded)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(close(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, float) or isinstance(b, float):
-        return math.isclose(float(a), float(b), rel_tol=1e-4, abs_tol=1e-6)
-    return a == b
-
-
-def answer(loop, worker: Worker, job_input: dict[str, Any]) -> Any:
-    [out] = loop.run(collect(worker, job_input))
-    return out
 
 
 CASES = [
@@ -268,12 +255,7 @@ class TestQuestionAnswering:
         assert got["error_code"] == "invalid_input" and "input.inputs.context" in got["error"]
 
 
-def test_each_kinds_banner_example_is_a_valid_job(loop, workers, model_dirs):
-    """The local endpoint's banner prints ``Task.example``: it must answer, not fail."""
-    from model_loader import ModelSource, read_model_files
 
-    for name, worker in workers.items():
-        files = read_model_files(ModelSource(model_dirs[name], "MODEL_PATH"))
-        example = type(worker.task).example_for(files)
-        out = answer(loop, worker, example)
-        assert "error" not in out, (name, example, out)
+def test_each_kinds_banner_example_is_a_valid_job(loop, workers, model_dirs):
+    """The local endpoint's banner prints ``Task.example_for``: it must answer, not fail."""
+    check_banner_examples(loop, workers, model_dirs)
