@@ -22,6 +22,15 @@ from typing import Any
 import torch
 
 
+def token_limit(model: Any, tokenizer: Any) -> int:
+    """The most tokens the model reads: its position embeddings and its tokenizer's limit,
+    whichever is smaller (a tokenizer without one says 1e30); 512 when neither says."""
+    limits = [int(x) for x in (getattr(tokenizer, "model_max_length", None),
+                               getattr(model.config, "max_position_embeddings", None))
+              if isinstance(x, int | float) and 0 < x < 1e6]
+    return min(limits, default=512)
+
+
 def text2text(model: Any, tokenizer: Any, texts: list[str], params: dict[str, Any],
               kind: str) -> list[dict[str, str]]:
     key = {"summarization": "summary_text", "translation": "translation_text"}.get(
@@ -39,10 +48,7 @@ def text2text(model: Any, tokenizer: Any, texts: list[str], params: dict[str, An
 
 def question_answering(model: Any, tokenizer: Any, inputs: list[dict[str, str]],
                        params: dict[str, Any], kind: str) -> list[Any]:
-    limits = [int(x) for x in (tokenizer.model_max_length,
-                               getattr(model.config, "max_position_embeddings", None))
-              if isinstance(x, int | float) and 0 < x < 1e6]
-    max_length = min(limits, default=512)
+    max_length = token_limit(model, tokenizer)
     question_first = tokenizer.padding_side == "right"
     questions = [i["question"] for i in inputs]
     contexts = [i["context"] for i in inputs]

@@ -46,6 +46,7 @@ from serving.errors import InputError, JobTimeout
 from serving.families import FAMILIES, MAX_INPUTS, MAX_TEXT_CHARS, Family, params_key, to_json
 from serving.inputs import AudioBytes, MediaRef, media_ref, resolve_ref
 from serving.media import in_decode_pool
+from serving.text_runners import token_limit
 from serving.validation import StrictInput, in_tokenizer_thread, parse_input
 from tasks.base import JobContext, Task
 
@@ -187,7 +188,7 @@ class PipelineTask(Task):
             getattr(feature_extractor, "return_attention_mask", False)
             or getattr(feature_extractor, "n_samples", None)
             or getattr(feature_extractor, "max_length", None))
-        self.max_tokens = _max_tokens(loaded)
+        self.max_tokens = token_limit(loaded.model, loaded.tokenizer)
         fields: dict[str, Any] = {"text": (str, Field(min_length=1, max_length=MAX_TEXT_CHARS))}
         if self.family.media in ("image", "audio"):
             fields = {self.family.media: (str, Field(min_length=1))}
@@ -358,12 +359,6 @@ class PipelineTask(Task):
         return [len(ids) for ids in self.loaded.tokenizer(texts)["input_ids"]]
 
 
-
-def _max_tokens(loaded: LoadedModel) -> int:
-    limits = [getattr(loaded.model.config, "max_position_embeddings", None),
-              getattr(loaded.tokenizer, "model_max_length", None)]
-    return min(int(x) for x in limits if isinstance(x, int) and 0 < x < 10**9) if any(
-        isinstance(x, int) and 0 < x < 10**9 for x in limits) else 512
 
 
 
