@@ -1,4 +1,4 @@
-"""Upload throughput of storage.S3Storage against boto3's own upload_file (not a test).
+"""Upload throughput of serving.s3.S3Storage against boto3's own upload_file (not a test).
 
 Starts ``rclone serve s3`` on loopback (see tests/support/s3.py), then for each size uploads the
 same bytes with boto3's ``upload_file`` (its default TransferConfig: 8 MiB parts, 10 threads) and
@@ -29,7 +29,7 @@ import botocore.config
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a script, not a test
 
 from serving.config import StorageSettings  # noqa: E402
-from storage import S3Storage  # noqa: E402
+from serving.s3 import S3Storage  # noqa: E402
 from tests.support.s3 import S3Server, free_port  # noqa: E402
 
 

@@ -36,14 +36,16 @@ import threading
 from array import array
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from serving.config import DownloadSettings
 from serving.delivery import inline_size, serialise_answer
 from serving.downloads import DownloadStop, download_to, read_jsonl
 from serving.errors import InputError, PayloadTooLarge
 from serving.netguard import AddressPolicy
-from storage import Storage
+
+if TYPE_CHECKING:
+    from storage import Storage
 
 Result = dict[str, Any]
 

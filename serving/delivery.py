@@ -48,11 +48,14 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from serving.errors import InputError, PayloadTooLarge
 from serving.netguard import Deadline
-from storage import Link, Storage
+from serving.stored import Link
+
+if TYPE_CHECKING:
+    from storage import Storage
 
 OutputMode = Literal["inline", "link", "auto"]
 OUTPUT_MODES: tuple[str, ...] = ("inline", "link", "auto")

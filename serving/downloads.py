@@ -55,7 +55,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
-from typing import Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import SplitResult, quote, urljoin, urlsplit
 
 from serving.config import DownloadSettings
@@ -70,8 +70,11 @@ from serving.netguard import (
 )
 from serving.netguard import address_policy as _policy_for
 from serving.netguard import is_public_address as is_public_address  # re-exported: the one rule
+from serving.s3 import S3Storage
 from serving.validation import checked_json_size
-from storage import S3Storage, Storage
+
+if TYPE_CHECKING:
+    from storage import Storage
 
 T = TypeVar("T")
 MAX_REDIRECTS = 5

@@ -61,8 +61,9 @@ from serving.errors import (
 )
 from serving.netguard import Deadline
 from serving.runner import rename_files
+from serving.s3config import storage_for_job
 from serving.validation import check_job_input
-from storage import Storage, storage_for_job, storage_from_settings
+from storage import Storage, storage_from_settings
 from tasks import TASKS, JobContext, Task
 
 if TYPE_CHECKING:

@@ -34,8 +34,9 @@ import pytest
 from serving.config import DownloadSettings, StorageSettings, WorkerSettings
 from serving.downloads import download_bytes, is_public_address
 from serving.errors import DownloadError
+from serving.s3config import storage_for_job
 from serving.worker import Worker
-from storage import storage_for_job, storage_from_settings
+from storage import storage_from_settings
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY, free_port
 from tests.support.spool import WatchedStorage, spool_files
 from tests.support.worker import LoopThread, chat
@@ -545,7 +546,7 @@ class TestEmbeddedAddresses:
     def test_a_site_local_s3config_is_refused_before_connecting(self, connections) -> None:
         job = {"id": "j", "s3Config": s3_config("http://[fec0::1]:9000")}
         with pytest.raises(Exception) as err:
-            storage = storage_for_job(job, StorageSettings.from_env({}))
+            storage = storage_for_job(job, StorageSettings.from_env({}), None)
             storage.put("outputs/j/a.json", b"{}", "application/json")
         assert str(err.value).startswith("s3Config.endpointUrl: ")
         assert connections.seen == []

@@ -1,4 +1,5 @@
-"""storage.py against a real S3-compatible server (rclone serve s3) and a local directory."""
+"""storage.py and its S3 client (serving/s3*.py) against a real S3-compatible server (rclone
+    serve s3) and a local directory."""
 
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ import pytest
 
 from serving.config import StorageSettings
 from serving.errors import InputError, StorageError
+from serving.s3 import S3Storage
+from serving.s3config import storage_for_job
+from serving.s3wire import REPLY_BUDGET_BYTES
 from storage import (
-    REPLY_BUDGET_BYTES,
     LocalStorage,
-    S3Storage,
     object_key,
     safe_filename,
-    storage_for_job,
     storage_from_settings,
     store_output,
 )
@@ -166,7 +167,8 @@ class TestS3Failures:
                  s3_server.env(s3_bucket)),
             ]:
                 settings = StorageSettings.from_env(env)
-                storage = storage_for_job(job, settings, allow_private=True)
+                storage = storage_for_job(job, settings, storage_from_settings(settings),
+                                          allow_private=True)
                 texts += [repr(settings), repr(storage)]
                 try:
                     texts.append(str(store_output(storage, job["id"], b"x", "text/plain")))
@@ -212,7 +214,7 @@ class TestPerJobConfig:
     ])
     def test_a_bad_s3config_names_the_field_not_the_value(self, cfg, field: str) -> None:
         with pytest.raises(InputError) as err:
-            storage_for_job({"id": "j", "s3Config": cfg}, StorageSettings.from_env({}))
+            storage_for_job({"id": "j", "s3Config": cfg}, StorageSettings.from_env({}), None)
         assert err.value.field == field
         assert "hunter2" not in str(err.value)
 

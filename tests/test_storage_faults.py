@@ -11,7 +11,8 @@ from botocore.exceptions import ClientError
 
 from serving.config import StorageSettings
 from serving.errors import StorageError
-from storage import S3Storage, store_output
+from serving.s3 import S3Storage
+from storage import store_output
 from tests.support.faulty_proxy import FaultyProxy
 
 BODY = bytes(range(256)) * (12 * 4096)          # 12 MiB: three 5 MiB multipart parts
