@@ -17,6 +17,10 @@ here, one concern per module:
     validation.py     the job envelope and pydantic input helpers tasks use
     delivery.py       inline answers, or links to stored answers and files
     downloads.py      safe downloads of job inputs (http(s), s3), under total deadlines
+    s3.py             the S3 client: checked uploads, links and reads, retries, safe errors
+    s3wire.py         its connections: the address rule, each operation's time limit, a reply budget
+    s3config.py       a job's own s3Config, checked, as the storage for that job
+    stored.py         object keys and the link object every storage backend returns
     netguard.py       the address rule every job-directed connection obeys, and a watchdog
     redaction.py      secrets masked in everything the process prints
     openai_compat.py  RunPod's OpenAI-compatible routes, translated onto the task

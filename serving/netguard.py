@@ -1,7 +1,7 @@
 """The rules for every connection a job directs: which addresses it may reach, and for how long.
 
-Both ``batch_url`` downloads (downloads.py) and a job's own ``s3Config`` storage (storage.py)
-connect where the job says; this module is what keeps those connections honest.
+Both ``batch_url`` downloads (downloads.py) and a job's own ``s3Config`` storage (s3config.py,
+s3wire.py) connect where the job says; this module is what keeps those connections honest.
 
 - Addresses (``is_public_address``): only globally routable unicast addresses. Private,
   loopback, link-local, site-local (fec0::/10), CGNAT, reserved, multicast and unspecified
