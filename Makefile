@@ -6,7 +6,7 @@
 #                   the error boundary; the loop to run at every change
 #   make bench      benchmarks (ratios against baselines measured in the same run)
 #   make gpu-check  on a CUDA machine: GPU tests and benchmarks, results in bench/results/gpu-<date>/
-#   make lint       ruff
+#   make lint       ruff, and mypy on serving/ and tasks/
 
 PYTHON ?= python3
 VENV := .venv
@@ -54,12 +54,13 @@ bench: model
 
 lint: setup
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 gpu-check:
 	bash scripts/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) models .pytest_cache .ruff_cache
+	rm -rf $(VENV) models .pytest_cache .ruff_cache .mypy_cache
 
 # Build the Dockerfile on a stand-in base (Debian, CPU torch) and answer jobs with the image:
 # serverless through the real worker loop, then pod mode. Needs root (installs docker.io and

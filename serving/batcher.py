@@ -104,7 +104,11 @@ class Batcher:
             self._arrival = asyncio.Event()
             self._runner = loop.create_task(self._run_forever(), name="batcher")
         entry = _Entry(seq, loop.create_future(), time.monotonic())
-        seq.on_done = lambda: loop.call_soon_threadsafe(self._resolve, entry, None)
+
+        def done() -> None:
+            loop.call_soon_threadsafe(self._resolve, entry, None)
+
+        seq.on_done = done
         with self._lock:
             self._queue.append(entry)
         assert self._arrival is not None

@@ -36,7 +36,7 @@ import threading
 from array import array
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 from serving.config import DownloadSettings
 from serving.delivery import inline_size, serialise_answer
@@ -54,7 +54,7 @@ class BatchFile:
     """The items of a ``batch_url``: downloaded to a temporary file, checked, read one by one."""
 
     def __init__(self, spool_dir: str | None = None) -> None:
-        self._file: IO[bytes] = tempfile.TemporaryFile(  # noqa: SIM115 - closed by close()
+        self._file: BinaryIO = tempfile.TemporaryFile(  # noqa: SIM115 - closed by close()
             dir=spool_dir, prefix="batch-items-")
         self._items: Iterator[Any] = iter(())
         self.total = 0

@@ -192,7 +192,12 @@ def deliver_output(answer: Any, *, job_id: str, storage: Storage | StorageGetter
     when the answer is not JSON.
     """
     chosen = check_output_mode(mode)
-    get_storage = storage if callable(storage) else (lambda: storage)
+    get_storage: StorageGetter
+    if callable(storage):
+        get_storage = storage
+    else:
+        fixed = storage
+        get_storage = lambda: fixed  # noqa: E731 - the same getter shape either way
     answer, chosen = deliver_files(answer, job_id=job_id, storage=get_storage,
                                    inline_limit_bytes=inline_limit_bytes, mode=chosen,
                                    within=within)
@@ -203,14 +208,14 @@ def deliver_output(answer: Any, *, job_id: str, storage: Storage | StorageGetter
         if size <= inline_limit_bytes:
             return answer
         raise _inline_only(f"the answer is {size:,}", inline_limit_bytes, "a download link")
-    storage = get_storage()
-    if storage is None:
+    store = get_storage()
+    if store is None:
         raise _no_storage(chosen, f"the answer is {size:,}", inline_limit_bytes, "it as a link")
     if isinstance(answer, list):
         data, filename, content_type = serialise_lines(answer), ANSWER_LINES_FILENAME, JSONL_TYPE
     else:
         data, filename, content_type = serialise_answer(answer), ANSWER_FILENAME, JSON_TYPE
-    stored = storage.put(storage.key_for(job_id, filename), data, content_type, within=within)
+    stored = store.put(store.key_for(job_id, filename), data, content_type, within=within)
     return LinkAnswer(output_link=stored.to_link())
 
 
