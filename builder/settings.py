@@ -59,7 +59,7 @@ def settings(cls: type[T]) -> type[T]:
     """Make ``cls`` a frozen, keyword-only pydantic dataclass whose defaults are validated too
     (so a default goes through the same validators as a value read from the environment)."""
     return pydantic.dataclasses.dataclass(
-        frozen=True, kw_only=True, config=ConfigDict(validate_default=True))(cls)
+        frozen=True, kw_only=True, config=ConfigDict(validate_default=True, defer_build=True))(cls)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +93,7 @@ class EnvSettings:
         for name, info in cls.__pydantic_fields__.items():  # type: ignore[attr-defined]
             extra = info.json_schema_extra
             if isinstance(extra, dict) and "env" in extra:
-                found.append(_describe(cls.group, name, info, extra))
+                found.append(describe(cls.group, name, info, extra))
         return found
 
     @classmethod
@@ -144,7 +144,10 @@ def legal_phrase(d: Declared) -> str:
     return d.legal or d.kind
 
 
-def _describe(group: str, name: str, info: Any, extra: dict[str, Any]) -> Declared:
+def describe(group: str, name: str, info: Any, extra: dict[str, Any]) -> Declared:
+    """The declaration of field ``name`` (a pydantic ``FieldInfo``, ``info``) read from the
+    variable ``extra["env"]``; pydantic models with fields of their own (a task's
+    ``TaskSettings``) are described the same way."""
     annotation = _without_none(info.annotation)
     choices: tuple[str, ...] = ()
     if typing.get_origin(annotation) is Literal:
