@@ -1,13 +1,13 @@
 """Every setting the worker reads from the environment, in one typed place.
 
-Each concern is one frozen pydantic dataclass, and each setting is declared once, as one field:
-``setting(VARIABLE, default, meaning, ge=..., le=...)`` (see ``builder/settings.py``, which holds
-the declaration helper and the model-fetch settings the builder reads; ``ModelSettings`` extends
-them). ``Group.from_env(env=None)`` reads a group in one call; ``env`` defaults to
-``os.environ`` and tests pass a plain dict. An invalid value raises ``SettingsError`` in one line
-naming the variable and its legal values (``WORKER_MAX_BATCH_SIZE=0 is out of range: an integer
-from 1 to 256``); nothing silently falls back to a default, and a secret's value is never part
-of a ``repr`` or a message.
+Each concern is one frozen dataclass, and each setting is declared once, as one field:
+``setting(VARIABLE, default, meaning, ge=..., le=..., check=...)`` (see ``builder/settings.py``,
+which holds the declaration helper and the model-fetch settings the builder reads;
+``ModelSettings`` extends them). ``Group.from_env(env=None)`` reads a group in one call; ``env``
+defaults to ``os.environ`` and tests pass a plain dict. An invalid value raises
+``SettingsError`` in one line naming the variable and its legal values
+(``WORKER_MAX_BATCH_SIZE=0 is out of range: an integer from 1 to 256``); nothing silently falls
+back to a default, and a secret's value is never part of a ``repr`` or a message.
 
 The settings table of docs/configuration.md is generated from these declarations, ranges
 included, and a test keeps the two equal: ``python -m serving.config --write`` rewrites it.
@@ -17,14 +17,11 @@ This module never imports torch, runpod or boto3.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 from urllib.parse import urlsplit
-
-from pydantic import ValidationInfo, field_validator, model_validator
 
 from builder.defaults import DEFAULT_MODEL_ID
 from builder.settings import PROJECT_ROOT, Declared, EnvSettings, ModelSource, setting, settings
@@ -32,11 +29,6 @@ from serving.errors import SettingsError
 
 __all__ = ["DEFAULT_MODEL_ID", "PROJECT_ROOT", "VARS", "DownloadSettings", "LaunchSettings",
            "ModelSettings", "StorageSettings", "WorkerSettings", "settings_table"]
-
-
-def _env(info: ValidationInfo) -> Mapping[str, str]:
-    """The environment being read (``os.environ`` when a class is built directly)."""
-    return (info.context or {}).get("env", os.environ)
 
 
 class _Settings(EnvSettings):
@@ -49,6 +41,24 @@ class _Settings(EnvSettings):
 # builder/settings.py (ModelSource), which the image's weights stage reads without this module.
 # --------------------------------------------------------------------------------------------
 DEVICES = ("auto", "cpu", "cuda")
+
+
+def _default_hf_cache(value: Path | None, env: Mapping[str, str]) -> Path:
+    if value is not None:
+        return value
+    return Path(env.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
+
+
+def _check_device(value: str, env: Mapping[str, str]) -> str:
+    device = value.lower()
+    if device not in DEVICES and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise SettingsError(f"MODEL_DEVICE={device!r} is not allowed; "
+                            "use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def _lower(value: str, env: Mapping[str, str]) -> str:
+    return value.lower()
 
 
 @settings
@@ -64,13 +74,14 @@ class ModelSettings(ModelSource, _Settings):
     hf_cache: Path = setting(
         "HF_HUB_CACHE", None,
         "A Hugging Face cache to search, e.g. on a network volume; "
-        "default: $HF_HOME/hub or ~/.cache/huggingface/hub", legal="a directory")
+        "default: $HF_HOME/hub or ~/.cache/huggingface/hub", legal="a directory",
+        check=_default_hf_cache)
     allow_download: bool = setting(
         "MODEL_ALLOW_DOWNLOAD", False,
         "Download MODEL_NAME from the Hub at startup when found nowhere")
     device: str = setting(
         "MODEL_DEVICE", "auto", "auto (CUDA if present, else CPU), cpu, cuda, or cuda:N",
-        legal="auto, cpu, cuda, cuda:N")
+        legal="auto, cpu, cuda, cuda:N", check=_check_device)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = setting(
         "MODEL_DTYPE", "auto",
         "auto (bf16 on CUDA where supported, else fp16; fp32 on CPU), bfloat16, float16 or "
@@ -87,28 +98,7 @@ class ModelSettings(ModelSource, _Settings):
         "What the model serves: auto (the task whose kind the model's config reads as, e.g. "
         "text-generation -> generate), a task's name (generate, embed, upscale) or a kind "
         "(text-generation, feature-extraction, image-to-image); a task that does not fit the "
-        "model stops the start")
-
-    @field_validator("hf_cache", mode="before")
-    @classmethod
-    def _default_hf_cache(cls, value: Any, info: ValidationInfo) -> Any:
-        if value is not None:
-            return value
-        hf_home = _env(info).get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")
-        return Path(hf_home) / "hub"
-
-    @field_validator("device", "task")
-    @classmethod
-    def _lower(cls, value: str) -> str:
-        return value.lower()
-
-    @field_validator("device")
-    @classmethod
-    def _check_device(cls, device: str) -> str:
-        if device not in DEVICES and not (device.startswith("cuda:") and device[5:].isdigit()):
-            raise SettingsError(f"MODEL_DEVICE={device!r} is not allowed; "
-                                "use auto, cpu, cuda or cuda:N")
-        return device
+        "model stops the start", check=_lower)
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,6 +112,26 @@ class ModelSettings(ModelSource, _Settings):
 # 0.15 s to tokenize). Derived, not a setting: the token limit is the one to tune.
 PROMPT_CHARS_PER_TOKEN = 32
 VOLUME = Path("/runpod-volume")      # where RunPod mounts an endpoint's network volume
+
+
+def _compile_cache_dir(value: str | None, env: Mapping[str, str]) -> str | None:
+    """``auto``: the network volume when one is mounted (every worker of the endpoint shares
+    it, so one compile serves them all), else a directory in the container."""
+    if value != "auto":
+        return value
+    if VOLUME.is_dir():
+        return str(VOLUME / "torch-compile-cache")
+    return str(Path("~/.cache/runpod-worker/torch-compile").expanduser())
+
+
+def _spool_dir(value: str | None, env: Mapping[str, str]) -> str | None:
+    """An existing directory, checked at startup rather than at the first batch job."""
+    if value is None:
+        return None
+    if not Path(value).expanduser().is_dir():
+        raise SettingsError(f"BATCH_SPOOL_DIR={value!r} is not a directory; create it, or unset "
+                            "it to use the system's temporary directory")
+    return str(Path(value).expanduser())
 
 
 @settings
@@ -190,7 +200,8 @@ class WorkerSettings(_Settings):
         "WORKER_COMPILE_CACHE_DIR", "auto",
         "Where compiled decode steps are cached for the next worker: a directory, or auto "
         "(/runpod-volume/torch-compile-cache when a network volume is mounted, else "
-        "~/.cache/runpod-worker/torch-compile)", legal="auto, a directory")
+        "~/.cache/runpod-worker/torch-compile)", legal="auto, a directory",
+        check=_compile_cache_dir)
     gpu_memory_utilization: float = setting(
         "WORKER_GPU_MEMORY_UTILIZATION", 0.9,
         "Share of the GPU's memory the worker may fill; the compiled decode step's static "
@@ -208,37 +219,13 @@ class WorkerSettings(_Settings):
         "BATCH_SPOOL_DIR", None,
         "Directory for a batch job's temporary files (its batch_url file, answers over "
         "BATCH_ANSWER_MEMORY_BYTES), removed when the job ends; default: the system's "
-        "temporary directory", legal="an existing directory")
+        "temporary directory", legal="an existing directory", check=_spool_dir)
 
-    @field_validator("compile_cache_dir")
-    @classmethod
-    def _resolve_compile_cache_dir(cls, value: str | None) -> str | None:
-        """``auto``: the network volume when one is mounted (every worker of the endpoint
-        shares it, so one compile serves them all), else a directory in the container."""
-        if value != "auto":
-            return value
-        if VOLUME.is_dir():
-            return str(VOLUME / "torch-compile-cache")
-        return str(Path("~/.cache/runpod-worker/torch-compile").expanduser())
-
-    @field_validator("spool_dir")
-    @classmethod
-    def _check_spool_dir(cls, value: str | None) -> str | None:
-        """An existing directory, checked at startup rather than at the first batch job."""
-        if value is None:
-            return None
-        if not Path(value).expanduser().is_dir():
-            raise SettingsError(f"BATCH_SPOOL_DIR={value!r} is not a directory; create it, or "
-                                "unset it to use the system's temporary directory")
-        return str(Path(value).expanduser())
-
-    @model_validator(mode="after")
-    def _default_within_limit(self) -> WorkerSettings:
+    def __post_init__(self) -> None:
         if self.default_max_new_tokens > self.max_new_tokens:
             raise SettingsError(
                 f"WORKER_DEFAULT_MAX_NEW_TOKENS={self.default_max_new_tokens} is out of range: "
                 f"an integer from 1 to WORKER_MAX_NEW_TOKENS ({self.max_new_tokens})")
-        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,6 +262,29 @@ def _check_bucket_name(name: str, bucket: str) -> str:
     return bucket
 
 
+def _endpoint(value: str | None, env: Mapping[str, str]) -> str | None:
+    return None if value is None else _check_endpoint_url("BUCKET_ENDPOINT_URL", value)
+
+
+def _bucket(value: str | None, env: Mapping[str, str]) -> str | None:
+    return None if value is None else _check_bucket_name("BUCKET_NAME", value)
+
+
+def _region(region: str, env: Mapping[str, str]) -> str:
+    if not region.replace("-", "").isalnum():
+        raise SettingsError(f"BUCKET_REGION={region!r} is not a region name; "
+                            "e.g. us-east-1, or auto for Cloudflare R2")
+    return region
+
+
+def _folder(prefix: str, env: Mapping[str, str]) -> str:
+    return prefix.strip("/")
+
+
+def _local_dir(value: Path | None, env: Mapping[str, str]) -> Path | None:
+    return None if value is None else value.expanduser().resolve()
+
+
 @settings
 class StorageSettings(_Settings):
     """Where outputs go: an S3 bucket, a local directory (local runs), or nowhere.
@@ -290,7 +300,7 @@ class StorageSettings(_Settings):
         "BUCKET_ENDPOINT_URL", None,
         "S3 API endpoint, e.g. https://s3.us-east-1.amazonaws.com, "
         "https://<account>.r2.cloudflarestorage.com, http://minio:9000",
-        legal="an http(s) URL")
+        legal="an http(s) URL", check=_endpoint)
     access_key_id: str | None = setting(
         "BUCKET_ACCESS_KEY_ID", None, "Access key id for BUCKET_ENDPOINT_URL (never printed)",
         secret=True)
@@ -299,18 +309,18 @@ class StorageSettings(_Settings):
         "Secret access key for BUCKET_ENDPOINT_URL (never printed)", secret=True)
     bucket: str | None = setting(
         "BUCKET_NAME", None, "Bucket that answers and files are written to (must exist)",
-        legal="3..255 letters, digits, '.', '-', '_'")
+        legal="3..255 letters, digits, '.', '-', '_'", check=_bucket)
     region: str = setting(
         "BUCKET_REGION", "us-east-1",
         "Signing region: the bucket's AWS region; auto for Cloudflare R2; us-east-1 suits "
-        "MinIO and most S3-compatible servers")
+        "MinIO and most S3-compatible servers", check=_region)
     addressing_style: Literal["path", "virtual"] = setting(
         "BUCKET_ADDRESSING_STYLE", "path",
         "path (endpoint/bucket/key: MinIO, R2, Backblaze, RunPod) or virtual "
         "(bucket.endpoint/key)")
     prefix: str = setting(
         "BUCKET_PREFIX", "outputs",
-        "Key prefix inside the bucket; objects go to <prefix>/<job id>/<file>")
+        "Key prefix inside the bucket; objects go to <prefix>/<job id>/<file>", check=_folder)
     link_expiry_s: int = setting(
         "BUCKET_LINK_EXPIRY_SECONDS", 86400,
         "Lifetime of presigned download links, s (at most 7 days, the SigV4 maximum)",
@@ -336,7 +346,7 @@ class StorageSettings(_Settings):
     local_dir: Path | None = setting(
         "OUTPUT_LOCAL_DIR", None,
         "Local runs only: write outputs to this directory and answer file:// links; exclusive "
-        "with BUCKET_*", legal="a directory")
+        "with BUCKET_*", legal="a directory", check=_local_dir)
     inline_limit_bytes: int = setting(
         "OUTPUT_INLINE_LIMIT_BYTES", 1000000,
         "Largest answer (JSON bytes) returned inline; larger ones are uploaded and answered "
@@ -355,36 +365,7 @@ class StorageSettings(_Settings):
         """The multipart part size (and threshold), bytes."""
         return self.part_size_mb * 1024 * 1024
 
-    @field_validator("endpoint_url")
-    @classmethod
-    def _check_endpoint(cls, value: str | None) -> str | None:
-        return None if value is None else _check_endpoint_url("BUCKET_ENDPOINT_URL", value)
-
-    @field_validator("bucket")
-    @classmethod
-    def _check_bucket(cls, value: str | None) -> str | None:
-        return None if value is None else _check_bucket_name("BUCKET_NAME", value)
-
-    @field_validator("region")
-    @classmethod
-    def _check_region(cls, region: str) -> str:
-        if not region.replace("-", "").isalnum():
-            raise SettingsError(f"BUCKET_REGION={region!r} is not a region name; "
-                                "e.g. us-east-1, or auto for Cloudflare R2")
-        return region
-
-    @field_validator("prefix")
-    @classmethod
-    def _strip_prefix(cls, prefix: str) -> str:
-        return prefix.strip("/")
-
-    @field_validator("local_dir")
-    @classmethod
-    def _resolve_local_dir(cls, value: Path | None) -> Path | None:
-        return None if value is None else value.expanduser().resolve()
-
-    @model_validator(mode="after")
-    def _one_backend(self) -> StorageSettings:
+    def __post_init__(self) -> None:
         values = (self.endpoint_url, self.access_key_id, self.secret_access_key, self.bucket)
         given = [name for name, v in zip(_S3_VARS, values, strict=True) if v is not None]
         missing = [name for name, v in zip(_S3_VARS, values, strict=True) if v is None]
@@ -398,12 +379,30 @@ class StorageSettings(_Settings):
             raise SettingsError("OUTPUT_LOCAL_DIR and BUCKET_* are both set; "
                                 "unset OUTPUT_LOCAL_DIR to upload to the bucket, or the "
                                 "BUCKET_* variables to write local files")
-        return self
 
 
 # --------------------------------------------------------------------------------------------
 # Downloads: inputs fetched by URL, e.g. a batch_url pointing at a JSONL file (downloads.py)
 # --------------------------------------------------------------------------------------------
+def _check_read_prefix(raw: str | None, env: Mapping[str, str]) -> str | None:
+    """A folder of the bucket (no leading or trailing "/"), never the whole bucket nor the
+    folder of answers (BUCKET_PREFIX): those are every job's answers."""
+    if raw is None:
+        return None
+    prefix = raw.strip("/")
+    if not prefix or any(part in ("", ".", "..") for part in prefix.split("/")):
+        raise SettingsError(f"BATCH_URL_S3_PREFIX={raw!r} must name a folder of the bucket, "
+                            "e.g. inputs; the whole bucket cannot be opened to every client")
+    answers = ((env.get("BUCKET_PREFIX") or "").strip() or VARS["BUCKET_PREFIX"].default or ""
+               ).strip("/")
+    if answers and (f"{prefix}/".startswith(f"{answers}/")
+                    or f"{answers}/".startswith(f"{prefix}/")):
+        raise SettingsError(f"BATCH_URL_S3_PREFIX={raw!r} overlaps BUCKET_PREFIX={answers!r}, "
+                            "where every job's answers are; use a folder of its own, e.g. "
+                            "inputs")
+    return prefix
+
+
 @settings
 class DownloadSettings(_Settings):
     """Limits for fetching inputs by URL."""
@@ -427,28 +426,7 @@ class DownloadSettings(_Settings):
         "BATCH_URL_S3_PREFIX", None,
         "Folder of the worker's bucket that batch_url s3:// may read, e.g. inputs; unset: none "
         "(any client could read any other's objects)",
-        legal="a folder apart from BUCKET_PREFIX")
-
-    @field_validator("s3_prefix")
-    @classmethod
-    def _check_read_prefix(cls, raw: str | None, info: ValidationInfo) -> str | None:
-        """A folder of the bucket (no leading or trailing "/"), never the whole bucket nor the
-        folder of answers (BUCKET_PREFIX): those are every job's answers."""
-        if raw is None:
-            return None
-        prefix = raw.strip("/")
-        if not prefix or any(part in ("", ".", "..") for part in prefix.split("/")):
-            raise SettingsError(f"BATCH_URL_S3_PREFIX={raw!r} must name a folder of the bucket, "
-                                "e.g. inputs; the whole bucket cannot be opened to every client")
-        default = StorageSettings.__pydantic_fields__["prefix"].default
-        answers = ((_env(info).get("BUCKET_PREFIX") or "").strip() or default).strip("/")
-        if answers and (f"{prefix}/".startswith(f"{answers}/")
-                        or f"{answers}/".startswith(f"{prefix}/")):
-            raise SettingsError(f"BATCH_URL_S3_PREFIX={raw!r} overlaps "
-                                f"BUCKET_PREFIX={answers!r}, where every job's answers are; "
-                                "use a folder of its own, e.g. inputs")
-        return prefix
-
+        legal="a folder apart from BUCKET_PREFIX", check=_check_read_prefix)
 
 # --------------------------------------------------------------------------------------------
 # Launch: what the container runs (serving/launch.py). One image serves RunPod serverless and, for
@@ -458,6 +436,29 @@ WORKER_MODES = ("auto", "serverless", "pod")
 POD_KEY_MIN_CHARS = 16          # a shorter key falls to guessing through the public proxy
 # Where pod mode hands the client key to the local endpoint: its environment, never argv.
 LOCAL_ENDPOINT_API_KEY_ENV = "LOCAL_ENDPOINT_API_KEY"
+
+
+def _resolve_mode(mode: str, env: Mapping[str, str]) -> str:
+    if mode != "auto":
+        return mode
+    # A RunPod pod has a pod id and no job queue; a serverless worker has both. Only the pod
+    # gets pod mode: a serverless worker must run the worker loop.
+    on_pod = bool(env.get("RUNPOD_POD_ID", "").strip()
+                  and not env.get("RUNPOD_WEBHOOK_GET_JOB", "").strip())
+    return "pod" if on_pod else "serverless"
+
+
+def _check_key(key: str | None, env: Mapping[str, str]) -> str | None:
+    if key is not None and len(key) < POD_KEY_MIN_CHARS:
+        # Never echo the key: only its length.
+        raise SettingsError(f"WORKER_POD_API_KEY has {len(key)} characters; use at least "
+                            f"{POD_KEY_MIN_CHARS} (e.g. `openssl rand -hex 24`), or unset it "
+                            "to have a key made at each start")
+    return key
+
+
+def _expand_user(path: Path, env: Mapping[str, str]) -> Path:
+    return path.expanduser()
 
 
 @settings
@@ -471,7 +472,7 @@ class LaunchSettings(_Settings):
         "serverless (the RunPod worker loop), pod (the worker behind a local endpoint on "
         "0.0.0.0:WORKER_POD_PORT, for development on a GPU pod), or auto: pod on a RunPod pod "
         "(RUNPOD_POD_ID set, no RUNPOD_WEBHOOK_GET_JOB), else serverless; see "
-        "serving/launch.py")
+        "serving/launch.py", check=_resolve_mode)
     pod_port: int = setting(
         "WORKER_POD_PORT", 8000,
         "pod mode only: the port the local endpoint listens on (expose it as <port>/http on "
@@ -480,11 +481,12 @@ class LaunchSettings(_Settings):
         "WORKER_POD_API_KEY", None,
         "pod mode only: clients must send 'Authorization: Bearer <key>'; 16 characters at "
         "least; unset: a key is made at each start and written to WORKER_POD_KEY_FILE (never "
-        "printed)", secret=True)
+        "printed)", secret=True, check=_check_key)
     pod_key_file: Path = setting(
         "WORKER_POD_KEY_FILE", "~/.config/runpod-worker/pod-api-key",
         "pod mode without WORKER_POD_API_KEY: where the key made at start is written, mode "
-        "0600 (the log names this file, never the key)", legal="a file path")
+        "0600 (the log names this file, never the key)", legal="a file path",
+        check=_expand_user)
     pod_read_timeout_s: float = setting(
         "WORKER_POD_READ_TIMEOUT_S", 30,
         "pod mode only: a connection whose request headers (or body) have not arrived this "
@@ -494,34 +496,6 @@ class LaunchSettings(_Settings):
         "WORKER_POD_MAX_CONNECTIONS_PER_PEER", 256,
         "pod mode only: open connections one peer address (behind RunPod's proxy: the proxy) "
         "may hold; more are answered 429", ge=1, le=65535)
-
-    @field_validator("mode")
-    @classmethod
-    def _resolve_mode(cls, mode: str, info: ValidationInfo) -> str:
-        if mode != "auto":
-            return mode
-        # A RunPod pod has a pod id and no job queue; a serverless worker has both. Only the
-        # pod gets pod mode: a serverless worker must run the worker loop.
-        env = _env(info)
-        on_pod = bool(env.get("RUNPOD_POD_ID", "").strip()
-                      and not env.get("RUNPOD_WEBHOOK_GET_JOB", "").strip())
-        return "pod" if on_pod else "serverless"
-
-    @field_validator("pod_api_key")
-    @classmethod
-    def _check_key(cls, key: str | None) -> str | None:
-        if key is not None and len(key) < POD_KEY_MIN_CHARS:
-            # Never echo the key: only its length.
-            raise SettingsError(f"WORKER_POD_API_KEY has {len(key)} characters; use at least "
-                                f"{POD_KEY_MIN_CHARS} (e.g. `openssl rand -hex 24`), or unset it "
-                                "to have a key made at each start")
-        return key
-
-    @field_validator("pod_key_file")
-    @classmethod
-    def _expand_key_file(cls, path: Path) -> Path:
-        return path.expanduser()
-
 
 # --------------------------------------------------------------------------------------------
 # Every declared setting, and the table docs/configuration.md holds

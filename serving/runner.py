@@ -133,7 +133,10 @@ class TaskSettings(BaseModel):
             if field_name not in names:
                 raise SettingsError(f"{cls.env_prefix}*: "
                                     f"{err['msg'].removeprefix('Value error, ')}") from None
-            declared = describe("task", field_name, cls.model_fields[field_name],
-                                {"env": names[field_name]})
+            info = cls.model_fields[field_name]
+            bounds = {k: next((getattr(m, k) for m in info.metadata if hasattr(m, k)), None)
+                      for k in ("ge", "le")}
+            declared = describe("task", field_name, info.annotation, info.default,
+                                {"env": names[field_name], **bounds})
             raise SettingsError(problem(declared, given.get(field_name), err["type"],
                                         err["msg"])) from None

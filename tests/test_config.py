@@ -78,11 +78,13 @@ class TestReading:
         s = WorkerSettings.from_env({"WORKER_CONCURRENCY": "  ", "WORKER_INTAKE": "SDK"})
         assert (s.concurrency, s.intake) == (16, "sdk")
 
-    def test_a_changed_copy_is_checked_like_a_read_one(self):
+    def test_a_changed_copy_keeps_the_rules_across_settings(self):
         limits = WorkerSettings.from_env({})
         assert dataclasses.replace(limits, max_batch_size=4).max_batch_size == 4
-        with pytest.raises(ValueError, match="max_batch_size"):
-            dataclasses.replace(limits, max_batch_size=0)
+        with pytest.raises(SettingsError, match="WORKER_DEFAULT_MAX_NEW_TOKENS=2048"):
+            dataclasses.replace(limits, default_max_new_tokens=2048)
+        with pytest.raises(SettingsError, match="storage is partly configured"):
+            dataclasses.replace(StorageSettings.from_env({}), endpoint_url="http://s3")
 
     def test_the_worker_reuses_the_builders_model_settings(self):
         env = {"MODEL_NAME": "org/model", "MODEL_REVISION": "abc", "HF_ENDPOINT": "http://hub"}
