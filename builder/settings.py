@@ -17,7 +17,7 @@ in one line naming the variable and its legal values (never a secret's value), a
 A blank variable means its default. A rule across fields goes in the class's
 ``__post_init__``. Plain dataclasses, not pydantic models: this module is imported by the
 container's launcher, whose every millisecond is a cold start's, and pydantic's import costs
-about 80 ms there (a task's own ``TaskSettings`` is a pydantic model: by then pydantic is
+about 90 ms of CPU there (a task's own ``TaskSettings`` is a pydantic model: by then pydantic is
 loaded anyway).
 
 ``serving/config.py`` declares the worker's settings this way and extends ``ModelSource``;
