@@ -64,8 +64,10 @@ def setting(env: str, default: Any, meaning: str, *, ge: float | None = None,
         "check": check})
 
 
+@typing.dataclass_transform(kw_only_default=True, frozen_default=True,
+                            field_specifiers=(dataclasses.field, setting))
 def settings(cls: type[T]) -> type[T]:
-    """Make ``cls`` a frozen, keyword-only dataclass of settings."""
+    """Make ``cls`` a frozen, keyword-only dataclass of settings (type checkers see it so)."""
     return dataclasses.dataclass(frozen=True, kw_only=True)(cls)
 
 
