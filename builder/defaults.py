@@ -1,8 +1,9 @@
 """The default model of this worker, named once, and the offline fallback, named apart.
 
 A fork changes ``DEFAULT_MODEL_ID`` here and nowhere else: the ``MODEL_NAME`` default in
-serving/config.py imports it, the Dockerfile's ``ARG MODEL_NAME`` is empty (meaning this
-default), CI passes no model unless a repository variable names one, and
+builder/settings.py (which serving/config.py reuses) imports it, the Dockerfile's
+``ARG MODEL_NAME`` is empty (meaning this default), CI passes no model unless a repository
+variable names one, and
 tests/test_default_model.py checks the few texts that must name it (README, docs/,
 .runpod/hub.json) and says which file to change.
 

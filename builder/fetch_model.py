@@ -69,8 +69,7 @@ from builder.defaults import (
     BUNDLED_GGUF_PACKAGE,
     BUNDLED_GGUF_REQUIREMENT,
 )
-from serving.config import ModelSettings
-from serving.errors import SettingsError
+from builder.settings import ModelSource, SettingsError
 
 BUILDER_VERSION = 1                      # bump when the output layout or conversion changes
 MANIFEST = "builder.json"
@@ -361,7 +360,7 @@ def _hub_exceptions() -> tuple[type[Exception], ...]:
     return (HfHubHTTPError, OfflineModeIsEnabled, httpx2.TransportError)
 
 
-def list_hub_files(repo: str, revision: str | None, settings: ModelSettings
+def list_hub_files(repo: str, revision: str | None, settings: ModelSource
                    ) -> tuple[str, list[str]]:
     """The commit ``revision`` resolves to, and the repo's file names at that commit."""
     from huggingface_hub import HfApi
@@ -377,7 +376,7 @@ def list_hub_files(repo: str, revision: str | None, settings: ModelSettings
 
 
 def download_from_hub(repo: str, commit: str, files: list[str], staging: Path,
-                      settings: ModelSettings) -> None:
+                      settings: ModelSource) -> None:
     """Download exactly ``files`` of ``repo`` at ``commit`` into ``staging``, with progress."""
     from huggingface_hub import snapshot_download
 
@@ -421,7 +420,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_source(args: argparse.Namespace, model: str, settings: ModelSettings
+def resolve_source(args: argparse.Namespace, model: str, settings: ModelSource
                    ) -> tuple[str, tuple[str, list[str]] | None]:
     """The source to use, and the Hub listing if one was fetched while deciding."""
     source = args.source
@@ -452,7 +451,7 @@ def resolve_source(args: argparse.Namespace, model: str, settings: ModelSettings
     return source, None
 
 
-def build(args: argparse.Namespace, settings: ModelSettings) -> str:
+def build(args: argparse.Namespace, settings: ModelSource) -> str:
     """Build or reuse OUT as ``args`` ask; return the summary line."""
     started = time.monotonic()
     model = args.model_name or settings.model_name
@@ -514,7 +513,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     """Run the builder; ``env`` defaults to ``os.environ`` (tests pass a dict)."""
     args = parse_args(argv)
     try:
-        settings = ModelSettings.from_env(env)
+        settings = ModelSource.from_env(env)
         print(build(args, settings), flush=True)
     except (BuildError, SettingsError) as err:
         print(f"fetch_model: error: {err}", file=sys.stderr, flush=True)

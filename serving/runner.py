@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from builder.settings import describe, problem
 from serving.delivery import Artefact
 from serving.errors import SettingsError
 
@@ -126,7 +127,16 @@ class TaskSettings(BaseModel):
         try:
             return cls.model_validate(given)
         except ValidationError as exc:
+            # The same one line as the worker's own settings (builder/settings.py).
             err = exc.errors(include_url=False)[0]
-            var = names.get(str(err["loc"][0]), cls.env_prefix) if err["loc"] else cls.env_prefix
-            raise SettingsError(f"{var}={err.get('input')!r}: "
-                                f"{err['msg'].removeprefix('Value error, ')}") from None
+            field_name = str(err["loc"][0]) if err["loc"] else ""
+            if field_name not in names:
+                raise SettingsError(f"{cls.env_prefix}*: "
+                                    f"{err['msg'].removeprefix('Value error, ')}") from None
+            info = cls.model_fields[field_name]
+            bounds = {k: next((getattr(m, k) for m in info.metadata if hasattr(m, k)), None)
+                      for k in ("ge", "le")}
+            declared = describe("task", field_name, info.annotation, info.default,
+                                {"env": names[field_name], **bounds})
+            raise SettingsError(problem(declared, given.get(field_name), err["type"],
+                                        err["msg"])) from None

@@ -76,7 +76,7 @@ class TestCacheSizedToTheDevice:
         from serving.errors import SettingsError
 
         with pytest.raises(SettingsError, match="WORKER_GPU_MEMORY_UTILIZATION=1.5 is out of "
-                                                "range; use 0.1..1.0"):
+                                                "range: a number from 0.1 to 1.0"):
             _settings(WORKER_GPU_MEMORY_UTILIZATION="1.5")
 
 

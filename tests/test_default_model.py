@@ -69,15 +69,12 @@ def _closed_port_url() -> str:
 
 
 def _fork(tmp_path: Path, default: str) -> Path:
-    """What the builder step of a fork's image sees: its builder/, serving/config.py and
-    serving/errors.py,
-    with builder/defaults.py's DEFAULT_MODEL_ID changed as a fork changes it."""
+    """What the builder step of a fork's image sees: its builder/ alone (the Dockerfile copies
+    nothing else before it), with builder/defaults.py's DEFAULT_MODEL_ID changed as a fork
+    changes it."""
     fork = tmp_path / "fork"
     shutil.copytree(ROOT / "builder", fork / "builder",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    (fork / "serving").mkdir()
-    for name in ("serving/__init__.py", "serving/config.py", "serving/errors.py"):
-        shutil.copy(ROOT / name, fork / name)
     source = (fork / "builder" / "defaults.py").read_text()
     line = f'DEFAULT_MODEL_ID = "{DEFAULT_MODEL_ID}"'
     assert source.count(line) == 1

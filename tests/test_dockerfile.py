@@ -192,7 +192,7 @@ class TestModelLayer:
         assert empty.model_name == DEFAULT_MODEL_ID
         assert "MODEL_REVISION" in defaults
         # ARGs reach RUN as environment variables; the builder reads these two from it.
-        settings = fetch_model.ModelSettings.from_env(
+        settings = fetch_model.ModelSource.from_env(
             {"MODEL_NAME": "org/other", "MODEL_REVISION": ""})
         assert (settings.model_name, settings.model_revision) == ("org/other", None)
 

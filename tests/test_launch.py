@@ -59,7 +59,7 @@ class TestLaunchCommand:
         command = launch_command(settings, "py")
         assert command[command.index("--read-timeout-s") + 1] == "2.5"
         assert command[command.index("--max-connections-per-peer") + 1] == "7"
-        with pytest.raises(SettingsError, match="WORKER_POD_READ_TIMEOUT_S=0.0 is out of range"):
+        with pytest.raises(SettingsError, match="WORKER_POD_READ_TIMEOUT_S=0 is out of range"):
             LaunchSettings.from_env({"WORKER_POD_READ_TIMEOUT_S": "0"})
 
     def test_the_pod_key_travels_in_the_environment_never_on_the_command_line(self):

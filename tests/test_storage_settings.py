@@ -55,8 +55,8 @@ class TestInvalidValues:
         ("BUCKET_ENDPOINT_URL", "https://user:pw@host", "credentials"),
         ("BUCKET_NAME", "a", "bucket name"),
         ("BUCKET_ADDRESSING_STYLE", "dns", "path, virtual"),
-        ("BUCKET_LINK_EXPIRY_SECONDS", "604801", "1..604800"),
-        ("BUCKET_PART_SIZE_MB", "4", "5..512"),
+        ("BUCKET_LINK_EXPIRY_SECONDS", "604801", "an integer from 1 to 604800"),
+        ("BUCKET_PART_SIZE_MB", "4", "an integer from 5 to 512"),
         ("OUTPUT_INLINE_LIMIT_BYTES", "lots", "not an integer"),
     ])
     def test_bad_value_names_variable_and_legal_values(self, name: str, value: str,
