@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ENTRY_POINTS = ("serving/launch.py", "handler.py", "dev/local_endpoint.py")
 # Needed at run time although the worker never imports it by name: say why.
-REASONS = {"accelerate": "serving/placement.py passes device_map to from_pretrained, which needs it"}
+REASONS = {"accelerate": "serving/placement.py passes device_map to from_pretrained: it needs it"}
 
 
 def _norm(name: str) -> str:
