@@ -41,7 +41,7 @@ import torch
 import transformers
 from PIL import Image
 
-from serving.worker import build_worker
+from tests.support.worker import build_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

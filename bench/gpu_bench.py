@@ -13,7 +13,7 @@ small json and tokenizer files).
     python -m bench.gpu_bench --model /tmp/gpu-model --out gpu-results/bench.json
     python -m bench.gpu_bench --model /tmp/gpu-model --measure compile-cost --out cc.json
 
-The model is loaded as the worker loads it (``model_loader.load_task`` with the worker's settings
+The model is loaded as the worker loads it (``serving.loading.load_task`` with the worker's settings
 from the environment: WORKER_DECODE, WORKER_MAX_BATCH_SIZE, WORKER_COMPILE_CACHE_DIR), task
 warm-up included; "the worker's engine" below is that task's engine: on CUDA with
 WORKER_DECODE=auto the compiled one (``serving/graphs.py``), else the eager ``Engine``.
@@ -154,9 +154,9 @@ def copy_seconds(nbytes: int) -> tuple[float, float]:
 
 def load_worker_task(model_dir: Path) -> Any:
     """The generation task as the worker builds it from this environment, warmed up."""
-    from model_loader import load_task
     from serving.config import ModelSettings, WorkerSettings
     from tasks import TASKS
+    from tests.support.worker import load_task
 
     env = {**os.environ, "MODEL_PATH": str(model_dir), "WORKER_TASK": "generate"}
     return load_task(ModelSettings.from_env(env), WorkerSettings.from_env(env), TASKS)

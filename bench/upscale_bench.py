@@ -38,7 +38,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, Swin2SRConfig, Swin2SRForImageSuperResolution
 from transformers.models.swin2sr import Swin2SRImageProcessorPil
 
-from serving.worker import build_worker
+from tests.support.worker import build_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

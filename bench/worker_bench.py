@@ -243,7 +243,7 @@ def bench_overhead(path: Path, repeat: int) -> dict[str, Any]:
     import torch
 
     from serving.device import DEVICE_THREAD
-    from serving.worker import build_worker
+    from tests.support.worker import build_worker
 
     w = build_worker({"MODEL_PATH": str(path), "WORKER_BATCH_WAIT_MS": "0"})
     tok, model = w.loaded.tokenizer, w.loaded.model
@@ -300,10 +300,10 @@ def _switch_child(spec: dict[str, Any]) -> dict[str, Any]:
     """In a fresh process: load the task as the worker does, answer one job, wait for the
     compiled step (if any), then time concurrent jobs. Seconds count from ``spec["started"]``,
     the parent's clock just before it started this process."""
-    from model_loader import load_task
     from serving.config import ModelSettings, WorkerSettings
     from serving.graphs import SwitchingEngine
     from tasks import TASKS
+    from tests.support.worker import load_task
 
     env = {**os.environ, "WORKER_TASK": "generate"}
     task = load_task(ModelSettings.from_env(env), WorkerSettings.from_env(env), TASKS)
@@ -411,7 +411,7 @@ class DirectGenerate:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from model_loader import choose_dtype
+        from serving.placement import choose_dtype
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tok = AutoTokenizer.from_pretrained(path)

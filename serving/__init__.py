@@ -6,11 +6,14 @@ here, one concern per module:
 
     worker.py         job -> task -> answer: validation of the envelope, output_mode, batch jobs,
                       the whole-job time limit, delivery, and the error boundary
+    job.py            the job context a task is given (``tasks.base`` re-exports it)
     engine.py         the decode loop of the generate task (sampling, stop strings, KV cache)
     graphs.py         the same loop with a static KV cache and one compiled, graph-captured
                       step (WORKER_DECODE): the GPU's fast path
     batcher.py        work from concurrent jobs gathered into shared forward passes
     device.py         the one device thread, and what an out-of-memory or device fault means
+    placement.py      device, dtype and placement of the weights; the types of a model in memory
+    loading.py        which task serves the model; its load, warm-up and startup line
     config.py         every setting, read from the environment in one typed place
     detect.py         what kind of model a directory holds, read exactly from its config
     errors.py         the error tree, and the one place an exception becomes a job answer
@@ -25,12 +28,16 @@ here, one concern per module:
     redaction.py      secrets masked in everything the process prints
     openai_compat.py  RunPod's OpenAI-compatible routes, translated onto the task
     launch.py         what the container runs: the worker loop, or pod mode
-    sdk.py            the runpod SDK, imported beside the model load (never in test mode)
+    start.py          the worker process: load once, then the test mode or the SDK's worker loop
     intake.py         how the SDK's worker loop takes jobs: each counted once, freed slots refilled
+    patches.py        every patch of a third-party package's internals, and the version it fits
+    parts.py          the seam: the project's own pieces, handed in by ``handler.py``
 
-The seam, stated once: modules here import the forker's modules (``model_loader``, ``storage``,
-``tasks``) only through ``tasks.TASKS``, the ``tasks.base.Task`` interface, ``model_loader``'s
-loading functions and ``storage``'s ``Storage``; the forker's modules import from here only
-``config``, ``errors``, ``device``, ``validation``, ``batcher``, ``delivery`` and
-``downloads`` (the helpers a task uses). Nothing here imports ``dev/``.
+The seam, stated once: modules here never import the project's own modules (``handler``,
+``model_loader``, ``storage``, ``tasks``) nor ``dev/`` at runtime (three still take storage's
+types from ``storage.py``: the test lists them); ``handler.py`` hands in the
+task registry, ``model_loader.find_model`` and the storage functions as one ``parts.Parts``
+(``tests/test_import_rules.py`` checks it). The project's modules import from here the helpers a
+task or a loader uses (``config``, ``errors``, ``device``, ``validation``, ``batcher``,
+``delivery``, ``downloads``, ``placement``, ``job``).
 """

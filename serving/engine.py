@@ -22,7 +22,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from model_loader import LoadedModel
+from serving.placement import LoadedModel
 
 FinishReason = str  # "stop" | "length" | "cancelled" | "timeout"
 MIN_TEMPERATURE = 1e-4  # below this, sampling is greedy (dividing by less overflows)

@@ -60,11 +60,11 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, StaticLayer, get_layer_types_and_kwargs
 from transformers.generation.configuration_utils import CompileConfig
 
-from model_loader import LoadedModel
 from serving.config import WorkerSettings
 from serving.device import DEVICE_THREAD, is_device_fault, is_out_of_memory, release_memory
 from serving.engine import Engine, SamplingParams, Sequence, _Running
 from serving.errors import SettingsError
+from serving.placement import LoadedModel
 
 log = logging.getLogger("worker.graphs")
 

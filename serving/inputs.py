@@ -35,7 +35,7 @@ from serving.errors import InputError
 from serving.media import ImageLimits, decode_image
 
 if TYPE_CHECKING:
-    from tasks.base import JobContext
+    from serving.job import JobContext
 
 # A compressed image is smaller than its pixels: a file larger than this for the pixel limit is
 # refused before it is read whole (4 bytes a pixel, plus room for metadata).

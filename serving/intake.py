@@ -1,11 +1,11 @@
 """How the runpod worker loop takes jobs: as soon as a slot is free, each job counted once.
 
-Owns one class, ``Intake``, which ``handler.py`` puts in place of the SDK's ``JobScaler`` before
-``runpod.serverless.start`` (``install``). The loop stays the SDK's production loop: its job
-fetch (``get_job``, the batch job-take), its job runner and result posts (``handle_job``), stop
-signals, heartbeat, fitness checks and SIGTERM drain are untouched. Only the scheduling between
-them changes, where runpod 1.12.0 (``serverless/modules/rp_scale.py``) caps a worker whose jobs
-are short:
+Owns one class, ``Intake``, which ``serving/start.py`` puts in place of the SDK's ``JobScaler``
+before ``runpod.serverless.start`` (``patches.install_intake``). The loop stays the SDK's
+production loop: its job fetch (``get_job``, the batch job-take), its job runner and result
+posts (``handle_job``), stop signals, heartbeat, fitness checks and SIGTERM drain are untouched.
+Only the scheduling between them changes, where runpod 1.12.0 (``serverless/modules/rp_scale.py``)
+caps a worker whose jobs are short:
 
 - a taken job is counted twice until its task starts (it is in the queue and in the progress
   set), so after taking a burst the worker asks for fewer jobs than it has room for, believes
@@ -29,7 +29,7 @@ until every job has drained). ``Intake`` is installed only on the SDK version it
 against; on any other the SDK's own scaler runs and one warning says so. ``WORKER_INTAKE=sdk``
 chooses the SDK's own scaler.
 
-Imports runpod: only ``handler.py`` imports this module, on the worker-loop path.
+Imports runpod: only ``patches.install_intake`` imports this module, on the worker-loop path.
 """
 
 from __future__ import annotations
@@ -41,9 +41,7 @@ from typing import Any
 
 from runpod.http_client import TooManyRequests
 from runpod.serverless.modules import rp_scale
-from runpod.version import __version__ as SDK_VERSION
 
-SUPPORTED_SDK_VERSION = "1.12.0"
 WAKE_S = 0.1          # the SDK's own poll, kept only so shutdown is noticed as soon as before
 FULL_WAIT_S = 1.0     # the SDK's pause when full; a job ending cuts it short
 ERROR_WAIT_S = 1.0    # after a failed job-take; SIGTERM cuts it short
@@ -163,15 +161,3 @@ def _malformed(job: Any) -> str | None:
 async def _wait(event: asyncio.Event, timeout_s: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(event.wait(), timeout_s)
-
-
-def install() -> bool:
-    """Make ``runpod.serverless.start`` run ``Intake``. False (and a warning) on another SDK."""
-    if SDK_VERSION != SUPPORTED_SDK_VERSION:
-        log.warning("runpod %s is not the version the fast intake was written for (%s): the "
-                    "SDK's own intake runs (set WORKER_INTAKE=sdk to silence this)",
-                    SDK_VERSION, SUPPORTED_SDK_VERSION)
-        return False
-    # run_worker looks the class up in its module each time it starts the loop.
-    rp_scale.JobScaler = Intake  # type: ignore[misc]
-    return True

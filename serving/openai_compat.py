@@ -36,14 +36,16 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field
 
 from serving.errors import InputError, UnknownModel, excerpt
 from serving.validation import StrictInput, parse_input
-from tasks import Task
+
+if TYPE_CHECKING:
+    from tasks.base import Task
 
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
 OWNER = "runpod-model-worker"

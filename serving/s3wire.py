@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from serving import patches
 from serving.errors import StorageError
 from serving.netguard import AddressPolicy, Deadline, resolve
 
@@ -244,34 +245,12 @@ class _GuardedConnection:
 def guard_connections(client: Any, allow_address: AddressPolicy, deadline: Limit) -> None:
     """Make every connection ``client`` opens a guarded one (see _GuardedConnection).
 
-    botocore has no public hook at the connection level, so its session's pool classes are
-    replaced before the first request. If a botocore release moves them, this refuses to go on
-    rather than connect unguarded.
+    botocore has no public hook at the connection level; ``serving/patches.py`` replaces its
+    session's pool classes before the first request. If a botocore release moves them, this
+    refuses to go on rather than connect unguarded.
     """
-    from botocore.awsrequest import (
-        AWSHTTPConnection,
-        AWSHTTPConnectionPool,
-        AWSHTTPSConnection,
-        AWSHTTPSConnectionPool,
-    )
-    from botocore.httpsession import URLLib3Session
-    from urllib3 import PoolManager
-
-    http = getattr(getattr(client, "_endpoint", None), "http_session", None)
-    manager = getattr(http, "_manager", None)
-    if not isinstance(http, URLLib3Session) or not isinstance(manager, PoolManager) or \
-            not hasattr(http, "_pool_classes_by_scheme"):
+    if not patches.guard_botocore_pools(client, _GuardedConnection,
+                                        {"guard": _Guard(allow_address, deadline)}):
         raise StorageError("this botocore version does not expose its connection pools; "
                            "storage is refused rather than used without its address and time "
                            "rules")
-    attrs = {"guard": _Guard(allow_address, deadline)}
-    pools = {
-        "http": type("GuardedHTTPConnectionPool", (AWSHTTPConnectionPool,), {
-            "ConnectionCls": type("GuardedHTTPConnection",
-                                  (_GuardedConnection, AWSHTTPConnection), attrs)}),
-        "https": type("GuardedHTTPSConnectionPool", (AWSHTTPSConnectionPool,), {
-            "ConnectionCls": type("GuardedHTTPSConnection",
-                                  (_GuardedConnection, AWSHTTPSConnection), attrs)}),
-    }
-    http._pool_classes_by_scheme = pools
-    manager.pool_classes_by_scheme = pools

@@ -3,8 +3,10 @@
 Owns what happens to one job: the input checks every job passes, the choice of streamed, whole or
 batch answer, size-aware delivery (inline, or a link through storage), and the conversion of
 every failure into an ``{"error": ...}`` answer (through ``errors.error_response``, the one
-place that builds one). Never imports boto3 or runpod, so it is tested in-process;
-``handler.py`` builds one ``Worker`` at import and hands it RunPod's jobs.
+place that builds one). Never imports boto3 or runpod, so it is tested in-process, nor the
+project's own modules: ``handler.py`` hands in their pieces (``Parts``: the task registry,
+``model_loader.find_model``, the storage functions) and ``serving/start.py`` builds one
+``Worker`` and hands it RunPod's jobs.
 
 Every job is answered by an async generator (RunPod streams only from generator handlers): a
 streamed job yields its chunks, any other job yields exactly one item, its answer. With
@@ -35,7 +37,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from model_loader import LoadedModel, load_task
 from serving.batchfile import BatchAnswers, BatchFile
 from serving.config import DownloadSettings, ModelSettings, StorageSettings, WorkerSettings
 from serving.delivery import (
@@ -59,15 +60,19 @@ from serving.errors import (
     WorkerError,
     error_response,
 )
+from serving.job import JobContext
+from serving.loading import load_task
 from serving.netguard import Deadline
+from serving.parts import Parts
 from serving.runner import rename_files
 from serving.s3config import storage_for_job
 from serving.validation import check_job_input
-from storage import Storage, storage_from_settings
-from tasks import TASKS, JobContext, Task
 
 if TYPE_CHECKING:
     from serving.openai_compat import OpenAIRoutes
+    from serving.placement import LoadedModel
+    from storage import Storage
+    from tasks.base import Task
 
 log = logging.getLogger("worker")
 
@@ -438,12 +443,13 @@ def is_openai_job(job: Any) -> bool:
             and "openai_route" in job["input"])
 
 
-def build_worker(env: Mapping[str, str] | None = None) -> Worker:
-    """Read settings, pick the model's task, load and warm it up. Raises WorkerError."""
+def build_worker(parts: Parts, env: Mapping[str, str] | None = None) -> Worker:
+    """Read settings, find the model, pick its task, load and warm it up. Raises WorkerError."""
     settings = WorkerSettings.from_env(env)
     storage_settings = StorageSettings.from_env(env)
     download_settings = DownloadSettings.from_env(env)
-    storage = storage_from_settings(storage_settings)   # builds a client; no network
-    task = load_task(ModelSettings.from_env(env), settings, TASKS, env=env)
+    storage = parts.storage_from_settings(storage_settings)   # builds a client; no network
+    task = load_task(ModelSettings.from_env(env), settings, parts.tasks, parts.find_model,
+                     env=env)
     return Worker(settings=settings, storage_settings=storage_settings,
                   download_settings=download_settings, storage=storage, task=task)

@@ -14,9 +14,9 @@ To add a task: write ``tasks/<name>.py`` (the README's classifier is a whole one
 advanced form (their own ``parse``/``answer``/``stream``): generate streams and batches token by
 token, embed batches each text of a job on its own and serves the OpenAI embeddings route.
 
-The plugin seam: the worker's own modules (``worker.py``, ``model_loader.py``,
-``openai_compat.py``) reach tasks only through ``TASKS`` and the ``Task`` interface; a task
-imports the worker's helpers through ``tasks.base``, never the other way round.
+The plugin seam: the worker reaches tasks only through ``TASKS``, which ``handler.py`` hands
+to it, and the ``Task`` interface; a task imports the worker's helpers through ``tasks.base``,
+never the other way round.
 """
 
 from __future__ import annotations

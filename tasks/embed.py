@@ -42,10 +42,10 @@ import transformers
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from transformers import AutoTokenizer
 
-from model_loader import LoadedModel, ModelFiles, place_model
 from serving.batcher import Batcher
 from serving.config import PROMPT_CHARS_PER_TOKEN, ModelSettings, WorkerSettings
 from serving.errors import InputError, JobTimeout, ModelNotFound
+from serving.placement import LoadedModel, ModelFiles, place_model
 from serving.validation import StrictInput, in_tokenizer_thread, parse_input
 from tasks.base import JobContext, Task
 

@@ -46,12 +46,12 @@ from jinja2 import TemplateError
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from transformers import AutoTokenizer, GenerationConfig
 
-from model_loader import LoadedModel, ModelFiles, place_model
 from serving.batcher import Batcher
 from serving.config import PROMPT_CHARS_PER_TOKEN, ModelSettings, WorkerSettings
 from serving.engine import Engine, SamplingParams, Sequence
 from serving.errors import InputError, JobTimeout, excerpt
 from serving.graphs import SwitchingEngine, choose_engine
+from serving.placement import LoadedModel, ModelFiles, place_model
 from serving.validation import StrictInput, in_tokenizer_thread, parse_input
 from tasks.base import JobContext, Task
 

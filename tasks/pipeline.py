@@ -38,7 +38,6 @@ import transformers
 from PIL import Image
 from pydantic import Field, create_model
 
-from model_loader import LoadedModel, ModelFiles, place_model
 from serving.audio import OUTPUT_TYPES, decode_audio, encode_audio
 from serving.batcher import Batcher
 from serving.config import ModelSettings, WorkerSettings
@@ -46,6 +45,7 @@ from serving.errors import InputError, JobTimeout
 from serving.families import FAMILIES, MAX_INPUTS, MAX_TEXT_CHARS, Family, params_key, to_json
 from serving.inputs import AudioBytes, MediaRef, media_ref, resolve_ref
 from serving.media import in_decode_pool
+from serving.placement import LoadedModel, ModelFiles, place_model
 from serving.text_runners import token_limit
 from serving.validation import StrictInput, in_tokenizer_thread, parse_input
 from tasks.base import JobContext, Task

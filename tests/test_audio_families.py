@@ -23,9 +23,9 @@ import transformers
 
 from serving.audio import decode_audio, encode_audio
 from serving.families import to_json
-from serving.worker import Worker, build_worker
+from serving.worker import Worker
 from tests.support.families import answer, check_banner_examples, close
-from tests.support.worker import collect
+from tests.support.worker import build_worker, collect
 
 RATE = 16000
 

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from model_loader import load_task
 from serving.config import ModelSettings, WorkerSettings
 from serving.device import DEVICE_THREAD
 from serving.engine import Engine, SamplingParams, Sequence
 from serving.graphs import DeviceMemory, SwitchingEngine, plan_cache
 from tasks import TASKS
 from tasks.base import Task
+from tests.support.worker import load_task
 from tests.test_graphs import PROMPTS, _cut_model
 
 GIB = 1024**3

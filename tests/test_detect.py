@@ -14,9 +14,10 @@ from types import SimpleNamespace
 import pytest
 import transformers
 
-from model_loader import ModelSource, pick_task, read_model_files
+from model_loader import ModelSource, read_model_files
 from serving.detect import KINDS, model_kinds
 from serving.errors import SettingsError, UnsupportedModel
+from serving.loading import pick_task
 from tasks import TASKS
 from tests.support.dockerfile import ROOT
 

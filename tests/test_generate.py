@@ -15,9 +15,9 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from serving.device import DEVICE_THREAD
 from serving.engine import FLUSH_TOKENS
-from serving.worker import Worker, build_worker
+from serving.worker import Worker
 from tasks.generate import GenerateTask
-from tests.support.worker import LoopThread, chat, collect
+from tests.support.worker import LoopThread, build_worker, chat, collect
 
 pytestmark = pytest.mark.slow
 

@@ -41,8 +41,8 @@ def _rss_anon_bytes() -> int:
 
 
 def _load(path: str = MODEL, **env: str):
-    from model_loader import load_model
     from serving.config import ModelSettings
+    from tests.support.worker import load_model
 
     return load_model(ModelSettings.from_env({"MODEL_PATH": path, **env}))
 
@@ -53,9 +53,9 @@ def task():
     the compile runs in a thread of its own, and the tests below must not race it."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device: run `make gpu-check` on a GPU machine")
-    from model_loader import load_task
     from serving.config import ModelSettings, WorkerSettings
     from tasks import TASKS
+    from tests.support.worker import load_task
 
     task = load_task(ModelSettings.from_env({"MODEL_PATH": MODEL}), WorkerSettings.from_env(),
                      TASKS)
@@ -392,7 +392,7 @@ def test_embedding_jobs_on_the_gpu_match_the_cpu(tmp_path):
     pytest.importorskip("boto3")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    from serving.worker import build_worker
+    from tests.support.worker import build_worker
 
     source = _embed_source()
     if source is None or not (source / "config.json").exists():
@@ -431,7 +431,7 @@ def test_a_generation_job_through_the_worker_on_the_gpu():
     pytest.importorskip("boto3")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    from serving.worker import build_worker
+    from tests.support.worker import build_worker
 
     w = build_worker({"MODEL_PATH": MODEL})
     assert w.loaded.device.type == "cuda"
@@ -461,8 +461,8 @@ def test_upscale_jobs_on_the_gpu_match_fp32_on_the_cpu(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from serving.worker import build_worker
     from tests.support.model_dir import make_swin2sr_dir
+    from tests.support.worker import build_worker
 
     model_dir = make_swin2sr_dir(tmp_path / "swin2sr")
     rng = np.random.default_rng(0)

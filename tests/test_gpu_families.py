@@ -81,7 +81,7 @@ def _jobs() -> dict[str, tuple[Any, dict[str, Any]]]:
 
 
 def _answer(path: Path, device: str, job_input: dict[str, Any]) -> Any:
-    from serving.worker import build_worker
+    from tests.support.worker import build_worker
 
     worker = build_worker({"MODEL_PATH": str(path), "MODEL_DEVICE": device,
                            "MODEL_DTYPE": "float32"})

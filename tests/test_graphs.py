@@ -23,10 +23,11 @@ import torch
 from torch._dynamo.utils import counters
 
 from bench.worker_bench import cut_model as _cut_model
-from model_loader import LoadedModel, load_model
 from serving.config import PROJECT_ROOT, ModelSettings, WorkerSettings
 from serving.engine import Engine, SamplingParams, Sequence
 from serving.graphs import GraphEngine, choose_engine
+from serving.placement import LoadedModel
+from tests.support.worker import load_model
 
 pytestmark = pytest.mark.slow
 

@@ -21,8 +21,9 @@ import transformers
 from PIL import Image
 
 from serving.families import to_json
-from serving.worker import Worker, build_worker
+from serving.worker import Worker
 from tests.support.families import answer, check_banner_examples, close
+from tests.support.worker import build_worker
 
 LABELS = {0: "cat", 1: "dog", 2: "owl"}
 

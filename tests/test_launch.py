@@ -154,8 +154,9 @@ class TestServerlessStartImports:
     def test_the_worker_loop_never_imports_dev(self, default_model_dir):
         """handler.py's worker loop: the model loaded and the SDK imported, no dev module."""
         code = ("import handler\n"
-                "assert handler.WORKER is not None\n"
-                "handler._SDK.result()")
+                "from serving import start, worker\n"
+                "assert worker.build_worker(handler.parts()) is not None\n"
+                "start.BackgroundImport().result()")
         env = {**os.environ, "MODEL_PATH": str(default_model_dir), "MODEL_WARMUP": "false",
                "RUNPOD_WEBHOOK_GET_JOB": "http://127.0.0.1:9/job-take/$ID"}
         assert [m for m in _imported_by(code, env) if m.split(".")[0] == "dev"] == []

@@ -8,15 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_loader import (
-    choose_device,
-    choose_device_map,
-    choose_dtype,
-    describe_placement,
-    resolve_model_source,
-)
+from model_loader import resolve_model_source
 from serving.config import ModelSettings
 from serving.errors import ModelNotFound, SettingsError
+from serving.placement import choose_device, choose_device_map, choose_dtype, describe_placement
 
 NAME = "org/tiny-model"
 # These assert what happens without a GPU; on a CUDA machine the answer is rightly different.

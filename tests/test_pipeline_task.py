@@ -16,9 +16,9 @@ import pytest
 import torch
 import transformers
 
-from serving.worker import Worker, build_worker
+from serving.worker import Worker
 from tests.support.families import answer, check_banner_examples, close
-from tests.support.worker import collect
+from tests.support.worker import build_worker, collect
 
 NLI = {"contradiction": 0, "neutral": 1, "entailment": 2}
 NER = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"}

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ENTRY_POINTS = ("serving/launch.py", "handler.py", "dev/local_endpoint.py")
 # Needed at run time although the worker never imports it by name: say why.
-REASONS = {"accelerate": "model_loader passes device_map to from_pretrained, which needs it"}
+REASONS = {"accelerate": "serving/placement.py passes device_map to from_pretrained: it needs it"}
 
 
 def _norm(name: str) -> str:
@@ -118,7 +118,7 @@ class TestRuntimeRequirements:
         assert not missing, f"the worker imports {missing}; pin them in requirements.txt"
 
     def test_each_reason_is_still_true(self):
-        assert "device_map" in (ROOT / "model_loader.py").read_text()
+        assert "device_map" in (ROOT / "serving" / "placement.py").read_text()
         assert set(REASONS) <= set(self.pinned)
 
 

@@ -98,7 +98,8 @@ def test_the_storage_free_modules_import_no_boto3():
 
 @pytest.mark.slow
 def test_a_test_mode_job_without_a_bucket_never_imports_boto3(plain_test_mode):
-    """Not our modules, nor accelerate's SageMaker wizard (model_loader hides boto3 from it)."""
+    """Not our modules, nor accelerate's SageMaker wizard (serving/patches.py hides boto3 from
+    it)."""
     answer, importers = plain_test_mode
     assert answer["output"][0]["usage"]["completion_tokens"] == 1
     loaders = {importer for name, importer in importers.items()
@@ -133,8 +134,9 @@ def test_the_openai_module_loads_with_the_first_openai_job(
         default_model_dir: Path):
     code = f"""
 import asyncio, json, sys
+from handler import parts
 from serving import worker
-w = worker.build_worker({{"MODEL_PATH": {str(default_model_dir)!r}}})
+w = worker.build_worker(parts(), {{"MODEL_PATH": {str(default_model_dir)!r}}})
 seen = {{}}
 
 async def jobs():
@@ -159,12 +161,12 @@ import json, sys
 started = []
 sys.addaudithook(lambda event, args: event == "subprocess.Popen" and started.append(
     [str(a) for a in args[1]]))
-from serving import sdk
-sdk.import_sdk()
+from serving import patches
+patches.import_runpod()
 import cpuinfo
 from runpod.serverless.utils import rp_debugger
 print(json.dumps({"started": started, "processor": rp_debugger.PROCESSOR,
-                  "probe_restored": cpuinfo.get_cpu_info is not sdk.cpu_name}))
+                  "probe_restored": cpuinfo.get_cpu_info is not patches.cpu_name}))
 """
     seen = _run(code)
     pythons = [args for args in seen["started"] if args and "python" in Path(args[0]).name]
@@ -174,5 +176,5 @@ print(json.dumps({"started": started, "processor": rp_debugger.PROCESSOR,
 
 
 def sdk_cpu_name() -> str:
-    from serving import sdk
-    return sdk.cpu_name()["brand_raw"]
+    from serving import patches
+    return patches.cpu_name()["brand_raw"]

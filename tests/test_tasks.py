@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from transformers import VideoMAEConfig
 
-from model_loader import ModelSource, pick_task, read_model_files, served_name
+from model_loader import ModelSource, read_model_files, served_name
 from serving.config import ModelSettings
 from serving.errors import SettingsError, UnsupportedModel
-from serving.worker import build_worker
+from serving.loading import pick_task
 from tasks import TASKS
 from tests.support.dockerfile import ROOT
-from tests.support.worker import collect
+from tests.support.worker import build_worker, collect
 
 
 def files(path: Path, origin: str = "MODEL_PATH"):

@@ -24,9 +24,9 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, Swin2SRForImageSuperResolution
 
-from serving.worker import Worker, build_worker
+from serving.worker import Worker
 from tests.support.images import data_uri, iccp_bomb, image_bytes, jpeg_scan_bomb
-from tests.support.worker import LoopThread, collect
+from tests.support.worker import LoopThread, build_worker, collect
 
 pytestmark = pytest.mark.slow
 

@@ -8,13 +8,41 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from serving.worker import Worker, build_worker
+from handler import parts
+from serving import loading
+from serving import worker as serving_worker
+from serving.config import ModelSettings, WorkerSettings
+from serving.placement import LoadedModel
+from serving.worker import Worker
+
+if TYPE_CHECKING:
+    from tasks.base import Task
+
+
+def build_worker(env: dict[str, str]) -> Worker:
+    """A worker made of this project's parts (``handler.parts``), as ``python handler.py``
+    builds one, with settings read from ``env``."""
+    return serving_worker.build_worker(parts(), env)
+
+
+def load_task(settings: ModelSettings, worker_settings: WorkerSettings,
+              tasks: Mapping[str, type[Task]], warmup: bool | None = None) -> Task:
+    """The task as a worker loads it (``serving.loading.load_task``), the model found by this
+    project's ``model_loader``; for code that drives a task without a worker."""
+    return loading.load_task(settings, worker_settings, tasks, parts().find_model, warmup)
+
+
+def load_model(settings: ModelSettings, warmup: bool | None = None) -> LoadedModel:
+    """``load_task``'s model, the task picked from this project's registry and its settings
+    read from the environment, as a worker's are (WORKER_DECODE, its batch size and compile
+    cache decide the engine the warm-up compiles)."""
+    return load_task(settings, WorkerSettings.from_env(), parts().tasks, warmup).loaded
 
 
 class LoopThread:
