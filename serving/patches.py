@@ -93,7 +93,7 @@ def install_intake() -> bool:
         return False
     from serving.intake import Intake
 
-    rp_scale.JobScaler = Intake  # type: ignore[misc]
+    rp_scale.JobScaler = Intake
     return True
 
 

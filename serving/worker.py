@@ -32,7 +32,7 @@ import functools
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -146,7 +146,7 @@ class Worker:
             await answers.aclose()
 
     async def _handle(self, job: Any, progress: ProgressFn | None
-                      ) -> AsyncIterator[dict[str, Any] | str]:
+                      ) -> AsyncGenerator[dict[str, Any] | str]:
         job_id = str(job.get("id", "job")) if isinstance(job, dict) else "job"
         openai = is_openai_job(job)
         try:
@@ -184,12 +184,12 @@ class Worker:
             answer = answer if isinstance(answer, list) else dict(answer)
             yield await self._delivered(self._deliver, answer, job, mode, context.deadline)
         except Exception as exc:  # noqa: BLE001 - the job boundary: every failure is answered
-            answer = error_response(exc, openai=openai)
-            if answer["error_code"] == "internal":
+            failure = error_response(exc, openai=openai)
+            if failure["error_code"] == "internal":
                 log.exception("job %s failed unexpectedly", job_id)
             else:
-                log.info("job %s failed: %s", job_id, answer["error"])
-            yield dict(answer)
+                log.info("job %s failed: %s", job_id, failure["error"])
+            yield dict(failure)
 
     def _openai_routes(self) -> OpenAIRoutes:
         if self.openai is None:
