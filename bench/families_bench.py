@@ -192,7 +192,7 @@ def _direct(kind: str, pipe: Any, inputs: list[Any], params: dict[str, Any]) -> 
     if kind == "question-answering":        # no pipeline in transformers 5: our runner alone
         qa = {"top_k": 1, "max_answer_len": 15, "doc_stride": 128,
               "handle_impossible_answer": False}
-        return text_runners.question_answering(pipe.model, pipe.tokenizer, inputs, qa, kind)
+        return text_runners.question_answering(pipe, inputs, qa, kind)
     # The pipeline takes an audio dict apart: each call gets its own copies, as the worker's do.
     inputs = [x.decoded() if isinstance(x, _Encoded) else dict(x) if isinstance(x, dict) else x
               for x in inputs]

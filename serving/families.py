@@ -122,6 +122,10 @@ class Text2TextParameters(StrictInput):
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
 
 
+class ImageToTextParameters(Text2TextParameters):
+    prompt: str | None = Field(default=None, min_length=1, max_length=2000)  # text to go on from
+
+
 class QuestionAnsweringParameters(StrictInput):
     top_k: int = Field(default=1, ge=1, le=20)
     max_answer_len: int = Field(default=15, ge=1, le=512)
@@ -146,8 +150,9 @@ def _wrap_plain(single: bool, results: list[Any], params: dict[str, Any]) -> Any
 
 
 # A runner computes the kinds transformers 5 has no pipeline for, on the device thread:
-# runner(model, tokenizer, inputs, params, kind) -> one JSON result per input.
-Runner = Callable[[Any, Any, list[Any], dict[str, Any], str], list[Any]]
+# runner(pipe, inputs, params, kind) -> one JSON result per input, where ``pipe`` holds the
+# model and its preprocessors as a pipeline does (``model``, ``tokenizer``, ``image_processor``).
+Runner = Callable[[Any, list[Any], dict[str, Any], str], list[Any]]
 
 
 @dataclass(frozen=True)
@@ -165,6 +170,8 @@ class Family:
     batch: bool = True                         # inputs of several jobs share a pipeline call
     # The job's parameters -> the pipeline's keyword arguments (ours removed, some regrouped).
     call: Callable[[dict[str, Any]], dict[str, Any]] = dict
+    # The parameters this model cannot take: (model, params) -> (parameter, why) or None.
+    refuse: Callable[[Any, dict[str, Any]], tuple[str, str] | None] | None = None
 
 
 def _families() -> dict[str, Family]:
@@ -189,6 +196,8 @@ def _families() -> dict[str, Family]:
         Family("object-detection", ObjectDetectionParameters, _wrap_plain, media="image"),
         Family("image-segmentation", ImageSegmentationParameters, _wrap_plain, media="image"),
         Family("depth-estimation", NoParameters, _wrap_plain, media="image"),
+        Family("image-to-text", ImageToTextParameters, _wrap_list, media="image",
+               runner=text_runners.image_to_text, refuse=text_runners.refuse_image_to_text),
         Family("automatic-speech-recognition", SpeechRecognitionParameters, _wrap_plain,
                media="audio", call=_speech_call),
         Family("audio-classification", AudioClassificationParameters, _wrap_plain,
@@ -213,7 +222,8 @@ def _without_format(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _wrap_list(single: bool, results: list[Any], params: dict[str, Any]) -> Any:
-    # As the 4.x text2text pipelines answered: a list of one {"<kind>_text": ...} per input.
+    # As the 4.x text2text and image-to-text pipelines answered: a list of one
+    # {"<kind>_text": ...} per input.
     return [results[0]] if single else [[r] for r in results]
 
 

@@ -4,7 +4,8 @@ Serves every model whose config reads as one of the kinds in ``serving/families.
 table that says what differs between them): text and zero-shot classification, token
 classification (NER), fill-mask, seq2seq text (text2text, summarization, translation),
 extractive question answering, image and zero-shot image classification, object detection,
-image segmentation and depth estimation. Answers are transformers' pipeline's own, which users
+image segmentation, depth estimation and image to text (captioning), speech recognition, audio
+classification and text to speech. Answers are transformers' pipeline's own, which users
 compare against (``serving/text_runners.py`` computes the kinds transformers 5 has no pipeline
 for). Two input forms, both validated, unknown fields and parameters refused by name::
 
@@ -64,6 +65,7 @@ _MODEL_CLASSES = {
     "object-detection": transformers.AutoModelForObjectDetection,
     "image-segmentation": transformers.AutoModelForSemanticSegmentation,
     "depth-estimation": transformers.AutoModelForDepthEstimation,
+    "image-to-text": transformers.AutoModelForImageTextToText,
     "automatic-speech-recognition": transformers.AutoModelForSpeechSeq2Seq,
     "audio-classification": transformers.AutoModelForAudioClassification,
     "text-to-audio": transformers.AutoModelForTextToWaveform,
@@ -104,6 +106,16 @@ class PipelineItem:
         return True
 
 
+@dataclass(frozen=True)
+class Preprocessors:
+    """What ``PipelineTask.load`` leaves in ``LoadedModel.processor``: the kind it serves the
+    model as, and the image processor or feature extractor that kind reads its media with."""
+
+    kind: str
+    image_processor: Any = None
+    feature_extractor: Any = None
+
+
 class PipelineEngine:
     """Runs a batch of items on the device thread: one pipeline call per parameter set."""
 
@@ -123,8 +135,7 @@ class PipelineEngine:
             # A pipeline may take its input dict apart: each call gets its own copy.
             texts = [dict(i.text) if isinstance(i.text, dict) else i.text for i in group]
             if self.family.runner is not None:
-                outs = self.family.runner(self.pipe.model, self.pipe.tokenizer, texts,
-                                          group[0].params, self.family.kind)
+                outs = self.family.runner(self.pipe, texts, group[0].params, self.family.kind)
             else:
                 outs = self.pipe(texts, batch_size=len(texts),
                                  **self.family.call(group[0].params))
@@ -163,23 +174,24 @@ class PipelineTask(Task):
             image_processor = transformers.AutoImageProcessor.from_pretrained(model.path)
         if FAMILIES[kind].media == "audio":
             feature_extractor = transformers.AutoFeatureExtractor.from_pretrained(model.path)
-        # The family this worker serves, and its preprocessors.
-        loaded.processor = (kind, image_processor, feature_extractor)
+        loaded.processor = Preprocessors(kind, image_processor, feature_extractor)
         return loaded
 
     def __init__(self, loaded: LoadedModel, settings: WorkerSettings,
                  env: Mapping[str, str] | None = None) -> None:
         super().__init__(loaded, settings, env)
-        kind, image_processor, feature_extractor = loaded.processor
+        pre: Preprocessors = loaded.processor
+        kind, feature_extractor = pre.kind, pre.feature_extractor
         self.family = FAMILIES[kind]
         if self.family.runner is None:
             self.pipe = transformers.pipeline(kind, model=loaded.model,
                                               tokenizer=loaded.tokenizer,
-                                              image_processor=image_processor,
+                                              image_processor=pre.image_processor,
                                               feature_extractor=feature_extractor,
                                               device=loaded.device)
-        else:                                 # the runner's model and tokenizer, as a pipe's
-            self.pipe = SimpleNamespace(model=loaded.model, tokenizer=loaded.tokenizer)
+        else:                                 # the runner's model and preprocessors, as a pipe's
+            self.pipe = SimpleNamespace(model=loaded.model, tokenizer=loaded.tokenizer,
+                                        image_processor=pre.image_processor)
         self.sampling_rate = int(getattr(feature_extractor, "sampling_rate", 16000) or 16000)
         # Audio of different lengths is padded in a batch: where the model neither sees a mask
         # nor pads every input to one fixed size itself (Whisper's 30 s, AST's frames), padding
@@ -222,7 +234,8 @@ class PipelineTask(Task):
     def _warm_up_params(self) -> dict[str, Any]:
         if self.family.kind in ("zero-shot-classification", "zero-shot-image-classification"):
             return {"candidate_labels": ["a", "b"]}
-        if self.family.kind in ("text2text-generation", "summarization", "translation"):
+        if self.family.kind in ("text2text-generation", "summarization", "translation",
+                                "image-to-text"):
             return {"max_new_tokens": 2}
         return self._call_params({})
 
@@ -253,6 +266,11 @@ class PipelineTask(Task):
                 one = self._one_input(one, name)
             request = PipelineRequest([one], self._call_params(
                 {k: v for k, v in values.items() if v is not None}), True, False, [name])
+        refused = self.family.refuse and self.family.refuse(self.loaded.model, request.params)
+        if refused:
+            parameter, why = refused
+            prefix = f"{where}.parameters" if request.hub_shape else where
+            raise InputError(why, field=f"{prefix}.{parameter}")
         if self.family.mask_token:
             mask = self.loaded.tokenizer.mask_token
             for text, name in zip(request.texts, request.fields, strict=True):
@@ -397,6 +415,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "object-detection": {"image": _PIXEL},
     "image-segmentation": {"image": _PIXEL},
     "depth-estimation": {"image": _PIXEL},
+    "image-to-text": {"image": _PIXEL},
     "automatic-speech-recognition": {"audio": _silence()},
     "audio-classification": {"audio": _silence()},
     "text-to-audio": {"text": "Hello there"},
