@@ -119,18 +119,19 @@ class Preprocessors:
 class PipelineEngine:
     """Runs a batch of items on the device thread: one pipeline call per parameter set."""
 
-    def __init__(self, pipe: Any, family: Family) -> None:
+    def __init__(self, pipe: Any, family: Family, batch: bool = True) -> None:
         self.pipe = pipe
         self.family = family
+        self.batch = batch and family.batch      # False: one input per call
 
     def run(self, items: list[PipelineItem]) -> None:
         groups: dict[str, list[PipelineItem]] = {}
         for item in items:
             if not item.cancelled.is_set():
                 groups.setdefault(item.key, []).append(item)
-        if not self.family.batch:         # one input per call
-            groups = {str(n): [item] for n, group in enumerate(groups.values())
-                      for item in group}
+        if not self.batch:                    # one input per call
+            groups = {str(n): [item] for n, item in enumerate(
+                item for group in groups.values() for item in group)}
         for group in groups.values():
             # A pipeline may take its input dict apart: each call gets its own copy.
             texts = [dict(i.text) if isinstance(i.text, dict) else i.text for i in group]
@@ -214,7 +215,8 @@ class PipelineTask(Task):
         self.input = self.named
         self.example = (EXAMPLES.get(kind) or
                         {"text": f"Paris is the {loaded.tokenizer.mask_token} of France."})
-        self.batcher = Batcher(PipelineEngine(self.pipe, self.family),
+        batch = loaded.device.type != "cpu" or self.family.batch_on_cpu(loaded.model)
+        self.batcher = Batcher(PipelineEngine(self.pipe, self.family, batch),
                                settings.max_batch_size, settings.batch_wait_ms)
 
     def warm_up(self) -> None:

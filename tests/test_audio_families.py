@@ -223,6 +223,23 @@ class TestOwnFields:
         [[beside], _] = loop.run(jobs())
         assert beside == alone
 
+    def test_concurrent_speech_jobs_each_get_their_own_file(self, loop, workers, pipelines):
+        """Pins a lost answer: run one per call, a batch's inputs but its last were skipped and
+        their jobs COMPLETED with a null result."""
+        worker = workers["text-to-audio"]
+        texts = ["hello", "hello world", "good day"]
+
+        async def jobs() -> list[Any]:
+            return await asyncio.gather(*(collect(worker, {"text": t}, f"t{i}")
+                                          for i, t in enumerate(texts)))
+
+        outs = loop.run(jobs())
+        for text, [out] in zip(texts, outs, strict=True):
+            want = np.asarray(pipelines["text-to-audio"](text)["audio"]).reshape(-1)
+            back = decode_audio(base64.b64decode(out["result"]["audio"]["data"]),
+                                sampling_rate=RATE, max_seconds=5, field="f")
+            assert back.shape == want.shape, text
+
     def test_concurrent_jobs_share_forward_passes(self, loop, workers):
         worker = workers["audio-classification"]
         before = worker.task.batcher.batches_run
