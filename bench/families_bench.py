@@ -30,6 +30,7 @@ import json
 import platform
 import statistics
 import tempfile
+import threading
 import time
 import wave
 from collections.abc import Callable
@@ -211,24 +212,42 @@ def bench_kind(kind: str, root: Path, repeats: int) -> dict[str, Any]:
     async def run_jobs() -> None:
         async def one(n: int, job: dict[str, Any]) -> None:
             async for out in worker.handle({"id": f"j{n}", "input": job}):
-                assert "error" not in out, out
+                assert "error" not in out and out.get("result") is not None, out
         await asyncio.gather(*(one(n, job) for n, job in enumerate(jobs)))
 
-    def timed(fn: Callable[[], Any]) -> float:
-        fn()                                     # warm: allocator, kernels, caches
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    worker_s = timed(lambda: asyncio.run(run_jobs()))
-    one_s = timed(lambda: [_direct(kind, pipe, [x], params) for x in inputs])
-    list_s = timed(lambda: _direct(kind, pipe, inputs, params))
+    ways: dict[str, Callable[[], Any]] = {
+        "worker": lambda: asyncio.run(run_jobs()),
+        "one": lambda: [_direct(kind, pipe, [x], params) for x in inputs],
+        "list": lambda: _direct(kind, pipe, inputs, params),
+    }
+    worker_s, one_s, list_s = _timed(ways, repeats).values()
     return {"kind": kind, "worker_8_jobs_s": worker_s, "one_at_a_time_s": one_s,
             "as_one_list_s": list_s, "vs_one_at_a_time": one_s / worker_s,
             "vs_one_list": list_s / worker_s}
+
+
+def _timed(ways: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Each way's median seconds. The ways take turns in each repeat, so a neighbour's load on
+    a shared machine falls on all of them alike, and all run on one thread that is not the
+    main thread, as the worker's device thread is (on a loaded CPU, torch ran the same calls 3x
+    slower on the main thread than on another one)."""
+    times: dict[str, list[float]] = {name: [] for name in ways}
+
+    def run() -> None:
+        for fn in ways.values():
+            fn()                                 # warm: allocator, kernels, caches
+        for _ in range(repeats):
+            for name, fn in ways.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+
+    thread = threading.Thread(target=run, name="bench")
+    thread.start()
+    thread.join()
+    if any(len(t) < repeats for t in times.values()):
+        raise RuntimeError("a timed call failed; see the traceback above")
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:

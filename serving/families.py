@@ -168,6 +168,9 @@ class Family:
     pair_truncation: bool = False              # the model sees (text, x): the runner fits it
     media: Literal["text", "image", "audio"] = "text"   # what one input is
     batch: bool = True                         # inputs of several jobs share a pipeline call
+    # On a CPU, whether batching pays for this model (a batch of a big convolution is no faster
+    # there than its inputs one by one, and waits for its slowest member).
+    batch_on_cpu: Callable[[Any], bool] = lambda model: True   # noqa: E731 - a default
     # The job's parameters -> the pipeline's keyword arguments (ours removed, some regrouped).
     call: Callable[[dict[str, Any]], dict[str, Any]] = dict
     # The parameters this model cannot take: (model, params) -> (parameter, why) or None.
@@ -198,14 +201,21 @@ def _families() -> dict[str, Family]:
         Family("depth-estimation", NoParameters, _wrap_plain, media="image"),
         Family("image-to-text", ImageToTextParameters, _wrap_list, media="image",
                runner=text_runners.image_to_text, refuse=text_runners.refuse_image_to_text),
+        # CTC models (wav2vec2, HuBERT) are a convolution over the samples and one encoder pass:
+        # on a CPU, 8 clips as one batch ran 0.9x to 1.0x as fast as one by one (bench/
+        # families_bench.py), so there only models that generate (Whisper) batch.
         Family("automatic-speech-recognition", SpeechRecognitionParameters, _wrap_plain,
-               media="audio", call=_speech_call),
+               media="audio", call=_speech_call, batch_on_cpu=_generates),
         Family("audio-classification", AudioClassificationParameters, _wrap_plain,
                media="audio"),
         # Speech lengths differ per text: one text per call, so no padding reaches the audio.
         Family("text-to-audio", TextToAudioParameters, _wrap_plain, batch=False,
                call=_without_format),
     )}
+
+
+def _generates(model: Any) -> bool:
+    return bool(getattr(model, "can_generate", lambda: False)())
 
 
 def _speech_call(params: dict[str, Any]) -> dict[str, Any]:
