@@ -60,9 +60,11 @@ SENTENCES = [
 
 
 def _bert(path: Path, head: Any, **config: Any) -> None:
-    tokenizer = transformers.BertTokenizerFast(vocab_file=str(_vocab(path.parent)))
+    # transformers 5's BertTokenizer takes the vocabulary itself (a vocab_file is ignored).
+    words = dict.fromkeys(_vocab(path.parent).read_text().split())
+    tokenizer = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(words)})
     tokenizer.save_pretrained(path)
-    bert = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=256,
+    bert = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=256,
                                    num_hidden_layers=4, num_attention_heads=4,
                                    intermediate_size=1024, **config)
     head(bert).save_pretrained(path)
