@@ -205,13 +205,43 @@ def _families() -> dict[str, Family]:
         # on a CPU, 8 clips as one batch ran 0.9x to 1.0x as fast as one by one (bench/
         # families_bench.py), so there only models that generate (Whisper) batch.
         Family("automatic-speech-recognition", SpeechRecognitionParameters, _wrap_plain,
-               media="audio", call=_speech_call, batch_on_cpu=_generates),
+               media="audio", call=_speech_call, batch_on_cpu=_generates,
+               refuse=_refuse_speech),
         Family("audio-classification", AudioClassificationParameters, _wrap_plain,
                media="audio"),
         # Speech lengths differ per text: one text per call, so no padding reaches the audio.
         Family("text-to-audio", TextToAudioParameters, _wrap_plain, batch=False,
                call=_without_format),
     )}
+
+
+def _refuse_speech(model: Any, params: dict[str, Any]) -> tuple[str, str] | None:
+    """Whisper's ``language`` and ``task`` only for a model whose generation config knows them
+    (a CTC model has neither; an English-only Whisper has no languages), and a language it
+    knows: a code (``fr``), a name (``french``) or its token (``<|fr|>``), as generate reads it."""
+    config = getattr(model, "generation_config", None)
+    languages = getattr(config, "lang_to_id", None) or {}
+    tasks = getattr(config, "task_to_id", None) or {}
+    for name, known in (("language", languages), ("task", tasks)):
+        if params.get(name) is not None and not (known and getattr(
+                config, "is_multilingual", True)):
+            return name, f"this model ({type(model).__name__}) takes no {name}; leave it out"
+    language = params.get("language")
+    if language is not None and _language_token(language) not in languages:
+        codes = ", ".join(sorted(t.strip("<|>") for t in languages))
+        return "language", f"{language!r} is not a language this model knows; use one of {codes}"
+    if params.get("task") is not None and params["task"] not in tasks:
+        return "task", f"this model does not {params['task']}; use one of {', '.join(tasks)}"
+    return None
+
+
+def _language_token(language: str) -> str:
+    from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
+    language = language.lower()
+    if language.startswith("<|"):
+        return language
+    return f"<|{TO_LANGUAGE_CODE.get(language, language)}|>"
 
 
 def _generates(model: Any) -> bool:
