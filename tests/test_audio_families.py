@@ -327,7 +327,8 @@ class TestWhisperLanguageAndTask:
 
     def test_a_ctc_model_takes_no_language(self, loop, workers):
         got = answer(loop, workers["automatic-speech-recognition"],
-                     {"inputs": data_uri(wav_bytes(tone(0.3))), "parameters": {"task": "translate"}})
+                     {"inputs": data_uri(wav_bytes(tone(0.3))),
+                      "parameters": {"task": "translate"}})
         assert got["error_code"] == "invalid_input", got
         assert "input.parameters.task" in got["error"] and "takes no task" in got["error"]
 
