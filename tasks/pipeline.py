@@ -314,8 +314,16 @@ class PipelineTask(Task):
             inputs = [await self._audio(ref, name, job)
                       for ref, name in zip(request.texts, request.fields, strict=True)]
         elif not self.family.pair_truncation:     # else the pairs are fitted to the model
-            counts = await in_tokenizer_thread(self._token_counts, request.texts)
-            for count, name in zip(counts, request.fields, strict=True):
+            # The pipeline tokenizes every text again on the device thread: only a text that
+            # could be over the limit is counted first (a token covers at least one byte, and
+            # a tokenizer adds at most a marker per word and a few special tokens: 2 per byte
+            # and 8 bound it), so a short text costs one tokenization, not two.
+            long = [(text, name) for text, name in zip(request.texts, request.fields,
+                                                       strict=True)
+                    if 2 * len(text.encode()) + 8 > self.max_tokens]
+            counts = (await in_tokenizer_thread(self._token_counts, [t for t, _ in long])
+                      if long else [])
+            for count, (_, name) in zip(counts, long, strict=True):
                 if count > self.max_tokens:
                     raise InputError(f"is {count:,} tokens, over the model's {self.max_tokens:,};"
                                      " send a shorter text", field=name)
