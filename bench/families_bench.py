@@ -5,17 +5,21 @@ called one input at a time and with the 8 inputs as one list, in the same run. N
     .venv/bin/python -m bench.families_bench --kinds text-classification fill-mask
 
 Each kind's model is a small one with random weights, made here (a BERT of 4 layers and 256
-wide for the text kinds, a ViT-tiny-sized image model, a wav2vec2 of 4 layers, ...): the time
+wide for the text kinds, a ViT-tiny-sized image model, a ViT-tiny + 4-layer GPT-2 captioner, a
+wav2vec2 of 4 layers): the time
 of a forward pass does not depend on the weights' values, and these sizes keep the run short
 on a CPU while being large enough that the model, not Python, is most of the time.
 
 - worker: 8 jobs at once through ``Worker.handle`` (the worker's own fields: parsing, media
   decoding, the batcher, the pipeline, JSON), as RunPod's loop would run them.
 - one at a time: the same pipeline object called on each input in turn (what a worker without
-  batching does at best), images and audio decoded from the same bytes the jobs send.
+  batching does at best), images and audio decoded from the same bytes the jobs send; for the
+  kinds with no pipeline in transformers 5 (QA, captioning), the worker's own runner.
 - as a list: the pipeline called once on the 8 inputs with ``batch_size=8`` (batching with no
   job machinery at all).
 
+The three take turns in each repeat (the median is kept), so a neighbour's load on a shared
+machine falls on all alike; the machine is shared, so repeat a run before trusting a ratio.
 A ratio over 1 means the worker's 8 jobs finish sooner. Results go to
 ``bench/results/<device>-families.json``.
 """
@@ -168,6 +172,8 @@ def _inputs(kind: str) -> tuple[list[Any], list[Any], dict[str, Any]]:
         texts = [s.replace("the", "[MASK]", 1) if "the" in s else "[MASK] " + s for s in texts]
     if kind == "zero-shot-classification":
         params = {"candidate_labels": ["travel", "food", "music"]}
+    if kind == "token-classification":      # our field's default; the pipeline's is "none"
+        params = {"aggregation_strategy": "simple"}
     if kind == "question-answering":
         context = " ".join(SENTENCES)
         jobs = [{"question": f"What happened {i}?", "context": context} for i in range(JOBS)]
