@@ -202,7 +202,7 @@ def _families() -> dict[str, Family]:
         Family("image-to-text", ImageToTextParameters, _wrap_list, media="image",
                runner=text_runners.image_to_text, refuse=text_runners.refuse_image_to_text),
         # CTC models (wav2vec2, HuBERT) are a convolution over the samples and one encoder pass:
-        # on a CPU, 8 clips as one batch ran 0.9x to 1.0x as fast as one by one (bench/
+        # on a CPU, 8 clips as one batch ran 0.75x to 1.0x as fast as one by one (bench/
         # families_bench.py), so there only models that generate (Whisper) batch.
         Family("automatic-speech-recognition", SpeechRecognitionParameters, _wrap_plain,
                media="audio", call=_speech_call, batch_on_cpu=_generates,
