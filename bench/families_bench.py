@@ -5,17 +5,21 @@ called one input at a time and with the 8 inputs as one list, in the same run. N
     .venv/bin/python -m bench.families_bench --kinds text-classification fill-mask
 
 Each kind's model is a small one with random weights, made here (a BERT of 4 layers and 256
-wide for the text kinds, a ViT-tiny-sized image model, a wav2vec2 of 4 layers, ...): the time
+wide for the text kinds, a ViT-tiny-sized image model, a ViT-tiny + 4-layer GPT-2 captioner, a
+wav2vec2 of 4 layers): the time
 of a forward pass does not depend on the weights' values, and these sizes keep the run short
 on a CPU while being large enough that the model, not Python, is most of the time.
 
 - worker: 8 jobs at once through ``Worker.handle`` (the worker's own fields: parsing, media
   decoding, the batcher, the pipeline, JSON), as RunPod's loop would run them.
 - one at a time: the same pipeline object called on each input in turn (what a worker without
-  batching does at best), images and audio decoded from the same bytes the jobs send.
+  batching does at best), images and audio decoded from the same bytes the jobs send; for the
+  kinds with no pipeline in transformers 5 (QA, captioning), the worker's own runner.
 - as a list: the pipeline called once on the 8 inputs with ``batch_size=8`` (batching with no
   job machinery at all).
 
+The three take turns in each repeat (the median is kept), so a neighbour's load on a shared
+machine falls on all alike; the machine is shared, so repeat a run before trusting a ratio.
 A ratio over 1 means the worker's 8 jobs finish sooner. Results go to
 ``bench/results/<device>-families.json``.
 """
@@ -30,6 +34,7 @@ import json
 import platform
 import statistics
 import tempfile
+import threading
 import time
 import wave
 from collections.abc import Callable
@@ -41,6 +46,7 @@ import torch
 import transformers
 from PIL import Image
 
+from serving.device import DEVICE_THREAD
 from tests.support.worker import build_worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,9 +65,11 @@ SENTENCES = [
 
 
 def _bert(path: Path, head: Any, **config: Any) -> None:
-    tokenizer = transformers.BertTokenizerFast(vocab_file=str(_vocab(path.parent)))
+    # transformers 5's BertTokenizer takes the vocabulary itself (a vocab_file is ignored).
+    words = dict.fromkeys(_vocab(path.parent).read_text().split())
+    tokenizer = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(words)})
     tokenizer.save_pretrained(path)
-    bert = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=256,
+    bert = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=256,
                                    num_hidden_layers=4, num_attention_heads=4,
                                    intermediate_size=1024, **config)
     head(bert).save_pretrained(path)
@@ -101,6 +109,26 @@ def _ctc(path: Path) -> None:
     transformers.Wav2Vec2ForCTC(config).save_pretrained(path)
 
 
+def _captioner(path: Path) -> None:
+    """A VisionEncoderDecoder the size of ViT-tiny + a 4-layer GPT-2, writing 16 tokens."""
+    words = dict.fromkeys(_vocab(path.parent).read_text().split())
+    tokenizer = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+    tokenizer.save_pretrained(path)
+    ids = {"bos_token_id": tokenizer.cls_token_id, "eos_token_id": tokenizer.sep_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+        transformers.ViTConfig(hidden_size=192, num_hidden_layers=6, num_attention_heads=3,
+                               intermediate_size=768),
+        transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=256, n_layer=4, n_head=4,
+                                add_cross_attention=True, is_decoder=True, **ids))
+    config.decoder_start_token_id = ids["bos_token_id"]
+    config.pad_token_id, config.eos_token_id = ids["pad_token_id"], ids["eos_token_id"]
+    model = transformers.VisionEncoderDecoderModel(config)
+    model.generation_config.update(decoder_start_token_id=ids["bos_token_id"], max_length=17,
+                                   suppress_tokens=[ids["eos_token_id"]], **ids)
+    _image_model(path, model, transformers.ViTImageProcessor())
+
+
 MAKERS: dict[str, Callable[[Path], None]] = {
     "text-classification": lambda p: _bert(
         p, transformers.BertForSequenceClassification, **_labels("NEG", "POS")),
@@ -121,6 +149,7 @@ MAKERS: dict[str, Callable[[Path], None]] = {
             hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768,
             image_size=[256, 256], **_labels("a", "b"))),
         transformers.YolosImageProcessor(size={"shortest_edge": 256, "longest_edge": 256})),
+    "image-to-text": _captioner,
     "automatic-speech-recognition": _ctc,
 }
 
@@ -128,7 +157,7 @@ MAKERS: dict[str, Callable[[Path], None]] = {
 def _inputs(kind: str) -> tuple[list[Any], list[Any], dict[str, Any]]:
     """(job inputs, pipeline inputs, pipeline parameters) for 8 jobs of ``kind``."""
     params: dict[str, Any] = {}
-    if kind in ("image-classification", "object-detection"):
+    if kind in ("image-classification", "object-detection", "image-to-text"):
         images = [Image.fromarray(np.random.default_rng(i).integers(
             0, 256, (240, 320, 3), dtype=np.uint8)) for i in range(JOBS)]
         jobs = [{"image": _png_uri(image)} for image in images]
@@ -143,6 +172,8 @@ def _inputs(kind: str) -> tuple[list[Any], list[Any], dict[str, Any]]:
         texts = [s.replace("the", "[MASK]", 1) if "the" in s else "[MASK] " + s for s in texts]
     if kind == "zero-shot-classification":
         params = {"candidate_labels": ["travel", "food", "music"]}
+    if kind == "token-classification":      # our field's default; the pipeline's is "none"
+        params = {"aggregation_strategy": "simple"}
     if kind == "question-answering":
         context = " ".join(SENTENCES)
         jobs = [{"question": f"What happened {i}?", "context": context} for i in range(JOBS)]
@@ -192,7 +223,10 @@ def _direct(kind: str, pipe: Any, inputs: list[Any], params: dict[str, Any]) -> 
     if kind == "question-answering":        # no pipeline in transformers 5: our runner alone
         qa = {"top_k": 1, "max_answer_len": 15, "doc_stride": 128,
               "handle_impossible_answer": False}
-        return text_runners.question_answering(pipe.model, pipe.tokenizer, inputs, qa, kind)
+        return text_runners.question_answering(pipe, inputs, qa, kind)
+    if kind == "image-to-text":             # likewise: the 4.x pipeline's computation
+        images = [x.decoded() for x in inputs]
+        return text_runners.image_to_text(pipe, images, params, kind)
     # The pipeline takes an audio dict apart: each call gets its own copies, as the worker's do.
     inputs = [x.decoded() if isinstance(x, _Encoded) else dict(x) if isinstance(x, dict) else x
               for x in inputs]
@@ -211,24 +245,53 @@ def bench_kind(kind: str, root: Path, repeats: int) -> dict[str, Any]:
     async def run_jobs() -> None:
         async def one(n: int, job: dict[str, Any]) -> None:
             async for out in worker.handle({"id": f"j{n}", "input": job}):
-                assert "error" not in out, out
+                assert "error" not in out and out.get("result") is not None, out
         await asyncio.gather(*(one(n, job) for n, job in enumerate(jobs)))
 
-    def timed(fn: Callable[[], Any]) -> float:
-        fn()                                     # warm: allocator, kernels, caches
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    worker_s = timed(lambda: asyncio.run(run_jobs()))
-    one_s = timed(lambda: [_direct(kind, pipe, [x], params) for x in inputs])
-    list_s = timed(lambda: _direct(kind, pipe, inputs, params))
+    # One event loop for every repeat, as RunPod's loop is one for every job (a new loop per
+    # repeat would start new executor threads each time and time them too).
+    loop = asyncio.new_event_loop()
+    # The direct calls run on the worker's device thread too: torch's OpenMP threads belong
+    # to the thread that calls it, and a second caller's would spin beside the first's.
+    ways: dict[str, Callable[[], Any]] = {
+        "worker": lambda: loop.run_until_complete(run_jobs()),
+        "one": lambda: DEVICE_THREAD.submit(
+            lambda: [_direct(kind, pipe, [x], params) for x in inputs]).result(),
+        "list": lambda: DEVICE_THREAD.submit(_direct, kind, pipe, inputs, params).result(),
+    }
+    try:
+        worker_s, one_s, list_s = _timed(ways, repeats).values()
+    finally:
+        pending = asyncio.all_tasks(loop)        # the batcher's, waiting for the next job
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.close()
     return {"kind": kind, "worker_8_jobs_s": worker_s, "one_at_a_time_s": one_s,
             "as_one_list_s": list_s, "vs_one_at_a_time": one_s / worker_s,
             "vs_one_list": list_s / worker_s}
+
+
+def _timed(ways: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Each way's median seconds. The ways take turns in each repeat, so a neighbour's load on
+    a shared machine falls on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in ways}
+
+    def run() -> None:
+        for fn in ways.values():
+            fn()                                 # warm: allocator, kernels, caches
+        for _ in range(repeats):
+            for name, fn in ways.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+
+    thread = threading.Thread(target=run, name="bench")
+    thread.start()
+    thread.join()
+    if any(len(t) < repeats for t in times.values()):
+        raise RuntimeError("a timed call failed; see the traceback above")
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:

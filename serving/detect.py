@@ -17,6 +17,7 @@ models with. The defaults that are choices, not lookups:
     CLIP- and SigLIP-style dual encoders                        zero-shot-image-classification
     a masked-LM head (that is not also a seq2seq model)         fill-mask
     a bare encoder, no head (or a sentence-transformers folder) feature-extraction
+    a captioner (BLIP, BLIP-2, GIT, Pix2Struct, VisionEncoderDecoder) image-to-text
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ _TABLES: tuple[tuple[str, str], ...] = (
     ("TEXT_TO_WAVEFORM", "text-to-audio"),
     ("TEXT_TO_SPECTROGRAM", "text-to-audio"),
     ("AUDIO_CLASSIFICATION", "audio-classification"),
+    ("IMAGE_TEXT_TO_TEXT", "image-to-text"),          # the captioners among them: see below
     ("IMAGE_TEXT_TO_TEXT", "image-text-to-text"),
     ("ZERO_SHOT_IMAGE_CLASSIFICATION", "zero-shot-image-classification"),
     ("OBJECT_DETECTION", "object-detection"),
@@ -78,8 +80,21 @@ def _types(name: str) -> frozenset[str]:
 
 _TEXT_ENCODERS = frozenset(_classes(_table("TEXT_ENCODING")))
 
+# The image-text-to-text table holds captioners and chat vision-language models alike. The
+# captioners (the model types transformers 4's image-to-text pipeline was written for) caption
+# an image with no prompt; a chat model needs its chat template and is not image-to-text.
+_CAPTIONER_TYPES = frozenset({"blip", "blip-2", "git", "pix2struct", "vision-encoder-decoder"})
+
+
+def _class_kind(name: str, kind: str) -> tuple[frozenset[str], frozenset[str], str]:
+    table = _table(name)
+    if kind == "image-to-text":
+        table = {t: c for t, c in table.items() if t in _CAPTIONER_TYPES}
+    return frozenset(_classes(table)), frozenset(table), kind
+
+
 _CLASS_KINDS: tuple[tuple[frozenset[str], frozenset[str], str], ...] = tuple(
-    (frozenset(_classes(_table(name))), _types(name), kind) for name, kind in _TABLES)
+    _class_kind(name, kind) for name, kind in _TABLES)
 
 
 def model_kinds(config: Any, files: Iterable[str] = ()) -> tuple[str, ...]:

@@ -122,6 +122,10 @@ class Text2TextParameters(StrictInput):
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
 
 
+class ImageToTextParameters(Text2TextParameters):
+    prompt: str | None = Field(default=None, min_length=1, max_length=2000)  # text to go on from
+
+
 class QuestionAnsweringParameters(StrictInput):
     top_k: int = Field(default=1, ge=1, le=20)
     max_answer_len: int = Field(default=15, ge=1, le=512)
@@ -146,8 +150,9 @@ def _wrap_plain(single: bool, results: list[Any], params: dict[str, Any]) -> Any
 
 
 # A runner computes the kinds transformers 5 has no pipeline for, on the device thread:
-# runner(model, tokenizer, inputs, params, kind) -> one JSON result per input.
-Runner = Callable[[Any, Any, list[Any], dict[str, Any], str], list[Any]]
+# runner(pipe, inputs, params, kind) -> one JSON result per input, where ``pipe`` holds the
+# model and its preprocessors as a pipeline does (``model``, ``tokenizer``, ``image_processor``).
+Runner = Callable[[Any, list[Any], dict[str, Any], str], list[Any]]
 
 
 @dataclass(frozen=True)
@@ -163,8 +168,13 @@ class Family:
     pair_truncation: bool = False              # the model sees (text, x): the runner fits it
     media: Literal["text", "image", "audio"] = "text"   # what one input is
     batch: bool = True                         # inputs of several jobs share a pipeline call
+    # On a CPU, whether batching pays for this model (a batch of a big convolution is no faster
+    # there than its inputs one by one, and waits for its slowest member).
+    batch_on_cpu: Callable[[Any], bool] = lambda model: True   # noqa: E731 - a default
     # The job's parameters -> the pipeline's keyword arguments (ours removed, some regrouped).
     call: Callable[[dict[str, Any]], dict[str, Any]] = dict
+    # The parameters this model cannot take: (model, params) -> (parameter, why) or None.
+    refuse: Callable[[Any, dict[str, Any]], tuple[str, str] | None] | None = None
 
 
 def _families() -> dict[str, Family]:
@@ -189,14 +199,53 @@ def _families() -> dict[str, Family]:
         Family("object-detection", ObjectDetectionParameters, _wrap_plain, media="image"),
         Family("image-segmentation", ImageSegmentationParameters, _wrap_plain, media="image"),
         Family("depth-estimation", NoParameters, _wrap_plain, media="image"),
+        Family("image-to-text", ImageToTextParameters, _wrap_list, media="image",
+               runner=text_runners.image_to_text, refuse=text_runners.refuse_image_to_text),
+        # CTC models (wav2vec2, HuBERT) are a convolution over the samples and one encoder pass:
+        # on a CPU, 8 clips as one batch ran 0.75x to 1.0x as fast as one by one (bench/
+        # families_bench.py), so there only models that generate (Whisper) batch.
         Family("automatic-speech-recognition", SpeechRecognitionParameters, _wrap_plain,
-               media="audio", call=_speech_call),
+               media="audio", call=_speech_call, batch_on_cpu=_generates,
+               refuse=_refuse_speech),
         Family("audio-classification", AudioClassificationParameters, _wrap_plain,
                media="audio"),
         # Speech lengths differ per text: one text per call, so no padding reaches the audio.
         Family("text-to-audio", TextToAudioParameters, _wrap_plain, batch=False,
                call=_without_format),
     )}
+
+
+def _refuse_speech(model: Any, params: dict[str, Any]) -> tuple[str, str] | None:
+    """Whisper's ``language`` and ``task`` only for a model whose generation config knows them
+    (a CTC model has neither; an English-only Whisper has no languages), and a language it
+    knows: a code (``fr``), a name (``french``) or its token (``<|fr|>``), as generate reads it."""
+    config = getattr(model, "generation_config", None)
+    languages = getattr(config, "lang_to_id", None) or {}
+    tasks = getattr(config, "task_to_id", None) or {}
+    for name, known in (("language", languages), ("task", tasks)):
+        if params.get(name) is not None and not (known and getattr(
+                config, "is_multilingual", True)):
+            return name, f"this model ({type(model).__name__}) takes no {name}; leave it out"
+    language = params.get("language")
+    if language is not None and _language_token(language) not in languages:
+        codes = ", ".join(sorted(t.strip("<|>") for t in languages))
+        return "language", f"{language!r} is not a language this model knows; use one of {codes}"
+    if params.get("task") is not None and params["task"] not in tasks:
+        return "task", f"this model does not {params['task']}; use one of {', '.join(tasks)}"
+    return None
+
+
+def _language_token(language: str) -> str:
+    from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
+    language = language.lower()
+    if language.startswith("<|"):
+        return language
+    return f"<|{TO_LANGUAGE_CODE.get(language, language)}|>"
+
+
+def _generates(model: Any) -> bool:
+    return bool(getattr(model, "can_generate", lambda: False)())
 
 
 def _speech_call(params: dict[str, Any]) -> dict[str, Any]:
@@ -213,7 +262,8 @@ def _without_format(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _wrap_list(single: bool, results: list[Any], params: dict[str, Any]) -> Any:
-    # As the 4.x text2text pipelines answered: a list of one {"<kind>_text": ...} per input.
+    # As the 4.x text2text and image-to-text pipelines answered: a list of one
+    # {"<kind>_text": ...} per input.
     return [results[0]] if single else [[r] for r in results]
 
 

@@ -1,7 +1,8 @@
-"""The text kinds transformers 5 dropped the pipelines of, computed as the 4.x pipelines did.
+"""The kinds transformers 5 dropped the pipelines of, computed as the 4.x pipelines did.
 
-Owns two runners ``serving/families.py`` names, each called on the device thread with a batch
-of inputs that share their parameters, answering one JSON result per input:
+Owns the runners ``serving/families.py`` names, each called on the device thread with a batch
+of inputs that share their parameters and with ``pipe`` (the model and its preprocessors, as a
+pipeline holds them), answering one JSON result per input:
 
 - ``text2text``: seq2seq models (T5, BART, Marian): ``generate`` with the model's own generation
   config, the job's parameters over it; ``{"generated_text"}``, or ``summary_text`` /
@@ -10,6 +11,10 @@ of inputs that share their parameters, answering one JSON result per input:
   logits within the context, over windows of the context (``doc_stride`` tokens of overlap) so a
   long context is read whole; ``{"answer", "score", "start", "end"}`` with character offsets,
   a list of the ``top_k`` best when it is over 1.
+- ``image_to_text``: captioners (BLIP, GIT, VisionEncoderDecoder, Pix2Struct): the image
+  processor's pixels (and the prompt, where the model goes on from one), ``generate`` with the
+  model's generation config, ``{"generated_text"}``. transformers 5's ``image-text-to-text``
+  pipeline needs a prompt and a multimodal processor, so it captions none of these as they are.
 
 Never imports runpod or boto3; knows nothing about jobs.
 """
@@ -31,14 +36,21 @@ def token_limit(model: Any, tokenizer: Any) -> int:
     return min(limits, default=512)
 
 
-def text2text(model: Any, tokenizer: Any, texts: list[str], params: dict[str, Any],
-              kind: str) -> list[dict[str, str]]:
-    key = {"summarization": "summary_text", "translation": "translation_text"}.get(
-        kind, "generated_text")
+def _generation_config(model: Any, params: dict[str, Any]) -> Any:
+    """The model's own generation config, the job's parameters over it."""
     config = copy.deepcopy(model.generation_config)
     config.update(**params)
     if not config.do_sample:                     # greedy or beams: sampling knobs unused
         config.temperature = config.top_p = config.top_k = None
+    return config
+
+
+def text2text(pipe: Any, texts: list[str], params: dict[str, Any],
+              kind: str) -> list[dict[str, str]]:
+    model, tokenizer = pipe.model, pipe.tokenizer
+    key = {"summarization": "summary_text", "translation": "translation_text"}.get(
+        kind, "generated_text")
+    config = _generation_config(model, params)
     batch = tokenizer(texts, return_tensors="pt", padding=True,
                       return_token_type_ids=False).to(model.device)
     with torch.inference_mode():
@@ -46,8 +58,43 @@ def text2text(model: Any, tokenizer: Any, texts: list[str], params: dict[str, An
     return [{key: text} for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
-def question_answering(model: Any, tokenizer: Any, inputs: list[dict[str, str]],
+def refuse_image_to_text(model: Any, params: dict[str, Any]) -> tuple[str, str] | None:
+    """A VisionEncoderDecoder model only captions: it goes on from no prompt."""
+    if params.get("prompt") is not None and model.config.model_type == "vision-encoder-decoder":
+        return "prompt", "this model (a vision encoder-decoder) takes no prompt; leave it out"
+    return None
+
+
+def image_to_text(pipe: Any, images: list[Any], params: dict[str, Any],
+                  kind: str) -> list[dict[str, str]]:
+    model, tokenizer, processor = pipe.model, pipe.tokenizer, pipe.image_processor
+    params = dict(params)
+    prompt = params.pop("prompt", None)
+    model_type = model.config.model_type
+    if prompt is not None and model_type == "pix2struct":     # the prompt is drawn as a header
+        inputs = processor(images=images, header_text=prompt, return_tensors="pt")
+    else:
+        inputs = processor(images=images, return_tensors="pt")
+    if prompt is not None and model_type == "git":
+        # As the 4.x pipeline: GIT goes on from [CLS] + the prompt's tokens.
+        ids = [tokenizer.cls_token_id] + tokenizer(prompt, add_special_tokens=False).input_ids
+        inputs["input_ids"] = torch.tensor([ids] * len(images))
+    elif prompt is not None and model_type != "pix2struct":
+        inputs.update(tokenizer([prompt] * len(images), return_tensors="pt",
+                                return_token_type_ids=False))
+    # Images of one call share the prompt: no row is padded, so none depends on its batch-mates.
+    inputs = dict(inputs.to(model.device, dtype=model.dtype))
+    config = _generation_config(model, params)
+    with torch.inference_mode():       # GIT's main input is its text: None with no prompt
+        out = model.generate(inputs.pop(model.main_input_name, None), **inputs,
+                             generation_config=config)
+    return [{"generated_text": text}
+            for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def question_answering(pipe: Any, inputs: list[dict[str, str]],
                        params: dict[str, Any], kind: str) -> list[Any]:
+    model, tokenizer = pipe.model, pipe.tokenizer
     max_length = token_limit(model, tokenizer)
     question_first = tokenizer.padding_side == "right"
     questions = [i["question"] for i in inputs]

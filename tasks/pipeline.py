@@ -4,7 +4,8 @@ Serves every model whose config reads as one of the kinds in ``serving/families.
 table that says what differs between them): text and zero-shot classification, token
 classification (NER), fill-mask, seq2seq text (text2text, summarization, translation),
 extractive question answering, image and zero-shot image classification, object detection,
-image segmentation and depth estimation. Answers are transformers' pipeline's own, which users
+image segmentation, depth estimation and image to text (captioning), speech recognition, audio
+classification and text to speech. Answers are transformers' pipeline's own, which users
 compare against (``serving/text_runners.py`` computes the kinds transformers 5 has no pipeline
 for). Two input forms, both validated, unknown fields and parameters refused by name::
 
@@ -64,6 +65,7 @@ _MODEL_CLASSES = {
     "object-detection": transformers.AutoModelForObjectDetection,
     "image-segmentation": transformers.AutoModelForSemanticSegmentation,
     "depth-estimation": transformers.AutoModelForDepthEstimation,
+    "image-to-text": transformers.AutoModelForImageTextToText,
     "automatic-speech-recognition": transformers.AutoModelForSpeechSeq2Seq,
     "audio-classification": transformers.AutoModelForAudioClassification,
     "text-to-audio": transformers.AutoModelForTextToWaveform,
@@ -104,27 +106,37 @@ class PipelineItem:
         return True
 
 
+@dataclass(frozen=True)
+class Preprocessors:
+    """What ``PipelineTask.load`` leaves in ``LoadedModel.processor``: the kind it serves the
+    model as, and the image processor or feature extractor that kind reads its media with."""
+
+    kind: str
+    image_processor: Any = None
+    feature_extractor: Any = None
+
+
 class PipelineEngine:
     """Runs a batch of items on the device thread: one pipeline call per parameter set."""
 
-    def __init__(self, pipe: Any, family: Family) -> None:
+    def __init__(self, pipe: Any, family: Family, batch: bool = True) -> None:
         self.pipe = pipe
         self.family = family
+        self.batch = batch and family.batch      # False: one input per call
 
     def run(self, items: list[PipelineItem]) -> None:
         groups: dict[str, list[PipelineItem]] = {}
         for item in items:
             if not item.cancelled.is_set():
                 groups.setdefault(item.key, []).append(item)
-        if not self.family.batch:         # one input per call
-            groups = {str(n): [item] for n, group in enumerate(groups.values())
-                      for item in group}
+        if not self.batch:                    # one input per call
+            groups = {str(n): [item] for n, item in enumerate(
+                item for group in groups.values() for item in group)}
         for group in groups.values():
             # A pipeline may take its input dict apart: each call gets its own copy.
             texts = [dict(i.text) if isinstance(i.text, dict) else i.text for i in group]
             if self.family.runner is not None:
-                outs = self.family.runner(self.pipe.model, self.pipe.tokenizer, texts,
-                                          group[0].params, self.family.kind)
+                outs = self.family.runner(self.pipe, texts, group[0].params, self.family.kind)
             else:
                 outs = self.pipe(texts, batch_size=len(texts),
                                  **self.family.call(group[0].params))
@@ -163,23 +175,24 @@ class PipelineTask(Task):
             image_processor = transformers.AutoImageProcessor.from_pretrained(model.path)
         if FAMILIES[kind].media == "audio":
             feature_extractor = transformers.AutoFeatureExtractor.from_pretrained(model.path)
-        # The family this worker serves, and its preprocessors.
-        loaded.processor = (kind, image_processor, feature_extractor)
+        loaded.processor = Preprocessors(kind, image_processor, feature_extractor)
         return loaded
 
     def __init__(self, loaded: LoadedModel, settings: WorkerSettings,
                  env: Mapping[str, str] | None = None) -> None:
         super().__init__(loaded, settings, env)
-        kind, image_processor, feature_extractor = loaded.processor
+        pre: Preprocessors = loaded.processor
+        kind, feature_extractor = pre.kind, pre.feature_extractor
         self.family = FAMILIES[kind]
         if self.family.runner is None:
             self.pipe = transformers.pipeline(kind, model=loaded.model,
                                               tokenizer=loaded.tokenizer,
-                                              image_processor=image_processor,
+                                              image_processor=pre.image_processor,
                                               feature_extractor=feature_extractor,
                                               device=loaded.device)
-        else:                                 # the runner's model and tokenizer, as a pipe's
-            self.pipe = SimpleNamespace(model=loaded.model, tokenizer=loaded.tokenizer)
+        else:                                 # the runner's model and preprocessors, as a pipe's
+            self.pipe = SimpleNamespace(model=loaded.model, tokenizer=loaded.tokenizer,
+                                        image_processor=pre.image_processor)
         self.sampling_rate = int(getattr(feature_extractor, "sampling_rate", 16000) or 16000)
         # Audio of different lengths is padded in a batch: where the model neither sees a mask
         # nor pads every input to one fixed size itself (Whisper's 30 s, AST's frames), padding
@@ -202,7 +215,8 @@ class PipelineTask(Task):
         self.input = self.named
         self.example = (EXAMPLES.get(kind) or
                         {"text": f"Paris is the {loaded.tokenizer.mask_token} of France."})
-        self.batcher = Batcher(PipelineEngine(self.pipe, self.family),
+        batch = loaded.device.type != "cpu" or self.family.batch_on_cpu(loaded.model)
+        self.batcher = Batcher(PipelineEngine(self.pipe, self.family, batch),
                                settings.max_batch_size, settings.batch_wait_ms)
 
     def warm_up(self) -> None:
@@ -222,7 +236,8 @@ class PipelineTask(Task):
     def _warm_up_params(self) -> dict[str, Any]:
         if self.family.kind in ("zero-shot-classification", "zero-shot-image-classification"):
             return {"candidate_labels": ["a", "b"]}
-        if self.family.kind in ("text2text-generation", "summarization", "translation"):
+        if self.family.kind in ("text2text-generation", "summarization", "translation",
+                                "image-to-text"):
             return {"max_new_tokens": 2}
         return self._call_params({})
 
@@ -253,6 +268,11 @@ class PipelineTask(Task):
                 one = self._one_input(one, name)
             request = PipelineRequest([one], self._call_params(
                 {k: v for k, v in values.items() if v is not None}), True, False, [name])
+        refused = self.family.refuse and self.family.refuse(self.loaded.model, request.params)
+        if refused:
+            parameter, why = refused
+            prefix = f"{where}.parameters" if request.hub_shape else where
+            raise InputError(why, field=f"{prefix}.{parameter}")
         if self.family.mask_token:
             mask = self.loaded.tokenizer.mask_token
             for text, name in zip(request.texts, request.fields, strict=True):
@@ -294,8 +314,16 @@ class PipelineTask(Task):
             inputs = [await self._audio(ref, name, job)
                       for ref, name in zip(request.texts, request.fields, strict=True)]
         elif not self.family.pair_truncation:     # else the pairs are fitted to the model
-            counts = await in_tokenizer_thread(self._token_counts, request.texts)
-            for count, name in zip(counts, request.fields, strict=True):
+            # The pipeline tokenizes every text again on the device thread: only a text that
+            # could be over the limit is counted first (a token covers at least one byte, and
+            # a tokenizer adds at most a marker per word and a few special tokens: 2 per byte
+            # and 8 bound it), so a short text costs one tokenization, not two.
+            long = [(text, name) for text, name in zip(request.texts, request.fields,
+                                                       strict=True)
+                    if 2 * len(text.encode()) + 8 > self.max_tokens]
+            counts = (await in_tokenizer_thread(self._token_counts, [t for t, _ in long])
+                      if long else [])
+            for count, (_, name) in zip(counts, long, strict=True):
                 if count > self.max_tokens:
                     raise InputError(f"is {count:,} tokens, over the model's {self.max_tokens:,};"
                                      " send a shorter text", field=name)
@@ -397,6 +425,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "object-detection": {"image": _PIXEL},
     "image-segmentation": {"image": _PIXEL},
     "depth-estimation": {"image": _PIXEL},
+    "image-to-text": {"image": _PIXEL},
     "automatic-speech-recognition": {"audio": _silence()},
     "audio-classification": {"audio": _silence()},
     "text-to-audio": {"text": "Hello there"},

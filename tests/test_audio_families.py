@@ -70,6 +70,39 @@ def _vits(path: Path) -> None:
     transformers.VitsModel(config).save_pretrained(path)
 
 
+def _whisper(path: Path) -> None:
+    """A multilingual Whisper: a byte-level tokenizer with no merges (every text encodes) and
+    Whisper's special tokens, and a generation config that knows three languages."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    specials = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|fr|>", "<|de|>",
+                "<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>",
+                "<|nocaptions|>", "<|notimestamps|>"]
+    tokenizer = transformers.WhisperTokenizer(
+        vocab={c: i for i, c in enumerate(bytes_to_unicode().values())}, merges=[],
+        additional_special_tokens=specials[1:])
+    tokenizer.save_pretrained(path)
+    ids = {s: tokenizer.convert_tokens_to_ids(s) for s in specials}
+    transformers.WhisperFeatureExtractor(feature_size=16).save_pretrained(path)
+    config = transformers.WhisperConfig(
+        vocab_size=len(tokenizer), num_mel_bins=16, d_model=16, encoder_layers=1,
+        decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=16, decoder_ffn_dim=16, max_target_positions=64,
+        decoder_start_token_id=ids["<|startoftranscript|>"], eos_token_id=ids["<|endoftext|>"],
+        pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"])
+    model = transformers.WhisperForConditionalGeneration(config)
+    generation = model.generation_config
+    generation.update(max_length=12, no_timestamps_token_id=ids["<|notimestamps|>"],
+                      suppress_tokens=list(ids.values()))      # bytes only: a text to compare
+    generation.begin_suppress_tokens = None                 # Whisper's own ids: out of range
+    generation._from_model_config = False                   # else loading rebuilds it
+    generation.is_multilingual = True
+    generation.lang_to_id = {t: ids[t] for t in ("<|en|>", "<|fr|>", "<|de|>")}
+    generation.task_to_id = {"transcribe": ids["<|transcribe|>"],
+                             "translate": ids["<|translate|>"]}
+    model.save_pretrained(path)
+
+
 MODELS = {"automatic-speech-recognition": _ctc, "audio-classification": _ast,
           "text-to-audio": _vits}
 
@@ -223,6 +256,23 @@ class TestOwnFields:
         [[beside], _] = loop.run(jobs())
         assert beside == alone
 
+    def test_concurrent_speech_jobs_each_get_their_own_file(self, loop, workers, pipelines):
+        """Pins a lost answer: run one per call, a batch's inputs but its last were skipped and
+        their jobs COMPLETED with a null result."""
+        worker = workers["text-to-audio"]
+        texts = ["hello", "hello world", "good day"]
+
+        async def jobs() -> list[Any]:
+            return await asyncio.gather(*(collect(worker, {"text": t}, f"t{i}")
+                                          for i, t in enumerate(texts)))
+
+        outs = loop.run(jobs())
+        for text, [out] in zip(texts, outs, strict=True):
+            want = np.asarray(pipelines["text-to-audio"](text)["audio"]).reshape(-1)
+            back = decode_audio(base64.b64decode(out["result"]["audio"]["data"]),
+                                sampling_rate=RATE, max_seconds=5, field="f")
+            assert back.shape == want.shape, text
+
     def test_concurrent_jobs_share_forward_passes(self, loop, workers):
         worker = workers["audio-classification"]
         before = worker.task.batcher.batches_run
@@ -234,6 +284,53 @@ class TestOwnFields:
         outs = loop.run(jobs())
         assert all("result" in out for [out] in outs)
         assert worker.task.batcher.batches_run - before < 6
+
+
+@pytest.fixture(scope="module")
+def whisper(tmp_path_factory: pytest.TempPathFactory) -> tuple[Worker, Any]:
+    """A tiny Whisper's worker and transformers' pipeline for the same directory."""
+    path = tmp_path_factory.mktemp("whisper")
+    torch.manual_seed(0)
+    _whisper(path)
+    return (build_worker({"MODEL_PATH": str(path), "WORKER_MAX_AUDIO_SECONDS": "5"}),
+            transformers.pipeline("automatic-speech-recognition", model=str(path),
+                                  device="cpu"))
+
+
+class TestWhisperLanguageAndTask:
+    @pytest.mark.parametrize("generate", [{"language": "fr", "task": "translate"},
+                                          {"language": "german", "task": "transcribe"},
+                                          {"language": "<|en|>"}])
+    def test_reach_generation_as_the_pipelines_generate_kwargs(self, loop, whisper, generate):
+        worker, pipe = whisper
+        raw = wav_bytes(tone(1.0, seed=4))
+        samples = decode_audio(raw, sampling_rate=RATE, max_seconds=5, field="f")
+        expected = pipe({"raw": samples, "sampling_rate": RATE}, generate_kwargs=generate)
+        unforced = pipe({"raw": samples, "sampling_rate": RATE})
+        assert expected != unforced                   # the forced tokens change the text
+        got = answer(loop, worker, {"audio": data_uri(raw), **generate})
+        assert got["result"] == to_json(expected)
+        hub = answer(loop, worker, {"inputs": data_uri(raw), "parameters": generate})
+        assert hub == to_json(expected)
+
+    @pytest.mark.parametrize(("job_input", "field", "says"), [
+        ({"language": "klingon"}, "input.language", "use one of de, en, fr"),
+        ({"language": "es"}, "input.language", "not a language this model knows"),
+        ({"task": "summarize"}, "input.task", "'transcribe' or 'translate'"),
+    ])
+    def test_a_bad_language_or_task_names_the_field(self, loop, whisper, job_input, field,
+                                                    says):
+        worker, _ = whisper
+        got = answer(loop, worker, {"audio": data_uri(wav_bytes(tone(0.3))), **job_input})
+        assert got["error_code"] == "invalid_input", got
+        assert field in got["error"] and says in got["error"], got["error"]
+
+    def test_a_ctc_model_takes_no_language(self, loop, workers):
+        got = answer(loop, workers["automatic-speech-recognition"],
+                     {"inputs": data_uri(wav_bytes(tone(0.3))),
+                      "parameters": {"task": "translate"}})
+        assert got["error_code"] == "invalid_input", got
+        assert "input.parameters.task" in got["error"] and "takes no task" in got["error"]
 
 
 def truncated_wav() -> bytes:

@@ -58,7 +58,9 @@ class TestKinds:
         ("DetrForObjectDetection", ("object-detection",)),
         ("SegformerForSemanticSegmentation", ("image-segmentation",)),
         ("DPTForDepthEstimation", ("depth-estimation",)),
-        ("BlipForConditionalGeneration", ("image-text-to-text",)),
+        ("BlipForConditionalGeneration", ("image-to-text", "image-text-to-text")),
+        ("VisionEncoderDecoderModel", ("image-to-text", "image-text-to-text")),
+        ("LlavaForConditionalGeneration", ("image-text-to-text",)),
         ("BertForTokenClassification", ("token-classification",)),
         ("BertForQuestionAnswering", ("question-answering",)),
         ("T5ForConditionalGeneration", ("text2text-generation",)),
@@ -87,7 +89,8 @@ class TestKinds:
             "text-classification",)
 
     def test_a_captioner_that_is_also_a_causal_lm_defaults_to_captioning(self):
-        assert kinds("GitForCausalLM") == ("image-text-to-text", "text-generation")
+        assert kinds("GitForCausalLM") == ("image-to-text", "image-text-to-text",
+                                           "text-generation")
 
     def test_a_sentence_transformers_folder_is_feature_extraction(self):
         assert model_kinds(SimpleNamespace(architectures=["MPNetModel"]),
@@ -125,8 +128,13 @@ class TestPickTask:
     def test_a_forced_task_that_fits_another_kind_of_the_model_is_taken(self, tmp_path):
         git = config_dir(tmp_path / "git", transformers.GitConfig(), "GitForCausalLM")
         assert pick_task(files(git), "generate", TASKS).name == "generate"
+        assert pick_task(files(git), "auto", TASKS).name == "pipeline"      # captioning
+
+    def test_a_chat_vision_language_model_stops_with_its_kind(self, tmp_path):
+        llava = config_dir(tmp_path / "llava", transformers.LlavaConfig(),
+                           "LlavaForConditionalGeneration")
         with pytest.raises(UnsupportedModel, match="image-text-to-text"):
-            pick_task(files(git), "auto", TASKS)
+            pick_task(files(llava), "auto", TASKS)
 
     def test_an_unknown_worker_task_lists_tasks_and_kinds(self, whisper):
         with pytest.raises(SettingsError, match=r"use one of auto, .*or a kind: .*text-generation"):

@@ -54,8 +54,10 @@ def _jobs() -> dict[str, tuple[Any, dict[str, Any]]]:
 
             from bench.families_bench import _vocab
             path.mkdir(parents=True)
-            vocab = _vocab(path.parent)
-            transformers.BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(path)
+            words = dict.fromkeys(_vocab(path.parent).read_text().split())
+            # transformers 5's BertTokenizer takes the vocabulary itself (not a vocab_file).
+            transformers.BertTokenizer(vocab={w: i for i, w in enumerate(words)}
+                                       ).save_pretrained(path)
             text.tiny_model(path, path, head, **config)
         return build
 
@@ -75,7 +77,10 @@ def _jobs() -> dict[str, tuple[Any, dict[str, Any]]]:
                              {"inputs": picture, "parameters": {"threshold": 0.0}}),
         "image-segmentation": (image_model(image._segformer), {"inputs": picture}),
         "depth-estimation": (image_model(image._dpt), {"inputs": picture}),
+        "image-to-text": (image._vit_gpt2, {"inputs": picture}),
         "automatic-speech-recognition": (audio_model(audio._ctc), {"inputs": speech}),
+        "whisper": (audio_model(audio._whisper),
+                    {"inputs": speech, "parameters": {"language": "fr", "task": "translate"}}),
         "audio-classification": (audio_model(audio._ast), {"inputs": speech}),
     }
 
