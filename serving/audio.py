@@ -124,11 +124,12 @@ def encode_audio(samples: np.ndarray, sampling_rate: int, fmt: str) -> bytes:
     out = io.BytesIO()
     with av.open(out, mode="w", format=fmt) as container:
         stream = container.add_stream(codec, rate=sampling_rate)
+        assert isinstance(stream, av.AudioStream)
         stream.layout = "mono"
         frame = av.AudioFrame.from_ndarray(mono[None, :], format="flt", layout="mono")
         frame.rate = sampling_rate
         resampler = av.AudioResampler(format=stream.format.name, layout="mono",
-                                      rate=stream.rate)
+                                      rate=int(stream.rate))
         for part in resampler.resample(frame) + resampler.resample(None):
             for packet in stream.encode(part):
                 container.mux(packet)

@@ -38,24 +38,25 @@ class TextClassificationParameters(StrictInput):
     function_to_apply: Literal["sigmoid", "softmax", "none"] | None = None
 
 
+def _check_labels(labels: list[str]) -> list[str]:
+    if any(not label.strip() or len(label) > 200 for label in labels):
+        raise ValueError("each label must be 1..200 characters, not blank")
+    return labels
+
+
+def _check_template(template: str) -> str:
+    if template.count("{}") != 1:
+        raise ValueError("must hold '{}' exactly once, where the label goes")
+    return template
+
+
 class ZeroShotParameters(StrictInput):
     candidate_labels: list[str] = Field(min_length=1, max_length=MAX_LABELS)
     multi_label: bool = False
     hypothesis_template: str = Field(default="This example is {}.", max_length=500)
 
-    @field_validator("candidate_labels")
-    @classmethod
-    def _labels(cls, labels: list[str]) -> list[str]:
-        if any(not label.strip() or len(label) > 200 for label in labels):
-            raise ValueError("each label must be 1..200 characters, not blank")
-        return labels
-
-    @field_validator("hypothesis_template")
-    @classmethod
-    def _template(cls, template: str) -> str:
-        if template.count("{}") != 1:
-            raise ValueError("must hold '{}' exactly once, where the label goes")
-        return template
+    _labels = field_validator("candidate_labels")(_check_labels)
+    _template = field_validator("hypothesis_template")(_check_template)
 
 
 class TokenClassificationParameters(StrictInput):
@@ -77,8 +78,8 @@ class ZeroShotImageParameters(StrictInput):
     candidate_labels: list[str] = Field(min_length=1, max_length=MAX_LABELS)
     hypothesis_template: str = Field(default="This is a photo of {}.", max_length=500)
 
-    _labels = field_validator("candidate_labels")(ZeroShotParameters._labels.__func__)
-    _template = field_validator("hypothesis_template")(ZeroShotParameters._template.__func__)
+    _labels = field_validator("candidate_labels")(_check_labels)
+    _template = field_validator("hypothesis_template")(_check_template)
 
 
 class ObjectDetectionParameters(StrictInput):
@@ -178,8 +179,8 @@ class Family:
 
 
 def _families() -> dict[str, Family]:
-    text2text = {"parameters": Text2TextParameters, "wrap": _wrap_list,
-                 "runner": text_runners.text2text}
+    text2text: dict[str, Any] = {"parameters": Text2TextParameters, "wrap": _wrap_list,
+                                 "runner": text_runners.text2text}
     return {f.kind: f for f in (
         Family("text-classification", TextClassificationParameters, _wrap_text_classification),
         Family("zero-shot-classification", ZeroShotParameters, _wrap_plain,

@@ -133,8 +133,9 @@ def question_answering(pipe: Any, inputs: list[dict[str, str]],
         for score, begin, end in found:          # windows overlap: one span, its best score
             best[(begin, end)] = max(score, best.get((begin, end), 0.0))
         ranked = sorted(best.items(), key=lambda kv: -kv[1])[:params["top_k"]]
-        answers = [{"score": score, "start": begin, "end": end,
-                    "answer": contexts[n][begin:end]} for (begin, end), score in ranked]
+        answers: list[dict[str, Any]] = [
+            {"score": score, "start": begin, "end": end, "answer": contexts[n][begin:end]}
+            for (begin, end), score in ranked]
         if params["handle_impossible_answer"]:
             answers.append({"score": impossible[n], "start": 0, "end": 0, "answer": ""})
             answers = sorted(answers, key=lambda a: -a["score"])[:params["top_k"]]
