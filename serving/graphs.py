@@ -377,8 +377,8 @@ class GraphEngine(Engine):
             torch.compiler.cudagraph_mark_step_begin()
         step = self._step_fn or self._compiled_step()
         return step(input_ids=self.next_ids.unsqueeze(-1), attention_mask=mask,
-                             position_ids=self.positions, use_cache=True,
-                             **{self._cache_kw: self.cache}, **self._extra)
+                    position_ids=self.positions, use_cache=True,
+                    **{self._cache_kw: self.cache}, **self._extra)
 
     def _compiled_step(self) -> Callable[..., object]:
         """The model's forward under ``torch.compile`` (made once, on the first step)."""
