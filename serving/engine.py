@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -156,7 +157,8 @@ class Engine:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
-        eos = loaded.generation_config.eos_token_id
+        config = loaded.generation_config
+        eos = config.eos_token_id if config is not None else None
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None:
             eos_ids.add(self.tokenizer.eos_token_id)
@@ -183,6 +185,7 @@ class Engine:
         """
         limit = max_rows or max(len(sequences), 1)
         running: _Running | None = None
+        fresh: _Running | None = None
         waiting = list(sequences)
         with torch.inference_mode():
             while True:
@@ -211,7 +214,8 @@ class Engine:
                     # A faster engine is ready (serving/graphs.py): it carries these sequences
                     # on from the tokens they have, as after a failed batch; this engine's
                     # caches go first.
-                    seqs, running, fresh = running.seqs, None, None
+                    seqs = running.seqs
+                    running = fresh = None
                     with torch.inference_mode(False):
                         successor.run(seqs, admit, max_rows)
                     return
@@ -316,7 +320,7 @@ class Engine:
             shape[dim] = missing
             return torch.cat([t.new_zeros(shape), t], dim=dim)
 
-        for la, lb in zip(a.cache.layers, b.cache.layers, strict=True):
+        for la, lb in zip(cache_layers(a.cache), cache_layers(b.cache), strict=True):
             la.keys = torch.cat([pad(la.keys, 2), pad(lb.keys, 2)], dim=0)
             la.values = torch.cat([pad(la.values, 2), pad(lb.values, 2)], dim=0)
         return _Running(a.seqs + b.seqs, a.cache,
@@ -377,6 +381,13 @@ class Engine:
             if ready > s.emitted:
                 s.on_text(text[s.emitted:ready])
                 s.emitted = ready
+
+
+def cache_layers(cache: Any) -> list[Any]:
+    """A cache's layers. transformers types them as a union of every kind of layer; the engines
+    make full-attention and sliding-window layers only, whose ``keys`` and ``values`` are
+    tensors once filled."""
+    return cache.layers
 
 
 def _sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:

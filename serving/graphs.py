@@ -53,7 +53,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import DynamicCache
@@ -62,7 +62,7 @@ from transformers.generation.configuration_utils import CompileConfig
 
 from serving.config import WorkerSettings
 from serving.device import DEVICE_THREAD, is_device_fault, is_out_of_memory, release_memory
-from serving.engine import Engine, SamplingParams, Sequence, _Running
+from serving.engine import Engine, SamplingParams, Sequence, _Running, cache_layers
 from serving.errors import SettingsError
 from serving.placement import LoadedModel
 
@@ -190,7 +190,8 @@ class GraphEngine(Engine):
 
     def _init_cache(self) -> None:
         """Allocate every layer's tensors now, shaped as the model's own cache is."""
-        for static, layer in zip(self.cache.layers, _probe_cache(self).layers, strict=True):
+        probe = cache_layers(_probe_cache(self))
+        for static, layer in zip(cache_layers(self.cache), probe, strict=True):
             k, v = layer.keys, layer.values
             static.lazy_initialization(k.new_empty((self.slots, *k.shape[1:])),
                                        v.new_empty((self.slots, *v.shape[1:])))
@@ -267,7 +268,7 @@ class GraphEngine(Engine):
         free = [i for i, s in enumerate(self.rows) if s is None][:len(fresh.seqs)]
         index = torch.tensor(free, dtype=torch.long, device=self.device)
         start = self.cur - width
-        for static, layer in zip(self.cache.layers, fresh.cache.layers, strict=True):
+        for static, layer in zip(cache_layers(self.cache), cache_layers(fresh.cache), strict=True):
             static.keys[index, :, start:self.cur] = layer.keys
             static.values[index, :, start:self.cur] = layer.values
         self.mask[index] = 0
@@ -283,7 +284,7 @@ class GraphEngine(Engine):
 
     def _shift(self, by: int) -> None:
         """Move every row's history ``by`` columns (right if positive, left if negative)."""
-        tensors = [t for layer in self.cache.layers for t in (layer.keys, layer.values)]
+        tensors = [t for layer in cache_layers(self.cache) for t in (layer.keys, layer.values)]
         if by > 0:
             for t in tensors:
                 t[:, :, by:self.cur + by] = t[:, :, :self.cur].clone()
@@ -301,7 +302,7 @@ class GraphEngine(Engine):
         self._set_write_column()
 
     def _set_write_column(self) -> None:
-        for layer in self.cache.layers:
+        for layer in cache_layers(self.cache):
             layer.cumulative_length.fill_(self.cur)
 
     def _window(self, columns_needed: int) -> int:
@@ -349,7 +350,7 @@ class GraphEngine(Engine):
             if is_out_of_memory(exc) or is_device_fault(exc):
                 raise
             raise _StepFailed from exc
-        seqs = [self.rows[i] for i in self._used]
+        seqs = cast("list[Sequence]", [self.rows[i] for i in self._used])   # used slots: filled
         picked = self._pick(logits, seqs)
         self.next_ids.index_copy_(0, self._index, picked)
         finished = []
@@ -369,7 +370,7 @@ class GraphEngine(Engine):
 
     def _call_step(self, window: int) -> Any:
         """One pass of every slot's next token, attending to the first ``window`` columns."""
-        for layer in self.cache.layers:
+        for layer in cache_layers(self.cache):
             layer.window = self.windows[window]
         mask = self.mask[:, :window]
         torch._dynamo.maybe_mark_dynamic(mask, 1)
@@ -482,7 +483,7 @@ class GraphEngine(Engine):
     def release(self) -> None:
         """Give the static cache's memory back (the engine will not decode again)."""
         self._clear()
-        for layer in self.cache.layers:
+        for layer in cache_layers(self.cache):
             layer.keys = layer.values = None
         release_memory()
 
@@ -501,7 +502,7 @@ def kv_bytes_per_token(engine: Engine) -> int:
     """Bytes one token takes in the static cache: keys and values of every layer."""
     return sum(layer.keys.numel() * layer.keys.element_size()
                + layer.values.numel() * layer.values.element_size()
-               for layer in _probe_cache(engine).layers)
+               for layer in cache_layers(_probe_cache(engine)))
 
 
 @dataclass(frozen=True)
