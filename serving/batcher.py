@@ -16,8 +16,8 @@ module's own handling of a failure, every job the batcher holds is answered and 
 It knows its work only through two small protocols. An engine's ``run(items, admit, max_rows)``
 writes results into the items; an engine with ``continuous = True`` (``engine.Engine``, which
 decodes ``engine.Sequence``s) calls ``admit`` between steps to take in new arrivals and each
-item's ``on_done`` as it finishes; any other engine (``tasks/embed.py``'s, or
-``runner.PredictEngine``, which runs a task's ``predict_batch``) runs the batch it was given. An
+item's ``on_done`` as it finishes; any other engine (``runner.PredictEngine``, which runs a
+task's ``predict_batch``) runs the batch it was given. An
 item has a ``cancelled`` event, an ``on_done`` callback slot and ``reset_for_retry()``.
 """
 
