@@ -183,7 +183,7 @@ class OpenAIRoutes:
         request = parse_input(EmbeddingRequest, body, {}, prefix="")
         self._check_model(request.model)
         texts = [request.input] if isinstance(request.input, str) else request.input
-        limit = self.task.settings.max_texts  # type: ignore[attr-defined]
+        limit = self.task.settings.max_texts
         if not texts or len(texts) > limit:
             raise InputError(f"has {len(texts)} texts; send 1..{limit} (WORKER_MAX_TEXTS)",
                              field="input")

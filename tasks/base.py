@@ -251,12 +251,12 @@ class Task:
         WORKER_MAX_BATCH_SIZE. Override it to be capped by a setting of another unit."""
         return min(self.max_batch_size, self.settings.max_batch_size)
 
-    def predict(self, input: Any, job: JobContext) -> dict[str, Any]:
-        """The answer to one job's input (device thread, unless declared ``async def``)."""
+    def predict(self, input: Any, job: JobContext) -> Any:
+        """The answer to one job's input, a dict (device thread, unless ``async def``)."""
         raise NotImplementedError(f"{type(self).__name__} defines no predict or predict_batch")
 
-    def predict_batch(self, inputs: list[Any]) -> list[dict[str, Any]]:
-        """One answer per input, in order (device thread); used when max_batch_size is set."""
+    def predict_batch(self, inputs: list[Any]) -> list[Any]:
+        """One output per input, in order (device thread); used when max_batch_size is set."""
         raise NotImplementedError(f"{type(self).__name__} sets max_batch_size but defines no "
                                   "predict_batch")
 
