@@ -16,8 +16,8 @@ module's own handling of a failure, every job the batcher holds is answered and 
 It knows its work only through two small protocols. An engine's ``run(items, admit, max_rows)``
 writes results into the items; an engine with ``continuous = True`` (``engine.Engine``, which
 decodes ``engine.Sequence``s) calls ``admit`` between steps to take in new arrivals and each
-item's ``on_done`` as it finishes; any other engine (``tasks/embed.py``'s, or
-``runner.PredictEngine``, which runs a task's ``predict_batch``) runs the batch it was given. An
+item's ``on_done`` as it finishes; any other engine (``runner.PredictEngine``, which runs a
+task's ``predict_batch``) runs the batch it was given. An
 item has a ``cancelled`` event, an ``on_done`` callback slot and ``reset_for_retry()``.
 """
 
@@ -50,9 +50,9 @@ class Item(Protocol):
 
 
 class BatchEngine(Protocol):
-    def run(self, items: list[Any], admit: Callable[[int], list[Any]] | None = None,
-            max_rows: int | None = None) -> None:
-        """Run items on the device (engine thread); results are written into the items."""
+    def run(self, items: list[Any], /) -> None:
+        """Run items on the device (engine thread); results are written into the items. An
+        engine with ``continuous = True`` also takes ``admit`` and ``max_rows`` (engine.Engine)."""
         ...
 
 
@@ -202,7 +202,8 @@ class Batcher:
         continuous = getattr(self.engine, "continuous", False)
         try:
             if continuous:
-                await loop.run_in_executor(self._device, self.engine.run,
+                run_continuous: Callable[..., None] = self.engine.run
+                await loop.run_in_executor(self._device, run_continuous,
                                            [e.seq for e in first], self._admit, self._capacity)
             else:
                 await loop.run_in_executor(self._device, self.engine.run, [e.seq for e in first])

@@ -38,7 +38,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
+import numpy as np
 from pydantic import Field
 
 from serving.errors import InputError, UnknownModel, excerpt
@@ -138,8 +138,11 @@ class OpenAIRoutes:
             yield await self.embeddings(body)
             return
         chat = route == "/v1/chat/completions"
-        request = parse_input(ChatRequest if chat else CompletionRequest,
-                              _without_unsupported(body), {}, prefix="")
+        request: ChatRequest | CompletionRequest
+        if chat:
+            request = parse_input(ChatRequest, _without_unsupported(body), {}, prefix="")
+        else:
+            request = parse_input(CompletionRequest, _without_unsupported(body), {}, prefix="")
         self._check_model(request.model)
         native = self._native_input(request, chat)
         # The task's errors (from parsing, and from tokenizing before any output) name its own
@@ -154,7 +157,9 @@ class OpenAIRoutes:
             else:
                 yield self._whole(await self.task.answer(parsed), chat)
         except InputError as exc:
-            raise _renamed(exc, request) from None
+            max_name = ("max_completion_tokens" if request.max_completion_tokens is not None
+                        else "max_tokens")
+            raise _renamed(exc, {"input.max_new_tokens": max_name}) from None
 
     # ------------------------------------------------------------------------------- checks
     def _check_task(self, route: str) -> None:
@@ -183,23 +188,23 @@ class OpenAIRoutes:
         request = parse_input(EmbeddingRequest, body, {}, prefix="")
         self._check_model(request.model)
         texts = [request.input] if isinstance(request.input, str) else request.input
-        limit = self.task.settings.max_texts  # type: ignore[attr-defined]
+        limit = self.task.settings.max_texts
         if not texts or len(texts) > limit:
             raise InputError(f"has {len(texts)} texts; send 1..{limit} (WORKER_MAX_TEXTS)",
                              field="input")
-        embed_request = self.task.request(  # type: ignore[attr-defined]
-            texts, normalize=True, dimensions=request.dimensions, truncate=False,
-            field="input", dimensions_field="dimensions")
-        token_ids = await self.task.tokens(embed_request)  # type: ignore[attr-defined]
-        matrix: torch.Tensor = await self.task.vectors(  # type: ignore[attr-defined]
-            embed_request, token_ids)
-        tokens = sum(len(ids) for ids in token_ids)
+        native: dict[str, Any] = {"texts": texts}
+        if request.dimensions is not None:
+            native["dimensions"] = request.dimensions
+        try:
+            answer = await self.task.answer(self.task.parse(native))
+        except InputError as exc:     # named as the client sent them: input[1], dimensions
+            raise _renamed(exc, {"input.texts": "input"}) from None
+        tokens = answer["usage"]["prompt_tokens"]
+        rows: list[Any] = answer["embeddings"]
         if request.encoding_format == "base64":
             # The openai client's default: little-endian float32 bytes, base64-encoded.
-            rows: list[Any] = [base64.b64encode(row.numpy().astype("<f4").tobytes()).decode()
-                               for row in matrix]
-        else:
-            rows = matrix.tolist()
+            rows = [base64.b64encode(np.asarray(row, dtype="<f4").tobytes()).decode()
+                    for row in rows]
         return {"object": "list", "model": self.served_name,
                 "data": [{"object": "embedding", "index": i, "embedding": row}
                          for i, row in enumerate(rows)],
@@ -294,12 +299,13 @@ def _names(names: list[str]) -> str:
     return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
-def _renamed(exc: InputError, request: ChatRequest | CompletionRequest) -> InputError:
-    """The task's error, with its field named as the OpenAI request names it."""
-    max_name = ("max_completion_tokens" if request.max_completion_tokens is not None
-                else "max_tokens")
-    text = str(exc).replace("input.max_new_tokens", max_name).replace("input.", "")
-    field = (exc.field or "").replace("input.max_new_tokens", max_name).replace("input.", "")
+def _renamed(exc: InputError, names: dict[str, str]) -> InputError:
+    """The task's error, with its field named as the OpenAI request names it: ``names`` maps
+    the task's fields that the request calls otherwise; the rest lose ``input.``."""
+    text, field = str(exc), exc.field or ""
+    for ours, theirs in names.items():
+        text, field = text.replace(ours, theirs), field.replace(ours, theirs)
+    text, field = text.replace("input.", ""), field.replace("input.", "")
     renamed = InputError(text)
     renamed.field = field or None
     return renamed

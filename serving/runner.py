@@ -4,7 +4,8 @@ the seam stays declarations (``tasks/base.py``), the machinery is here.
 Owns, the same for every declared task: the parsed request (``Request``), the items and engine
 that put ``predict_batch`` behind a ``batcher.Batcher`` (so cancel, the out-of-memory split, the
 isolation of a failing item and the device-fault state are the batcher's, never the task's),
-calling ``predict`` on the device thread, and a task's own settings read from the environment
+calling ``predict`` on the device thread, the field paths of ``predict``'s input errors in a
+batch job (``placed_errors``), and a task's own settings read from the environment
 (``TaskSettings``). Never imports runpod or boto3.
 """
 
@@ -13,7 +14,8 @@ from __future__ import annotations
 import inspect
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -22,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from builder.settings import describe, problem
 from serving.delivery import Artefact
-from serving.errors import SettingsError
+from serving.errors import InputError, SettingsError
 
 if TYPE_CHECKING:
     from tasks.base import Task
@@ -43,9 +45,10 @@ class Request:
 
 @dataclass(eq=False)
 class PredictItem:
-    """One job's input while it waits for and goes through ``predict_batch``."""
+    """One job's input (or one piece of it) while it waits for and goes through
+    ``predict_batch``."""
 
-    input: BaseModel
+    input: Any
     cancelled: threading.Event = field(default_factory=threading.Event)
     output: Any = None
     done: bool = False
@@ -94,6 +97,21 @@ def checked_answer(task: Task, answer: Any) -> dict[str, Any]:
         raise TypeError(f"{type(task).__name__}.predict must return a dict, "
                         f"not {type(answer).__name__}")
     return {**answer, "model": answer.get("model", task.loaded.served_name)}
+
+
+@contextmanager
+def placed_errors(where: str) -> Iterator[None]:
+    """An InputError raised inside, naming its field as a single job's input would
+    (``input.prompt``), named under ``where`` instead: a batch item's ``input.batch.3.prompt``.
+    ``predict`` never sees where its input sits in the job; its errors still point there."""
+    try:
+        yield
+    except InputError as exc:
+        field = exc.field or ""
+        if where == "input" or not (field == "input" or field.startswith(("input.", "input["))):
+            raise
+        message = str(exc).removeprefix(f"{field}: ")
+        raise type(exc)(message, field=where + field.removeprefix("input")) from None
 
 
 def rename_files(answer: Any, prefix: str) -> Any:

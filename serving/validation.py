@@ -17,11 +17,14 @@ import functools
 import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo
 
 from serving.errors import EXCERPT_CHARS, InputError, PayloadTooLarge, cut, field_part
+
+if TYPE_CHECKING:
+    from serving.config import WorkerSettings
 
 Model = TypeVar("Model", bound=BaseModel)
 Result = TypeVar("Result")
@@ -123,3 +126,12 @@ def _json_type(value: Any) -> str:
     names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
              list: "an array", dict: "an object", type(None): "null"}
     return names.get(type(value), type(value).__name__)
+
+
+def limits_of(info: ValidationInfo) -> WorkerSettings:
+    """The worker's settings, which a task's validators read their limits from: the worker
+    validates every input with them as ``info.context["limits"]`` (``tasks/base.py``)."""
+    if info.context is None:
+        raise RuntimeError("validated without the worker's context: use Task.parse")
+    limits: WorkerSettings = info.context["limits"]
+    return limits

@@ -10,9 +10,9 @@ picks another task that fits the model.
 
 To add a task: write ``tasks/<name>.py`` (the README's classifier is a whole one;
 ``tasks/upscale.py`` a batched one whose answers are image files) and add one line to
-``TASKS``. Nothing else in the worker names a task. ``generate`` and ``embed`` use the seam's
-advanced form (their own ``parse``/``answer``/``stream``): generate streams and batches token by
-token, embed batches each text of a job on its own and serves the OpenAI embeddings route.
+``TASKS``. Nothing else in the worker names a task. ``generate`` and ``embed`` are on the same
+seam: generate streams (``predict_stream``) and batches token by token in its own engine, embed
+batches each text of a job on its own (``Task.batched``) and serves the OpenAI embeddings route.
 
 The plugin seam: the worker reaches tasks only through ``TASKS``, which ``handler.py`` hands
 to it, and the ``Task`` interface; a task imports the worker's helpers through ``tasks.base``,

@@ -36,8 +36,15 @@ The parts, each with a default a task overrides only when it must::
                     event loop instead (await ``self.on_device(fn, ...)`` for the model)
     max_batch_size, batch_wait_ms, predict_batch(inputs)
                     batching across concurrent jobs, declared: with ``max_batch_size`` (capped
-                    by WORKER_MAX_BATCH_SIZE) the worker gathers inputs and calls
-                    ``predict_batch`` with a list; it returns one output per input, in order
+                    by WORKER_MAX_BATCH_SIZE; ``batch_size()`` says so) the worker gathers
+                    inputs and calls ``predict_batch`` with a list; it returns one output per
+                    input, in order. An ``async def predict`` is called instead, and batches the
+                    pieces it chooses (the texts of one job, say) with ``await
+                    self.batched(pieces, job)``: each piece is one item of ``predict_batch``
+    predict_stream(input, job)
+                    optional, for an input whose ``stream`` field is true: an async generator
+                    of the answer's chunks (dicts), run on the event loop; without it a
+                    streamed job gets the whole answer as one chunk
     check(input, where)
                     optional: refuse an input before it reaches the device (its media already
                     fetched and decoded), raising InputError naming the field under ``where``
@@ -49,9 +56,12 @@ The parts, each with a default a task overrides only when it must::
     openai_routes   the OpenAI-compatible routes it serves (none by default)
 
 Files in an answer: ``job.store(data, content_type, name)``, or ``OutputFile(...)`` from
-``predict_batch``; delivery makes each inline or a link. Advanced tasks (``tasks/generate.py``,
-streaming) override ``parse(job_input, where)``, ``answer(request, job)`` and
-``stream(request, job)`` themselves: the worker calls only those three.
+``predict_batch``; delivery makes each inline or a link. An InputError that ``predict`` (or
+``predict_batch``, ``predict_stream``) raises names the field as in a single job
+(``input.prompt``); in a batch job the worker moves it under the item (``input.batch.3.prompt``).
+The worker calls ``parse(job_input, where)``, ``answer(request, job)`` and ``stream(request,
+job)``, built from the parts above; a task overrides them only for an input that no declared
+model can say (``tasks/pipeline.py``: the Hugging Face API's envelope beside its own fields).
 
 The worker owns the rest, the same for every task: the job envelope and its size, output_mode,
 batch jobs (``batch``, ``batch_url``), the whole-job time limit, cancel, the batcher and its
@@ -89,6 +99,7 @@ from serving.runner import (
     TaskSettings,
     checked_answer,
     inference,
+    placed_errors,
     takes_job,
 )
 from serving.validation import StrictInput, parse_input
@@ -128,10 +139,10 @@ class Task:
         self.options = self.Settings.from_env(env) if self.Settings is not None else None
         self._device_fault: str | None = None
         self._predict_takes_job = takes_job(self.predict)
+        self._async_predict = inspect.iscoroutinefunction(self.predict)
         if self.max_batch_size:
-            size = min(self.max_batch_size, settings.max_batch_size)
             wait = settings.batch_wait_ms if self.batch_wait_ms is None else self.batch_wait_ms
-            self.batcher = Batcher(PredictEngine(self), size, wait)
+            self.batcher = Batcher(PredictEngine(self), self.batch_size(), wait)
         self.setup()
 
     @classmethod
@@ -159,14 +170,43 @@ class Task:
     def setup(self) -> None:
         """What else the task needs after loading (a tokenizer, a processor); device thread."""
 
-    def predict(self, input: Any, job: JobContext) -> dict[str, Any]:
-        """The answer to one job's input (device thread, unless declared ``async def``)."""
+    def batch_size(self) -> int:
+        """Most items in one ``predict_batch`` call: ``max_batch_size``, capped by
+        WORKER_MAX_BATCH_SIZE. Override it to be capped by a setting of another unit."""
+        return min(self.max_batch_size, self.settings.max_batch_size)
+
+    def predict(self, input: Any, job: JobContext) -> Any:
+        """The answer to one job's input, a dict (device thread, unless ``async def``)."""
         raise NotImplementedError(f"{type(self).__name__} defines no predict or predict_batch")
 
-    def predict_batch(self, inputs: list[Any]) -> list[dict[str, Any]]:
-        """One answer per input, in order (device thread); used when max_batch_size is set."""
+    def predict_batch(self, inputs: list[Any]) -> list[Any]:
+        """One output per input, in order (device thread); used when max_batch_size is set."""
         raise NotImplementedError(f"{type(self).__name__} sets max_batch_size but defines no "
                                   "predict_batch")
+
+    async def predict_stream(self, input: Any, job: JobContext
+                             ) -> AsyncIterator[dict[str, Any]]:
+        """The chunks of a streamed answer (event loop), for an input whose ``stream`` field is
+        true; the last chunk ends the answer. Without it the whole answer is one chunk."""
+        raise NotImplementedError(f"{type(self).__name__} defines no predict_stream")
+        yield {}                                              # an async generator, as overrides
+
+    async def batched(self, pieces: list[Any], job: JobContext) -> list[Any]:
+        """``predict_batch``'s output for each of ``pieces``, in order: for an async ``predict``
+        that splits its input (one job's texts), each piece an item of the worker's batches,
+        shared with other jobs' pieces. A failed piece fails the job, and its other pieces not
+        yet on the device are skipped; so is every piece once the job's time is up."""
+        items = [PredictItem(piece) for piece in pieces]
+        waits = [asyncio.ensure_future(self.batcher.submit(item)) for item in items]
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), max(0.0, job.remaining_s()))
+        except TimeoutError:
+            raise JobTimeout(f"the job ran past {job.timeout_s:g}s (WORKER_JOB_TIMEOUT_S); "
+                             "send a smaller input") from None
+        finally:
+            for wait in waits:               # cancelled: the item is skipped, not run
+                wait.cancel()
+        return [item.output for item in items]
 
     def check(self, input: Any, where: str) -> None:
         """Refuse ``input`` before the device, raising InputError naming a field under
@@ -179,12 +219,9 @@ class Task:
 
     def warm_up(self) -> None:
         """One small run before the first job (device thread): by default, ``example``."""
-        if not self.example or self.input is None:
-            return
-        if not self.max_batch_size and inspect.iscoroutinefunction(self.predict):
+        if not self.example or self.input is None or self._async_predict:
             return                           # an async predict warms up in its own warm_up
-        job = JobContext("warm-up", time.monotonic() + self.settings.job_timeout_s,
-                         self.settings.job_timeout_s, DownloadSettings.from_env({}), lambda: None)
+        job = self._own_job("warm-up")
         request = self.parse(dict(self.example), where="example")
         data = asyncio.run(resolve_media(request.input, job, request.where,
                                          self.settings.max_image_pixels))
@@ -206,32 +243,49 @@ class Task:
         context = {"limits": self.settings, "options": self.options}
         return Request(parse_input(self.input, job_input, context, prefix=where), where)
 
-    async def answer(self, request: Any, job: JobContext) -> dict[str, Any]:
-        """Fetch and decode the request's media, then ``predict`` (or a batched
-        ``predict_batch``) on the device thread, then ``respond`` in a thread."""
-        data = await resolve_media(request.input, job, request.where,
-                                   self.settings.max_image_pixels)
-        self.check(data, request.where)
-        if self.max_batch_size:
-            item = PredictItem(data)
-            try:
-                await asyncio.wait_for(self.batcher.submit(item), max(0.0, job.remaining_s()))
-            except TimeoutError:
-                raise JobTimeout(f"the job ran past {job.timeout_s:g}s (WORKER_JOB_TIMEOUT_S); "
-                                 "send a smaller input") from None
-            output = item.output
-        else:
-            args = (data, job) if self._predict_takes_job else (data,)
-            output = (await self.predict(*args) if inspect.iscoroutinefunction(self.predict)
-                      else await self.on_device(inference, self.predict, *args))
+    async def answer(self, request: Any, job: JobContext | None = None) -> dict[str, Any]:
+        """Fetch and decode the request's media and ``check`` it, then ``predict`` (async on
+        the loop, else on the device thread) or a batched ``predict_batch``, then ``respond``
+        in a thread. Without ``job`` (a direct call) the request gets a job of its own."""
+        job = job or self._own_job("job")
+        data = await self._checked(request, job)
+        with placed_errors(request.where):
+            if self._async_predict:
+                output = await self.predict(*((data, job) if self._predict_takes_job else (data,)))
+            elif self.max_batch_size:
+                (output,) = await self.batched([data], job)
+            else:
+                args = (data, job) if self._predict_takes_job else (data,)
+                output = await self.on_device(inference, self.predict, *args)
         if type(self).respond is not Task.respond:    # CPU work: the decode pool, as decoding
             output = await in_decode_pool(self.respond, output, data, deadline=job.deadline,
                                           cancelled=job.cancelled)
         return checked_answer(self, output)
 
-    async def stream(self, request: Any, job: JobContext) -> AsyncIterator[dict[str, Any]]:
-        """Chunks of a streamed answer; by default the whole answer as one chunk."""
-        yield await self.answer(request, job)
+    async def stream(self, request: Any, job: JobContext | None = None
+                     ) -> AsyncIterator[dict[str, Any]]:
+        """Chunks of a streamed answer: ``predict_stream``'s, else the whole answer as one."""
+        if type(self).predict_stream is Task.predict_stream:
+            yield await self.answer(request, job)
+            return
+        job = job or self._own_job("job")
+        data = await self._checked(request, job)
+        with placed_errors(request.where):
+            async for chunk in self.predict_stream(data, job):
+                yield chunk
+
+    async def _checked(self, request: Any, job: JobContext) -> Any:
+        """The request's input with its media fetched and decoded, passed by ``check``."""
+        data = await resolve_media(request.input, job, request.where,
+                                   self.settings.max_image_pixels)
+        self.check(data, request.where)
+        return data
+
+    def _own_job(self, job_id: str) -> JobContext:
+        """A job for work no job sent (warm-up, a direct call): the worker's time limit."""
+        return JobContext(job_id, time.monotonic() + self.settings.job_timeout_s,
+                          self.settings.job_timeout_s, DownloadSettings.from_env({}),
+                          lambda: None)
 
     async def on_device(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the device thread, where all torch work runs (unbatched). Out of

@@ -1,9 +1,11 @@
 """The embedding task: texts in, one vector per text out, batched across concurrent jobs.
 
 Owns the job contract for embedding models (encoders such as all-MiniLM-L6-v2): the input fields
-and their limits, the pooling the model was trained with, and the answer's shape. Texts from
-concurrent jobs share forward passes through ``batcher.py`` on its single device thread; this
-module's ``EmbedEngine`` is what runs on that thread.
+and their limits, the pooling the model was trained with, and the answer's shape. It is a task
+on the seam (``tasks/base.py``): ``predict`` hands each text to the worker's batches
+(``Task.batched``), so texts from concurrent jobs share forward passes, at most
+WORKER_EMBED_BATCH_SIZE at a time; ``predict_batch`` is one forward pass on the device thread.
+The worker owns the rest: cancel, the time limit, the out-of-memory split, device faults.
 
 Input (``job["input"]``)::
 
@@ -29,24 +31,19 @@ tokens the attention mask keeps), else mean pooling, the sentence-transformers d
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TypedDict
 
 import torch
 import transformers
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from transformers import AutoTokenizer
 
-from serving.batcher import Batcher
-from serving.config import PROMPT_CHARS_PER_TOKEN, ModelSettings, WorkerSettings
-from serving.errors import InputError, JobTimeout, ModelNotFound
+from serving.config import PROMPT_CHARS_PER_TOKEN, ModelSettings
+from serving.errors import InputError, ModelNotFound
 from serving.placement import LoadedModel, ModelFiles, place_model
-from serving.validation import StrictInput, in_tokenizer_thread, parse_input
+from serving.validation import StrictInput, in_tokenizer_thread, limits_of
 from tasks.base import JobContext, Task
 
 POOLING_MODES = ("mean", "cls", "max")
@@ -66,7 +63,7 @@ class EmbedInput(StrictInput):
     @classmethod
     def _texts_within_limit(cls, value: list[str] | None,
                             info: ValidationInfo) -> list[str] | None:
-        limit = info.context["limits"].max_texts
+        limit = limits_of(info).max_texts
         if value is not None and not value:
             raise ValueError("is empty; send at least one text")
         if value is not None and len(value) > limit:
@@ -90,32 +87,6 @@ class EmbedAnswer(TypedDict):
     dim: int
     usage: EmbedUsage
     model: str
-
-
-@dataclass(frozen=True)
-class EmbedRequest:
-    """A checked job, not yet tokenized: ``EmbedTask.tokens`` tokenizes it off the loop."""
-
-    texts: list[str]               # already cut to the character bound when truncating
-    normalize: bool
-    dimensions: int | None
-    truncate: bool
-    field: str                     # "input.texts" (errors add [i]) or "input.text"
-    stream: bool = False           # embeddings are answered whole
-
-
-@dataclass(eq=False)
-class EmbedItem:
-    """One text while it waits for and goes through a forward pass."""
-
-    ids: list[int]
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    vector: torch.Tensor | None = None       # pooled, float32, on the CPU; not normalized
-    on_done: Callable[[], None] | None = None   # set by the batcher
-
-    def reset_for_retry(self) -> bool:
-        self.vector = None
-        return True
 
 
 def read_pooling(model_dir: Path) -> str:
@@ -159,44 +130,8 @@ def model_token_limit(loaded: LoadedModel) -> int:
     return loaded.tokenizer.model_max_length
 
 
-class EmbedEngine:
-    """Pools a batch of texts in one forward pass (right-padded, attention-masked)."""
-
-    def __init__(self, loaded: LoadedModel, pooling: str) -> None:
-        self.model = loaded.model
-        self.device = loaded.device
-        self.pad_id = loaded.tokenizer.pad_token_id or 0
-        self.pooling = pooling
-
-    def run(self, items: list[EmbedItem]) -> None:
-        active = [i for i in items if not i.cancelled.is_set()]
-        if not active:
-            return
-        width = max(len(i.ids) for i in active)
-        ids = torch.full((len(active), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(active), width), dtype=torch.long)
-        for row, item in enumerate(active):
-            ids[row, :len(item.ids)] = torch.tensor(item.ids, dtype=torch.long)
-            mask[row, :len(item.ids)] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        with torch.inference_mode():
-            # .to(): with the layers spread over several GPUs the output is on the last one.
-            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-            hidden = hidden.float().to(self.device)
-            keep = mask.unsqueeze(-1).to(hidden.dtype)
-            if self.pooling == "cls":
-                pooled = hidden[:, 0]
-            elif self.pooling == "max":
-                pooled = hidden.masked_fill(keep == 0, float("-inf")).amax(dim=1)
-            else:
-                pooled = (hidden * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1e-9)
-            pooled = pooled.cpu()
-        for row, item in enumerate(active):
-            item.vector = pooled[row]
-
-
 class EmbedTask(Task):
-    """Embedding jobs on an encoder model, batched across concurrent jobs."""
+    """Embedding jobs on an encoder model, each text batched across concurrent jobs."""
 
     name = "embed"
     # bare text encoders and sentence-transformers folders
@@ -204,6 +139,7 @@ class EmbedTask(Task):
     input = EmbedInput
     example = {"texts": ["Hello", "world"]}
     openai_routes = ("/v1/embeddings",)
+    max_batch_size = 4096                   # texts; as many as WORKER_EMBED_BATCH_SIZE allows
 
     @classmethod
     def load(cls, model: ModelFiles, settings: ModelSettings) -> LoadedModel:
@@ -216,81 +152,83 @@ class EmbedTask(Task):
         loaded.tokenizer = tokenizer
         return loaded
 
+    def batch_size(self) -> int:
+        """Texts per forward pass: WORKER_EMBED_BATCH_SIZE (WORKER_MAX_BATCH_SIZE counts
+        sequences and images, each far more work than a text)."""
+        return min(self.max_batch_size, self.settings.embed_batch_size)
+
+    def setup(self) -> None:
+        self.tokenizer = self.loaded.tokenizer
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        self.pooling = read_pooling(self.loaded.source.path)
+        self.dim = int(self.model.config.hidden_size)
+        self.max_tokens = min(model_token_limit(self.loaded), self.settings.max_prompt_tokens)
+        self.max_chars = self.max_tokens * PROMPT_CHARS_PER_TOKEN
+
     def warm_up(self) -> None:
         """One forward pass: the first job pays no kernel or allocator start-up."""
-        inputs = self.tokenizer("Hello", return_tensors="pt").to(self.loaded.device)
         with torch.inference_mode():
-            self.loaded.model(**inputs)
+            self.predict_batch([list(self.tokenizer("Hello")["input_ids"])])
 
-    def __init__(self, loaded: LoadedModel, settings: WorkerSettings,
-                 env: Mapping[str, str] | None = None) -> None:
-        super().__init__(loaded, settings, env)
-        self.tokenizer = loaded.tokenizer
-        self.pooling = read_pooling(loaded.source.path)
-        self.dim = int(loaded.model.config.hidden_size)
-        self.max_tokens = min(model_token_limit(loaded), settings.max_prompt_tokens)
-        self.max_chars = self.max_tokens * PROMPT_CHARS_PER_TOKEN
-        self.batcher = Batcher(EmbedEngine(loaded, self.pooling), settings.embed_batch_size,
-                               settings.batch_wait_ms)
-
-    def parse(self, job_input: dict[str, Any], where: str = "input") -> EmbedRequest:
-        """Validate and bound the texts' lengths; raises InputError naming the field (and the
-        text's index). Cheap enough for the event loop: tokenizing waits for ``tokens``."""
-        data = parse_input(EmbedInput, job_input, {"limits": self.settings}, prefix=where)
-        return self.request(data.texts if data.texts is not None else [data.text or ""],
-                            normalize=data.normalize, dimensions=data.dimensions,
-                            truncate=data.truncate,
-                            field=f"{where}.texts" if data.texts is not None else f"{where}.text",
-                            dimensions_field=f"{where}.dimensions")
-
-    def request(self, texts: list[str], *, normalize: bool, dimensions: int | None,
-                truncate: bool, field: str, dimensions_field: str) -> EmbedRequest:
-        """The request for ``texts``; errors name ``field`` (``field[i]`` for one text).
-
-        A text longer than PROMPT_CHARS_PER_TOKEN characters per token of the limit is refused
-        before it is tokenized, or with ``truncate`` cut to that many characters first. The cut
-        changes the tokens kept only if the kept part averages more than that many characters
-        per token (long runs of spaces, which tokenizers drop): not real text.
-        """
-        if dimensions is not None and dimensions > self.dim:
-            raise InputError(f"{dimensions} is more than the model's {self.dim} dimensions",
-                             field=dimensions_field)
+    def check(self, input: EmbedInput, where: str) -> None:
+        """Before tokenizing: ``dimensions`` within the model's, and each text within
+        PROMPT_CHARS_PER_TOKEN characters per token of the limit, unless it is to be truncated
+        (``predict`` then cuts it to that many characters first). The cut changes the tokens
+        kept only if the kept part averages more than that many characters per token (long
+        runs of spaces, which tokenizers drop): not real text."""
+        if input.dimensions is not None and input.dimensions > self.dim:
+            raise InputError(f"{input.dimensions} is more than the model's {self.dim} "
+                             "dimensions", field=f"{where}.dimensions")
+        if input.truncate:
+            return
         limit = self.max_chars
-        if truncate:
-            texts = [t[:limit] for t in texts]
-        else:
-            for index, text in enumerate(texts):
-                if len(text) > limit:
-                    raise InputError(
-                        f"is {len(text):,} characters, over the limit of {limit:,} "
-                        f"({PROMPT_CHARS_PER_TOKEN} per token of the {self.max_tokens}-token "
-                        "limit); shorten it or send \"truncate\": true",
-                        field=self._text_field(field, index))
-        return EmbedRequest(texts, normalize, dimensions, truncate, field)
+        for index, text in enumerate(_texts(input)):
+            if len(text) > limit:
+                raise InputError(
+                    f"is {len(text):,} characters, over the limit of {limit:,} "
+                    f"({PROMPT_CHARS_PER_TOKEN} per token of the {self.max_tokens}-token "
+                    "limit); shorten it or send \"truncate\": true",
+                    field=_text_field(input, where, index))
 
-    @staticmethod
-    def _text_field(field: str, index: int) -> str:
-        return f"{field}[{index}]" if field.endswith("s") else field
+    async def predict(self, input: EmbedInput, job: JobContext) -> EmbedAnswer:
+        """Tokenize (off the loop), embed each text as one item of the worker's batches, shared
+        with other jobs' texts, then cut to ``dimensions`` and normalize as asked."""
+        texts = _texts(input)
+        if input.truncate:
+            texts = [t[:self.max_chars] for t in texts]
+        token_ids = await self.tokens(texts, input)
+        # A forward pass already running ends on its own (it cannot be cut short); texts not
+        # yet on the device are skipped once the job fails, ends or is cancelled.
+        matrix = torch.stack(await self.batched(token_ids, job))
+        if input.dimensions is not None:
+            matrix = matrix[:, :input.dimensions]
+        if input.normalize:
+            matrix = torch.nn.functional.normalize(matrix, p=2, dim=1)
+        return {
+            "embeddings": matrix.tolist(),
+            "dim": int(matrix.shape[1]),
+            "usage": {"prompt_tokens": sum(len(r) for r in token_ids)},
+            "model": self.loaded.served_name,
+        }
 
-    async def tokens(self, request: EmbedRequest) -> list[list[int]]:
+    async def tokens(self, texts: list[str], input: EmbedInput) -> list[list[int]]:
         """Each text's token ids, tokenized in the tokenizer thread a slice at a time (so one
         large job never holds the thread for long), checked against the token limit."""
         ids: list[list[int]] = []
         start = 0
-        while start < len(request.texts):
+        while start < len(texts):
             end, chars = start, 0
-            while end < len(request.texts) and (end == start or chars < TOKENIZE_SLICE_CHARS):
-                chars += len(request.texts[end])
+            while end < len(texts) and (end == start or chars < TOKENIZE_SLICE_CHARS):
+                chars += len(texts[end])
                 end += 1
-            ids += await in_tokenizer_thread(self._tokenize, request.texts[start:end],
-                                             request.truncate)
+            ids += await in_tokenizer_thread(self._tokenize, texts[start:end], input.truncate)
             start = end
         for index, row in enumerate(ids):
             if len(row) > self.max_tokens:
                 raise InputError(f"is {len(row)} tokens, over the limit of {self.max_tokens} "
                                  "(the model's max_seq_length, or WORKER_MAX_PROMPT_TOKENS); "
                                  "shorten it or send \"truncate\": true",
-                                 field=self._text_field(request.field, index))
+                                 field=_text_field(input, "input", index))
         return ids
 
     def _tokenize(self, texts: list[str], truncate: bool) -> list[list[int]]:
@@ -299,36 +237,33 @@ class EmbedTask(Task):
                              max_length=self.max_tokens if truncate else None)["input_ids"]
         return [list(row) for row in ids]
 
-    async def vectors(self, request: EmbedRequest, token_ids: list[list[int]]) -> torch.Tensor:
-        """One row per text, pooled, cut to ``dimensions`` and normalized as asked."""
-        items = [EmbedItem(ids) for ids in token_ids]
-        try:
-            # Cancelling the submissions skips texts not yet on the device; a forward pass
-            # already running ends on its own (it cannot be cut short).
-            await asyncio.wait_for(asyncio.gather(*(self.batcher.submit(i) for i in items)),
-                                   self.settings.job_timeout_s)
-        except TimeoutError:
-            raise JobTimeout(f"the job ran past {self.settings.job_timeout_s:g}s "
-                             "(WORKER_JOB_TIMEOUT_S); send fewer texts per job") from None
-        matrix = torch.stack([i.vector for i in items if i.vector is not None])
-        if request.dimensions is not None:
-            matrix = matrix[:, :request.dimensions]
-        if request.normalize:
-            matrix = torch.nn.functional.normalize(matrix, p=2, dim=1)
-        return matrix
+    def predict_batch(self, inputs: list[list[int]]) -> list[torch.Tensor]:
+        """Each text's vector, pooled, float32 on the CPU, not normalized: one forward pass,
+        right-padded and attention-masked (device thread)."""
+        width = max(len(ids) for ids in inputs)
+        ids = torch.full((len(inputs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(inputs), width), dtype=torch.long)
+        for row, text_ids in enumerate(inputs):
+            ids[row, :len(text_ids)] = torch.tensor(text_ids, dtype=torch.long)
+            mask[row, :len(text_ids)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        # .to(): with the layers spread over several GPUs the output is on the last one.
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden = hidden.float().to(self.device)
+        keep = mask.unsqueeze(-1).to(hidden.dtype)
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        elif self.pooling == "max":
+            pooled = hidden.masked_fill(keep == 0, float("-inf")).amax(dim=1)
+        else:
+            pooled = (hidden * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1e-9)
+        return list(pooled.cpu().unbind(0))
 
-    async def answer(self, request: EmbedRequest,  # type: ignore[override]
-                     job: JobContext | None = None) -> EmbedAnswer:
-        token_ids = await self.tokens(request)
-        matrix = await self.vectors(request, token_ids)
-        return {
-            "embeddings": matrix.tolist(),
-            "dim": int(matrix.shape[1]),
-            "usage": {"prompt_tokens": sum(len(r) for r in token_ids)},
-            "model": self.loaded.served_name,
-        }
 
-    async def stream(self, request: EmbedRequest,  # type: ignore[override]
-                     job: JobContext | None = None) -> AsyncIterator[dict[str, Any]]:
-        """Embeddings are not streamed: the whole answer, once."""
-        yield dict(await self.answer(request, job))
+def _texts(input: EmbedInput) -> list[str]:
+    return input.texts if input.texts is not None else [input.text or ""]
+
+
+def _text_field(input: EmbedInput, where: str, index: int) -> str:
+    """The field of text ``index``: ``input.texts[3]``, or ``input.text`` for one text."""
+    return f"{where}.texts[{index}]" if input.texts is not None else f"{where}.text"

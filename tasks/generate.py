@@ -21,10 +21,16 @@ Answer: ``{"text", "finish_reason": "stop"|"length", "usage": {"prompt_tokens",
 "completion_tokens"}, "model"}``. A stream's last chunk carries ``finish_reason``, ``usage``
 and ``model`` too. ``completion_tokens`` counts every token the model produced, end token included.
 
-Costs are bounded before they are paid, and a refusal never reaches a batch: ``parse`` (on the
-event loop) checks the fields and the prompt's length in characters (``PROMPT_CHARS_PER_TOKEN``
-per token of the prompt limit); ``prepare`` tokenizes in the tokenizer thread
-(``validation.in_tokenizer_thread``) and checks the prompt's tokens against
+It is a task on the seam (``tasks/base.py``): the worker parses ``GenerateInput``; ``predict``
+answers a job whole and ``predict_stream`` streams it, both on the event loop, each handing its
+``engine.Sequence`` to the task's own ``batcher.Batcher``, whose engine admits new sequences
+between decoding steps (continuous batching, which ``predict_batch``'s one call per batch
+cannot do). The batcher still owns cancel, the out-of-memory split and device faults.
+
+Costs are bounded before they are paid, and a refusal never reaches a batch: the worker (on the
+event loop) checks the fields, and ``check`` the prompt's length in characters
+(``PROMPT_CHARS_PER_TOKEN`` per token of the prompt limit); ``prepare`` tokenizes in the
+tokenizer thread (``validation.in_tokenizer_thread``) and checks the prompt's tokens against
 WORKER_MAX_PROMPT_TOKENS and prompt + max_new_tokens against the model's context
 (``model_context``). An explicit max_new_tokens the context cannot hold is refused; the default
 shrinks to what the context leaves. A chat template that refuses the messages (jinja's
@@ -36,9 +42,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Any, Literal, TypedDict
 
 import transformers
@@ -47,12 +51,12 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from transformers import AutoTokenizer, GenerationConfig
 
 from serving.batcher import Batcher
-from serving.config import PROMPT_CHARS_PER_TOKEN, ModelSettings, WorkerSettings
+from serving.config import PROMPT_CHARS_PER_TOKEN, ModelSettings
 from serving.engine import Engine, SamplingParams, Sequence
 from serving.errors import InputError, JobTimeout, excerpt
 from serving.graphs import SwitchingEngine, choose_engine
 from serving.placement import LoadedModel, ModelFiles, place_model
-from serving.validation import StrictInput, in_tokenizer_thread, parse_input
+from serving.validation import StrictInput, in_tokenizer_thread, limits_of
 from tasks.base import JobContext, Task
 
 MAX_STOP_CHARS = 256
@@ -82,7 +86,7 @@ class GenerateInput(StrictInput):
     @classmethod
     def _messages_within_limit(cls, value: list[Message] | None,
                                info: ValidationInfo) -> list[Message] | None:
-        limit = info.context["limits"].max_messages
+        limit = limits_of(info).max_messages
         if value is not None and not value:
             raise ValueError("is empty; send at least one message")
         if value is not None and len(value) > limit:
@@ -93,7 +97,7 @@ class GenerateInput(StrictInput):
     @field_validator("max_new_tokens")
     @classmethod
     def _tokens_within_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
-        limit = info.context["limits"].max_new_tokens
+        limit = limits_of(info).max_new_tokens
         if value is not None and value > limit:
             raise ValueError(f"{value} is over the limit of {limit} (WORKER_MAX_NEW_TOKENS)")
         return value
@@ -105,7 +109,7 @@ class GenerateInput(StrictInput):
         if value is None:
             return None
         stops = [value] if isinstance(value, str) else value
-        limit = info.context["limits"].max_stop
+        limit = limits_of(info).max_stop
         if len(stops) > limit:
             raise ValueError(f"has {len(stops)} strings, over the limit of {limit} "
                              "(WORKER_MAX_STOP)")
@@ -131,22 +135,6 @@ class GenerateAnswer(TypedDict):
     finish_reason: str
     usage: Usage
     model: str
-
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    """A checked job, not yet tokenized: ``GenerateTask.prepare`` tokenizes it off the loop."""
-
-    messages: list[dict[str, str]] | None    # exactly one of messages and prompt
-    prompt: str | None
-    params: SamplingParams                   # max_new_tokens: as asked, else the default
-    asked_max_new_tokens: bool               # False: the default, which the context may shrink
-    stream: bool
-    where: str = "input"                     # field prefix for errors ("input.batch.3")
-
-    @property
-    def field(self) -> str:
-        return f"{self.where}.messages" if self.messages is not None else f"{self.where}.prompt"
 
 
 _DONE = object()
@@ -212,9 +200,8 @@ class GenerateTask(Task):
         for n in rows:
             engine.run([Sequence(list(ids), params) for _ in range(n)])
 
-    def __init__(self, loaded: LoadedModel, settings: WorkerSettings,
-                 env: Mapping[str, str] | None = None) -> None:
-        super().__init__(loaded, settings, env)
+    def setup(self) -> None:
+        loaded, settings = self.loaded, self.settings
         self.tokenizer = loaded.tokenizer
         self.context = model_context(loaded)
         self._use(*choose_engine(loaded, settings, self.context))
@@ -223,7 +210,7 @@ class GenerateTask(Task):
         gc = loaded.generation_config or GenerationConfig()
         sampling = bool(getattr(gc, "do_sample", False))
         # Defaults from the model's generation config; greedy when it does not ask to sample.
-        self.defaults = {
+        self.defaults: dict[str, Any] = {
             "temperature": float(gc.temperature or 1.0) if sampling else 0.0,
             "top_p": float(gc.top_p) if sampling and gc.top_p is not None else 1.0,
             "top_k": int(gc.top_k) if sampling and gc.top_k is not None else 0,
@@ -235,78 +222,74 @@ class GenerateTask(Task):
         self.loaded.stats.note = note          # the startup line says which decode path runs
 
     # ------------------------------------------------------------------------------------------
-    def parse(self, job_input: dict[str, Any], where: str = "input") -> GenerateRequest:
-        """Validate, and bound the prompt's length; raises InputError naming the field.
-
-        Cheap enough for the event loop: tokenizing waits for ``prepare``, in its own thread.
-        """
-        data = parse_input(GenerateInput, job_input, {"limits": self.settings}, prefix=where)
-        if data.messages is not None:
+    def check(self, input: GenerateInput, where: str) -> None:
+        """Before tokenizing (on the event loop, so cheap): a chat needs the model's chat
+        template, and the prompt's length in characters is bounded; InputError names the
+        field."""
+        if input.messages is not None:
             if not self.tokenizer.chat_template:
                 raise InputError("this model has no chat template; send 'prompt' instead",
                                  field=f"{where}.messages")
-            chars, field = sum(len(m.content) for m in data.messages), f"{where}.messages"
+            chars, field = sum(len(m.content) for m in input.messages), f"{where}.messages"
         else:
-            chars, field = len(data.prompt or ""), f"{where}.prompt"
+            chars, field = len(input.prompt or ""), f"{where}.prompt"
         if chars > self.max_prompt_chars:
             raise InputError(
                 f"is {chars:,} characters, over the limit of {self.max_prompt_chars:,} "
                 f"({PROMPT_CHARS_PER_TOKEN} per token of the prompt's token limit, "
                 "WORKER_MAX_PROMPT_TOKENS or the model's context); shorten it", field=field)
-        d = self.defaults
-        params = SamplingParams(
-            max_new_tokens=data.max_new_tokens or self.settings.default_max_new_tokens,
-            temperature=d["temperature"] if data.temperature is None else data.temperature,
-            top_p=d["top_p"] if data.top_p is None else data.top_p,
-            top_k=d["top_k"] if data.top_k is None else data.top_k,
-            repetition_penalty=(d["repetition_penalty"] if data.repetition_penalty is None
-                                else data.repetition_penalty),
-            seed=data.seed,
-            stop=tuple(data.stop or ()),
-        )
-        messages = None if data.messages is None else [m.model_dump() for m in data.messages]
-        return GenerateRequest(messages, data.prompt if messages is None else None, params,
-                               data.max_new_tokens is not None, data.stream, where)
 
-    async def prepare(self, request: GenerateRequest, job: JobContext | None = None) -> Sequence:
-        """Tokenize (in the tokenizer thread) and check the request against the model's limits.
+    def _params(self, input: GenerateInput) -> SamplingParams:
+        """The sampling parameters asked for, the model's defaults for the rest."""
+        d = self.defaults
+        return SamplingParams(
+            max_new_tokens=input.max_new_tokens or self.settings.default_max_new_tokens,
+            temperature=d["temperature"] if input.temperature is None else input.temperature,
+            top_p=d["top_p"] if input.top_p is None else input.top_p,
+            top_k=d["top_k"] if input.top_k is None else input.top_k,
+            repetition_penalty=(d["repetition_penalty"] if input.repetition_penalty is None
+                                else input.repetition_penalty),
+            seed=input.seed,
+            stop=tuple(input.stop or ()),
+        )
+
+    async def prepare(self, input: GenerateInput, job: JobContext) -> Sequence:
+        """Tokenize (in the tokenizer thread) and check the input against the model's limits.
 
         Every refusal here happens before the sequence is admitted to a batch, so it can never
         fail the jobs it would have been batched with.
         """
-        ids = await in_tokenizer_thread(self._tokenize, request)
-        field = request.field
+        ids = await in_tokenizer_thread(self._tokenize, input)
+        field = _prompt_field(input)
         if not ids:
             raise InputError("is empty after tokenization", field=field)
         if len(ids) > self.settings.max_prompt_tokens:
             raise InputError(f"is {len(ids)} tokens, over the limit of "
                              f"{self.settings.max_prompt_tokens} (WORKER_MAX_PROMPT_TOKENS)",
                              field=field)
-        params = request.params
-        max_new = self._fit_context(len(ids), request)
+        params = self._params(input)
+        max_new = self._fit_context(len(ids), params.max_new_tokens, input)
         if max_new != params.max_new_tokens:
             params = dataclasses.replace(params, max_new_tokens=max_new)
-        deadline = job.deadline if job is not None else (
-            time.monotonic() + self.settings.job_timeout_s)
-        return Sequence(list(ids), params, deadline=deadline)
+        return Sequence(list(ids), params, deadline=job.deadline)
 
-    def _tokenize(self, request: GenerateRequest) -> list[int]:
+    def _tokenize(self, input: GenerateInput) -> list[int]:
         """The prompt's token ids (runs in the tokenizer thread)."""
-        if request.messages is None:
-            return list(self.tokenizer(request.prompt)["input_ids"])
+        if input.messages is None:
+            return list(self.tokenizer(input.prompt)["input_ids"])
         try:
             return list(self.tokenizer.apply_chat_template(
-                request.messages, add_generation_prompt=True, tokenize=True,
-                return_dict=True)["input_ids"])
+                [m.model_dump() for m in input.messages], add_generation_prompt=True,
+                tokenize=True, return_dict=True)["input_ids"])
         except TemplateError as exc:
             # The template's own refusal (raise_exception: roles must alternate, ...) is about
             # these messages, not the worker; its text is the model author's, cut short.
             raise InputError(f"the model's chat template refused these messages: "
-                             f"{excerpt(str(exc), 200)}", field=request.field) from None
+                             f"{excerpt(str(exc), 200)}", field=_prompt_field(input)) from None
 
-    def _fit_context(self, prompt_tokens: int, request: GenerateRequest) -> int:
+    def _fit_context(self, prompt_tokens: int, asked: int, input: GenerateInput) -> int:
         """max_new_tokens for this prompt within the model's context, or an InputError."""
-        asked = request.params.max_new_tokens
+        field = _prompt_field(input)
         if self.context is None:
             return asked
         room = self.context - prompt_tokens
@@ -314,16 +297,16 @@ class GenerateTask(Task):
             raise InputError(
                 f"is {prompt_tokens:,} tokens, and the model's context of {self.context:,} "
                 "tokens (max_position_embeddings) must hold the prompt and at least one new "
-                "token; shorten it", field=request.field)
+                "token; shorten it", field=field)
         if asked <= room:
             return asked
-        if not request.asked_max_new_tokens:
+        if input.max_new_tokens is None:
             return room         # the default gives way to the context; an explicit ask does not
         raise InputError(
             f"{asked} is more than the model's context leaves: the prompt is "
             f"{prompt_tokens:,} tokens and the context of {self.context:,} tokens "
             f"(max_position_embeddings) holds {room:,} more; ask for at most {room:,} or "
-            f"shorten {request.field}", field=f"{request.where}.max_new_tokens")
+            f"shorten the {field.removeprefix('input.')}", field="input.max_new_tokens")
 
     def _answer(self, seq: Sequence) -> GenerateAnswer:
         if seq.finish_reason == "timeout":
@@ -337,24 +320,27 @@ class GenerateTask(Task):
             "model": self.loaded.served_name,
         }
 
-    async def answer(self, request: GenerateRequest,  # type: ignore[override]
-                     job: JobContext | None = None) -> GenerateAnswer:
+    async def predict(self, input: GenerateInput, job: JobContext) -> GenerateAnswer:
         """Generate the whole text, batched with whatever else is in flight."""
-        seq = await self.prepare(request, job)
+        seq = await self.prepare(input, job)
         await self.batcher.submit(seq)
         return self._answer(seq)
 
-    async def stream(self, request: GenerateRequest,  # type: ignore[override]
-                     job: JobContext | None = None) -> AsyncIterator[dict[str, Any]]:
+    async def predict_stream(self, input: GenerateInput,
+                             job: JobContext) -> AsyncIterator[dict[str, Any]]:
         """Yield ``{"text": delta}`` chunks as tokens arrive; the last carries usage too.
 
         Deltas that arrive while a chunk is being delivered are joined into the next chunk, so a
         slow stream endpoint gets fewer, larger chunks instead of falling behind.
         """
-        seq = await self.prepare(request, job)
+        seq = await self.prepare(input, job)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
-        seq.on_text = lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta)
+
+        def on_text(delta: str) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, delta)
+
+        seq.on_text = on_text
         task = asyncio.ensure_future(self.batcher.submit(seq))
         task.add_done_callback(lambda _: queue.put_nowait(_DONE))
         try:
@@ -375,3 +361,8 @@ class GenerateTask(Task):
             if not task.done():
                 seq.cancelled.set()
                 task.cancel()
+
+
+def _prompt_field(input: GenerateInput) -> str:
+    """The field that holds the prompt, as a single job names it."""
+    return "input.messages" if input.messages is not None else "input.prompt"

@@ -115,6 +115,19 @@ class TestBatching:
         # Padding to the longest text with a mask must not change any text's vector.
         assert cosines(batched, torch.tensor(alone)).min() > 0.9999
 
+    def test_worker_embed_batch_size_caps_the_texts_of_one_forward_pass(self, loop,
+                                                                        embed_worker):
+        """WORKER_EMBED_BATCH_SIZE counts texts, not WORKER_MAX_BATCH_SIZE's sequences."""
+        settings = dataclasses.replace(embed_worker.settings, embed_batch_size=2,
+                                       max_batch_size=1)
+        capped = dataclasses.replace(embed_worker, settings=settings,
+                                     task=EmbedTask(embed_worker.loaded, settings))
+        whole = answer(loop, embed_worker, {"texts": TEXTS})
+        out = answer(loop, capped, {"texts": TEXTS})
+        assert capped.task.batcher.largest_batch == 2
+        assert torch.allclose(torch.tensor(out["embeddings"]), torch.tensor(whole["embeddings"]),
+                              atol=1e-5)
+
 
 class TestLimits:
     def test_dimensions_over_the_model_are_refused(self, loop, embed_worker):
@@ -130,6 +143,14 @@ class TestLimits:
         out = answer(loop, embed_worker, {"texts": ["short", "word " * 300]})
         assert out["error"].startswith("input.texts[1]: is 302 tokens, over the limit of 256")
         assert '"truncate": true' in out["error"]
+
+    def test_an_over_long_text_of_a_batch_item_is_named_under_the_item(self, loop,
+                                                                       embed_worker):
+        out = answer(loop, embed_worker, {"batch": [{"texts": TEXTS},
+                                                    {"texts": ["short", "word " * 300]}]})
+        assert len(out["results"][0]["embeddings"]) == len(TEXTS)
+        assert out["results"][1]["error"].startswith(
+            "input.batch.1.texts[1]: is 302 tokens, over the limit of 256")
 
     def test_truncate_cuts_over_long_texts_to_the_limit(self, loop, embed_worker):
         out = answer(loop, embed_worker, {"text": "word " * 300, "truncate": True})

@@ -1,5 +1,6 @@
 """What the worker owns for a declared task: media inputs, predict's forms, declared batching
-(its failures included), a task's own settings, and the job fields beside the input.
+(its failures included, and the pieces an async predict batches), streaming through
+predict_stream, a task's own settings, and the job fields beside the input.
 
 The tasks here are small ``Task`` subclasses written as a forker would, on the real tiny
 Swin2SR model, behind the real job wiring; downloads go to a real HTTP server on loopback.
@@ -12,6 +13,7 @@ import base64
 import dataclasses
 import io
 import threading
+from collections.abc import AsyncIterator
 from typing import Any
 
 import PIL.Image
@@ -20,7 +22,7 @@ import torch
 from pydantic import Field
 
 from serving.config import DownloadSettings
-from serving.errors import SettingsError
+from serving.errors import InputError, SettingsError
 from serving.worker import Worker
 from tasks.base import Audio, File, Image, Input, OutputFile, Task, TaskSettings
 from tests.support.http_server import pattern
@@ -253,6 +255,102 @@ class TestDeclaredBatching:
         task = CountTask(upscale_worker.loaded, upscale_worker.settings)
         task.warm_up()
         assert task.sizes == [1]
+
+
+class WordsInput(Input):
+    words: list[str] = Field(min_length=1)
+
+
+class WordsTask(Task):
+    """An async predict that batches each word of a job as a piece of its own."""
+
+    name = "words"
+    input = WordsInput
+    example = {"words": ["hi"]}
+    max_batch_size = 8
+    batch_wait_ms = 50
+
+    def setup(self) -> None:
+        self.sizes: list[int] = []
+
+    async def predict(self, input: WordsInput, job: Any) -> dict[str, Any]:
+        if not all(w.strip() for w in input.words):
+            raise InputError("holds a blank word", field="input.words")
+        return {"lengths": await self.batched(input.words, job)}
+
+    def predict_batch(self, inputs: list[str]) -> list[int]:
+        self.sizes.append(len(inputs))
+        if "bad" in inputs:
+            raise ValueError("a bad word")
+        return [len(w) for w in inputs]
+
+
+class TestBatchedPieces:
+    def test_the_pieces_of_concurrent_jobs_share_predict_batch_calls(self, loop,
+                                                                      upscale_worker):
+        worker = serve(upscale_worker, WordsTask)
+        outs = concurrently(loop, worker, [{"words": ["a", "bb", "ccc"]},
+                                           {"words": ["dddd", "e", "ff"]}])
+        assert [o["lengths"] for o in outs] == [[1, 2, 3], [4, 1, 2]]
+        assert max(worker.task.sizes) > 3          # one call held pieces of both jobs
+
+    def test_a_failing_piece_fails_only_its_own_job(self, loop, upscale_worker):
+        worker = serve(upscale_worker, WordsTask)
+        outs = concurrently(loop, worker, [{"words": ["a", "bad"]}, {"words": ["cc", "d"]}])
+        assert outs[0]["error_code"] == "internal"
+        assert outs[1]["lengths"] == [2, 1]
+
+    def test_an_input_error_from_predict_names_the_batch_item(self, loop, upscale_worker):
+        """Pins: predict cannot know where its input sits in a batch job; its errors named the
+        field as a single job's, input.words."""
+        out = run(loop, serve(upscale_worker, WordsTask),
+                  {"batch": [{"words": ["a"]}, {"words": [" "]}]})
+        assert out["results"][0]["lengths"] == [1]
+        assert out["results"][1]["error"] == "input.batch.1.words: holds a blank word"
+
+
+class StreamInput(Input):
+    text: str = Field(min_length=1)
+    stream: bool = False
+
+
+class SpellTask(Task):
+    """Streams its text one character a chunk."""
+
+    name = "spell"
+    input = StreamInput
+    example = {"text": "hi"}
+
+    async def predict(self, input: StreamInput, job: Any) -> dict[str, Any]:
+        return {"text": input.text}
+
+    async def predict_stream(self, input: StreamInput, job: Any) -> AsyncIterator[dict[str, Any]]:
+        for char in input.text:
+            yield {"text": char}
+
+
+class TestStreaming:
+    def test_a_stream_job_gets_predict_streams_chunks(self, loop, upscale_worker):
+        items = loop.run(collect(serve(upscale_worker, SpellTask),
+                                 {"text": "abc", "stream": True}))
+        assert items == [{"text": "a"}, {"text": "b"}, {"text": "c"}]
+
+    def test_without_stream_the_answer_is_predicts(self, loop, upscale_worker):
+        out = run(loop, serve(upscale_worker, SpellTask), {"text": "abc"})
+        assert out == {"text": "abc", "model": upscale_worker.loaded.served_name}
+
+    def test_a_streamed_batch_item_is_refused_by_the_worker(self, loop, upscale_worker):
+        out = run(loop, serve(upscale_worker, SpellTask),
+                  {"batch": [{"text": "a", "stream": True}]})
+        assert out["results"][0]["error"].startswith("input.batch.0.stream: ")
+
+    def test_a_task_without_predict_stream_streams_its_whole_answer(self, loop,
+                                                                    upscale_worker):
+        class Whole(SpellTask):
+            predict_stream = Task.predict_stream
+
+        items = loop.run(collect(serve(upscale_worker, Whole), {"text": "abc", "stream": True}))
+        assert items == [{"text": "abc", "model": upscale_worker.loaded.served_name}]
 
 
 class LimitSettings(TaskSettings):
