@@ -126,6 +126,26 @@ class ImageToTextParameters(Text2TextParameters):
     prompt: str | None = Field(default=None, min_length=1, max_length=2000)  # text to go on from
 
 
+class ImageTextToTextParameters(StrictInput):
+    # max_new_tokens: at most WORKER_MAX_NEW_TOKENS (checked at parse), else its default
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    num_beams: int | None = Field(default=None, ge=1, le=8)
+    do_sample: bool | None = None
+    temperature: float | None = Field(default=None, gt=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0, le=1000)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    return_full_text: bool | None = None
+
+
+class ImageAndPrompt(StrictInput):
+    """One input of a vision-language model: an image and the prompt the model reads, which
+    holds the processor's image token (LLaVA's ``<image>``) where the image goes."""
+
+    image: str = Field(min_length=1)
+    prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+
+
 class QuestionAnsweringParameters(StrictInput):
     top_k: int = Field(default=1, ge=1, le=20)
     max_answer_len: int = Field(default=15, ge=1, le=512)
@@ -201,6 +221,10 @@ def _families() -> dict[str, Family]:
         Family("depth-estimation", NoParameters, _wrap_plain, media="image"),
         Family("image-to-text", ImageToTextParameters, _wrap_list, media="image",
                runner=text_runners.image_to_text, refuse=text_runners.refuse_image_to_text),
+        # Chat vision-language models (LLaVA, Idefics3, Qwen2-VL): transformers' own pipeline,
+        # one image and prompt per call (its batched call pads prompts on the tokenizer's side).
+        Family("image-text-to-text", ImageTextToTextParameters, _wrap_list, media="image",
+               inputs=ImageAndPrompt, batch=False, call=_generate_call),
         # CTC models (wav2vec2, HuBERT) are a convolution over the samples and one encoder pass:
         # on a CPU, 8 clips as one batch ran 0.75x to 1.0x as fast as one by one (bench/
         # families_bench.py), so there only models that generate (Whisper) batch.
@@ -257,13 +281,22 @@ def _speech_call(params: dict[str, Any]) -> dict[str, Any]:
     return call
 
 
+def _generate_call(params: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline takes max_new_tokens and return_full_text itself, the rest as generate's."""
+    call = {k: v for k, v in params.items() if k in ("max_new_tokens", "return_full_text")}
+    generate = {k: v for k, v in params.items() if k not in call}
+    if generate:
+        call["generate_kwargs"] = generate
+    return call
+
+
 def _without_format(params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k != "output_format"}
 
 
 def _wrap_list(single: bool, results: list[Any], params: dict[str, Any]) -> Any:
-    # As the 4.x text2text and image-to-text pipelines answered: a list of one
-    # {"<kind>_text": ...} per input.
+    # As the 4.x text2text and image-to-text pipelines answered (and 5's image-text-to-text
+    # answers): a list of one {"<kind>_text": ...} per input.
     return [results[0]] if single else [[r] for r in results]
 
 

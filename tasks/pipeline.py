@@ -43,7 +43,15 @@ from serving.audio import OUTPUT_TYPES, decode_audio, encode_audio
 from serving.batcher import Batcher
 from serving.config import ModelSettings, WorkerSettings
 from serving.errors import InputError, JobTimeout
-from serving.families import FAMILIES, MAX_INPUTS, MAX_TEXT_CHARS, Family, params_key, to_json
+from serving.families import (
+    FAMILIES,
+    MAX_INPUTS,
+    MAX_TEXT_CHARS,
+    Family,
+    ImageAndPrompt,
+    params_key,
+    to_json,
+)
 from serving.inputs import AudioBytes, MediaRef, media_ref, resolve_ref
 from serving.media import in_decode_pool
 from serving.placement import LoadedModel, ModelFiles, place_model
@@ -66,6 +74,7 @@ _MODEL_CLASSES = {
     "image-segmentation": transformers.AutoModelForSemanticSegmentation,
     "depth-estimation": transformers.AutoModelForDepthEstimation,
     "image-to-text": transformers.AutoModelForImageTextToText,
+    "image-text-to-text": transformers.AutoModelForImageTextToText,
     "automatic-speech-recognition": transformers.AutoModelForSpeechSeq2Seq,
     "audio-classification": transformers.AutoModelForAudioClassification,
     "text-to-audio": transformers.AutoModelForTextToWaveform,
@@ -114,6 +123,7 @@ class Preprocessors:
     kind: str
     image_processor: Any = None
     feature_extractor: Any = None
+    processor: Any = None               # a multimodal processor (image-text-to-text)
 
 
 class PipelineEngine:
@@ -137,6 +147,9 @@ class PipelineEngine:
             texts = [dict(i.text) if isinstance(i.text, dict) else i.text for i in group]
             if self.family.runner is not None:
                 outs = self.family.runner(self.pipe, texts, group[0].params, self.family.kind)
+            elif self.family.inputs is ImageAndPrompt:    # the pipeline's own arguments
+                outs = [self.pipe(images=t["image"], text=t["prompt"],
+                                  **self.family.call(group[0].params))[0] for t in texts]
             else:
                 outs = self.pipe(texts, batch_size=len(texts),
                                  **self.family.call(group[0].params))
@@ -158,6 +171,9 @@ class PipelineTask(Task):
         if kind == "fill-mask":                  # BERT's [MASK], RoBERTa's <mask>, ...
             mask = transformers.AutoTokenizer.from_pretrained(model.path).mask_token
             return {"text": f"Paris is the {mask} of France."}
+        if FAMILIES[kind].inputs is ImageAndPrompt:     # LLaVA's <image>, ...
+            processor = transformers.AutoProcessor.from_pretrained(model.path)
+            return _vlm_example(getattr(processor, "image_token", None))
         return EXAMPLES[kind]
 
     @classmethod
@@ -170,12 +186,14 @@ class PipelineTask(Task):
         if any(model.has(name) for name in _TOKENIZER_FILES):
             loaded.tokenizer = transformers.AutoTokenizer.from_pretrained(
                 model.path, trust_remote_code=False)
-        image_processor = feature_extractor = None
-        if FAMILIES[kind].media == "image":
+        image_processor = feature_extractor = processor = None
+        if FAMILIES[kind].inputs is ImageAndPrompt:
+            processor = transformers.AutoProcessor.from_pretrained(model.path)
+        elif FAMILIES[kind].media == "image":
             image_processor = transformers.AutoImageProcessor.from_pretrained(model.path)
         if FAMILIES[kind].media == "audio":
             feature_extractor = transformers.AutoFeatureExtractor.from_pretrained(model.path)
-        loaded.processor = Preprocessors(kind, image_processor, feature_extractor)
+        loaded.processor = Preprocessors(kind, image_processor, feature_extractor, processor)
         return loaded
 
     def __init__(self, loaded: LoadedModel, settings: WorkerSettings,
@@ -189,7 +207,7 @@ class PipelineTask(Task):
                                               tokenizer=loaded.tokenizer,
                                               image_processor=pre.image_processor,
                                               feature_extractor=feature_extractor,
-                                              device=loaded.device)
+                                              processor=pre.processor, device=loaded.device)
         else:                                 # the runner's model and preprocessors, as a pipe's
             self.pipe = SimpleNamespace(model=loaded.model, tokenizer=loaded.tokenizer,
                                         image_processor=pre.image_processor)
@@ -213,15 +231,22 @@ class PipelineTask(Task):
             __base__=self.family.parameters, **fields)
         # The seam's declarations, for this worker's kind: its input model and an example.
         self.input = self.named
+        # The prompt's image token (LLaVA's <image>): where the processor puts the image.
+        self.image_token: str | None = getattr(pre.processor, "image_token", None)
         self.example = (EXAMPLES.get(kind) or
                         {"text": f"Paris is the {loaded.tokenizer.mask_token} of France."})
+        if self.family.inputs is ImageAndPrompt:
+            self.example = _vlm_example(self.image_token)
         batch = loaded.device.type != "cpu" or self.family.batch_on_cpu(loaded.model)
         self.batcher = Batcher(PipelineEngine(self.pipe, self.family, batch),
                                settings.max_batch_size, settings.batch_wait_ms)
 
     def warm_up(self) -> None:
         text: Any
-        if self.family.media == "image":
+        if self.family.inputs is ImageAndPrompt:
+            text = {"image": Image.new("RGB", (64, 48), (120, 60, 30)),
+                    "prompt": _vlm_example(self.image_token)["prompt"]}
+        elif self.family.media == "image":
             text = Image.new("RGB", (64, 48), (120, 60, 30))
         elif self.family.media == "audio":
             text = {"raw": np.zeros(self.sampling_rate, dtype=np.float32),
@@ -237,7 +262,7 @@ class PipelineTask(Task):
         if self.family.kind in ("zero-shot-classification", "zero-shot-image-classification"):
             return {"candidate_labels": ["a", "b"]}
         if self.family.kind in ("text2text-generation", "summarization", "translation",
-                                "image-to-text"):
+                                "image-to-text", "image-text-to-text"):
             return {"max_new_tokens": 2}
         return self._call_params({})
 
@@ -273,6 +298,8 @@ class PipelineTask(Task):
             parameter, why = refused
             prefix = f"{where}.parameters" if request.hub_shape else where
             raise InputError(why, field=f"{prefix}.{parameter}")
+        if self.family.inputs is ImageAndPrompt:
+            self._check_prompts(request, where)
         if self.family.mask_token:
             mask = self.loaded.tokenizer.mask_token
             for text, name in zip(request.texts, request.fields, strict=True):
@@ -281,13 +308,33 @@ class PipelineTask(Task):
                                      field=name)
         return request
 
+    def _check_prompts(self, request: PipelineRequest, where: str) -> None:
+        """Each prompt names the one image once (the processor refuses any other count), and
+        max_new_tokens is within WORKER_MAX_NEW_TOKENS, else WORKER_DEFAULT_MAX_NEW_TOKENS."""
+        token = self.image_token
+        for one, name in zip(request.texts, request.fields, strict=True):
+            if token and one["prompt"].count(token) != 1:
+                raise InputError(f"must hold the image token {token} once, where the image "
+                                 "goes", field=f"{name}.prompt")
+        limit = self.settings.max_new_tokens
+        asked = request.params.get("max_new_tokens")
+        if asked is None:
+            request.params["max_new_tokens"] = self.settings.default_max_new_tokens
+        elif asked > limit:
+            prefix = f"{where}.parameters" if request.hub_shape else where
+            raise InputError(f"must be at most {limit} (WORKER_MAX_NEW_TOKENS)",
+                             field=f"{prefix}.max_new_tokens")
+
     def _one_input(self, value: Any, name: str) -> Any:
         """One input of the API shape: a text, or the family's fields."""
         if self.family.inputs is not None:
             if not isinstance(value, dict):
                 raise InputError("must be an object with "
                                  f"{', '.join(self.family.inputs.model_fields)}", field=name)
-            return parse_input(self.family.inputs, value, {}, prefix=name).model_dump()
+            one = parse_input(self.family.inputs, value, {}, prefix=name).model_dump()
+            if self.family.media == "image":
+                one["image"] = media_ref("image", one["image"], f"{name}.image")
+            return one
         if self.family.media != "text":
             return media_ref(self.family.media, value, name)
         if not isinstance(value, str) or not value or len(value) > MAX_TEXT_CHARS:
@@ -307,7 +354,11 @@ class PipelineTask(Task):
 
     async def answer(self, request: PipelineRequest, job: JobContext) -> Any:
         inputs = request.texts
-        if self.family.media == "image":
+        if self.family.inputs is ImageAndPrompt:
+            inputs = [{**one, "image": await self._image(one["image"], f"{name}.image", job)}
+                      for one, name in zip(request.texts, request.fields, strict=True)]
+            await self._check_prompt_tokens(inputs, request.fields)
+        elif self.family.media == "image":
             inputs = [await self._image(ref, name, job)
                       for ref, name in zip(request.texts, request.fields, strict=True)]
         elif self.family.media == "audio":
@@ -383,11 +434,28 @@ class PipelineTask(Task):
                           "sampling_rate": rate})
         return files
 
+    async def _check_prompt_tokens(self, inputs: list[dict[str, Any]], fields: list[str]
+                                   ) -> None:
+        """A prompt is at most WORKER_MAX_PROMPT_TOKENS tokens (the image's not counted)."""
+        limit = self.settings.max_prompt_tokens
+        long = [(one["prompt"], name) for one, name in zip(inputs, fields, strict=True)
+                if 2 * len(one["prompt"].encode()) + 8 > limit]      # as answer's bound
+        counts = (await in_tokenizer_thread(self._token_counts, [t for t, _ in long])
+                  if long else [])
+        for count, (_, name) in zip(counts, long, strict=True):
+            if count > limit:
+                raise InputError(f"is {count:,} tokens, over WORKER_MAX_PROMPT_TOKENS "
+                                 f"({limit:,}); send a shorter prompt", field=f"{name}.prompt")
+
     def _token_counts(self, texts: list[str]) -> list[int]:
         return [len(ids) for ids in self.loaded.tokenizer(texts)["input_ids"]]
 
 
 
+
+
+def _vlm_example(image_token: str | None) -> dict[str, Any]:
+    return {"image": _PIXEL, "prompt": f"{image_token or ''}\nWhat is in this picture?"}
 
 
 def _kind(model: ModelFiles, setting: str) -> str:
