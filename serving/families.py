@@ -6,13 +6,15 @@ one input's result is shaped for each of the two input forms:
 
 - the Hugging Face Inference API's ``{"inputs": X, "parameters": {...}}``: the answer is what
   ``transformers.pipeline(<kind>, model=<the same directory>)(X, **parameters)`` returns, as
-  JSON (a list ``X`` is a list of inputs, answered in order);
+  JSON (a list ``X`` is a list of inputs, answered in order); an image-text-to-text ``X`` is
+  ``{"image", "prompt"}``, answered as ``pipeline(...)(images=image, text=prompt, **parameters)``;
 - the worker's own fields, ``{"text": "...", <parameters as fields>}``: the answer is
   ``{"result": <that input's result>, "model": <served name>}``.
 
 Inputs of concurrent jobs with equal parameters share one pipeline call (its own batching), on
-the device thread. Never imports runpod or boto3; never lets a pipeline fetch a URL or open a
-path: its inputs are plain strings here.
+the device thread, unless a family runs one input per call (``batch=False``). Never imports
+runpod or boto3; never lets a pipeline fetch a URL or open a path: its inputs are plain strings
+here, and images the worker decoded.
 """
 
 from __future__ import annotations

@@ -4,21 +4,24 @@ Serves every model whose config reads as one of the kinds in ``serving/families.
 table that says what differs between them): text and zero-shot classification, token
 classification (NER), fill-mask, seq2seq text (text2text, summarization, translation),
 extractive question answering, image and zero-shot image classification, object detection,
-image segmentation, depth estimation and image to text (captioning), speech recognition, audio
-classification and text to speech. Answers are transformers' pipeline's own, which users
+image segmentation, depth estimation, image to text (captioning) and chat vision-language models
+(image-text-to-text: an image and a prompt), speech recognition, audio classification and text
+to speech. Answers are transformers' pipeline's own, which users
 compare against (``serving/text_runners.py`` computes the kinds transformers 5 has no pipeline
 for). Two input forms, both validated, unknown fields and parameters refused by name::
 
     {"inputs": X | [X, ...], "parameters": {...}}     the Hugging Face API's shape; answers the
                                                        pipeline's own JSON
-    {"text" | "image" | "question"+"context": ..., <parameters as fields>}
+    {"text" | "image" | "image"+"prompt" | "question"+"context": ..., <parameters as fields>}
                                                        ours; answers {"result": ..., "model"}
 
 X is a text, an image (an https:// or s3:// URL fetched under the download rules, or a data:
-URI; decoded within WORKER_MAX_IMAGE_PIXELS), or ``{"question", "context"}``. Masks and depth
+URI; decoded within WORKER_MAX_IMAGE_PIXELS), ``{"image", "prompt"}`` or
+``{"question", "context"}``. Masks and depth
 maps are PNG files (``job.store``: inline or links). The parameters of each kind:
 docs/job-contract.md. Inputs of concurrent jobs with equal parameters share one pipeline call
-on the device thread (``batcher.py``).
+on the device thread (``batcher.py``), except where the family says one at a time (text to
+speech, image-text-to-text).
 """
 
 from __future__ import annotations
