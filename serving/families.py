@@ -7,7 +7,8 @@ one input's result is shaped for each of the two input forms:
 - the Hugging Face Inference API's ``{"inputs": X, "parameters": {...}}``: the answer is what
   ``transformers.pipeline(<kind>, model=<the same directory>)(X, **parameters)`` returns, as
   JSON (a list ``X`` is a list of inputs, answered in order); an image-text-to-text ``X`` is
-  ``{"image", "prompt"}``, answered as ``pipeline(...)(images=image, text=prompt, **parameters)``;
+  ``{"image", "prompt"}``, answered as ``pipeline(...)(images=image, text=prompt, **parameters)``
+  (or ``{"image", "messages"}``, as ``(text=<the chat, the image in its image part>, ...)``);
 - the worker's own fields, ``{"text": "...", <parameters as fields>}``: the answer is
   ``{"result": <that input's result>, "model": <served name>}``.
 
@@ -140,12 +141,26 @@ class ImageTextToTextParameters(StrictInput):
     return_full_text: bool | None = None
 
 
+class ChatPart(StrictInput):
+    type: Literal["text", "image"]
+    text: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)   # a text part's
+
+
+class ChatTurn(StrictInput):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ChatPart] = Field(max_length=MAX_TEXT_CHARS)
+
+
 class ImageAndPrompt(StrictInput):
-    """One input of a vision-language model: an image and the prompt the model reads, which
-    holds the processor's image token (LLaVA's ``<image>``) where the image goes."""
+    """One input of a vision-language model: an image, and either the prompt the model reads,
+    holding the processor's image token (LLaVA's ``<image>``) where the image goes, or
+    ``messages`` in the chat shape the pipeline takes, one ``{"type": "image"}`` part where the
+    image goes (the model's chat template writes the prompt). Which one is checked at parse,
+    naming the field."""
 
     image: str = Field(min_length=1)
-    prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    prompt: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS)
+    messages: list[ChatTurn] | None = Field(default=None, min_length=1)
 
 
 class QuestionAnsweringParameters(StrictInput):

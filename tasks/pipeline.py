@@ -12,11 +12,11 @@ for). Two input forms, both validated, unknown fields and parameters refused by 
 
     {"inputs": X | [X, ...], "parameters": {...}}     the Hugging Face API's shape; answers the
                                                        pipeline's own JSON
-    {"text" | "image" | "image"+"prompt" | "question"+"context": ..., <parameters as fields>}
+    {"text" | "image" | "image"+"prompt"|"messages" | "question"+"context": ..., <parameters>}
                                                        ours; answers {"result": ..., "model"}
 
 X is a text, an image (an https:// or s3:// URL fetched under the download rules, or a data:
-URI; decoded within WORKER_MAX_IMAGE_PIXELS), ``{"image", "prompt"}`` or
+URI; decoded within WORKER_MAX_IMAGE_PIXELS), ``{"image", "prompt" | "messages"}`` or
 ``{"question", "context"}``. Masks and depth
 maps are PNG files (``job.store``: inline or links). The parameters of each kind:
 docs/job-contract.md. Inputs of concurrent jobs with equal parameters share one pipeline call
@@ -151,8 +151,10 @@ class PipelineEngine:
             if self.family.runner is not None:
                 outs = self.family.runner(self.pipe, texts, group[0].params, self.family.kind)
             elif self.family.inputs is ImageAndPrompt:    # the pipeline's own arguments
-                outs = [self.pipe(images=t["image"], text=t["prompt"],
-                                  **self.family.call(group[0].params))[0] for t in texts]
+                call = self.family.call(group[0].params)
+                outs = [self.pipe(text=t["messages"], **call)[0] if t["messages"] else
+                        self.pipe(images=t["image"], text=t["prompt"], **call)[0]
+                        for t in texts]
             else:
                 outs = self.pipe(texts, batch_size=len(texts),
                                  **self.family.call(group[0].params))
@@ -235,6 +237,7 @@ class PipelineTask(Task):
         # The seam's declarations, for this worker's kind: its input model and an example.
         self.input = self.named
         # The prompt's image token (LLaVA's <image>): where the processor puts the image.
+        self.processor = pre.processor
         self.image_token: str | None = getattr(pre.processor, "image_token", None)
         self.example = (EXAMPLES.get(kind) or
                         {"text": f"Paris is the {loaded.tokenizer.mask_token} of France."})
@@ -248,7 +251,7 @@ class PipelineTask(Task):
         text: Any
         if self.family.inputs is ImageAndPrompt:
             text = {"image": Image.new("RGB", (64, 48), (120, 60, 30)),
-                    "prompt": _vlm_example(self.image_token)["prompt"]}
+                    "prompt": _vlm_example(self.image_token)["prompt"], "messages": None}
         elif self.family.media == "image":
             text = Image.new("RGB", (64, 48), (120, 60, 30))
         elif self.family.media == "audio":
@@ -312,11 +315,17 @@ class PipelineTask(Task):
         return request
 
     def _check_prompts(self, request: PipelineRequest, where: str) -> None:
-        """Each prompt names the one image once (the processor refuses any other count), and
-        max_new_tokens is within WORKER_MAX_NEW_TOKENS, else WORKER_DEFAULT_MAX_NEW_TOKENS."""
+        """Each input has a prompt naming its one image once (the processor refuses any other
+        count) or messages with one image part, and max_new_tokens is within
+        WORKER_MAX_NEW_TOKENS, else WORKER_DEFAULT_MAX_NEW_TOKENS."""
         token = self.image_token
         for one, name in zip(request.texts, request.fields, strict=True):
-            if token and one["prompt"].count(token) != 1:
+            if one["messages"] is not None:
+                self._check_messages(one, name)
+            elif one["prompt"] is None:
+                raise InputError("is required: the text the model reads, or messages (a chat)",
+                                 field=f"{name}.prompt")
+            elif token and one["prompt"].count(token) != 1:
                 raise InputError(f"must hold the image token {token} once, where the image "
                                  "goes", field=f"{name}.prompt")
         limit = self.settings.max_new_tokens
@@ -327,6 +336,29 @@ class PipelineTask(Task):
             prefix = f"{where}.parameters" if request.hub_shape else where
             raise InputError(f"must be at most {limit} (WORKER_MAX_NEW_TOKENS)",
                              field=f"{prefix}.max_new_tokens")
+
+    def _check_messages(self, one: dict[str, Any], name: str) -> None:
+        field = f"{name}.messages"
+        if one["prompt"] is not None:
+            raise InputError("send prompt or messages, not both", field=field)
+        if getattr(self.processor, "chat_template", None) is None:
+            raise InputError("this model's processor has no chat template; send prompt, "
+                             "written as the model reads it", field=field)
+        if len(one["messages"]) > self.settings.max_messages:
+            raise InputError(f"holds more than {self.settings.max_messages} messages "
+                             "(WORKER_MAX_MESSAGES)", field=field)
+        images = 0
+        for i, turn in enumerate(one["messages"]):
+            parts = [] if isinstance(turn["content"], str) else turn["content"]
+            for j, part in enumerate(parts):
+                at = f"{field}.{i}.content.{j}"
+                if (part["type"] == "text") != (part["text"] is not None):
+                    raise InputError("a text part has text; an image part has none",
+                                     field=f"{at}.text")
+                images += part["type"] == "image"
+        if images != 1:
+            raise InputError('must hold one {"type": "image"} part, where the image goes '
+                             f"(it holds {images})", field=field)
 
     def _one_input(self, value: Any, name: str) -> Any:
         """One input of the API shape: a text, or the family's fields."""
@@ -358,7 +390,7 @@ class PipelineTask(Task):
     async def answer(self, request: PipelineRequest, job: JobContext) -> Any:
         inputs = request.texts
         if self.family.inputs is ImageAndPrompt:
-            inputs = [{**one, "image": await self._image(one["image"], f"{name}.image", job)}
+            inputs = [_with_image(one, await self._image(one["image"], f"{name}.image", job))
                       for one, name in zip(request.texts, request.fields, strict=True)]
             await self._check_prompt_tokens(inputs, request.fields)
         elif self.family.media == "image":
@@ -396,6 +428,8 @@ class PipelineTask(Task):
             return job.store(out.getvalue(), "image/png", f"{name}.png")
 
         raw = [i.result for i in items]
+        if self.family.inputs is ImageAndPrompt:
+            raw = [_image_parts_as_sent(r) for r in raw]
         if self.family.kind == "text-to-audio":
             fmt = request.params.get("output_format", "wav")
             raw = await in_decode_pool(self._audio_files, raw, fmt, job, deadline=job.deadline,
@@ -441,20 +475,52 @@ class PipelineTask(Task):
                                    ) -> None:
         """A prompt is at most WORKER_MAX_PROMPT_TOKENS tokens (the image's not counted)."""
         limit = self.settings.max_prompt_tokens
-        long = [(one["prompt"], name) for one, name in zip(inputs, fields, strict=True)
-                if 2 * len(one["prompt"].encode()) + 8 > limit]      # as answer's bound
+        texts = [(one["prompt"], f"{name}.prompt") if one["messages"] is None else
+                 (_chat_text(one["messages"]), f"{name}.messages")
+                 for one, name in zip(inputs, fields, strict=True)]
+        long = [(text, name) for text, name in texts
+                if 2 * len(text.encode()) + 8 > limit]      # as answer's bound
         counts = (await in_tokenizer_thread(self._token_counts, [t for t, _ in long])
                   if long else [])
         for count, (_, name) in zip(counts, long, strict=True):
             if count > limit:
                 raise InputError(f"is {count:,} tokens, over WORKER_MAX_PROMPT_TOKENS "
-                                 f"({limit:,}); send a shorter prompt", field=f"{name}.prompt")
+                                 f"({limit:,}); send a shorter prompt", field=name)
 
     def _token_counts(self, texts: list[str]) -> list[int]:
         return [len(ids) for ids in self.loaded.tokenizer(texts)["input_ids"]]
 
 
 
+
+
+def _chat_text(messages: list[dict[str, Any]]) -> str:
+    """A chat's texts, for its token count (its template's few tokens aside)."""
+    return "\n".join(turn["content"] if isinstance(turn["content"], str) else
+                     "\n".join(p["text"] for p in turn["content"] if p["type"] == "text")
+                     for turn in messages)
+
+
+def _with_image(one: dict[str, Any], image: Image.Image) -> dict[str, Any]:
+    """The pipeline's input: the decoded image beside the prompt, or in the chat's image part."""
+    if one["messages"] is None:
+        return {**one, "image": image}
+    messages = [{"role": turn["role"], "content": turn["content"] if isinstance(
+        turn["content"], str) else [{"type": "image", "image": image} if p["type"] == "image"
+                                    else {"type": "text", "text": p["text"]}
+                                    for p in turn["content"]]} for turn in one["messages"]]
+    return {**one, "image": image, "messages": messages}
+
+
+def _image_parts_as_sent(value: Any) -> Any:
+    """A chat answer echoes its messages: each image part back as sent, {"type": "image"}."""
+    if isinstance(value, dict):
+        if value.get("type") == "image":
+            return {"type": "image"}
+        return {k: _image_parts_as_sent(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_image_parts_as_sent(v) for v in value]
+    return value
 
 
 def _vlm_example(image_token: str | None) -> dict[str, Any]:

@@ -138,6 +138,41 @@ class TestTheAnswerIsThePipelines:
         assert got["result"] == to_json(want)
 
 
+CHAT = [{"role": "user", "content": [{"type": "image"},
+                                     {"type": "text", "text": "what is in this picture ?"}]}]
+
+
+class TestMessages:
+    """``messages`` in the pipeline's chat shape: the model's chat template writes the prompt."""
+
+    def with_image(self, image: Image.Image, chat: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{**turn, "content": [{**p, "image": image} if p["type"] == "image" else p
+                                     for p in turn["content"]]} for turn in chat]
+
+    @pytest.mark.parametrize("full", [True, False])
+    def test_answer_the_pipelines_chat_record_with_the_image_part_as_sent(self, loop, worker,
+                                                                          pipe, full):
+        got = answer(loop, worker, {"image": data_uri(picture(6)), "messages": CHAT,
+                                    "max_new_tokens": 4, "return_full_text": full})
+        [want] = pipe(text=self.with_image(picture(6), CHAT), max_new_tokens=4,
+                      return_full_text=full)
+        assert want["input_text"][0]["content"][0]["image"] is not None
+        for turn in [want["input_text"], *([want["generated_text"]] if full else [])]:
+            turn[0]["content"][0] = {"type": "image"}
+        assert got["result"] == to_json(want)
+        reply = want["generated_text"][-1]["content"] if full else want["generated_text"]
+        assert reply.strip()
+
+    def test_the_hub_shape_takes_messages_too(self, loop, worker, pipe):
+        got = answer(loop, worker, {"inputs": {"image": data_uri(picture(7)), "messages": CHAT},
+                                    "parameters": {"max_new_tokens": 3,
+                                                   "return_full_text": False}})
+        [want] = pipe(text=self.with_image(picture(7), CHAT), max_new_tokens=3,
+                      return_full_text=False)
+        want["input_text"][0]["content"][0] = {"type": "image"}
+        assert got == [to_json(want)]
+
+
 class TestBadInput:
     @pytest.mark.parametrize(("job_input", "field", "says"), [
         ({"image": "data:image/png;base64," + base64.b64encode(b"not a picture").decode(),
@@ -160,6 +195,17 @@ class TestBadInput:
           "parameters": {"stream": True}}, "input.parameters.stream", ""),
         ({"image": data_uri(picture(0)), "prompt": "<image> " + "cat " * 40}, "input.prompt",
          "over WORKER_MAX_PROMPT_TOKENS"),
+        ({"image": data_uri(picture(0)), "prompt": PROMPT, "messages": CHAT},
+         "input.messages", "not both"),
+        ({"image": data_uri(picture(0)), "messages": [{"role": "user", "content": "hi"}]},
+         "input.messages", "one {\"type\": \"image\"} part"),
+        ({"image": data_uri(picture(0)), "messages": [{"role": "user", "content": [
+            {"type": "image"}, {"type": "text"}]}]}, "input.messages.0.content.1.text", ""),
+        ({"image": data_uri(picture(0)), "messages": [{"role": "robot", "content": "hi"}]},
+         "input.messages.0.role", ""),
+        ({"inputs": {"image": data_uri(picture(0)), "messages": [{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": "cat " * 50}]}]}},
+         "input.inputs.messages", "over WORKER_MAX_PROMPT_TOKENS"),
     ])
     def test_is_refused_naming_the_field(self, loop, worker, job_input, field, says):
         got = answer(loop, worker, job_input)
