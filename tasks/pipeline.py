@@ -44,7 +44,7 @@ from pydantic import Field, create_model
 
 from serving.audio import OUTPUT_TYPES, decode_audio, encode_audio
 from serving.batcher import Batcher
-from serving.config import ModelSettings, WorkerSettings
+from serving.config import PROMPT_CHARS_PER_TOKEN, ModelSettings, WorkerSettings
 from serving.errors import InputError, JobTimeout
 from serving.families import (
     FAMILIES,
@@ -236,8 +236,8 @@ class PipelineTask(Task):
             __base__=self.family.parameters, **fields)
         # The seam's declarations, for this worker's kind: its input model and an example.
         self.input = self.named
-        # The prompt's image token (LLaVA's <image>): where the processor puts the image.
         self.processor = pre.processor
+        # The prompt's image token (LLaVA's <image>): where the processor puts the image.
         self.image_token: str | None = getattr(pre.processor, "image_token", None)
         self.example = (EXAMPLES.get(kind) or
                         {"text": f"Paris is the {loaded.tokenizer.mask_token} of France."})
@@ -473,11 +473,17 @@ class PipelineTask(Task):
 
     async def _check_prompt_tokens(self, inputs: list[dict[str, Any]], fields: list[str]
                                    ) -> None:
-        """A prompt is at most WORKER_MAX_PROMPT_TOKENS tokens (the image's not counted)."""
+        """A prompt is at most WORKER_MAX_PROMPT_TOKENS tokens (the image's not counted); one
+        of more than PROMPT_CHARS_PER_TOKEN characters a token is refused before tokenizing."""
         limit = self.settings.max_prompt_tokens
         texts = [(one["prompt"], f"{name}.prompt") if one["messages"] is None else
                  (_chat_text(one["messages"]), f"{name}.messages")
                  for one, name in zip(inputs, fields, strict=True)]
+        for text, name in texts:
+            if len(text) > limit * PROMPT_CHARS_PER_TOKEN:
+                raise InputError(f"is {len(text):,} characters, over what "
+                                 f"WORKER_MAX_PROMPT_TOKENS ({limit:,}) allows; send a shorter "
+                                 "prompt", field=name)
         long = [(text, name) for text, name in texts
                 if 2 * len(text.encode()) + 8 > limit]      # as answer's bound
         counts = (await in_tokenizer_thread(self._token_counts, [t for t, _ in long])

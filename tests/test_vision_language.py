@@ -206,6 +206,8 @@ class TestBadInput:
         ({"inputs": {"image": data_uri(picture(0)), "messages": [{"role": "user", "content": [
             {"type": "image"}, {"type": "text", "text": "cat " * 50}]}]}},
          "input.inputs.messages", "over WORKER_MAX_PROMPT_TOKENS"),
+        ({"image": data_uri(picture(0)), "prompt": "<image>" + "x" * 1281}, "input.prompt",
+         "1,288 characters"),
     ])
     def test_is_refused_naming_the_field(self, loop, worker, job_input, field, says):
         got = answer(loop, worker, job_input)
