@@ -238,10 +238,10 @@ def _families() -> dict[str, Family]:
         Family("depth-estimation", NoParameters, _wrap_plain, media="image"),
         Family("image-to-text", ImageToTextParameters, _wrap_list, media="image",
                runner=text_runners.image_to_text, refuse=text_runners.refuse_image_to_text),
-        # Chat vision-language models (LLaVA, Idefics3, Qwen2-VL): transformers' own pipeline,
-        # one image and prompt per call (its batched call pads prompts on the tokenizer's side).
+        # Chat vision-language models (LLaVA, Idefics3, Qwen2-VL): transformers' own pipeline;
+        # only inputs whose rows need no padding share a call (tasks/pipeline.py, _key).
         Family("image-text-to-text", ImageTextToTextParameters, _wrap_list, media="image",
-               inputs=ImageAndPrompt, batch=False, call=_generate_call),
+               inputs=ImageAndPrompt, call=_generate_call),
         # CTC models (wav2vec2, HuBERT) are a convolution over the samples and one encoder pass:
         # on a CPU, 8 clips as one batch ran 0.75x to 1.0x as fast as one by one (bench/
         # families_bench.py), so there only models that generate (Whisper) batch.

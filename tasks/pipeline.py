@@ -20,8 +20,8 @@ URI; decoded within WORKER_MAX_IMAGE_PIXELS), ``{"image", "prompt" | "messages"}
 ``{"question", "context"}``. Masks and depth
 maps are PNG files (``job.store``: inline or links). The parameters of each kind:
 docs/job-contract.md. Inputs of concurrent jobs with equal parameters share one pipeline call
-on the device thread (``batcher.py``), except where the family says one at a time (text to
-speech, image-text-to-text).
+on the device thread (``batcher.py``), except where that would change an answer (``_key``;
+text to speech runs one text per call).
 """
 
 from __future__ import annotations
@@ -152,9 +152,11 @@ class PipelineEngine:
                 outs = self.family.runner(self.pipe, texts, group[0].params, self.family.kind)
             elif self.family.inputs is ImageAndPrompt:    # the pipeline's own arguments
                 call = self.family.call(group[0].params)
-                outs = [self.pipe(text=t["messages"], **call)[0] if t["messages"] else
-                        self.pipe(images=t["image"], text=t["prompt"], **call)[0]
-                        for t in texts]
+                if texts[0]["messages"]:                   # a chat: alone (see _key)
+                    outs = [self.pipe(text=t["messages"], **call)[0] for t in texts]
+                else:       # one prompt, images of one size: rows of one length, no padding
+                    outs = self.pipe(images=[t["image"] for t in texts],
+                                     text=[t["prompt"] for t in texts], **call)
             else:
                 outs = self.pipe(texts, batch_size=len(texts),
                                  **self.family.call(group[0].params))
@@ -447,6 +449,13 @@ class PipelineTask(Task):
         return await resolve_ref(ref, job, name, self.settings.max_image_pixels)
 
     def _key(self, key: str, one: Any) -> str:
+        if self.family.inputs is ImageAndPrompt:
+            # Rows of one generate must not be padded (a tokenizer that pads on the right
+            # breaks a decoder's answer; an image's token count can follow its size): only the
+            # same prompt with images of the same size share a call, and a chat goes alone.
+            if one["messages"] is not None:
+                return f"{key}|{id(one)}"
+            return f"{key}|{one['image'].size}|{one['prompt']}"
         if self.pads_safely or not isinstance(one, dict):
             return key
         return f"{key}|{len(one['raw'])}"        # only equal lengths batch together

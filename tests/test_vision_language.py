@@ -10,6 +10,7 @@ image token and carries a chat template (no Hub).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 from pathlib import Path
@@ -25,7 +26,7 @@ from tokenizers import decoders, models, pre_tokenizers
 from serving.families import to_json
 from serving.worker import Worker
 from tests.support.families import answer, check_banner_examples
-from tests.support.worker import build_worker
+from tests.support.worker import build_worker, collect
 
 WORDS = ["a", "cat", "dog", "on", "the", "sofa", "what", "is", "in", "this", "picture", "?",
          "USER", "ASSISTANT", ":"]
@@ -136,6 +137,33 @@ class TestTheAnswerIsThePipelines:
                                     "prompt": PROMPT, "max_new_tokens": 3})
         [want] = pipe(images=picture(5), text=PROMPT, max_new_tokens=3)
         assert got["result"] == to_json(want)
+
+
+class TestConcurrentJobs:
+    def test_the_same_prompt_on_images_of_one_size_shares_a_generate(self, loop, worker, pipe):
+        rows: list[int] = []         # the batch size of each forward pass of the model
+        hook = worker.task.loaded.model.register_forward_pre_hook(
+            lambda _, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+        jobs = [{"image": data_uri(picture(i)), "prompt": PROMPT, "max_new_tokens": 4}
+                for i in range(4)]
+        # Another prompt and another size: rows of other lengths, so calls of their own.
+        jobs += [{"image": data_uri(picture(9)), "prompt": "<image> a cat", "max_new_tokens": 4},
+                 {"image": data_uri(picture(10, (36, 44))), "prompt": PROMPT,
+                  "max_new_tokens": 4}]
+
+        async def run() -> list[Any]:
+            return await asyncio.gather(*(collect(worker, job, f"j{n}")
+                                          for n, job in enumerate(jobs)))
+
+        try:
+            outs = loop.run(run())
+        finally:
+            hook.remove()
+        assert max(rows) > 1 and set(rows) <= {1, 2, 3, 4}, rows
+        images = [picture(i) for i in range(4)] + [picture(9), picture(10, (36, 44))]
+        for job, image, [out] in zip(jobs, images, outs, strict=True):
+            [want] = pipe(images=image, text=job["prompt"], max_new_tokens=4)
+            assert out["result"] == to_json(want)
 
 
 CHAT = [{"role": "user", "content": [{"type": "image"},
