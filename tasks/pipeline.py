@@ -241,10 +241,9 @@ class PipelineTask(Task):
         self.processor = pre.processor
         # The prompt's image token (LLaVA's <image>): where the processor puts the image.
         self.image_token: str | None = getattr(pre.processor, "image_token", None)
-        self.example = (EXAMPLES.get(kind) or
+        self.example = (_vlm_example(self.image_token) if self.family.inputs is ImageAndPrompt
+                        else EXAMPLES.get(kind) or
                         {"text": f"Paris is the {loaded.tokenizer.mask_token} of France."})
-        if self.family.inputs is ImageAndPrompt:
-            self.example = _vlm_example(self.image_token)
         batch = loaded.device.type != "cpu" or self.family.batch_on_cpu(loaded.model)
         self.batcher = Batcher(PipelineEngine(self.pipe, self.family, batch),
                                settings.max_batch_size, settings.batch_wait_ms)
