@@ -23,9 +23,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Discriminator, Field, Tag, field_validator
 
 from serving import text_runners
 from serving.delivery import Artefact
@@ -146,9 +146,17 @@ class ChatPart(StrictInput):
     text: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)   # a text part's
 
 
+def _content_kind(value: Any) -> str:
+    return "text" if isinstance(value, str) else "parts"
+
+
 class ChatTurn(StrictInput):
     role: Literal["system", "user", "assistant"]
-    content: str | list[ChatPart] = Field(max_length=MAX_TEXT_CHARS)
+    # A text, or parts; an error names the one the caller sent (content.parts.0.text).
+    content: Annotated[
+        Annotated[str, Tag("text"), Field(max_length=MAX_TEXT_CHARS)]
+        | Annotated[list[ChatPart], Tag("parts"), Field(max_length=MAX_LABELS)],
+        Discriminator(_content_kind)]
 
 
 class ImageAndPrompt(StrictInput):

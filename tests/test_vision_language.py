@@ -229,12 +229,14 @@ class TestBadInput:
          "input.messages", "one {\"type\": \"image\"} part"),
         ({"image": data_uri(picture(0)), "messages": [{"role": "user", "content": [
             {"type": "image"}, {"type": "text"}]}]}, "input.messages.0.content.1.text", ""),
+        ({"image": data_uri(picture(0)), "messages": [{"role": "user", "content": 7}]},
+         "input.messages.0.content", ""),
         ({"image": data_uri(picture(0)), "messages": [{"role": "robot", "content": "hi"}]},
          "input.messages.0.role", ""),
         # The pipeline would fetch an image part's url itself: only the job's image goes there.
         ({"image": data_uri(picture(0)), "messages": [{"role": "user", "content": [
             {"type": "image", "url": "http://127.0.0.1/cat.png"}]}]},
-         "input.messages.0.content.0.url", ""),
+         "input.messages.0.content.parts.0.url", "unknown field"),
         ({"inputs": {"image": data_uri(picture(0)), "messages": [{"role": "user", "content": [
             {"type": "image"}, {"type": "text", "text": "cat " * 50}]}]}},
          "input.inputs.messages", "over WORKER_MAX_PROMPT_TOKENS"),
