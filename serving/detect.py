@@ -18,6 +18,7 @@ models with. The defaults that are choices, not lookups:
     a masked-LM head (that is not also a seq2seq model)         fill-mask
     a bare encoder, no head (or a sentence-transformers folder) feature-extraction
     a captioner (BLIP, BLIP-2, GIT, Pix2Struct, VisionEncoderDecoder) image-to-text
+    any other image-text-to-text class (LLaVA, Idefics3, Qwen2-VL)  image-text-to-text
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ _TEXT_ENCODERS = frozenset(_classes(_table("TEXT_ENCODING")))
 
 # The image-text-to-text table holds captioners and chat vision-language models alike. The
 # captioners (the model types transformers 4's image-to-text pipeline was written for) caption
-# an image with no prompt; a chat model needs its chat template and is not image-to-text.
+# an image with no prompt; a chat model needs a prompt with its image token and is
+# image-text-to-text only.
 _CAPTIONER_TYPES = frozenset({"blip", "blip-2", "git", "pix2struct", "vision-encoder-decoder"})
 
 

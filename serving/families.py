@@ -6,13 +6,16 @@ one input's result is shaped for each of the two input forms:
 
 - the Hugging Face Inference API's ``{"inputs": X, "parameters": {...}}``: the answer is what
   ``transformers.pipeline(<kind>, model=<the same directory>)(X, **parameters)`` returns, as
-  JSON (a list ``X`` is a list of inputs, answered in order);
+  JSON (a list ``X`` is a list of inputs, answered in order); an image-text-to-text ``X`` is
+  ``{"image", "prompt"}``, answered as ``pipeline(...)(images=image, text=prompt, **parameters)``
+  (or ``{"image", "messages"}``, as ``(text=<the chat, the image in its image part>, ...)``);
 - the worker's own fields, ``{"text": "...", <parameters as fields>}``: the answer is
   ``{"result": <that input's result>, "model": <served name>}``.
 
 Inputs of concurrent jobs with equal parameters share one pipeline call (its own batching), on
-the device thread. Never imports runpod or boto3; never lets a pipeline fetch a URL or open a
-path: its inputs are plain strings here.
+the device thread, unless a family runs one input per call (``batch=False``). Never imports
+runpod or boto3; never lets a pipeline fetch a URL or open a path: its inputs are plain strings
+here, and images the worker decoded.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Discriminator, Field, Tag, field_validator
 
 from serving import text_runners
 from serving.delivery import Artefact
@@ -127,6 +130,48 @@ class ImageToTextParameters(Text2TextParameters):
     prompt: str | None = Field(default=None, min_length=1, max_length=2000)  # text to go on from
 
 
+class ImageTextToTextParameters(StrictInput):
+    # max_new_tokens: at most WORKER_MAX_NEW_TOKENS (checked at parse), else its default
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    num_beams: int | None = Field(default=None, ge=1, le=8)
+    do_sample: bool | None = None
+    temperature: float | None = Field(default=None, gt=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0, le=1000)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    return_full_text: bool | None = None
+
+
+class ChatPart(StrictInput):
+    type: Literal["text", "image"]
+    text: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)   # a text part's
+
+
+def _content_kind(value: Any) -> str:
+    return "text" if isinstance(value, str) else "parts"
+
+
+class ChatTurn(StrictInput):
+    role: Literal["system", "user", "assistant"]
+    # A text, or parts; an error names the one the caller sent (content.parts.0.text).
+    content: Annotated[
+        Annotated[str, Tag("text"), Field(max_length=MAX_TEXT_CHARS)]
+        | Annotated[list[ChatPart], Tag("parts"), Field(max_length=MAX_LABELS)],
+        Discriminator(_content_kind)]
+
+
+class ImageAndPrompt(StrictInput):
+    """One input of a vision-language model: an image, and either the prompt the model reads,
+    holding the processor's image token (LLaVA's ``<image>``) where the image goes, or
+    ``messages`` in the chat shape the pipeline takes, one ``{"type": "image"}`` part where the
+    image goes (the model's chat template writes the prompt). Which one is checked at parse,
+    naming the field."""
+
+    image: str = Field(min_length=1)
+    prompt: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS)
+    messages: list[ChatTurn] | None = Field(default=None, min_length=1)
+
+
 class QuestionAnsweringParameters(StrictInput):
     top_k: int = Field(default=1, ge=1, le=20)
     max_answer_len: int = Field(default=15, ge=1, le=512)
@@ -202,6 +247,10 @@ def _families() -> dict[str, Family]:
         Family("depth-estimation", NoParameters, _wrap_plain, media="image"),
         Family("image-to-text", ImageToTextParameters, _wrap_list, media="image",
                runner=text_runners.image_to_text, refuse=text_runners.refuse_image_to_text),
+        # Chat vision-language models (LLaVA, Idefics3, Qwen2-VL): transformers' own pipeline;
+        # only inputs whose rows need no padding share a call (tasks/pipeline.py, _key).
+        Family("image-text-to-text", ImageTextToTextParameters, _wrap_list, media="image",
+               inputs=ImageAndPrompt, call=_generate_call),
         # CTC models (wav2vec2, HuBERT) are a convolution over the samples and one encoder pass:
         # on a CPU, 8 clips as one batch ran 0.75x to 1.0x as fast as one by one (bench/
         # families_bench.py), so there only models that generate (Whisper) batch.
@@ -258,13 +307,22 @@ def _speech_call(params: dict[str, Any]) -> dict[str, Any]:
     return call
 
 
+def _generate_call(params: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline takes max_new_tokens and return_full_text itself, the rest as generate's."""
+    call = {k: v for k, v in params.items() if k in ("max_new_tokens", "return_full_text")}
+    generate = {k: v for k, v in params.items() if k not in call}
+    if generate:
+        call["generate_kwargs"] = generate
+    return call
+
+
 def _without_format(params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k != "output_format"}
 
 
 def _wrap_list(single: bool, results: list[Any], params: dict[str, Any]) -> Any:
-    # As the 4.x text2text and image-to-text pipelines answered: a list of one
-    # {"<kind>_text": ...} per input.
+    # As the 4.x text2text and image-to-text pipelines answered (and 5's image-text-to-text
+    # answers): a list of one {"<kind>_text": ...} per input.
     return [results[0]] if single else [[r] for r in results]
 
 

@@ -4,21 +4,24 @@ Serves every model whose config reads as one of the kinds in ``serving/families.
 table that says what differs between them): text and zero-shot classification, token
 classification (NER), fill-mask, seq2seq text (text2text, summarization, translation),
 extractive question answering, image and zero-shot image classification, object detection,
-image segmentation, depth estimation and image to text (captioning), speech recognition, audio
-classification and text to speech. Answers are transformers' pipeline's own, which users
+image segmentation, depth estimation, image to text (captioning) and chat vision-language models
+(image-text-to-text: an image and a prompt), speech recognition, audio classification and text
+to speech. Answers are transformers' pipeline's own, which users
 compare against (``serving/text_runners.py`` computes the kinds transformers 5 has no pipeline
 for). Two input forms, both validated, unknown fields and parameters refused by name::
 
     {"inputs": X | [X, ...], "parameters": {...}}     the Hugging Face API's shape; answers the
                                                        pipeline's own JSON
-    {"text" | "image" | "question"+"context": ..., <parameters as fields>}
+    {"text" | "image" | "image"+"prompt"|"messages" | "question"+"context": ..., <parameters>}
                                                        ours; answers {"result": ..., "model"}
 
 X is a text, an image (an https:// or s3:// URL fetched under the download rules, or a data:
-URI; decoded within WORKER_MAX_IMAGE_PIXELS), or ``{"question", "context"}``. Masks and depth
+URI; decoded within WORKER_MAX_IMAGE_PIXELS), ``{"image", "prompt" | "messages"}`` or
+``{"question", "context"}``. Masks and depth
 maps are PNG files (``job.store``: inline or links). The parameters of each kind:
 docs/job-contract.md. Inputs of concurrent jobs with equal parameters share one pipeline call
-on the device thread (``batcher.py``).
+on the device thread (``batcher.py``), except where that would change an answer (``_key``;
+text to speech runs one text per call).
 """
 
 from __future__ import annotations
@@ -41,9 +44,17 @@ from pydantic import Field, create_model
 
 from serving.audio import OUTPUT_TYPES, decode_audio, encode_audio
 from serving.batcher import Batcher
-from serving.config import ModelSettings, WorkerSettings
+from serving.config import PROMPT_CHARS_PER_TOKEN, ModelSettings, WorkerSettings
 from serving.errors import InputError, JobTimeout
-from serving.families import FAMILIES, MAX_INPUTS, MAX_TEXT_CHARS, Family, params_key, to_json
+from serving.families import (
+    FAMILIES,
+    MAX_INPUTS,
+    MAX_TEXT_CHARS,
+    Family,
+    ImageAndPrompt,
+    params_key,
+    to_json,
+)
 from serving.inputs import AudioBytes, MediaRef, media_ref, resolve_ref
 from serving.media import in_decode_pool
 from serving.placement import LoadedModel, ModelFiles, place_model
@@ -66,6 +77,7 @@ _MODEL_CLASSES = {
     "image-segmentation": transformers.AutoModelForSemanticSegmentation,
     "depth-estimation": transformers.AutoModelForDepthEstimation,
     "image-to-text": transformers.AutoModelForImageTextToText,
+    "image-text-to-text": transformers.AutoModelForImageTextToText,
     "automatic-speech-recognition": transformers.AutoModelForSpeechSeq2Seq,
     "audio-classification": transformers.AutoModelForAudioClassification,
     "text-to-audio": transformers.AutoModelForTextToWaveform,
@@ -114,6 +126,7 @@ class Preprocessors:
     kind: str
     image_processor: Any = None
     feature_extractor: Any = None
+    processor: Any = None               # a multimodal processor (image-text-to-text)
 
 
 class PipelineEngine:
@@ -137,6 +150,13 @@ class PipelineEngine:
             texts = [dict(i.text) if isinstance(i.text, dict) else i.text for i in group]
             if self.family.runner is not None:
                 outs = self.family.runner(self.pipe, texts, group[0].params, self.family.kind)
+            elif self.family.inputs is ImageAndPrompt:    # the pipeline's own arguments
+                call = self.family.call(group[0].params)
+                if texts[0]["messages"]:                   # a chat: alone (see _key)
+                    outs = [self.pipe(text=t["messages"], **call)[0] for t in texts]
+                else:       # one prompt, images of one size: rows of one length, no padding
+                    outs = self.pipe(images=[t["image"] for t in texts],
+                                     text=[t["prompt"] for t in texts], **call)
             else:
                 outs = self.pipe(texts, batch_size=len(texts),
                                  **self.family.call(group[0].params))
@@ -158,6 +178,9 @@ class PipelineTask(Task):
         if kind == "fill-mask":                  # BERT's [MASK], RoBERTa's <mask>, ...
             mask = transformers.AutoTokenizer.from_pretrained(model.path).mask_token
             return {"text": f"Paris is the {mask} of France."}
+        if FAMILIES[kind].inputs is ImageAndPrompt:     # LLaVA's <image>, ...
+            processor = transformers.AutoProcessor.from_pretrained(model.path)
+            return _vlm_example(getattr(processor, "image_token", None))
         return EXAMPLES[kind]
 
     @classmethod
@@ -170,12 +193,14 @@ class PipelineTask(Task):
         if any(model.has(name) for name in _TOKENIZER_FILES):
             loaded.tokenizer = transformers.AutoTokenizer.from_pretrained(
                 model.path, trust_remote_code=False)
-        image_processor = feature_extractor = None
-        if FAMILIES[kind].media == "image":
+        image_processor = feature_extractor = processor = None
+        if FAMILIES[kind].inputs is ImageAndPrompt:
+            processor = transformers.AutoProcessor.from_pretrained(model.path)
+        elif FAMILIES[kind].media == "image":
             image_processor = transformers.AutoImageProcessor.from_pretrained(model.path)
         if FAMILIES[kind].media == "audio":
             feature_extractor = transformers.AutoFeatureExtractor.from_pretrained(model.path)
-        loaded.processor = Preprocessors(kind, image_processor, feature_extractor)
+        loaded.processor = Preprocessors(kind, image_processor, feature_extractor, processor)
         return loaded
 
     def __init__(self, loaded: LoadedModel, settings: WorkerSettings,
@@ -189,7 +214,7 @@ class PipelineTask(Task):
                                               tokenizer=loaded.tokenizer,
                                               image_processor=pre.image_processor,
                                               feature_extractor=feature_extractor,
-                                              device=loaded.device)
+                                              processor=pre.processor, device=loaded.device)
         else:                                 # the runner's model and preprocessors, as a pipe's
             self.pipe = SimpleNamespace(model=loaded.model, tokenizer=loaded.tokenizer,
                                         image_processor=pre.image_processor)
@@ -213,7 +238,11 @@ class PipelineTask(Task):
             __base__=self.family.parameters, **fields)
         # The seam's declarations, for this worker's kind: its input model and an example.
         self.input = self.named
-        self.example = (EXAMPLES.get(kind) or
+        self.processor = pre.processor
+        # The prompt's image token (LLaVA's <image>): where the processor puts the image.
+        self.image_token: str | None = getattr(pre.processor, "image_token", None)
+        self.example = (_vlm_example(self.image_token) if self.family.inputs is ImageAndPrompt
+                        else EXAMPLES.get(kind) or
                         {"text": f"Paris is the {loaded.tokenizer.mask_token} of France."})
         batch = loaded.device.type != "cpu" or self.family.batch_on_cpu(loaded.model)
         self.batcher = Batcher(PipelineEngine(self.pipe, self.family, batch),
@@ -221,7 +250,10 @@ class PipelineTask(Task):
 
     def warm_up(self) -> None:
         text: Any
-        if self.family.media == "image":
+        if self.family.inputs is ImageAndPrompt:
+            text = {"image": Image.new("RGB", (64, 48), (120, 60, 30)),
+                    "prompt": _vlm_example(self.image_token)["prompt"], "messages": None}
+        elif self.family.media == "image":
             text = Image.new("RGB", (64, 48), (120, 60, 30))
         elif self.family.media == "audio":
             text = {"raw": np.zeros(self.sampling_rate, dtype=np.float32),
@@ -237,7 +269,7 @@ class PipelineTask(Task):
         if self.family.kind in ("zero-shot-classification", "zero-shot-image-classification"):
             return {"candidate_labels": ["a", "b"]}
         if self.family.kind in ("text2text-generation", "summarization", "translation",
-                                "image-to-text"):
+                                "image-to-text", "image-text-to-text"):
             return {"max_new_tokens": 2}
         return self._call_params({})
 
@@ -273,6 +305,8 @@ class PipelineTask(Task):
             parameter, why = refused
             prefix = f"{where}.parameters" if request.hub_shape else where
             raise InputError(why, field=f"{prefix}.{parameter}")
+        if self.family.inputs is ImageAndPrompt:
+            self._check_prompts(request, where)
         if self.family.mask_token:
             mask = self.loaded.tokenizer.mask_token
             for text, name in zip(request.texts, request.fields, strict=True):
@@ -281,13 +315,62 @@ class PipelineTask(Task):
                                      field=name)
         return request
 
+    def _check_prompts(self, request: PipelineRequest, where: str) -> None:
+        """Each input has a prompt naming its one image once (the processor refuses any other
+        count) or messages with one image part, and max_new_tokens is within
+        WORKER_MAX_NEW_TOKENS, else WORKER_DEFAULT_MAX_NEW_TOKENS."""
+        token = self.image_token
+        for one, name in zip(request.texts, request.fields, strict=True):
+            if one["messages"] is not None:
+                self._check_messages(one, name)
+            elif one["prompt"] is None:
+                raise InputError("is required: the text the model reads, or messages (a chat)",
+                                 field=f"{name}.prompt")
+            elif token and one["prompt"].count(token) != 1:
+                raise InputError(f"must hold the image token {token} once, where the image "
+                                 "goes", field=f"{name}.prompt")
+        limit = self.settings.max_new_tokens
+        asked = request.params.get("max_new_tokens")
+        if asked is None:
+            request.params["max_new_tokens"] = self.settings.default_max_new_tokens
+        elif asked > limit:
+            prefix = f"{where}.parameters" if request.hub_shape else where
+            raise InputError(f"must be at most {limit} (WORKER_MAX_NEW_TOKENS)",
+                             field=f"{prefix}.max_new_tokens")
+
+    def _check_messages(self, one: dict[str, Any], name: str) -> None:
+        field = f"{name}.messages"
+        if one["prompt"] is not None:
+            raise InputError("send prompt or messages, not both", field=field)
+        if getattr(self.processor, "chat_template", None) is None:
+            raise InputError("this model's processor has no chat template; send prompt, "
+                             "written as the model reads it", field=field)
+        if len(one["messages"]) > self.settings.max_messages:
+            raise InputError(f"holds more than {self.settings.max_messages} messages "
+                             "(WORKER_MAX_MESSAGES)", field=field)
+        images = 0
+        for i, turn in enumerate(one["messages"]):
+            parts = [] if isinstance(turn["content"], str) else turn["content"]
+            for j, part in enumerate(parts):
+                at = f"{field}.{i}.content.{j}"
+                if (part["type"] == "text") != (part["text"] is not None):
+                    raise InputError("a text part has text; an image part has none",
+                                     field=f"{at}.text")
+                images += part["type"] == "image"
+        if images != 1:
+            raise InputError('must hold one {"type": "image"} part, where the image goes '
+                             f"(it holds {images})", field=field)
+
     def _one_input(self, value: Any, name: str) -> Any:
         """One input of the API shape: a text, or the family's fields."""
         if self.family.inputs is not None:
             if not isinstance(value, dict):
                 raise InputError("must be an object with "
                                  f"{', '.join(self.family.inputs.model_fields)}", field=name)
-            return parse_input(self.family.inputs, value, {}, prefix=name).model_dump()
+            one = parse_input(self.family.inputs, value, {}, prefix=name).model_dump()
+            if self.family.media == "image":
+                one["image"] = media_ref("image", one["image"], f"{name}.image")
+            return one
         if self.family.media != "text":
             return media_ref(self.family.media, value, name)
         if not isinstance(value, str) or not value or len(value) > MAX_TEXT_CHARS:
@@ -307,7 +390,11 @@ class PipelineTask(Task):
 
     async def answer(self, request: PipelineRequest, job: JobContext) -> Any:
         inputs = request.texts
-        if self.family.media == "image":
+        if self.family.inputs is ImageAndPrompt:
+            inputs = [_with_image(one, await self._image(one["image"], f"{name}.image", job))
+                      for one, name in zip(request.texts, request.fields, strict=True)]
+            await self._check_prompt_tokens(inputs, request.fields)
+        elif self.family.media == "image":
             inputs = [await self._image(ref, name, job)
                       for ref, name in zip(request.texts, request.fields, strict=True)]
         elif self.family.media == "audio":
@@ -342,6 +429,8 @@ class PipelineTask(Task):
             return job.store(out.getvalue(), "image/png", f"{name}.png")
 
         raw = [i.result for i in items]
+        if self.family.inputs is ImageAndPrompt:
+            raw = [_image_parts_as_sent(r) for r in raw]
         if self.family.kind == "text-to-audio":
             fmt = request.params.get("output_format", "wav")
             raw = await in_decode_pool(self._audio_files, raw, fmt, job, deadline=job.deadline,
@@ -359,6 +448,13 @@ class PipelineTask(Task):
         return await resolve_ref(ref, job, name, self.settings.max_image_pixels)
 
     def _key(self, key: str, one: Any) -> str:
+        if self.family.inputs is ImageAndPrompt:
+            # Rows of one generate must not be padded (a tokenizer that pads on the right
+            # breaks a decoder's answer; an image's token count can follow its size): only the
+            # same prompt with images of the same size share a call, and a chat goes alone.
+            if one["messages"] is not None:
+                return f"{key}|{id(one)}"
+            return f"{key}|{one['image'].size}|{one['prompt']}"
         if self.pads_safely or not isinstance(one, dict):
             return key
         return f"{key}|{len(one['raw'])}"        # only equal lengths batch together
@@ -383,11 +479,66 @@ class PipelineTask(Task):
                           "sampling_rate": rate})
         return files
 
+    async def _check_prompt_tokens(self, inputs: list[dict[str, Any]], fields: list[str]
+                                   ) -> None:
+        """A prompt is at most WORKER_MAX_PROMPT_TOKENS tokens (the image's not counted); one
+        of more than PROMPT_CHARS_PER_TOKEN characters a token is refused before tokenizing."""
+        limit = self.settings.max_prompt_tokens
+        texts = [(one["prompt"], f"{name}.prompt") if one["messages"] is None else
+                 (_chat_text(one["messages"]), f"{name}.messages")
+                 for one, name in zip(inputs, fields, strict=True)]
+        for text, name in texts:
+            if len(text) > limit * PROMPT_CHARS_PER_TOKEN:
+                raise InputError(f"is {len(text):,} characters, over what "
+                                 f"WORKER_MAX_PROMPT_TOKENS ({limit:,}) allows; send a shorter "
+                                 "prompt", field=name)
+        long = [(text, name) for text, name in texts
+                if 2 * len(text.encode()) + 8 > limit]      # as answer's bound
+        counts = (await in_tokenizer_thread(self._token_counts, [t for t, _ in long])
+                  if long else [])
+        for count, (_, name) in zip(counts, long, strict=True):
+            if count > limit:
+                raise InputError(f"is {count:,} tokens, over WORKER_MAX_PROMPT_TOKENS "
+                                 f"({limit:,}); send a shorter prompt", field=name)
+
     def _token_counts(self, texts: list[str]) -> list[int]:
         return [len(ids) for ids in self.loaded.tokenizer(texts)["input_ids"]]
 
 
 
+
+
+def _chat_text(messages: list[dict[str, Any]]) -> str:
+    """A chat's texts, for its token count (its template's few tokens aside)."""
+    return "\n".join(turn["content"] if isinstance(turn["content"], str) else
+                     "\n".join(p["text"] for p in turn["content"] if p["type"] == "text")
+                     for turn in messages)
+
+
+def _with_image(one: dict[str, Any], image: Image.Image) -> dict[str, Any]:
+    """The pipeline's input: the decoded image beside the prompt, or in the chat's image part."""
+    if one["messages"] is None:
+        return {**one, "image": image}
+    messages = [{"role": turn["role"], "content": turn["content"] if isinstance(
+        turn["content"], str) else [{"type": "image", "image": image} if p["type"] == "image"
+                                    else {"type": "text", "text": p["text"]}
+                                    for p in turn["content"]]} for turn in one["messages"]]
+    return {**one, "image": image, "messages": messages}
+
+
+def _image_parts_as_sent(value: Any) -> Any:
+    """A chat answer echoes its messages: each image part back as sent, {"type": "image"}."""
+    if isinstance(value, dict):
+        if value.get("type") == "image":
+            return {"type": "image"}
+        return {k: _image_parts_as_sent(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_image_parts_as_sent(v) for v in value]
+    return value
+
+
+def _vlm_example(image_token: str | None) -> dict[str, Any]:
+    return {"image": _PIXEL, "prompt": f"{image_token or ''}\nWhat is in this picture?"}
 
 
 def _kind(model: ModelFiles, setting: str) -> str:

@@ -130,11 +130,12 @@ class TestPickTask:
         assert pick_task(files(git), "generate", TASKS).name == "generate"
         assert pick_task(files(git), "auto", TASKS).name == "pipeline"      # captioning
 
-    def test_a_chat_vision_language_model_stops_with_its_kind(self, tmp_path):
+    def test_a_chat_vision_language_model_is_served_as_image_text_to_text(self, tmp_path):
         llava = config_dir(tmp_path / "llava", transformers.LlavaConfig(),
                            "LlavaForConditionalGeneration")
-        with pytest.raises(UnsupportedModel, match="image-text-to-text"):
-            pick_task(files(llava), "auto", TASKS)
+        assert model_kinds(transformers.AutoConfig.from_pretrained(llava)) == (
+            "image-text-to-text",)
+        assert pick_task(files(llava), "auto", TASKS).name == "pipeline"
 
     def test_an_unknown_worker_task_lists_tasks_and_kinds(self, whisper):
         with pytest.raises(SettingsError, match=r"use one of auto, .*or a kind: .*text-generation"):
