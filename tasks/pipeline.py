@@ -210,7 +210,8 @@ class PipelineTask(Task):
         kind, feature_extractor = pre.kind, pre.feature_extractor
         self.family = FAMILIES[kind]
         if self.family.runner is None:
-            self.pipe = transformers.pipeline(kind, model=loaded.model,
+            # transformers' overloads take a literal task name; here it is read from the config.
+            self.pipe = transformers.pipeline(kind, model=loaded.model,  # type: ignore[call-overload]
                                               tokenizer=loaded.tokenizer,
                                               image_processor=pre.image_processor,
                                               feature_extractor=feature_extractor,
@@ -237,13 +238,15 @@ class PipelineTask(Task):
             f"{self.family.parameters.__name__.removesuffix('Parameters')}Input",
             __base__=self.family.parameters, **fields)
         # The seam's declarations, for this worker's kind: its input model and an example.
-        self.input = self.named
+        # Declared per instance (the seam's are class attributes): the kind is the model's.
+        self.input = self.named  # type: ignore[misc]
         self.processor = pre.processor
         # The prompt's image token (LLaVA's <image>): where the processor puts the image.
         self.image_token: str | None = getattr(pre.processor, "image_token", None)
-        self.example = (_vlm_example(self.image_token) if self.family.inputs is ImageAndPrompt
-                        else EXAMPLES.get(kind) or
-                        {"text": f"Paris is the {loaded.tokenizer.mask_token} of France."})
+        example = (_vlm_example(self.image_token) if self.family.inputs is ImageAndPrompt
+                   else EXAMPLES.get(kind) or
+                   {"text": f"Paris is the {loaded.tokenizer.mask_token} of France."})
+        self.example = example  # type: ignore[misc]
         batch = loaded.device.type != "cpu" or self.family.batch_on_cpu(loaded.model)
         self.batcher = Batcher(PipelineEngine(self.pipe, self.family, batch),
                                settings.max_batch_size, settings.batch_wait_ms)
@@ -292,14 +295,14 @@ class PipelineTask(Task):
             named = parse_input(self.named, job_input, {}, prefix=where)
             own = (set(self.family.inputs.model_fields) if self.family.inputs
                    else {self._field})
-            values = named.model_dump(exclude=own)
+            rest = named.model_dump(exclude=own)
             one = (getattr(named, self._field) if self.family.inputs is None
                    else named.model_dump(include=own))
             name = f"{where}.{self._field}" if self.family.inputs is None else where
             if self.family.media != "text":
                 one = self._one_input(one, name)
             request = PipelineRequest([one], self._call_params(
-                {k: v for k, v in values.items() if v is not None}), True, False, [name])
+                {k: v for k, v in rest.items() if v is not None}), True, False, [name])
         refused = self.family.refuse and self.family.refuse(self.loaded.model, request.params)
         if refused:
             parameter, why = refused
@@ -388,7 +391,8 @@ class PipelineTask(Task):
         defaults = self.family.parameters.model_construct().model_dump()
         return {k: v for k, v in {**defaults, **given}.items() if v is not None}
 
-    async def answer(self, request: PipelineRequest, job: JobContext) -> Any:
+    async def answer(self, request: PipelineRequest, job: JobContext | None = None) -> Any:
+        job = job or self._own_job("job")
         inputs = request.texts
         if self.family.inputs is ImageAndPrompt:
             inputs = [_with_image(one, await self._image(one["image"], f"{name}.image", job))
