@@ -65,7 +65,8 @@ class TestStartupFaults:
 
     def test_a_bad_setting_names_the_variable_and_legal_values(self, tmp_path):
         message = self.failure_line(self.start({"WORKER_CONCURRENCY": "many"}, tmp_path))
-        assert "WORKER_CONCURRENCY='many' is not an integer; use 1..256" in message
+        assert "WORKER_CONCURRENCY='many' is not an integer; use an integer from 1 to 256" \
+            in message
 
     def test_corrupt_weights_say_how_to_rebuild(self, tmp_path, default_model_dir):
         broken = tmp_path / "broken"
