@@ -11,6 +11,13 @@ here, one concern per module:
     graphs.py         the same loop with a static KV cache and one compiled, graph-captured
                       step (WORKER_DECODE): the GPU's fast path
     batcher.py        work from concurrent jobs gathered into shared forward passes
+    runner.py         the seam's machinery: a task's declared batching, its items, task settings
+    batchfile.py      batch jobs' items read from a downloaded file, and answers spooled to disk
+    inputs.py         the Image, Audio and File input types: fetched and decoded for a task
+    media.py          image decoding under structural limits, in the decode pool
+    audio.py          audio decoding and resampling (PyAV), and WAV/FLAC/MP3 encoding
+    families.py       the kinds served with no code: their parameters and answers
+    text_runners.py   the kinds transformers 5 has no pipeline for (text2text, QA, captioning)
     device.py         the one device thread, and what an out-of-memory or device fault means
     placement.py      device, dtype and placement of the weights; the types of a model in memory
     loading.py        which task serves the model; its load, warm-up and startup line
@@ -34,9 +41,9 @@ here, one concern per module:
     parts.py          the seam: the project's own pieces, handed in by ``handler.py``
 
 The seam, stated once: modules here never import the project's own modules (``handler``,
-``model_loader``, ``storage``, ``tasks``) nor ``dev/`` at runtime (three still take storage's
-types from ``storage.py``: the test lists them); ``handler.py`` hands in the
-task registry, ``model_loader.find_model`` and the storage functions as one ``parts.Parts``
+``model_loader``, ``storage``, ``tasks``) nor ``dev/`` at runtime (their types only for
+annotations); ``handler.py`` hands in the task registry, ``model_loader.find_model`` and the
+storage factory as one ``parts.Parts``
 (``tests/test_import_rules.py`` checks it). The project's modules import from here the helpers a
 task or a loader uses (``config``, ``errors``, ``device``, ``validation``, ``batcher``,
 ``delivery``, ``downloads``, ``placement``, ``job``).

@@ -25,7 +25,7 @@ The parts, each with a default a task overrides only when it must::
                     tasks declare ``pipeline_tasks`` instead, the kinds (``text-generation``,
                     ...) a model's config is read as exactly (``serving/detect.py``)
     load(model, settings)
-                    ``model_loader.place_model`` with ``model_class`` (device, dtype, no host
+                    ``serving.placement.place_model`` with ``model_class`` (device, dtype, no host
                     copy); override it to load something else
     setup()         after loading, on the device thread: a tokenizer, a processor
     warm_up()       by default answers ``example`` once, so the first job pays no start-up
