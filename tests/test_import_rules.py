@@ -150,3 +150,14 @@ def test_importing_handler_loads_neither_the_model_stack_nor_dev():
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+def test_the_serving_package_lists_every_module_it_holds():
+    """serving/__init__.py is the map a newcomer reads first: each module, one line."""
+    import serving
+
+    listed = {line.split()[0] for line in (serving.__doc__ or "").splitlines()
+              if line.startswith("    ") and line.split()[0].endswith(".py")}
+    held = {p.name for p in (PROJECT_ROOT / "serving").glob("*.py") if p.name != "__init__.py"}
+    assert held - listed == set(), "add these to serving/__init__.py's list"
+    assert listed - held == set(), "listed in serving/__init__.py but gone"
