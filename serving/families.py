@@ -130,15 +130,9 @@ class ImageToTextParameters(Text2TextParameters):
     prompt: str | None = Field(default=None, min_length=1, max_length=2000)  # text to go on from
 
 
-class ImageTextToTextParameters(StrictInput):
+class ImageTextToTextParameters(Text2TextParameters):
     # max_new_tokens: at most WORKER_MAX_NEW_TOKENS (checked at parse), else its default
     max_new_tokens: int | None = Field(default=None, ge=1)
-    num_beams: int | None = Field(default=None, ge=1, le=8)
-    do_sample: bool | None = None
-    temperature: float | None = Field(default=None, gt=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0, le=1000)
-    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
     return_full_text: bool | None = None
 
 

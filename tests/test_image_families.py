@@ -25,6 +25,7 @@ from PIL import Image
 from serving.families import to_json
 from serving.worker import Worker
 from tests.support.families import answer, check_banner_examples, close
+from tests.support.images import image_uri, picture
 from tests.support.worker import build_worker, collect
 
 LABELS = {0: "cat", 1: "dog", 2: "owl"}
@@ -118,16 +119,6 @@ def pipelines(model_dirs: dict[str, Path]) -> dict[str, Any]:
             for kind, path in model_dirs.items()}
 
 
-def picture(seed: int = 0, size: tuple[int, int] = (40, 30)) -> Image.Image:
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
-    return Image.fromarray(pixels.numpy())
-
-
-def data_uri(image: Image.Image) -> str:
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
 
 
 
@@ -147,7 +138,7 @@ class TestTheHubShapeAnswersWhatThePipelineAnswers:
     def test_same_json(self, loop, workers, pipelines, kind, parameters):
         images = [picture(1), picture(2, (36, 44))]
         expected = pipelines[kind](images, **parameters)
-        got = answer(loop, workers[kind], {"inputs": [data_uri(i) for i in images],
+        got = answer(loop, workers[kind], {"inputs": [image_uri(i) for i in images],
                                            "parameters": parameters})
         assert close(got, to_json(expected)), (got, expected)
 
@@ -155,7 +146,7 @@ class TestTheHubShapeAnswersWhatThePipelineAnswers:
                                                                      pipelines):
         image = picture(3)
         expected = pipelines["image-segmentation"](image)
-        got = answer(loop, workers["image-segmentation"], {"inputs": data_uri(image)})
+        got = answer(loop, workers["image-segmentation"], {"inputs": image_uri(image)})
         assert [g["label"] for g in got] == [e["label"] for e in expected]
         for g, e in zip(got, expected, strict=True):
             assert file_image(g["mask"]).tobytes() == e["mask"].tobytes()
@@ -163,7 +154,7 @@ class TestTheHubShapeAnswersWhatThePipelineAnswers:
     def test_depth_is_a_png_file_with_its_range(self, loop, workers, pipelines):
         image = picture(4)
         expected = pipelines["depth-estimation"](image)
-        got = answer(loop, workers["depth-estimation"], {"inputs": data_uri(image)})
+        got = answer(loop, workers["depth-estimation"], {"inputs": image_uri(image)})
         assert file_image(got["depth"]).tobytes() == expected["depth"].tobytes()
         assert math.isclose(got["min"], float(expected["predicted_depth"].min()), rel_tol=1e-5)
         assert math.isclose(got["max"], float(expected["predicted_depth"].max()), rel_tol=1e-5)
@@ -188,19 +179,19 @@ class TestBadImages:
         ({"image": "data:image/png;base64," + base64.b64encode(b"plain text").decode()},
          "input.image", "is not a PNG, JPEG or WebP image"),
         ({"inputs": ["data:image/png;base64,"]}, "input.inputs.0", ""),
-        ({"image": data_uri(picture(0)), "threshold": 2}, "input.threshold", ""),
+        ({"image": image_uri(picture(0)), "threshold": 2}, "input.threshold", ""),
     ])
     def test_is_refused_naming_the_field(self, loop, workers, job_input, field, says):
         worker = workers["object-detection"]
         got = answer(loop, worker, job_input)
         assert got["error_code"] == "invalid_input", got
         assert field in got["error"] and says in got["error"], got["error"]
-        assert "result" in answer(loop, worker, {"image": data_uri(picture(0))})
+        assert "result" in answer(loop, worker, {"image": image_uri(picture(0))})
 
     def test_an_image_over_the_pixel_limit_is_refused_before_decoding(self, loop, model_dirs):
         worker = build_worker({"MODEL_PATH": str(model_dirs["image-classification"]),
                                "WORKER_MAX_IMAGE_PIXELS": "1000"})
-        got = answer(loop, worker, {"image": data_uri(picture(0, (40, 30)))})
+        got = answer(loop, worker, {"image": image_uri(picture(0, (40, 30)))})
         assert got["error_code"] == "invalid_input"
         assert "over the limit of 1,000" in got["error"] and "input.image" in got["error"]
 
@@ -328,14 +319,14 @@ class TestImageToText:
     def test_the_hub_shape_answers_the_4x_pipelines_captions(self, loop, captioners,
                                                              captioner_dirs, name):
         images = [picture(6), picture(7, (36, 44))]
-        got = answer(loop, captioners[name], {"inputs": [data_uri(i) for i in images]})
+        got = answer(loop, captioners[name], {"inputs": [image_uri(i) for i in images]})
         assert got == [[{"generated_text": caption(captioner_dirs[name], i)}] for i in images]
         assert all(g[0]["generated_text"] for g in got)     # not vacuously equal
 
     @pytest.mark.parametrize("name", ["blip", "git"])
     def test_own_fields_with_a_prompt_and_generation_parameters(self, loop, captioners,
                                                                 captioner_dirs, name):
-        got = answer(loop, captioners[name], {"image": data_uri(picture(8)),
+        got = answer(loop, captioners[name], {"image": image_uri(picture(8)),
                                               "prompt": "a photo of", "max_new_tokens": 4})
         want = caption(captioner_dirs[name], picture(8), "a photo of", max_new_tokens=4)
         assert got == {"result": {"generated_text": want}, "model": name}
@@ -348,7 +339,7 @@ class TestImageToText:
         before = worker.task.batcher.batches_run
 
         async def jobs() -> list[Any]:
-            return await asyncio.gather(*(collect(worker, {"image": data_uri(picture(i))},
+            return await asyncio.gather(*(collect(worker, {"image": image_uri(picture(i))},
                                                   f"j{i}") for i in range(4)))
 
         outs = loop.run(jobs())
@@ -360,11 +351,11 @@ class TestImageToText:
     @pytest.mark.parametrize(("job_input", "field", "says"), [
         ({"image": "data:image/png;base64," + base64.b64encode(b"not a picture").decode()},
          "input.image", "is not a PNG, JPEG or WebP image"),
-        ({"inputs": [data_uri(picture(0)), 42]}, "input.inputs.1", ""),
-        ({"image": data_uri(picture(0)), "prompt": "a cat"}, "input.prompt", "takes no prompt"),
-        ({"inputs": data_uri(picture(0)), "parameters": {"prompt": "a"}},
+        ({"inputs": [image_uri(picture(0)), 42]}, "input.inputs.1", ""),
+        ({"image": image_uri(picture(0)), "prompt": "a cat"}, "input.prompt", "takes no prompt"),
+        ({"inputs": image_uri(picture(0)), "parameters": {"prompt": "a"}},
          "input.parameters.prompt", "takes no prompt"),
-        ({"image": data_uri(picture(0)), "max_new_tokens": 0}, "input.max_new_tokens", ""),
+        ({"image": image_uri(picture(0)), "max_new_tokens": 0}, "input.max_new_tokens", ""),
     ])
     def test_bad_input_is_refused_naming_the_field(self, loop, captioners, job_input, field,
                                                    says):
@@ -372,7 +363,7 @@ class TestImageToText:
         got = answer(loop, worker, job_input)
         assert got["error_code"] == "invalid_input", got
         assert field in got["error"] and says in got["error"], got["error"]
-        assert "result" in answer(loop, worker, {"image": data_uri(picture(0))})
+        assert "result" in answer(loop, worker, {"image": image_uri(picture(0))})
 
     def test_each_captioners_banner_example_is_a_valid_job(self, loop, captioners,
                                                            captioner_dirs):

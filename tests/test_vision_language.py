@@ -26,6 +26,7 @@ from tokenizers import decoders, models, pre_tokenizers
 from serving.families import to_json
 from serving.worker import Worker
 from tests.support.families import answer, check_banner_examples
+from tests.support.images import image_uri, picture
 from tests.support.worker import build_worker, collect
 
 WORDS = ["a", "cat", "dog", "on", "the", "sofa", "what", "is", "in", "this", "picture", "?",
@@ -88,16 +89,6 @@ def pipe(llava_dir: Path) -> Any:
     return transformers.pipeline("image-text-to-text", model=str(llava_dir), device="cpu")
 
 
-def picture(seed: int, size: tuple[int, int] = (40, 30)) -> Image.Image:
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
-    return Image.fromarray(pixels.numpy())
-
-
-def data_uri(image: Image.Image) -> str:
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
 
 
 class TestTheAnswerIsThePipelines:
@@ -105,7 +96,7 @@ class TestTheAnswerIsThePipelines:
         assert worker.task.family.kind == "image-text-to-text"
 
     def test_own_fields_answer_the_pipelines_record(self, loop, worker, pipe):
-        got = answer(loop, worker, {"image": data_uri(picture(1)), "prompt": PROMPT,
+        got = answer(loop, worker, {"image": image_uri(picture(1)), "prompt": PROMPT,
                                     "max_new_tokens": 5})
         [want] = pipe(images=picture(1), text=PROMPT, max_new_tokens=5)
         assert got == {"result": to_json(want), "model": worker.task.loaded.served_name}
@@ -114,17 +105,17 @@ class TestTheAnswerIsThePipelines:
     def test_the_hub_shape_answers_as_the_pipeline_per_input(self, loop, worker, pipe):
         images = [picture(2), picture(3, (36, 44))]
         parameters = {"max_new_tokens": 4, "return_full_text": False, "repetition_penalty": 1.5}
-        got = answer(loop, worker, {"inputs": [{"image": data_uri(i), "prompt": PROMPT}
+        got = answer(loop, worker, {"inputs": [{"image": image_uri(i), "prompt": PROMPT}
                                                for i in images], "parameters": parameters})
         want = [pipe(images=i, text=PROMPT, max_new_tokens=4, return_full_text=False,
                      generate_kwargs={"repetition_penalty": 1.5}) for i in images]
         assert got == to_json(want)
-        one = answer(loop, worker, {"inputs": {"image": data_uri(images[0]), "prompt": PROMPT},
+        one = answer(loop, worker, {"inputs": {"image": image_uri(images[0]), "prompt": PROMPT},
                                     "parameters": parameters})
         assert one == to_json(want[0])
 
     def test_without_max_new_tokens_the_workers_default_applies(self, loop, worker, pipe):
-        got = answer(loop, worker, {"image": data_uri(picture(4)), "prompt": PROMPT})
+        got = answer(loop, worker, {"image": image_uri(picture(4)), "prompt": PROMPT})
         [want] = pipe(images=picture(4), text=PROMPT, max_new_tokens=6)
         assert got["result"] == to_json(want)
 
@@ -144,11 +135,11 @@ class TestConcurrentJobs:
         rows: list[int] = []         # the batch size of each forward pass of the model
         hook = worker.task.loaded.model.register_forward_pre_hook(
             lambda _, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
-        jobs = [{"image": data_uri(picture(i)), "prompt": PROMPT, "max_new_tokens": 4}
+        jobs = [{"image": image_uri(picture(i)), "prompt": PROMPT, "max_new_tokens": 4}
                 for i in range(4)]
         # Another prompt and another size: rows of other lengths, so calls of their own.
-        jobs += [{"image": data_uri(picture(9)), "prompt": "<image> a cat", "max_new_tokens": 4},
-                 {"image": data_uri(picture(10, (36, 44))), "prompt": PROMPT,
+        jobs += [{"image": image_uri(picture(9)), "prompt": "<image> a cat", "max_new_tokens": 4},
+                 {"image": image_uri(picture(10, (36, 44))), "prompt": PROMPT,
                   "max_new_tokens": 4}]
 
         async def run() -> list[Any]:
@@ -180,7 +171,7 @@ class TestMessages:
     @pytest.mark.parametrize("full", [True, False])
     def test_answer_the_pipelines_chat_record_with_the_image_part_as_sent(self, loop, worker,
                                                                           pipe, full):
-        got = answer(loop, worker, {"image": data_uri(picture(6)), "messages": CHAT,
+        got = answer(loop, worker, {"image": image_uri(picture(6)), "messages": CHAT,
                                     "max_new_tokens": 4, "return_full_text": full})
         [want] = pipe(text=self.with_image(picture(6), CHAT), max_new_tokens=4,
                       return_full_text=full)
@@ -192,7 +183,7 @@ class TestMessages:
         assert reply.strip()
 
     def test_the_hub_shape_takes_messages_too(self, loop, worker, pipe):
-        got = answer(loop, worker, {"inputs": {"image": data_uri(picture(7)), "messages": CHAT},
+        got = answer(loop, worker, {"inputs": {"image": image_uri(picture(7)), "messages": CHAT},
                                     "parameters": {"max_new_tokens": 3,
                                                    "return_full_text": False}})
         [want] = pipe(text=self.with_image(picture(7), CHAT), max_new_tokens=3,
@@ -206,48 +197,48 @@ class TestBadInput:
         ({"image": "data:image/png;base64," + base64.b64encode(b"not a picture").decode(),
           "prompt": PROMPT}, "input.image", "is not a PNG, JPEG or WebP image"),
         ({"image": "file:///etc/passwd", "prompt": PROMPT}, "input.image", "https:// or s3://"),
-        ({"image": data_uri(picture(0))}, "input.prompt", ""),
-        ({"inputs": [{"image": data_uri(picture(0))}]}, "input.inputs.0.prompt", ""),
+        ({"image": image_uri(picture(0))}, "input.prompt", ""),
+        ({"inputs": [{"image": image_uri(picture(0))}]}, "input.inputs.0.prompt", ""),
         ({"inputs": [{"image": "data:image/png;base64,", "prompt": PROMPT}]},
          "input.inputs.0.image", ""),
-        ({"image": data_uri(picture(0)), "prompt": "what is this ?"}, "input.prompt",
+        ({"image": image_uri(picture(0)), "prompt": "what is this ?"}, "input.prompt",
          "image token <image> once"),
-        ({"image": data_uri(picture(0)), "prompt": "<image> <image>"}, "input.prompt",
+        ({"image": image_uri(picture(0)), "prompt": "<image> <image>"}, "input.prompt",
          "image token <image> once"),
-        ({"image": data_uri(picture(0)), "prompt": PROMPT, "max_new_tokens": 65},
+        ({"image": image_uri(picture(0)), "prompt": PROMPT, "max_new_tokens": 65},
          "input.max_new_tokens", "WORKER_MAX_NEW_TOKENS"),
-        ({"inputs": {"image": data_uri(picture(0)), "prompt": PROMPT},
+        ({"inputs": {"image": image_uri(picture(0)), "prompt": PROMPT},
           "parameters": {"max_new_tokens": 65}}, "input.parameters.max_new_tokens", "at most 64"),
-        ({"image": data_uri(picture(0)), "prompt": PROMPT, "seed": 1}, "input.seed", ""),
-        ({"inputs": {"image": data_uri(picture(0)), "prompt": PROMPT},
+        ({"image": image_uri(picture(0)), "prompt": PROMPT, "seed": 1}, "input.seed", ""),
+        ({"inputs": {"image": image_uri(picture(0)), "prompt": PROMPT},
           "parameters": {"stream": True}}, "input.parameters.stream", ""),
-        ({"image": data_uri(picture(0)), "prompt": "<image> " + "cat " * 40}, "input.prompt",
+        ({"image": image_uri(picture(0)), "prompt": "<image> " + "cat " * 40}, "input.prompt",
          "over WORKER_MAX_PROMPT_TOKENS"),
-        ({"image": data_uri(picture(0)), "prompt": PROMPT, "messages": CHAT},
+        ({"image": image_uri(picture(0)), "prompt": PROMPT, "messages": CHAT},
          "input.messages", "not both"),
-        ({"image": data_uri(picture(0)), "messages": [{"role": "user", "content": "hi"}]},
+        ({"image": image_uri(picture(0)), "messages": [{"role": "user", "content": "hi"}]},
          "input.messages", "one {\"type\": \"image\"} part"),
-        ({"image": data_uri(picture(0)), "messages": [{"role": "user", "content": [
+        ({"image": image_uri(picture(0)), "messages": [{"role": "user", "content": [
             {"type": "image"}, {"type": "text"}]}]}, "input.messages.0.content.1.text", ""),
-        ({"image": data_uri(picture(0)), "messages": [{"role": "user", "content": 7}]},
+        ({"image": image_uri(picture(0)), "messages": [{"role": "user", "content": 7}]},
          "input.messages.0.content", ""),
-        ({"image": data_uri(picture(0)), "messages": [{"role": "robot", "content": "hi"}]},
+        ({"image": image_uri(picture(0)), "messages": [{"role": "robot", "content": "hi"}]},
          "input.messages.0.role", ""),
         # The pipeline would fetch an image part's url itself: only the job's image goes there.
-        ({"image": data_uri(picture(0)), "messages": [{"role": "user", "content": [
+        ({"image": image_uri(picture(0)), "messages": [{"role": "user", "content": [
             {"type": "image", "url": "http://127.0.0.1/cat.png"}]}]},
          "input.messages.0.content.parts.0.url", "unknown field"),
-        ({"inputs": {"image": data_uri(picture(0)), "messages": [{"role": "user", "content": [
+        ({"inputs": {"image": image_uri(picture(0)), "messages": [{"role": "user", "content": [
             {"type": "image"}, {"type": "text", "text": "cat " * 50}]}]}},
          "input.inputs.messages", "over WORKER_MAX_PROMPT_TOKENS"),
-        ({"image": data_uri(picture(0)), "prompt": "<image>" + "x" * 1281}, "input.prompt",
+        ({"image": image_uri(picture(0)), "prompt": "<image>" + "x" * 1281}, "input.prompt",
          "1,288 characters"),
     ])
     def test_is_refused_naming_the_field(self, loop, worker, job_input, field, says):
         got = answer(loop, worker, job_input)
         assert got["error_code"] == "invalid_input", got
         assert field in got["error"] and says in got["error"], got["error"]
-        assert "result" in answer(loop, worker, {"image": data_uri(picture(0)),
+        assert "result" in answer(loop, worker, {"image": image_uri(picture(0)),
                                                  "prompt": PROMPT, "max_new_tokens": 1})
 
 

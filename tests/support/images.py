@@ -1,6 +1,7 @@
 """Real image bytes for the image tests, hostile ones included, made with Pillow and by hand.
 
-- ``image_bytes``: noise of a given size in any format Pillow writes.
+- ``image_bytes``: noise of a given size in any format Pillow writes; ``picture``: the same as a
+  Pillow image, and ``image_uri`` a Pillow image as a PNG data: URI.
 - ``jpeg_scan_bomb``: a progressive JPEG whose last refinement scan (12 bytes, covering every
   luma block) is repeated: each copy is another pass of the decoder over the whole image.
 - ``png_chunks``: a PNG with extra chunks before its image data (``iccp_bomb``: many colour
@@ -33,6 +34,17 @@ def image_bytes(width: int, height: int, fmt: str = "PNG", seed: int = 0, **save
 
 def data_uri(raw: bytes, kind: str = "png") -> str:
     return f"data:image/{kind};base64," + base64.b64encode(raw).decode()
+
+
+def picture(seed: int = 0, size: tuple[int, int] = (40, 30)) -> Image.Image:
+    """Noise of ``size`` (width, height) as an RGB Pillow image, the same for the same seed."""
+    return Image.open(io.BytesIO(image_bytes(*size, seed=seed))).convert("RGB")
+
+
+def image_uri(image: Image.Image) -> str:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return data_uri(out.getvalue())
 
 
 def jpeg_scans(raw: bytes) -> list[tuple[int, int]]:
