@@ -22,24 +22,14 @@ import pytest
 from PIL import Image
 
 from serving.batchfile import BatchAnswers, BatchFile
-from serving.config import DownloadSettings, StorageSettings, WorkerSettings
+from serving.config import DownloadSettings
 from serving.delivery import measure_answer
 from serving.errors import InputError, PayloadTooLarge
 from serving.worker import Worker
-from storage import storage_from_settings
 from tests.support.spool import WatchedStorage, spool_files
-from tests.support.worker import LoopThread
+from tests.support.worker import LoopThread, configured
 
 EMBED_SLOW_S = 300           # hundreds of texts on a shared CPU
-
-
-def configured(worker: Worker, **env: str) -> Worker:
-    """The same loaded model and task under the settings in ``env``."""
-    storage_settings = StorageSettings.from_env(env)
-    return dataclasses.replace(worker, settings=WorkerSettings.from_env(env),
-                               storage_settings=storage_settings,
-                               storage=storage_from_settings(storage_settings),
-                               download_settings=DownloadSettings.from_env(env))
 
 
 def answer(loop: LoopThread, worker: Worker, job_input: dict[str, Any], progress: Any = None,

@@ -31,15 +31,14 @@ from urllib.parse import urlsplit
 import boto3
 import pytest
 
-from serving.config import DownloadSettings, StorageSettings, WorkerSettings
+from serving.config import DownloadSettings, StorageSettings
 from serving.downloads import download_bytes, is_public_address
 from serving.errors import DownloadError
 from serving.s3config import storage_for_job
 from serving.worker import Worker
-from storage import storage_from_settings
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY, free_port
 from tests.support.spool import WatchedStorage, spool_files
-from tests.support.worker import LoopThread, chat
+from tests.support.worker import LoopThread, chat, configured
 
 pytestmark = pytest.mark.slow
 
@@ -49,15 +48,14 @@ BUSY_MACHINE_S = 120         # two model jobs at once on a loaded CPU
 
 
 # --------------------------------------------------------------------------------------------
-# Helpers: a worker with other settings, one job's answer, and the loopback servers we need
+# Helpers: one job's answer, the download pool's threads, and the loopback servers we need
 # --------------------------------------------------------------------------------------------
-def configured(worker: Worker, **env: str) -> Worker:
-    """The same loaded model and task under the settings in ``env``."""
-    storage_settings = StorageSettings.from_env(env)
-    return dataclasses.replace(worker, settings=WorkerSettings.from_env(env),
-                               storage_settings=storage_settings,
-                               storage=storage_from_settings(storage_settings),
-                               download_settings=DownloadSettings.from_env(env))
+def assert_download_pool_free(worker: Worker, threads: int) -> None:
+    """All ``threads`` of the worker's download pool take work at once: none is still held."""
+    everyone = threading.Barrier(threads + 1)
+    held = [worker.downloads.submit(everyone.wait, 5) for _ in range(threads)]
+    everyone.wait(5)
+    assert all(future.result(5) is not None for future in held)
 
 
 def answer(loop: LoopThread, worker: Worker, job_input: dict[str, Any],
@@ -774,10 +772,7 @@ class TestDownloadsEndWithTheirJob:
             assert [item.get("error_code") for item in timed_out] == ["timeout"], timed_out
             # The job has ended: its connections are closed and all 4 pool threads are free.
             assert server.wait_for(lambda: server.open == 0, 5), "the downloads outlived the job"
-            everyone = threading.Barrier(5)
-            held = [worker.downloads.submit(everyone.wait, 5) for _ in range(4)]
-            everyone.wait(5)
-            assert all(future.result(5) is not None for future in held)
+            assert_download_pool_free(worker, 4)
         finally:
             server.stop()
 
@@ -793,10 +788,7 @@ class TestDownloadsEndWithTheirJob:
             timed_out = hostile.result(DID_NOT_HANG_S)
             assert [item.get("error_code") for item in timed_out] == ["timeout"], timed_out
             assert server.wait_for(lambda: server.open == 0, 5), "the download outlived the job"
-            everyone = threading.Barrier(5)
-            held = [worker.downloads.submit(everyone.wait, 5) for _ in range(4)]
-            everyone.wait(5)
-            assert all(future.result(5) is not None for future in held)
+            assert_download_pool_free(worker, 4)
         finally:
             server.stop()
 

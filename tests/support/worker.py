@@ -6,6 +6,7 @@ The worker's jobs run on one long-lived event loop in a background thread, as un
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
 import threading
 from collections.abc import Coroutine, Iterator, Mapping
@@ -17,9 +18,10 @@ import pytest
 from handler import parts
 from serving import loading
 from serving import worker as serving_worker
-from serving.config import ModelSettings, WorkerSettings
+from serving.config import DownloadSettings, ModelSettings, StorageSettings, WorkerSettings
 from serving.placement import LoadedModel
 from serving.worker import Worker
+from storage import storage_from_settings
 
 if TYPE_CHECKING:
     from tasks.base import Task
@@ -29,6 +31,15 @@ def build_worker(env: dict[str, str]) -> Worker:
     """A worker made of this project's parts (``handler.parts``), as ``python handler.py``
     builds one, with settings read from ``env``."""
     return serving_worker.build_worker(parts(), env)
+
+
+def configured(worker: Worker, **env: str) -> Worker:
+    """The same loaded model and task under the settings in ``env``."""
+    storage_settings = StorageSettings.from_env(env)
+    return dataclasses.replace(worker, settings=WorkerSettings.from_env(env),
+                               storage_settings=storage_settings,
+                               storage=storage_from_settings(storage_settings),
+                               download_settings=DownloadSettings.from_env(env))
 
 
 def load_task(settings: ModelSettings, worker_settings: WorkerSettings,
