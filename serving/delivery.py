@@ -142,6 +142,31 @@ class LinkAnswer(TypedDict):
     output_link: Link
 
 
+def is_small(answer: Any, max_values: int = 512, max_chars: int = 65_536) -> bool:
+    """Whether ``answer`` is plainly small: no file in it, at most ``max_values`` values and
+    ``max_chars`` characters of text. Stops as soon as either is passed, so it costs at most
+    that much however large the answer: what is small may be measured on the event loop."""
+    stack, values, chars = [answer], 0, 0
+    while stack:
+        value = stack.pop()
+        values += 1
+        if isinstance(value, str):
+            chars += len(value)
+        elif isinstance(value, dict | list | tuple):
+            if values + len(stack) + len(value) > max_values:
+                return False                   # before copying a large container's values
+            if isinstance(value, dict):
+                chars += sum(len(k) if isinstance(k, str) else 32 for k in value)
+                stack.extend(value.values())
+            else:
+                stack.extend(value)
+        elif isinstance(value, Artefact):
+            return False
+        if chars > max_chars:
+            return False
+    return True
+
+
 def measure_answer(answer: Any) -> int:
     """Bytes of ``answer`` as the RunPod SDK will post it; TypeError if it is not JSON."""
     return len(_dumps(answer, compact=False))

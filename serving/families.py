@@ -208,6 +208,7 @@ class Family:
     pair_truncation: bool = False              # the model sees (text, x): the runner fits it
     media: Literal["text", "image", "audio"] = "text"   # what one input is
     batch: bool = True                         # inputs of several jobs share a pipeline call
+    files: bool = False                        # its results hold images or audio to store
     # On a CPU, whether batching pays for this model (a batch of a big convolution is no faster
     # there than its inputs one by one, and waits for its slowest member).
     batch_on_cpu: Callable[[Any], bool] = lambda model: True   # noqa: E731 - a default
@@ -237,8 +238,9 @@ def _families() -> dict[str, Family]:
         Family("zero-shot-image-classification", ZeroShotImageParameters, _wrap_plain,
                media="image"),
         Family("object-detection", ObjectDetectionParameters, _wrap_plain, media="image"),
-        Family("image-segmentation", ImageSegmentationParameters, _wrap_plain, media="image"),
-        Family("depth-estimation", NoParameters, _wrap_plain, media="image"),
+        Family("image-segmentation", ImageSegmentationParameters, _wrap_plain, media="image",
+               files=True),
+        Family("depth-estimation", NoParameters, _wrap_plain, media="image", files=True),
         Family("image-to-text", ImageToTextParameters, _wrap_list, media="image",
                runner=text_runners.image_to_text, refuse=text_runners.refuse_image_to_text),
         # Chat vision-language models (LLaVA, Idefics3, Qwen2-VL): transformers' own pipeline;
@@ -255,7 +257,7 @@ def _families() -> dict[str, Family]:
                media="audio"),
         # Speech lengths differ per text: one text per call, so no padding reaches the audio.
         Family("text-to-audio", TextToAudioParameters, _wrap_plain, batch=False,
-               call=_without_format),
+               call=_without_format, files=True),
     )}
 
 

@@ -48,6 +48,7 @@ from serving.delivery import (
     deliver_output,
     find_artefacts,
     inline_size,
+    is_small,
     measure_answer,
     replace_artefacts,
 )
@@ -75,6 +76,7 @@ if TYPE_CHECKING:
     from tasks.base import Task
 
 log = logging.getLogger("worker")
+_UPLOADS = object()          # _delivered: this answer is uploaded, in the upload pool
 
 ProgressFn = Callable[[dict[str, Any], Any], None]   # (job, progress) -> None; RunPod's shape
 PROGRESS_INTERVAL_S = 1.0                            # at most one progress update a second
@@ -240,8 +242,16 @@ class Worker:
         thread is free for the next job.
         """
         loop = asyncio.get_running_loop()
-        if not await asyncio.to_thread(self._uploads, answer, mode):
-            return await loop.run_in_executor(None, deliver, answer, job, mode, None)
+        if (mode != "link" and is_small(answer)
+                and measure_answer(answer) <= self.storage_settings.inline_limit_bytes):
+            return deliver(answer, job, mode, None)   # bounded work: no thread hop, no upload
+
+        def inline() -> Any:      # measuring and delivering in one hop: most answers are small
+            return _UPLOADS if self._uploads(answer, mode) else deliver(answer, job, mode, None)
+
+        delivered = await loop.run_in_executor(None, inline)
+        if delivered is not _UPLOADS:
+            return delivered
         with Deadline.until(end) as within:
             try:
                 return await loop.run_in_executor(self.uploads, deliver, answer, job, mode,

@@ -163,7 +163,12 @@ class PipelineEngine:
             if len(texts) == 1 and self.family.kind == "fill-mask":
                 outs = [outs]                  # fill-mask answers a one-text list unwrapped
             for item, out in zip(group, outs, strict=True):
-                item.result = out             # made JSON (and files) off the device thread
+                # Plain results are made JSON here, in proportion to the work just done: a hop
+                # to another thread costs more than the conversion. Files (masks, depth maps,
+                # audio) are encoded off the device thread, in answer.
+                if self.family.inputs is ImageAndPrompt:    # a chat echoes its images
+                    out = _image_parts_as_sent(out)
+                item.result = out if self.family.files else to_json(out)
 
 
 class PipelineTask(Task):
@@ -433,15 +438,14 @@ class PipelineTask(Task):
             return job.store(out.getvalue(), "image/png", f"{name}.png")
 
         raw = [i.result for i in items]
-        if self.family.inputs is ImageAndPrompt:
-            raw = [_image_parts_as_sent(r) for r in raw]
         if self.family.kind == "text-to-audio":
             fmt = request.params.get("output_format", "wav")
             raw = await in_decode_pool(self._audio_files, raw, fmt, job, deadline=job.deadline,
                                        cancelled=job.cancelled)
         # Encoding files (masks, depth maps) is image work: the decode pool, as decoding.
-        results = await in_decode_pool(to_json, raw, store, "result", deadline=job.deadline,
-                                       cancelled=job.cancelled)
+        results = (await in_decode_pool(to_json, raw, store, "result", deadline=job.deadline,
+                                        cancelled=job.cancelled)
+                   if self.family.files else raw)
         if request.hub_shape:
             return self.family.wrap(request.single, results, request.params)
         return {"result": results[0], "model": self.loaded.served_name}

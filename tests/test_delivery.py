@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 
 from serving.config import StorageSettings
-from serving.delivery import deliver_output, measure_answer
+from serving.delivery import Artefact, deliver_output, is_small, measure_answer
 from serving.errors import InputError, PayloadTooLarge, error_response
 from storage import LocalStorage, storage_from_settings
 
@@ -51,6 +51,30 @@ class TestBoundary:
         answer = {"a": [1, 2], "b": "日本"}
         assert measure_answer(answer) == len(
             json.dumps(answer, ensure_ascii=False).encode("utf-8"))
+
+
+class TestIsSmall:
+    """What the worker measures on its event loop, with no thread hop: only what is plainly
+    small, and finding out costs at most the bound, however large the answer."""
+
+    def test_a_typical_answer_is_small(self) -> None:
+        answer = {"result": [{"token_str": "capital", "score": 0.5, "token": 7}] * 5,
+                  "model": "m"}
+        assert is_small(answer)
+
+    def test_a_file_many_values_or_long_text_is_not(self) -> None:
+        file = Artefact(b"\x89PNG", "image/png", "a.png")
+        assert not is_small({"result": {"mask": file}})
+        assert not is_small({"result": list(range(600))})
+        assert not is_small({"result": "x" * 70_000})
+        assert not is_small({"k" * 70_000: 1})
+
+    def test_a_large_container_is_refused_before_its_values_are_read(self) -> None:
+        class Unread(list):
+            def __iter__(self):
+                raise AssertionError("read a container over the bound")
+
+        assert not is_small({"result": Unread(range(10_000))})
 
 
 class TestModes:
