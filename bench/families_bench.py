@@ -1,20 +1,21 @@
 """Families benchmark: 8 concurrent jobs through the worker, against transformers' pipeline
 called one input at a time and with the 8 inputs as one list, in the same run. Not a test.
 
-    .venv/bin/python -m bench.families_bench                 # ~3 min on 2 CPU cores
+    .venv/bin/python -m bench.families_bench                 # ~5 min on 2 CPU cores
     .venv/bin/python -m bench.families_bench --kinds text-classification fill-mask
 
-Each kind's model is a small one with random weights, made here (a BERT of 4 layers and 256
-wide for the text kinds, a ViT-tiny-sized image model, a ViT-tiny + 4-layer GPT-2 captioner, a
-wav2vec2 of 4 layers): the time
-of a forward pass does not depend on the weights' values, and these sizes keep the run short
-on a CPU while being large enough that the model, not Python, is most of the time.
+Each kind's model is a small one with random weights, made here: a BERT of 4 layers and 256
+wide for the text kinds, a BART of 2+2 layers for summaries, ViT-tiny-sized image models (and
+a CLIP, a DPT and a SegFormer-b0), a ViT-tiny + 4-layer GPT-2 captioner, a wav2vec2 of 4 layers,
+a Whisper of 2+2 layers and an Audio Spectrogram Transformer of 4. The time of a forward pass
+does not depend on the weights' values, and these sizes keep the run short on a CPU while being
+large enough that the model, not Python, is most of the time.
 
 - worker: 8 jobs at once through ``Worker.handle`` (the worker's own fields: parsing, media
   decoding, the batcher, the pipeline, JSON), as RunPod's loop would run them.
 - one at a time: the same pipeline object called on each input in turn (what a worker without
   batching does at best), images and audio decoded from the same bytes the jobs send; for the
-  kinds with no pipeline in transformers 5 (QA, captioning), the worker's own runner.
+  kinds with no pipeline in transformers 5 (QA, summaries, captioning), the worker's own runner.
 - as a list: the pipeline called once on the 8 inputs with ``batch_size=8`` (batching with no
   job machinery at all).
 
@@ -129,6 +130,100 @@ def _captioner(path: Path) -> None:
     _image_model(path, model, transformers.ViTImageProcessor())
 
 
+def _word_tokenizer(path: Path) -> Any:
+    words = dict.fromkeys(_vocab(path.parent).read_text().split())
+    tokenizer = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def _summarizer(path: Path) -> None:
+    """A BART of 2+2 layers and 256 wide, writing 16 tokens (its end token suppressed)."""
+    tokenizer = _word_tokenizer(path)
+    ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.cls_token_id,
+           "eos_token_id": tokenizer.sep_token_id}
+    config = transformers.BartConfig(
+        vocab_size=len(tokenizer), d_model=256, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=1024,
+        decoder_ffn_dim=1024, max_position_embeddings=256, forced_eos_token_id=None,
+        decoder_start_token_id=ids["eos_token_id"], **ids)
+    model = transformers.BartForConditionalGeneration(config)
+    model.generation_config.update(max_new_tokens=16, min_new_tokens=16, num_beams=1,
+                                   suppress_tokens=[ids["eos_token_id"]])
+    model.save_pretrained(path)
+
+
+def _clip(path: Path) -> None:
+    """A CLIP of a ViT-tiny-sized image tower and a 4-layer text tower, with a character-level
+    tokenizer written here (no merges)."""
+    chars = "abcdefghijklmnopqrstuvwxyz .,"
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    path.mkdir(parents=True)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    transformers.CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt")
+                               ).save_pretrained(path)
+    end = vocab["<|endoftext|>"]
+    text = {"vocab_size": len(vocab), "hidden_size": 256, "intermediate_size": 1024,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "max_position_embeddings": 77,
+            "bos_token_id": vocab["<|startoftext|>"], "eos_token_id": end, "pad_token_id": end}
+    vision = {"image_size": 224, "patch_size": 16, "hidden_size": 192,
+              "intermediate_size": 768, "num_hidden_layers": 6, "num_attention_heads": 3}
+    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=256)
+    _image_model(path, transformers.CLIPModel(config), transformers.CLIPImageProcessor())
+
+
+def _depth(path: Path) -> None:
+    """A DPT of a ViT-tiny-sized backbone (4 layers) at 224 pixels."""
+    config = transformers.DPTConfig(
+        image_size=224, patch_size=16, hidden_size=192, num_hidden_layers=4,
+        num_attention_heads=3, intermediate_size=768, neck_hidden_sizes=[48, 96, 192, 384],
+        fusion_hidden_size=64, backbone_out_indices=[0, 1, 2, 3], head_hidden_size=32)
+    _image_model(path, transformers.DPTForDepthEstimation(config),
+                 transformers.DPTImageProcessor(size={"height": 224, "width": 224}))
+
+
+def _ast(path: Path) -> None:
+    """An Audio Spectrogram Transformer of 4 layers and 192 wide over 5 s of 128 mel bins."""
+    config = transformers.ASTConfig(
+        hidden_size=192, num_hidden_layers=4, num_attention_heads=3, intermediate_size=768,
+        max_length=512, num_mel_bins=128, **_labels("speech", "music", "noise"))
+    _image_model(path, transformers.ASTForAudioClassification(config),
+                 transformers.ASTFeatureExtractor(num_mel_bins=128, max_length=512))
+
+
+def _whisper(path: Path) -> None:
+    """A Whisper of 2+2 layers and 256 wide over Whisper's 30 s of 80 mel bins (whisper-tiny
+    is 4+4 and 384), with a byte-level tokenizer (no merges) and Whisper's special tokens,
+    writing 16 tokens."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    specials = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|transcribe|>",
+                "<|translate|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>",
+                "<|notimestamps|>"]
+    tokenizer = transformers.WhisperTokenizer(
+        vocab={c: i for i, c in enumerate(bytes_to_unicode().values())}, merges=[],
+        additional_special_tokens=specials[1:], pad_token=specials[0])   # as Whisper's own
+    tokenizer.save_pretrained(path)
+    ids = {s: tokenizer.convert_tokens_to_ids(s) for s in specials}
+    transformers.WhisperFeatureExtractor(feature_size=80).save_pretrained(path)
+    config = transformers.WhisperConfig(
+        vocab_size=len(tokenizer), num_mel_bins=80, d_model=256, encoder_layers=2,
+        decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=1024, decoder_ffn_dim=1024, max_target_positions=448,
+        decoder_start_token_id=ids["<|startoftranscript|>"], eos_token_id=ids["<|endoftext|>"],
+        pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"])
+    model = transformers.WhisperForConditionalGeneration(config)
+    generation = model.generation_config
+    generation.update(max_length=20, no_timestamps_token_id=ids["<|notimestamps|>"],
+                      suppress_tokens=list(ids.values()))      # bytes only: 16 of them
+    generation.begin_suppress_tokens = None
+    generation._from_model_config = False
+    model.save_pretrained(path)
+
+
 MAKERS: dict[str, Callable[[Path], None]] = {
     "text-classification": lambda p: _bert(
         p, transformers.BertForSequenceClassification, **_labels("NEG", "POS")),
@@ -139,6 +234,7 @@ MAKERS: dict[str, Callable[[Path], None]] = {
         p, transformers.BertForTokenClassification, **_labels("O", "B-PER", "B-LOC")),
     "fill-mask": lambda p: _bert(p, transformers.BertForMaskedLM),
     "question-answering": lambda p: _bert(p, transformers.BertForQuestionAnswering),
+    "summarization": _summarizer,
     "image-classification": lambda p: _image_model(
         p, transformers.ViTForImageClassification(transformers.ViTConfig(
             hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768,
@@ -149,20 +245,34 @@ MAKERS: dict[str, Callable[[Path], None]] = {
             hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768,
             image_size=[256, 256], **_labels("a", "b"))),
         transformers.YolosImageProcessor(size={"shortest_edge": 256, "longest_edge": 256})),
+    "zero-shot-image-classification": _clip,
+    "image-segmentation": lambda p: _image_model(
+        p, transformers.SegformerForSemanticSegmentation(transformers.SegformerConfig(
+            **_labels("sky", "road", "tree", "car"))),          # the size of SegFormer-b0
+        transformers.SegformerImageProcessor(size={"height": 256, "width": 256})),
+    "depth-estimation": _depth,
     "image-to-text": _captioner,
-    "automatic-speech-recognition": _ctc,
+    "speech-recognition-ctc": _ctc,
+    "speech-recognition-whisper": _whisper,
+    "audio-classification": _ast,
 }
+
+
+IMAGE_KINDS = ("image-classification", "zero-shot-image-classification", "object-detection",
+               "image-segmentation", "depth-estimation", "image-to-text")
 
 
 def _inputs(kind: str) -> tuple[list[Any], list[Any], dict[str, Any]]:
     """(job inputs, pipeline inputs, pipeline parameters) for 8 jobs of ``kind``."""
     params: dict[str, Any] = {}
-    if kind in ("image-classification", "object-detection", "image-to-text"):
+    if kind in IMAGE_KINDS:
+        if kind == "zero-shot-image-classification":
+            params = {"candidate_labels": ["a cat", "a dog", "a car"]}
         images = [Image.fromarray(np.random.default_rng(i).integers(
             0, 256, (240, 320, 3), dtype=np.uint8)) for i in range(JOBS)]
-        jobs = [{"image": _png_uri(image)} for image in images]
+        jobs = [{"image": _png_uri(image), **params} for image in images]
         return jobs, [_Encoded(_file(job["image"]), "image") for job in jobs], params
-    if kind == "automatic-speech-recognition":
+    if kind in ("automatic-speech-recognition", "audio-classification"):
         clips = [(np.random.default_rng(i).standard_normal(32000) * 0.1).astype(np.float32)
                  for i in range(JOBS)]
         jobs = [{"audio": _wav_uri(clip)} for clip in clips]
@@ -227,19 +337,22 @@ def _direct(kind: str, pipe: Any, inputs: list[Any], params: dict[str, Any]) -> 
     if kind == "image-to-text":             # likewise: the 4.x pipeline's computation
         images = [x.decoded() for x in inputs]
         return text_runners.image_to_text(pipe, images, params, kind)
+    if kind in ("text2text-generation", "summarization", "translation"):
+        return text_runners.text2text(pipe, inputs, params, kind)
     # The pipeline takes an audio dict apart: each call gets its own copies, as the worker's do.
     inputs = [x.decoded() if isinstance(x, _Encoded) else dict(x) if isinstance(x, dict) else x
               for x in inputs]
     return pipe(inputs, batch_size=len(inputs), **params)
 
 
-def bench_kind(kind: str, root: Path, repeats: int) -> dict[str, Any]:
-    path = root / kind
+def bench_kind(name: str, root: Path, repeats: int) -> dict[str, Any]:
+    path = root / name
     torch.manual_seed(0)
-    MAKERS[kind](path)
+    MAKERS[name](path)
     worker = build_worker({"MODEL_PATH": str(path), "WORKER_MAX_BATCH_SIZE": str(JOBS),
                            "WORKER_BATCH_WAIT_MS": "10"})
     pipe = worker.task.pipe
+    kind = worker.task.family.kind          # the kind detected from the model's config
     jobs, inputs, params = _inputs(kind)
 
     async def run_jobs() -> None:
@@ -267,7 +380,7 @@ def bench_kind(kind: str, root: Path, repeats: int) -> dict[str, Any]:
             task.cancel()
         loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         loop.close()
-    return {"kind": kind, "worker_8_jobs_s": worker_s, "one_at_a_time_s": one_s,
+    return {"kind": name, "worker_8_jobs_s": worker_s, "one_at_a_time_s": one_s,
             "as_one_list_s": list_s, "vs_one_at_a_time": one_s / worker_s,
             "vs_one_list": list_s / worker_s}
 
@@ -278,9 +391,13 @@ def _timed(ways: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]
     times: dict[str, list[float]] = {name: [] for name in ways}
 
     def run() -> None:
+        start = time.perf_counter()
         for fn in ways.values():
             fn()                                 # warm: allocator, kernels, caches
-        for _ in range(repeats):
+        # A kind whose round takes milliseconds is repeated more (up to 5x, about 2 s of
+        # rounds): one noisy round moves the median of a few much more than of many.
+        rounds = max(repeats, min(5 * repeats, int(2.0 / (time.perf_counter() - start))))
+        for _ in range(rounds):
             for name, fn in ways.items():
                 start = time.perf_counter()
                 fn()
@@ -289,7 +406,8 @@ def _timed(ways: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]
     thread = threading.Thread(target=run, name="bench")
     thread.start()
     thread.join()
-    if any(len(t) < repeats for t in times.values()):
+    if len({len(t) for t in times.values()}) != 1 or any(len(t) < repeats
+                                                          for t in times.values()):
         raise RuntimeError("a timed call failed; see the traceback above")
     return {name: statistics.median(t) for name, t in times.items()}
 

@@ -247,11 +247,11 @@ def _families() -> dict[str, Family]:
         # only inputs whose rows need no padding share a call (tasks/pipeline.py, _key).
         Family("image-text-to-text", ImageTextToTextParameters, _wrap_list, media="image",
                inputs=ImageAndPrompt, call=_generate_call),
-        # CTC models (wav2vec2, HuBERT) are a convolution over the samples and one encoder pass:
-        # on a CPU, 8 clips as one batch ran 0.75x to 1.0x as fast as one by one (bench/
-        # families_bench.py), so there only models that generate (Whisper) batch.
+        # Speech is a long input, and compute-bound on a CPU: 8 clips as one batch ran 0.75x
+        # to 1.0x as fast as one by one for a CTC model (wav2vec2) and 0.8x for a Whisper
+        # (bench/families_bench.py), so on a CPU speech runs one clip per call.
         Family("automatic-speech-recognition", SpeechRecognitionParameters, _wrap_plain,
-               media="audio", call=_speech_call, batch_on_cpu=_generates,
+               media="audio", call=_speech_call, batch_on_cpu=lambda model: False,
                refuse=_refuse_speech),
         Family("audio-classification", AudioClassificationParameters, _wrap_plain,
                media="audio"),
@@ -288,10 +288,6 @@ def _language_token(language: str) -> str:
     if language.startswith("<|"):
         return language
     return f"<|{TO_LANGUAGE_CODE.get(language, language)}|>"
-
-
-def _generates(model: Any) -> bool:
-    return bool(getattr(model, "can_generate", lambda: False)())
 
 
 def _speech_call(params: dict[str, Any]) -> dict[str, Any]:

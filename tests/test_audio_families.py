@@ -285,6 +285,31 @@ class TestOwnFields:
         assert all("result" in out for [out] in outs)
         assert worker.task.batcher.batches_run - before < 6
 
+    @pytest.mark.parametrize("model", ["ctc", "whisper"])
+    def test_speech_runs_one_clip_per_call_on_a_cpu(self, loop, workers, whisper, model):
+        """Batched, 8 clips ran slower than one by one on a CPU, for a CTC model and for a
+        Whisper (bench/families_bench.py)."""
+        worker = workers["automatic-speech-recognition"] if model == "ctc" else whisper[0]
+        engine = worker.task.batcher.engine
+        pipe, sizes = engine.pipe, []
+
+        def counted(inputs: list[Any], **kwargs: Any) -> Any:
+            sizes.append(len(inputs))
+            return pipe(inputs, **kwargs)
+
+        async def jobs() -> list[Any]:
+            return await asyncio.gather(*(collect(
+                worker, {"audio": data_uri(wav_bytes(tone(0.5, seed=i)))}, f"s{i}")
+                for i in range(4)))
+
+        engine.pipe = counted
+        try:
+            outs = loop.run(jobs())
+        finally:
+            engine.pipe = pipe
+        assert all("result" in out for [out] in outs)
+        assert sizes == [1, 1, 1, 1]
+
 
 @pytest.fixture(scope="module")
 def whisper(tmp_path_factory: pytest.TempPathFactory) -> tuple[Worker, Any]:
