@@ -68,20 +68,36 @@ def _jobs() -> dict[str, tuple[Any, dict[str, Any]]]:
             make(path)
         return build
 
+    from bench import families_bench as bench
+    from tests import test_vision_language as vision
+
     return {
         "text-classification": (text_model("sentiment"), {"inputs": "I loved it"}),
+        "zero-shot-classification": (text_model("nli"), {
+            "inputs": "The match ended late",
+            "parameters": {"candidate_labels": ["sport", "politics"]}}),
+        "question-answering": (bench.MAKERS["question-answering"], {"inputs": {
+            "question": "Where is the tower?", "context": "The tower is in Paris."}}),
+        "summarization": (bench.MAKERS["summarization"],
+                          {"inputs": "The film was a quiet delight from the first scene."}),
         "token-classification": (text_model("ner"), {"inputs": "John lives in Paris"}),
         "fill-mask": (text_model("mlm"), {"inputs": "Paris is the [MASK] of France."}),
         "image-classification": (image_model(image._vit), {"inputs": picture}),
+        "zero-shot-image-classification": (image_model(image._clip), {
+            "inputs": picture, "parameters": {"candidate_labels": ["a cat", "a dog"]}}),
         "object-detection": (image_model(image._yolos),
                              {"inputs": picture, "parameters": {"threshold": 0.0}}),
         "image-segmentation": (image_model(image._segformer), {"inputs": picture}),
         "depth-estimation": (image_model(image._dpt), {"inputs": picture}),
         "image-to-text": (image._vit_gpt2, {"inputs": picture}),
+        "image-text-to-text": (vision._llava, {"inputs": {"image": picture,
+                                                           "prompt": vision.PROMPT},
+                                               "parameters": {"max_new_tokens": 4}}),
         "automatic-speech-recognition": (audio_model(audio._ctc), {"inputs": speech}),
         "whisper": (audio_model(audio._whisper),
                     {"inputs": speech, "parameters": {"language": "fr", "task": "translate"}}),
         "audio-classification": (audio_model(audio._ast), {"inputs": speech}),
+        "text-to-audio": (audio_model(audio._vits), {"inputs": "hello world"}),
     }
 
 
