@@ -154,7 +154,7 @@ class PipelineEngine:
                 call = self.family.call(group[0].params)
                 if texts[0]["messages"]:                   # a chat: alone (see _key)
                     outs = [self.pipe(text=t["messages"], **call)[0] for t in texts]
-                else:       # one prompt, images of one size: rows of one length, no padding
+                else:       # prompts, padded on the left: each row ends at the same place
                     outs = self.pipe(images=[t["image"] for t in texts],
                                      text=[t["prompt"] for t in texts], **call)
             else:
@@ -248,6 +248,15 @@ class PipelineTask(Task):
         self.processor = pre.processor
         # The prompt's image token (LLaVA's <image>): where the processor puts the image.
         self.image_token: str | None = getattr(pre.processor, "image_token", None)
+        # Prompts of several jobs share a generate padded on the left, where a decoder's rows
+        # end together; where an image's token count or pixels follow its size (LLaVA-NeXT's
+        # tiles, Qwen2-VL's patches), only images of one size share a call.
+        self.sized_images = False
+        if self.family.inputs is ImageAndPrompt:
+            tokenizer = getattr(pre.processor, "tokenizer", None)
+            if tokenizer is not None:
+                tokenizer.padding_side = "left"
+            self.sized_images = _size_matters(pre.processor, self.image_token)
         example = (_vlm_example(self.image_token) if self.family.inputs is ImageAndPrompt
                    else EXAMPLES.get(kind) or
                    {"text": f"Paris is the {loaded.tokenizer.mask_token} of France."})
@@ -457,12 +466,10 @@ class PipelineTask(Task):
 
     def _key(self, key: str, one: Any) -> str:
         if self.family.inputs is ImageAndPrompt:
-            # Rows of one generate must not be padded (a tokenizer that pads on the right
-            # breaks a decoder's answer; an image's token count can follow its size): only the
-            # same prompt with images of the same size share a call, and a chat goes alone.
+            # Prompts share a call, padded on the left (__init__); a chat goes alone.
             if one["messages"] is not None:
                 return f"{key}|{id(one)}"
-            return f"{key}|{one['image'].size}|{one['prompt']}"
+            return f"{key}|{one['image'].size}" if self.sized_images else key
         if self.pads_safely or not isinstance(one, dict):
             return key
         return f"{key}|{len(one['raw'])}"        # only equal lengths batch together
@@ -514,6 +521,17 @@ class PipelineTask(Task):
 
 
 
+
+
+def _size_matters(processor: Any, image_token: str | None) -> bool:
+    """Whether ``processor`` makes an image's tokens or pixels of a shape that follows the
+    image's size: two images of other sizes and shapes are processed and compared."""
+    shapes = []
+    for size in ((64, 48), (97, 301)):
+        out = processor(images=[Image.new("RGB", size)], text=[f"{image_token or ''} x"],
+                        return_tensors="pt")
+        shapes.append({k: tuple(v.shape) for k, v in out.items() if hasattr(v, "shape")})
+    return shapes[0] != shapes[1]
 
 
 def _chat_text(messages: list[dict[str, Any]]) -> str:

@@ -131,16 +131,17 @@ class TestTheAnswerIsThePipelines:
 
 
 class TestConcurrentJobs:
-    def test_the_same_prompt_on_images_of_one_size_shares_a_generate(self, loop, worker, pipe):
+    @pytest.mark.parametrize("full", [True, False])
+    def test_other_prompts_and_image_sizes_share_a_generate(self, loop, worker, pipe, full):
+        """Rows padded on the left: each job answers what it answers alone."""
         rows: list[int] = []         # the batch size of each forward pass of the model
         hook = worker.task.loaded.model.register_forward_pre_hook(
             lambda _, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
-        jobs = [{"image": image_uri(picture(i)), "prompt": PROMPT, "max_new_tokens": 4}
-                for i in range(4)]
-        # Another prompt and another size: rows of other lengths, so calls of their own.
-        jobs += [{"image": image_uri(picture(9)), "prompt": "<image> a cat", "max_new_tokens": 4},
-                 {"image": image_uri(picture(10, (36, 44))), "prompt": PROMPT,
-                  "max_new_tokens": 4}]
+        prompts = [PROMPT, "<image> a cat", PROMPT,
+                   "USER: <image> what is in this big picture ? ASSISTANT:"]
+        images = [picture(0), picture(9), picture(10, (36, 44)), picture(11, (50, 20))]
+        jobs = [{"image": image_uri(i), "prompt": p, "max_new_tokens": 4,
+                 "return_full_text": full} for i, p in zip(images, prompts, strict=True)]
 
         async def run() -> list[Any]:
             return await asyncio.gather(*(collect(worker, job, f"j{n}")
@@ -150,11 +151,22 @@ class TestConcurrentJobs:
             outs = loop.run(run())
         finally:
             hook.remove()
-        assert max(rows) > 1 and set(rows) <= {1, 2, 3, 4}, rows
-        images = [picture(i) for i in range(4)] + [picture(9), picture(10, (36, 44))]
+        assert max(rows) == len(jobs), rows       # one generate for all four
         for job, image, [out] in zip(jobs, images, outs, strict=True):
-            [want] = pipe(images=image, text=job["prompt"], max_new_tokens=4)
+            [want] = pipe(images=image, text=job["prompt"], max_new_tokens=4,
+                          return_full_text=full)
             assert out["result"] == to_json(want)
+
+    def test_images_whose_tokens_follow_their_size_share_a_call_only_by_size(self, worker):
+        from tasks.pipeline import _size_matters
+
+        assert not _size_matters(worker.task.processor, "<image>")   # LLaVA: one crop size
+
+        def tiles(images: list[Image.Image], text: list[str], return_tensors: str) -> Any:
+            width, height = images[0].size           # as LLaVA-NeXT: a tile per 32 pixels
+            return {"pixel_values": torch.zeros(1, (width // 32) * (height // 32), 3, 8, 8)}
+
+        assert _size_matters(tiles, "<image>")
 
 
 CHAT = [{"role": "user", "content": [{"type": "image"},
