@@ -82,6 +82,7 @@ _MODEL_CLASSES = {
     "audio-classification": transformers.AutoModelForAudioClassification,
     "text-to-audio": transformers.AutoModelForTextToWaveform,
 }
+MAX_ASPECT = 100                   # an image's long side over its short side, at most
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
 
 
@@ -251,12 +252,16 @@ class PipelineTask(Task):
         # Prompts of several jobs share a generate padded on the left, where a decoder's rows
         # end together; where an image's token count or pixels follow its size (LLaVA-NeXT's
         # tiles, Qwen2-VL's patches), only images of one size share a call.
+        # The same holds for an image processor that keeps an image's aspect (DETR's, YOLOS's):
+        # pixels of other shapes do not stack into one batch.
         self.sized_images = False
         if self.family.inputs is ImageAndPrompt:
             tokenizer = getattr(pre.processor, "tokenizer", None)
             if tokenizer is not None:
                 tokenizer.padding_side = "left"
             self.sized_images = _size_matters(pre.processor, self.image_token)
+        elif pre.image_processor is not None:
+            self.sized_images = _size_matters(pre.image_processor, None)
         example = (_vlm_example(self.image_token) if self.family.inputs is ImageAndPrompt
                    else EXAMPLES.get(kind) or
                    {"text": f"Paris is the {loaded.tokenizer.mask_token} of France."})
@@ -461,8 +466,15 @@ class PipelineTask(Task):
 
     async def _image(self, ref: MediaRef, name: str, job: JobContext) -> Image.Image:
         """The image ``ref`` points at, fetched and decoded as every ``Image`` field is
-        (``serving/inputs.py``: its structure and size checked before any pixel)."""
-        return await resolve_ref(ref, job, name, self.settings.max_image_pixels)
+        (``serving/inputs.py``: its structure and size checked before any pixel). Its sides
+        may differ by at most MAX_ASPECT times: image processors that fit the short side to one
+        length and cap the long one (DETR's, YOLOS's) make a side of 0 pixels past that."""
+        image: Image.Image = await resolve_ref(ref, job, name, self.settings.max_image_pixels)
+        width, height = image.size
+        if max(width, height) > MAX_ASPECT * min(width, height):
+            raise InputError(f"is {width}x{height} pixels; its sides may differ by at most "
+                             f"{MAX_ASPECT} times: crop or pad it", field=name)
+        return image
 
     def _key(self, key: str, one: Any) -> str:
         if self.family.inputs is ImageAndPrompt:
@@ -470,6 +482,8 @@ class PipelineTask(Task):
             if one["messages"] is not None:
                 return f"{key}|{id(one)}"
             return f"{key}|{one['image'].size}" if self.sized_images else key
+        if isinstance(one, Image.Image):
+            return f"{key}|{one.size}" if self.sized_images else key
         if self.pads_safely or not isinstance(one, dict):
             return key
         return f"{key}|{len(one['raw'])}"        # only equal lengths batch together
@@ -525,11 +539,15 @@ class PipelineTask(Task):
 
 def _size_matters(processor: Any, image_token: str | None) -> bool:
     """Whether ``processor`` makes an image's tokens or pixels of a shape that follows the
-    image's size: two images of other sizes and shapes are processed and compared."""
+    image's size: two images of other shapes are processed and compared. A
+    multimodal processor is given a prompt with its ``image_token``; an image processor, None."""
     shapes = []
-    for size in ((64, 48), (97, 301)):
-        out = processor(images=[Image.new("RGB", size)], text=[f"{image_token or ''} x"],
-                        return_tensors="pt")
+    for size in ((64, 48), (48, 64)):          # a landscape and a portrait image
+        text = {} if image_token is None else {"text": [f"{image_token} x"]}
+        try:
+            out = processor(images=[Image.new("RGB", size)], return_tensors="pt", **text)
+        except Exception:  # noqa: BLE001 - the jobs will say what is wrong; batch by size
+            return True
         shapes.append({k: tuple(v.shape) for k, v in out.items() if hasattr(v, "shape")})
     return shapes[0] != shapes[1]
 

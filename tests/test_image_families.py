@@ -180,6 +180,9 @@ class TestBadImages:
          "input.image", "is not a PNG, JPEG or WebP image"),
         ({"inputs": ["data:image/png;base64,"]}, "input.inputs.0", ""),
         ({"image": image_uri(picture(0)), "threshold": 2}, "input.threshold", ""),
+        # DETR's and YOLOS's processors would make a side of 0 pixels: an internal error.
+        ({"inputs": [image_uri(picture(0)), image_uri(picture(1, (2700, 1)))]},
+         "input.inputs.1", "2700x1 pixels; its sides may differ by at most 100 times"),
     ])
     def test_is_refused_naming_the_field(self, loop, workers, job_input, field, says):
         worker = workers["object-detection"]

@@ -163,8 +163,8 @@ class TestConcurrentJobs:
         assert not _size_matters(worker.task.processor, "<image>")   # LLaVA: one crop size
 
         def tiles(images: list[Image.Image], text: list[str], return_tensors: str) -> Any:
-            width, height = images[0].size           # as LLaVA-NeXT: a tile per 32 pixels
-            return {"pixel_values": torch.zeros(1, (width // 32) * (height // 32), 3, 8, 8)}
+            width, height = images[0].size           # as LLaVA-NeXT: tiles along each side
+            return {"pixel_values": torch.zeros(1, width // 16, height // 16, 3, 8, 8)}
 
         assert _size_matters(tiles, "<image>")
 

@@ -1,11 +1,18 @@
 """What the tests of the model kinds served with no code share: one job's answer, JSON compared
-within float tolerance, and the check that each kind's banner example answers."""
+within float tolerance, the check that each kind's banner example answers, and a tiny model of
+every family with a job for it."""
 
 from __future__ import annotations
 
+import base64
+import importlib.util
+import io
 import math
 from pathlib import Path
 from typing import Any
+
+import pytest
+import torch
 
 from serving.worker import Worker
 from tests.support.worker import collect
@@ -37,3 +44,82 @@ def check_banner_examples(loop, workers: dict[str, Worker], model_dirs: dict[str
         example = type(worker.task).example_for(files)
         out = answer(loop, worker, example)
         assert "error" not in out, (name, example, out)
+
+
+def one_model_of_each() -> dict[str, tuple[Any, dict[str, Any]]]:
+    """kind -> (a function that makes a tiny model of the kind in a directory, a job input in
+    the Hugging Face shape), for every family (Whisper beside the CTC model)."""
+    from PIL import Image
+
+    from tests import test_audio_families as audio
+    from tests import test_image_families as image
+    from tests import test_pipeline_task as text
+
+    out = io.BytesIO()
+    Image.fromarray(torch.randint(0, 256, (30, 40, 3), dtype=torch.uint8,
+                                  generator=torch.Generator().manual_seed(0)).numpy()
+                    ).save(out, format="PNG")
+    picture = "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+    speech = audio.data_uri(audio.wav_bytes(audio.tone(1.0)))
+
+    def image_model(make: Any) -> Any:
+        def build(path: Path) -> None:
+            model, processor = make(path) if make is image._clip else make()
+            model.save_pretrained(path)
+            processor.save_pretrained(path)
+        return build
+
+    def text_model(name: str) -> Any:
+        head, config = text.MODELS[name]
+
+        def build(path: Path) -> None:
+            # A word-piece vocabulary written here: the machine needs no tokenizer package.
+            import transformers
+
+            from bench.families_bench import _vocab
+            path.mkdir(parents=True)
+            words = dict.fromkeys(_vocab(path.parent).read_text().split())
+            # transformers 5's BertTokenizer takes the vocabulary itself (not a vocab_file).
+            transformers.BertTokenizer(vocab={w: i for i, w in enumerate(words)}
+                                       ).save_pretrained(path)
+            text.tiny_model(path, path, head, **config)
+        return build
+
+    def audio_model(make: Any) -> Any:
+        def build(path: Path) -> None:
+            if importlib.util.find_spec("av") is None:
+                pytest.skip("av is not installed (audio decoding); carry its wheel to run it")
+            make(path)
+        return build
+
+    from bench import families_bench as bench
+    from tests import test_vision_language as vision
+
+    return {
+        "text-classification": (text_model("sentiment"), {"inputs": "I loved it"}),
+        "zero-shot-classification": (text_model("nli"), {
+            "inputs": "The match ended late",
+            "parameters": {"candidate_labels": ["sport", "politics"]}}),
+        "question-answering": (bench.MAKERS["question-answering"], {"inputs": {
+            "question": "Where is the tower?", "context": "The tower is in Paris."}}),
+        "summarization": (bench.MAKERS["summarization"],
+                          {"inputs": "The film was a quiet delight from the first scene."}),
+        "token-classification": (text_model("ner"), {"inputs": "John lives in Paris"}),
+        "fill-mask": (text_model("mlm"), {"inputs": "Paris is the [MASK] of France."}),
+        "image-classification": (image_model(image._vit), {"inputs": picture}),
+        "zero-shot-image-classification": (image_model(image._clip), {
+            "inputs": picture, "parameters": {"candidate_labels": ["a cat", "a dog"]}}),
+        "object-detection": (image_model(image._yolos),
+                             {"inputs": picture, "parameters": {"threshold": 0.0}}),
+        "image-segmentation": (image_model(image._segformer), {"inputs": picture}),
+        "depth-estimation": (image_model(image._dpt), {"inputs": picture}),
+        "image-to-text": (image._vit_gpt2, {"inputs": picture}),
+        "image-text-to-text": (vision._llava, {"inputs": {"image": picture,
+                                                           "prompt": vision.PROMPT},
+                                               "parameters": {"max_new_tokens": 4}}),
+        "automatic-speech-recognition": (audio_model(audio._ctc), {"inputs": speech}),
+        "whisper": (audio_model(audio._whisper),
+                    {"inputs": speech, "parameters": {"language": "fr", "task": "translate"}}),
+        "audio-classification": (audio_model(audio._ast), {"inputs": speech}),
+        "text-to-audio": (audio_model(audio._vits), {"inputs": "hello world"}),
+    }
