@@ -153,9 +153,11 @@ class PipelineEngine:
                 outs = self.family.runner(self.pipe, texts, group[0].params, self.family.kind)
             elif self.family.inputs is ImageAndPrompt:    # the pipeline's own arguments
                 call = self.family.call(group[0].params)
-                if texts[0]["messages"]:                   # a chat: alone (see _key)
-                    outs = [self.pipe(text=t["messages"], **call)[0] for t in texts]
-                else:       # prompts, padded on the left: each row ends at the same place
+                # Rows padded on the left (__init__): each ends where the model reads on.
+                if texts[0]["messages"]:                   # chats: the pipeline's own batches
+                    outs = [out[0] for out in self.pipe(
+                        text=[t["messages"] for t in texts], batch_size=len(texts), **call)]
+                else:
                     outs = self.pipe(images=[t["image"] for t in texts],
                                      text=[t["prompt"] for t in texts], **call)
             else:
@@ -217,9 +219,12 @@ class PipelineTask(Task):
         self.family = FAMILIES[kind]
         if self.family.runner is None:
             # transformers' overloads take a literal task name; here it is read from the config.
+            # A multimodal processor's image processor is named too: batching pixels needs one.
+            image_processor = pre.image_processor or getattr(pre.processor, "image_processor",
+                                                             None)
             self.pipe = transformers.pipeline(kind, model=loaded.model,  # type: ignore[call-overload]
                                               tokenizer=loaded.tokenizer,
-                                              image_processor=pre.image_processor,
+                                              image_processor=image_processor,
                                               feature_extractor=feature_extractor,
                                               processor=pre.processor, device=loaded.device)
         else:                                 # the runner's model and preprocessors, as a pipe's
@@ -256,9 +261,10 @@ class PipelineTask(Task):
         # pixels of other shapes do not stack into one batch.
         self.sized_images = False
         if self.family.inputs is ImageAndPrompt:
-            tokenizer = getattr(pre.processor, "tokenizer", None)
-            if tokenizer is not None:
-                tokenizer.padding_side = "left"
+            # The processor pads prompts; the pipeline's own batches (chats) its tokenizer.
+            for tokenizer in (getattr(pre.processor, "tokenizer", None), loaded.tokenizer):
+                if tokenizer is not None:
+                    tokenizer.padding_side = "left"
             self.sized_images = _size_matters(pre.processor, self.image_token)
         elif pre.image_processor is not None:
             self.sized_images = _size_matters(pre.image_processor, None)
@@ -478,9 +484,8 @@ class PipelineTask(Task):
 
     def _key(self, key: str, one: Any) -> str:
         if self.family.inputs is ImageAndPrompt:
-            # Prompts share a call, padded on the left (__init__); a chat goes alone.
-            if one["messages"] is not None:
-                return f"{key}|{id(one)}"
+            # Prompts share a call, and chats another, padded on the left (__init__).
+            key = f"{key}|{'chat' if one['messages'] is not None else 'prompt'}"
             return f"{key}|{one['image'].size}" if self.sized_images else key
         if isinstance(one, Image.Image):
             return f"{key}|{one.size}" if self.sized_images else key

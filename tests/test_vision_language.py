@@ -157,6 +157,32 @@ class TestConcurrentJobs:
                           return_full_text=full)
             assert out["result"] == to_json(want)
 
+    def test_chats_share_a_generate_and_answer_as_alone(self, loop, worker, pipe):
+        rows: list[int] = []
+        hook = worker.task.loaded.model.register_forward_pre_hook(
+            lambda _, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+        questions = ["what is in this picture ?", "a cat", "what is in this big picture ?"]
+        chats = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+                 for q in questions]
+        images = [picture(20), picture(21, (36, 44)), picture(22, (50, 20))]
+        jobs = [{"image": image_uri(i), "messages": c, "max_new_tokens": 4,
+                 "return_full_text": False} for i, c in zip(images, chats, strict=True)]
+
+        async def run() -> list[Any]:
+            return await asyncio.gather(*(collect(worker, job, f"c{n}")
+                                          for n, job in enumerate(jobs)))
+
+        try:
+            outs = loop.run(run())
+        finally:
+            hook.remove()
+        assert max(rows) == len(jobs), rows
+        for chat, image, [out] in zip(chats, images, outs, strict=True):
+            [want] = pipe(text=TestMessages().with_image(image, chat), max_new_tokens=4,
+                          return_full_text=False)
+            want["input_text"][0]["content"][0] = {"type": "image"}
+            assert out["result"] == to_json(want)
+
     def test_images_whose_tokens_follow_their_size_share_a_call_only_by_size(self, worker):
         from tasks.pipeline import _size_matters
 
