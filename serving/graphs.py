@@ -60,6 +60,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, StaticLayer, get_layer_types_and_kwargs
 from transformers.generation.configuration_utils import CompileConfig
 
+from serving import patches
 from serving.config import WorkerSettings
 from serving.device import DEVICE_THREAD, is_device_fault, is_out_of_memory, release_memory
 from serving.engine import Engine, SamplingParams, Sequence, _Running, cache_layers
@@ -606,6 +607,7 @@ class SwitchingEngine(Engine):
         self._started_at = 0.0
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._fx_tracing: threading.RLock | None = None   # held by compile's traces
 
     def warm_up(self, prompt_ids: list[int], rows: tuple[int, ...]) -> str:
         """The eager warm-up (a run of each of ``rows`` sequences), then ``start``; returns
@@ -641,6 +643,8 @@ class SwitchingEngine(Engine):
             self._stay_eager(f"its static cache of {plan.slots} x {plan.columns} tokens did "
                              "not fit")
             return f"decode eager ({self.why_eager})"
+        # A trace swaps nn.Module's call for every thread: eager passes wait for it (patches).
+        self._fx_tracing = patches.guard_fx_tracing()
         self._thread = threading.Thread(target=self._compile, args=(graph,), name="compile",
                                         daemon=True)
         self._thread.start()
@@ -713,6 +717,15 @@ class SwitchingEngine(Engine):
             engine.run(sequences, admit, max_rows)
         else:
             super().run(sequences, admit, max_rows)
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 cache: DynamicCache) -> torch.Tensor:
+        """An eager pass; while the compile thread may trace, not during one of its traces."""
+        lock = self._fx_tracing
+        if lock is None or self.settled.is_set() or self.prepared.is_set():
+            return super()._forward(ids, mask, positions, cache)
+        with lock:
+            return super()._forward(ids, mask, positions, cache)
 
     def _finish(self, s: Sequence) -> None:
         super()._finish(s)

@@ -12,16 +12,20 @@ surprise in production::
     guard_botocore_pools(client, ...)  botocore: a client's connection pool classes replaced
     filter_output()                    the process's stdout and stderr (where the runpod SDK's
                                        logger prints) wrapped by the secret filter
+    guard_fx_tracing()                 torch: every torch.fx trace holds one lock, which a
+                                       thread running modules beside a compile holds too
 
 Imports nothing but the standard library until a patch is applied. Never imports torch.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import logging
 import platform
 import sys
+import threading
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
@@ -33,6 +37,7 @@ CHECKED_AGAINST = {
     "py-cpuinfo": "9.0.0",
     "accelerate": "1.15.0",
     "botocore": "1.44.8",
+    "torch": "2.13.0",              # the release: a build's local label (+cpu, +cu130) aside
 }
 UNKNOWN_CPU = "Unable to get processor info."   # what the SDK itself says when it cannot tell
 
@@ -165,13 +170,44 @@ def filter_output(env: Mapping[str, str] | None = None) -> None:
     redaction.install(env)
 
 
+_FX_TRACING = threading.RLock()
+
+
+def guard_fx_tracing() -> threading.RLock:
+    """Make every torch.fx trace hold one lock, and return it: a thread that runs modules while
+    another thread compiles holds it around each call.
+
+    torch 2.13.0's ``torch.fx.Tracer.trace`` (``fx/_symbolic_trace.py``) replaces
+    ``torch.nn.Module.__call__`` and ``__getattr__`` on the class while it traces, for every
+    thread, not its own: a module called meanwhile on another thread goes through the tracer
+    and fails (``NameError: module is not installed as a submodule``). ``torch.compile`` traces
+    so (AOTAutograd's ``make_fx``, inductor's lowering), and ``serving/graphs.py`` decodes
+    eagerly on the device thread while its step compiles in another. With the lock a trace
+    waits for the forward pass in progress, and the next pass for the trace. Idempotent.
+    """
+    from torch.fx import _symbolic_trace
+
+    tracer = _symbolic_trace.Tracer
+    if not getattr(tracer.trace, "_holds_worker_lock", False):
+        original = tracer.trace
+
+        @functools.wraps(original)
+        def trace(self: Any, *args: Any, **kwargs: Any) -> Any:
+            with _FX_TRACING:
+                return original(self, *args, **kwargs)
+
+        trace._holds_worker_lock = True  # type: ignore[attr-defined]
+        tracer.trace = trace  # type: ignore[method-assign]
+    return _FX_TRACING
+
+
 def version_changes() -> dict[str, tuple[str, str | None]]:
     """Each patched package whose installed version is not the one its patch was checked
     against: ``{package: (checked, installed or None)}``."""
     changed: dict[str, tuple[str, str | None]] = {}
     for package, checked in CHECKED_AGAINST.items():
         try:
-            installed: str | None = importlib.metadata.version(package)
+            installed: str | None = importlib.metadata.version(package).split("+")[0]
         except importlib.metadata.PackageNotFoundError:
             installed = None
         if installed != checked:

@@ -240,3 +240,41 @@ def test_no_room_for_the_cache_decodes_eagerly_with_the_reason(small_dir, caplog
     DEVICE_THREAD.submit(engine.run, [seq]).result()
     assert len(seq.generated) == 5
     assert sum("will not serve" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_an_eager_pass_beside_the_compile_holds_the_lock_every_fx_trace_holds(small_dir):
+    """Pins jobs failing while the step compiled (the gpu-check rehearsal's switch probe): a
+    torch.fx trace in the compile thread swaps nn.Module's call for every thread, and an eager
+    pass that ran meanwhile raised NameError. Each eager pass holds the traces' lock until the
+    engine has switched or settled eager."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving import patches
+
+    task = _task(small_dir, WORKER_DECODE="eager")
+    engine = SwitchingEngine(task.loaded, WorkerSettings.from_env(SMALL_ENV), None, None)
+    engine.plan = plan_cache(None, 1, engine.settings, None)   # start() not run: no compile
+    engine._fx_tracing = lock = patches.guard_fx_tracing()    # as start() sets it
+    held: list[bool] = []
+    other = ThreadPoolExecutor(1)              # asks for the lock from another thread
+
+    def check(*_: object) -> None:
+        taken = other.submit(lock.acquire, False).result()
+        if taken:
+            other.submit(lock.release).result()
+        held.append(not taken)
+
+    hook = task.loaded.model.register_forward_pre_hook(check)
+    ids = list(task.tokenizer(PROMPTS[0])["input_ids"])
+    try:
+        DEVICE_THREAD.submit(engine.run, [Sequence(ids, SamplingParams(max_new_tokens=3))]
+                             ).result()
+        assert held and all(held), held
+        held.clear()
+        engine.settled.set()                   # switched, or eager for good: no compile runs
+        DEVICE_THREAD.submit(engine.run, [Sequence(ids, SamplingParams(max_new_tokens=3))]
+                             ).result()
+        assert held and not any(held), held
+    finally:
+        hook.remove()
+        other.shutdown()

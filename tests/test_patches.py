@@ -85,3 +85,35 @@ def test_a_clients_connections_go_through_the_mixin():
 
 def test_an_object_without_botocores_pools_is_left_alone():
     assert patches.guard_botocore_pools(object(), _NoConnect, {}) is False
+
+
+def test_a_torch_fx_trace_holds_the_lock_while_it_swaps_module_calls():
+    """torch.fx swaps nn.Module's call for every thread while it traces (a module called from
+    another thread then fails); with the guard, the trace holds the lock meanwhile, so a
+    thread that holds it around its own module calls never meets a trace."""
+    import threading
+
+    import torch
+
+    lock = patches.guard_fx_tracing()
+    assert patches.guard_fx_tracing() is lock       # once, however often it is asked for
+    inside, release = threading.Event(), threading.Event()
+
+    class Held(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            inside.set()
+            release.wait(60)                        # until the checks below are done
+            return x + 1
+
+    tracing = threading.Thread(target=torch.fx.symbolic_trace, args=(Held(),))
+    tracing.start()
+    try:
+        assert inside.wait(60)
+        with pytest.raises(NameError, match="not installed as a submodule"):
+            torch.nn.Linear(2, 2)(torch.ones(2))   # the hazard: this thread's call is traced
+        assert not lock.acquire(blocking=False)    # the trace holds the lock
+    finally:
+        release.set()
+        tracing.join(60)
+    assert lock.acquire(blocking=False)
+    lock.release()
