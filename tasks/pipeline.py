@@ -298,7 +298,9 @@ class PipelineTask(Task):
             return {"candidate_labels": ["a", "b"]}
         if self.family.kind in ("text2text-generation", "summarization", "translation",
                                 "image-to-text", "image-text-to-text"):
-            return {"max_new_tokens": 2}
+            # Two tokens, whatever least length the model's generation config asks of an
+            # answer (a summariser's min_length of 56): else generate warns at every start.
+            return {"max_new_tokens": 2, "min_new_tokens": 0}
         return self._call_params({})
 
     def parse(self, job_input: dict[str, Any], where: str = "input") -> PipelineRequest:
