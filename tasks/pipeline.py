@@ -30,6 +30,7 @@ import asyncio
 import base64
 import functools
 import io
+import logging
 import threading
 import wave
 from collections.abc import Callable, Mapping
@@ -61,6 +62,8 @@ from serving.placement import LoadedModel, ModelFiles, place_model
 from serving.text_runners import token_limit
 from serving.validation import StrictInput, in_tokenizer_thread, parse_input
 from tasks.base import JobContext, Task
+
+log = logging.getLogger("worker.pipeline")
 
 _MODEL_CLASSES = {
     "text-classification": transformers.AutoModelForSequenceClassification,
@@ -273,6 +276,14 @@ class PipelineTask(Task):
                    {"text": f"Paris is the {loaded.tokenizer.mask_token} of France."})
         self.example = example  # type: ignore[misc]
         batch = loaded.device.type != "cpu" or self.family.batch_on_cpu(loaded.model)
+        # Texts of other lengths in one call are padded: a tokenizer with no pad token (GPT-2's)
+        # would fail every batch, each job then retried alone. Captions share one prompt.
+        tokenizer = loaded.tokenizer
+        if (batch and self.family.batch and tokenizer is not None
+                and tokenizer.pad_token_id is None and kind != "image-to-text"):
+            batch = False
+            log.warning("%s: its tokenizer has no pad token, so each input runs in a call of "
+                        "its own (no batching); give the tokenizer one to batch", kind)
         self.batcher = Batcher(PipelineEngine(self.pipe, self.family, batch),
                                settings.max_batch_size, settings.batch_wait_ms)
 

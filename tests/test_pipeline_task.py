@@ -8,6 +8,7 @@ The models are tiny random ones made from configs with all-MiniLM-L6-v2's tokeni
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,40 @@ def test_concurrent_jobs_share_pipeline_calls(loop, workers, pipelines):
     assert worker.task.batcher.batches_run - before < len(texts)
     for [out], text in zip(outs, texts, strict=True):
         assert close(out["result"], pipelines["sentiment"]([text])[0])
+
+
+def test_a_tokenizer_with_no_pad_token_runs_each_text_alone_not_a_failing_batch(
+        loop, tmp_path, caplog):
+    """Pins every batch of a GPT-2 classifier failing (the pipeline cannot pad without a pad
+    token) and each job then retried alone, logged at every batch."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    vocab["<|endoftext|>"] = len(vocab)
+    tokenizer = transformers.GPT2Tokenizer(vocab=vocab, merges=[])
+    assert tokenizer.pad_token_id is None
+    tokenizer.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
+        vocab_size=len(vocab), n_embd=16, n_layer=1, n_head=2, bos_token_id=len(vocab) - 1,
+        eos_token_id=len(vocab) - 1, id2label={0: "NEG", 1: "POS"},
+        label2id={"NEG": 0, "POS": 1})).save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        worker = build_worker({"MODEL_PATH": str(tmp_path)})
+    assert "has no pad token" in caplog.text
+    texts = ["hello", "a longer text", "x", "yes no"]
+    pipe = transformers.pipeline("text-classification", model=str(tmp_path), device="cpu")
+    caplog.clear()
+
+    async def all_jobs() -> list[Any]:
+        return await asyncio.gather(*(collect(worker, {"text": t}, f"j{i}")
+                                      for i, t in enumerate(texts)))
+
+    with caplog.at_level(logging.WARNING):
+        outs = loop.run(all_jobs())
+    assert "failed" not in caplog.text, caplog.text
+    for [out], text in zip(outs, texts, strict=True):
+        assert close(out["result"], pipe(text)[0])
 
 
 # ---------------------------------------------------------------------------------------------
