@@ -1,7 +1,7 @@
 """Families benchmark: 8 concurrent jobs through the worker, against transformers' pipeline
 called one input at a time and with the 8 inputs as one list, in the same run. Not a test.
 
-    .venv/bin/python -m bench.families_bench                 # ~5 min on 2 CPU cores
+    .venv/bin/python -m bench.families_bench                 # ~4 min on 2 CPU cores
     .venv/bin/python -m bench.families_bench --kinds text-classification fill-mask
 
 Each kind's model is a small one with random weights, made here: a BERT of 4 layers and 256
