@@ -48,6 +48,7 @@ import transformers
 from PIL import Image
 
 from serving.device import DEVICE_THREAD
+from tests.support.tokenizers import clip_tokenizer, whisper_tokenizer
 from tests.support.worker import build_worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,11 +66,17 @@ SENTENCES = [
 ]
 
 
-def _bert(path: Path, head: Any, **config: Any) -> None:
+def word_tokenizer(path: Path) -> Any:
+    """A word-piece tokenizer of the benchmark's words (``_vocab``), written in ``path``."""
     # transformers 5's BertTokenizer takes the vocabulary itself (a vocab_file is ignored).
     words = dict.fromkeys(_vocab(path.parent).read_text().split())
     tokenizer = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(words)})
     tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def _bert(path: Path, head: Any, **config: Any) -> None:
+    tokenizer = word_tokenizer(path)
     bert = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=256,
                                    num_hidden_layers=4, num_attention_heads=4,
                                    intermediate_size=1024, **config)
@@ -112,9 +119,7 @@ def _ctc(path: Path) -> None:
 
 def _captioner(path: Path) -> None:
     """A VisionEncoderDecoder the size of ViT-tiny + a 4-layer GPT-2, writing 16 tokens."""
-    words = dict.fromkeys(_vocab(path.parent).read_text().split())
-    tokenizer = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(words)})
-    tokenizer.save_pretrained(path)
+    tokenizer = word_tokenizer(path)
     ids = {"bos_token_id": tokenizer.cls_token_id, "eos_token_id": tokenizer.sep_token_id,
            "pad_token_id": tokenizer.pad_token_id}
     config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(
@@ -130,16 +135,9 @@ def _captioner(path: Path) -> None:
     _image_model(path, model, transformers.ViTImageProcessor())
 
 
-def _word_tokenizer(path: Path) -> Any:
-    words = dict.fromkeys(_vocab(path.parent).read_text().split())
-    tokenizer = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(words)})
-    tokenizer.save_pretrained(path)
-    return tokenizer
-
-
 def _summarizer(path: Path) -> None:
     """A BART of 2+2 layers and 256 wide, writing 16 tokens (its end token suppressed)."""
-    tokenizer = _word_tokenizer(path)
+    tokenizer = word_tokenizer(path)
     ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.cls_token_id,
            "eos_token_id": tokenizer.sep_token_id}
     config = transformers.BartConfig(
@@ -155,16 +153,8 @@ def _summarizer(path: Path) -> None:
 
 def _clip(path: Path) -> None:
     """A CLIP of a ViT-tiny-sized image tower and a 4-layer text tower, with a character-level
-    tokenizer written here (no merges)."""
-    chars = "abcdefghijklmnopqrstuvwxyz .,"
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    path.mkdir(parents=True)
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    transformers.CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt")
-                               ).save_pretrained(path)
+    tokenizer (no merges)."""
+    vocab = clip_tokenizer(path)
     end = vocab["<|endoftext|>"]
     text = {"vocab_size": len(vocab), "hidden_size": 256, "intermediate_size": 1024,
             "num_hidden_layers": 4, "num_attention_heads": 4, "max_position_embeddings": 77,
@@ -198,19 +188,12 @@ def _whisper(path: Path) -> None:
     """A Whisper of 2+2 layers and 256 wide over Whisper's 30 s of 80 mel bins (whisper-tiny
     is 4+4 and 384), with a byte-level tokenizer (no merges) and Whisper's special tokens,
     writing 16 tokens."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    specials = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|transcribe|>",
-                "<|translate|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>",
-                "<|notimestamps|>"]
-    tokenizer = transformers.WhisperTokenizer(
-        vocab={c: i for i, c in enumerate(bytes_to_unicode().values())}, merges=[],
-        additional_special_tokens=specials[1:], pad_token=specials[0])   # as Whisper's own
-    tokenizer.save_pretrained(path)
-    ids = {s: tokenizer.convert_tokens_to_ids(s) for s in specials}
+    size, ids = whisper_tokenizer(path, [
+        "<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|translate|>",
+        "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>"])
     transformers.WhisperFeatureExtractor(feature_size=80).save_pretrained(path)
     config = transformers.WhisperConfig(
-        vocab_size=len(tokenizer), num_mel_bins=80, d_model=256, encoder_layers=2,
+        vocab_size=size, num_mel_bins=80, d_model=256, encoder_layers=2,
         decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
         encoder_ffn_dim=1024, decoder_ffn_dim=1024, max_target_positions=448,
         decoder_start_token_id=ids["<|startoftranscript|>"], eos_token_id=ids["<|endoftext|>"],

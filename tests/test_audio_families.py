@@ -24,7 +24,8 @@ import transformers
 from serving.audio import decode_audio, encode_audio
 from serving.families import to_json
 from serving.worker import Worker
-from tests.support.families import answer, check_banner_examples, close
+from tests.support.families import answer, at_once, check_banner_examples, close
+from tests.support.tokenizers import whisper_tokenizer
 from tests.support.worker import build_worker, collect
 
 RATE = 16000
@@ -73,19 +74,13 @@ def _vits(path: Path) -> None:
 def _whisper(path: Path) -> None:
     """A multilingual Whisper: a byte-level tokenizer with no merges (every text encodes) and
     Whisper's special tokens, and a generation config that knows three languages."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    specials = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|fr|>", "<|de|>",
-                "<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>",
-                "<|nocaptions|>", "<|notimestamps|>"]
-    tokenizer = transformers.WhisperTokenizer(
-        vocab={c: i for i, c in enumerate(bytes_to_unicode().values())}, merges=[],
-        additional_special_tokens=specials[1:])
-    tokenizer.save_pretrained(path)
-    ids = {s: tokenizer.convert_tokens_to_ids(s) for s in specials}
+    size, ids = whisper_tokenizer(path, [
+        "<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|fr|>", "<|de|>", "<|translate|>",
+        "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>",
+        "<|notimestamps|>"])
     transformers.WhisperFeatureExtractor(feature_size=16).save_pretrained(path)
     config = transformers.WhisperConfig(
-        vocab_size=len(tokenizer), num_mel_bins=16, d_model=16, encoder_layers=1,
+        vocab_size=size, num_mel_bins=16, d_model=16, encoder_layers=1,
         decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
         encoder_ffn_dim=16, decoder_ffn_dim=16, max_target_positions=64,
         decoder_start_token_id=ids["<|startoftranscript|>"], eos_token_id=ids["<|endoftext|>"],
@@ -297,17 +292,13 @@ class TestOwnFields:
             sizes.append(len(inputs))
             return pipe(inputs, **kwargs)
 
-        async def jobs() -> list[Any]:
-            return await asyncio.gather(*(collect(
-                worker, {"audio": data_uri(wav_bytes(tone(0.5, seed=i)))}, f"s{i}")
-                for i in range(4)))
-
         engine.pipe = counted
         try:
-            outs = loop.run(jobs())
+            outs = at_once(loop, worker, [{"audio": data_uri(wav_bytes(tone(0.5, seed=i)))}
+                                          for i in range(4)])
         finally:
             engine.pipe = pipe
-        assert all("result" in out for [out] in outs)
+        assert all("result" in out for out in outs)
         assert sizes == [1, 1, 1, 1]
 
 

@@ -9,7 +9,6 @@ do not batch here; their own tests say so.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,9 @@ import torch
 
 from serving.families import FAMILIES
 from serving.worker import Worker
-from tests.support.families import close, one_model_of_each
+from tests.support.families import answer, at_once, close, one_model_of_each
 from tests.support.images import image_uri, picture
-from tests.support.worker import build_worker, collect
+from tests.support.worker import build_worker
 from tests.test_audio_families import data_uri, tone, wav_bytes
 
 TEXTS = ["I loved it", "The soup was cold and late", "John lives in Paris",
@@ -87,15 +86,12 @@ def test_concurrent_jobs_share_a_call_and_answer_as_alone(kind: str, tmp_path: P
     # size stack into a batch: two sizes, two calls.
     sized = worker.task.sized_images
     jobs = _variants(kind, job, sized)
-    alone = [loop.run(collect(worker, j, f"alone{n}")) for n, j in enumerate(jobs)]
+    alone = [answer(loop, worker, j) for j in jobs]
     calls = _counted_calls(worker)
     worker.task.batcher.wait_s = 2.0        # the four gather however slow the machine is
 
-    async def together() -> list[Any]:
-        return await asyncio.gather(*(collect(worker, j, f"j{n}") for n, j in enumerate(jobs)))
-
-    outs = loop.run(together())
-    assert all("error" not in out for [out] in outs), outs
+    outs = at_once(loop, worker, jobs)
+    assert all("error" not in out for out in outs), outs
     assert len(calls) == (2 if sized else 1), f"{len(calls)} calls for {len(jobs)} jobs"
-    for [got], [want] in zip(outs, alone, strict=True):
+    for got, want in zip(outs, alone, strict=True):
         assert close(got, want), (got, want)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from serving.families import to_json
 from serving.worker import Worker
 from tests.support.families import answer, check_banner_examples, close
 from tests.support.images import image_uri, picture
+from tests.support.tokenizers import clip_tokenizer
 from tests.support.worker import build_worker, collect
 
 LABELS = {0: "cat", 1: "dog", 2: "owl"}
@@ -67,16 +67,8 @@ def _dpt() -> tuple[Any, Any]:
 
 
 def _clip(path: Path) -> tuple[Any, Any]:
-    """A dual encoder, with a character-level CLIP tokenizer written here (no merges)."""
-    chars = "abcdefghijklmnopqrstuvwxyz.,"
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    transformers.CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt")
-                               ).save_pretrained(path)
+    """A dual encoder, with a character-level CLIP tokenizer (no merges)."""
+    vocab = clip_tokenizer(path)
     end = vocab["<|endoftext|>"]
     text = {"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 16,
             "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 64,

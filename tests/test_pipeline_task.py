@@ -18,7 +18,7 @@ import torch
 import transformers
 
 from serving.worker import Worker
-from tests.support.families import answer, check_banner_examples, close
+from tests.support.families import answer, at_once, check_banner_examples, close
 from tests.support.worker import build_worker, collect
 
 NLI = {"contradiction": 0, "neutral": 1, "entailment": 2}
@@ -172,14 +172,10 @@ def test_a_tokenizer_with_no_pad_token_runs_each_text_alone_not_a_failing_batch(
     pipe = transformers.pipeline("text-classification", model=str(tmp_path), device="cpu")
     caplog.clear()
 
-    async def all_jobs() -> list[Any]:
-        return await asyncio.gather(*(collect(worker, {"text": t}, f"j{i}")
-                                      for i, t in enumerate(texts)))
-
     with caplog.at_level(logging.WARNING):
-        outs = loop.run(all_jobs())
+        outs = at_once(loop, worker, [{"text": t} for t in texts])
     assert "failed" not in caplog.text, caplog.text
-    for [out], text in zip(outs, texts, strict=True):
+    for out, text in zip(outs, texts, strict=True):
         assert close(out["result"], pipe(text)[0])
 
 

@@ -10,7 +10,6 @@ image token and carries a chat template (no Hub).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 from pathlib import Path
@@ -25,9 +24,9 @@ from tokenizers import decoders, models, pre_tokenizers
 
 from serving.families import to_json
 from serving.worker import Worker
-from tests.support.families import answer, check_banner_examples
+from tests.support.families import answer, at_once, check_banner_examples
 from tests.support.images import image_uri, picture
-from tests.support.worker import build_worker, collect
+from tests.support.worker import build_worker
 
 WORDS = ["a", "cat", "dog", "on", "the", "sofa", "what", "is", "in", "this", "picture", "?",
          "USER", "ASSISTANT", ":"]
@@ -130,54 +129,44 @@ class TestTheAnswerIsThePipelines:
         assert got["result"] == to_json(want)
 
 
+def _at_once_counting_rows(loop, worker: Worker, jobs: list[dict[str, Any]]
+                           ) -> tuple[list[Any], list[int]]:
+    """Each job's answer, the jobs sent at once, and the rows of each forward pass meanwhile."""
+    rows: list[int] = []
+    hook = worker.task.loaded.model.register_forward_pre_hook(
+        lambda _, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        return at_once(loop, worker, jobs), rows
+    finally:
+        hook.remove()
+
+
 class TestConcurrentJobs:
     @pytest.mark.parametrize("full", [True, False])
     def test_other_prompts_and_image_sizes_share_a_generate(self, loop, worker, pipe, full):
         """Rows padded on the left: each job answers what it answers alone."""
-        rows: list[int] = []         # the batch size of each forward pass of the model
-        hook = worker.task.loaded.model.register_forward_pre_hook(
-            lambda _, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
         prompts = [PROMPT, "<image> a cat", PROMPT,
                    "USER: <image> what is in this big picture ? ASSISTANT:"]
         images = [picture(0), picture(9), picture(10, (36, 44)), picture(11, (50, 20))]
         jobs = [{"image": image_uri(i), "prompt": p, "max_new_tokens": 4,
                  "return_full_text": full} for i, p in zip(images, prompts, strict=True)]
-
-        async def run() -> list[Any]:
-            return await asyncio.gather(*(collect(worker, job, f"j{n}")
-                                          for n, job in enumerate(jobs)))
-
-        try:
-            outs = loop.run(run())
-        finally:
-            hook.remove()
+        outs, rows = _at_once_counting_rows(loop, worker, jobs)
         assert max(rows) == len(jobs), rows       # one generate for all four
-        for job, image, [out] in zip(jobs, images, outs, strict=True):
+        for job, image, out in zip(jobs, images, outs, strict=True):
             [want] = pipe(images=image, text=job["prompt"], max_new_tokens=4,
                           return_full_text=full)
             assert out["result"] == to_json(want)
 
     def test_chats_share_a_generate_and_answer_as_alone(self, loop, worker, pipe):
-        rows: list[int] = []
-        hook = worker.task.loaded.model.register_forward_pre_hook(
-            lambda _, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
         questions = ["what is in this picture ?", "a cat", "what is in this big picture ?"]
         chats = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
                  for q in questions]
         images = [picture(20), picture(21, (36, 44)), picture(22, (50, 20))]
         jobs = [{"image": image_uri(i), "messages": c, "max_new_tokens": 4,
                  "return_full_text": False} for i, c in zip(images, chats, strict=True)]
-
-        async def run() -> list[Any]:
-            return await asyncio.gather(*(collect(worker, job, f"c{n}")
-                                          for n, job in enumerate(jobs)))
-
-        try:
-            outs = loop.run(run())
-        finally:
-            hook.remove()
+        outs, rows = _at_once_counting_rows(loop, worker, jobs)
         assert max(rows) == len(jobs), rows
-        for chat, image, [out] in zip(chats, images, outs, strict=True):
+        for chat, image, out in zip(chats, images, outs, strict=True):
             [want] = pipe(text=TestMessages().with_image(image, chat), max_new_tokens=4,
                           return_full_text=False)
             want["input_text"][0]["content"][0] = {"type": "image"}

@@ -4,15 +4,13 @@ every family with a job for it."""
 
 from __future__ import annotations
 
-import base64
+import asyncio
 import importlib.util
-import io
 import math
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from serving.worker import Worker
 from tests.support.worker import collect
@@ -22,6 +20,16 @@ def answer(loop, worker: Worker, job_input: dict[str, Any]) -> Any:
     """The one thing the worker yields for a job with ``job_input``."""
     [out] = loop.run(collect(worker, job_input))
     return out
+
+
+def at_once(loop, worker: Worker, jobs: list[dict[str, Any]]) -> list[Any]:
+    """The one thing the worker yields for each of ``jobs``, sent all at once (so that they
+    may share batches), in order."""
+    async def run() -> list[list[dict[str, Any]]]:
+        return await asyncio.gather(*(collect(worker, job, f"j{n}")
+                                      for n, job in enumerate(jobs)))
+
+    return [out for [out] in loop.run(run())]
 
 
 def close(a: Any, b: Any) -> bool:
@@ -49,17 +57,15 @@ def check_banner_examples(loop, workers: dict[str, Worker], model_dirs: dict[str
 def one_model_of_each() -> dict[str, tuple[Any, dict[str, Any]]]:
     """kind -> (a function that makes a tiny model of the kind in a directory, a job input in
     the Hugging Face shape), for every family (Whisper beside the CTC model)."""
-    from PIL import Image
-
+    from bench import families_bench as bench
     from tests import test_audio_families as audio
     from tests import test_image_families as image
     from tests import test_pipeline_task as text
+    from tests import test_vision_language as vision
+    from tests.support.images import image_uri
+    from tests.support.images import picture as random_picture
 
-    out = io.BytesIO()
-    Image.fromarray(torch.randint(0, 256, (30, 40, 3), dtype=torch.uint8,
-                                  generator=torch.Generator().manual_seed(0)).numpy()
-                    ).save(out, format="PNG")
-    picture = "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+    picture = image_uri(random_picture(0))
     speech = audio.data_uri(audio.wav_bytes(audio.tone(1.0)))
 
     def image_model(make: Any) -> Any:
@@ -74,14 +80,7 @@ def one_model_of_each() -> dict[str, tuple[Any, dict[str, Any]]]:
 
         def build(path: Path) -> None:
             # A word-piece vocabulary written here: the machine needs no tokenizer package.
-            import transformers
-
-            from bench.families_bench import _vocab
-            path.mkdir(parents=True)
-            words = dict.fromkeys(_vocab(path.parent).read_text().split())
-            # transformers 5's BertTokenizer takes the vocabulary itself (not a vocab_file).
-            transformers.BertTokenizer(vocab={w: i for i, w in enumerate(words)}
-                                       ).save_pretrained(path)
+            bench.word_tokenizer(path)
             text.tiny_model(path, path, head, **config)
         return build
 
@@ -91,9 +90,6 @@ def one_model_of_each() -> dict[str, tuple[Any, dict[str, Any]]]:
                 pytest.skip("av is not installed (audio decoding); carry its wheel to run it")
             make(path)
         return build
-
-    from bench import families_bench as bench
-    from tests import test_vision_language as vision
 
     return {
         "text-classification": (text_model("sentiment"), {"inputs": "I loved it"}),
