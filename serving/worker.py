@@ -242,9 +242,11 @@ class Worker:
         thread is free for the next job.
         """
         loop = asyncio.get_running_loop()
+        # A small answer (bounded work on the loop, no thread hop) with no file, within the
+        # inline limit, is delivered as it is: what ``deliver`` would return, measured once.
         if (mode != "link" and is_small(answer)
                 and measure_answer(answer) <= self.storage_settings.inline_limit_bytes):
-            return deliver(answer, job, mode, None)   # bounded work: no thread hop, no upload
+            return answer
 
         def inline() -> Any:      # measuring and delivering in one hop: most answers are small
             return _UPLOADS if self._uploads(answer, mode) else deliver(answer, job, mode, None)
