@@ -209,6 +209,7 @@ class Family:
     media: Literal["text", "image", "audio"] = "text"   # what one input is
     batch: bool = True                         # inputs of several jobs share a pipeline call
     files: bool = False                        # its results hold images or audio to store
+    pads_text: bool = True                     # a call's texts are padded to one length
     # On a CPU, whether batching pays for this model (a batch of a big convolution is no faster
     # there than its inputs one by one, and waits for its slowest member).
     batch_on_cpu: Callable[[Any], bool] = lambda model: True   # noqa: E731 - a default
@@ -241,8 +242,10 @@ def _families() -> dict[str, Family]:
         Family("image-segmentation", ImageSegmentationParameters, _wrap_plain, media="image",
                files=True),
         Family("depth-estimation", NoParameters, _wrap_plain, media="image", files=True),
+        # One prompt per call (params_key): its rows need no padding.
         Family("image-to-text", ImageToTextParameters, _wrap_list, media="image",
-               runner=text_runners.image_to_text, refuse=text_runners.refuse_image_to_text),
+               runner=text_runners.image_to_text, refuse=text_runners.refuse_image_to_text,
+               pads_text=False),
         # Chat vision-language models (LLaVA, Idefics3, Qwen2-VL): transformers' own pipeline;
         # only inputs whose rows need no padding share a call (tasks/pipeline.py, _key).
         Family("image-text-to-text", ImageTextToTextParameters, _wrap_list, media="image",

@@ -277,10 +277,10 @@ class PipelineTask(Task):
         self.example = example  # type: ignore[misc]
         batch = loaded.device.type != "cpu" or self.family.batch_on_cpu(loaded.model)
         # Texts of other lengths in one call are padded: a tokenizer with no pad token (GPT-2's)
-        # would fail every batch, each job then retried alone. Captions share one prompt.
+        # would fail every batch, each job then retried alone.
         tokenizer = loaded.tokenizer
-        if (batch and self.family.batch and tokenizer is not None
-                and tokenizer.pad_token_id is None and kind != "image-to-text"):
+        if (batch and self.family.batch and self.family.pads_text and tokenizer is not None
+                and tokenizer.pad_token_id is None):
             batch = False
             log.warning("%s: its tokenizer has no pad token, so each input runs in a call of "
                         "its own (no batching); give the tokenizer one to batch", kind)
